@@ -1,0 +1,1 @@
+"""Frankenmerge Studio: layer-spliced LLMs from a recipe, previewed, built and exported."""

@@ -1,0 +1,85 @@
+"""Plan -> a model on cpu/cuda, by assignment (DESIGN.md, "Assemble by assignment").
+
+The merged config makes the model on the meta device; each output parameter is then assigned the
+parent's tensor by name. Every depth is its own module (its own KV-cache slot), while a duplicated
+layer's parameters are the very same tensors as the original's: no copy, no extra memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from merger.hub import download_weights
+from merger.plan import Plan
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class LoadedTensors:
+    """Parent tensors by (model, name), each read once from its safetensors file."""
+
+    by_source: dict[tuple[str, str], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.by_source.values())
+
+
+def load_parent_tensors(
+    plan: Plan, *, device: str, dtype: torch.dtype, progress: Progress | None = None
+) -> LoadedTensors:
+    models = {ref: download_weights(info) for ref, info in plan.models.items()}
+    wanted = sorted({(src.model, src.name) for src in plan.tensors.values()})
+    loaded: dict[tuple[str, str], torch.Tensor] = {}
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for ref, name in wanted:
+        by_file.setdefault(models[ref].tensors[name].file, []).append((ref, name))
+    done = 0
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for ref, name in keys:
+                loaded[(ref, name)] = f.get_tensor(name).to(device=device, dtype=dtype)
+                done += 1
+                if progress and done % 16 == 0:
+                    progress(done / len(wanted), f"loading {ref}")
+    return LoadedTensors(loaded)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def assemble(
+    plan: Plan, *, device: str = "cpu", dtype: str | None = None, progress: Progress | None = None
+) -> PreTrainedModel:
+    """The merged model, ready for generation, its passthrough layers sharing parent tensors."""
+    dt = torch_dtype(dtype or plan.dtype)
+    parents = load_parent_tensors(plan, device=device, dtype=dt, progress=progress)
+    config = AutoConfig.for_model(**plan.config)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    state = {out: parents.by_source[(src.model, src.name)] for out, src in plan.tensors.items()}
+    if plan.tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    model.to(device)  # buffers (rotary tables) were made real on the CPU
+    model.eval()
+    if progress:
+        progress(1.0, "built")
+    return model
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of unique parameter storage: shared tensors count once."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())

@@ -1,0 +1,18 @@
+"""Error classes. A `UserError` is a mistake in what the user gave us (exit code 2, one plain
+sentence); anything else escaping to the CLI is our own failure (exit code 1)."""
+
+
+class UserError(ValueError):
+    """A problem with the user's input, worded for the user."""
+
+
+class RecipeError(UserError):
+    """The recipe (YAML, widget value or share link) is malformed or cannot be built."""
+
+
+class ModelRefError(UserError):
+    """A model reference cannot be resolved or is not allowed."""
+
+
+class UnsafeCheckpointError(ModelRefError):
+    """The model only ships pickled weights, which we never load."""

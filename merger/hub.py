@@ -1,0 +1,95 @@
+"""Hub models: metadata from the Hub's API (config, tokenizer files, safetensors headers);
+weights only when a build needs them. Tests point `HF_ENDPOINT` at a local fake Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_safetensors_metadata, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from merger.catalog import PICKLE_SUFFIXES, TOKENIZER_FILES, ModelInfo, check_supported
+from merger.errors import ModelRefError, UnsafeCheckpointError
+from merger.safetensors_files import TensorMeta, read_header
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    repo_id, _, revision = ref.partition("@")
+    return repo_id, revision or None
+
+
+def read_hub(ref: str) -> ModelInfo:
+    repo_id, revision = split_ref(ref)
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        names = {s.rfilename for s in info.siblings or []}
+        if not any(n.endswith(".safetensors") for n in names):
+            pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+            if pickled:
+                raise UnsafeCheckpointError(
+                    f"'{ref}' only has pickled weights ({', '.join(pickled[:3])}); they can run code "
+                    "when loaded, so we never open them. Pick a repo with .safetensors weights"
+                )
+            raise ModelRefError(f"'{ref}' has no .safetensors weights")
+        commit = info.sha or revision
+        small = [n for n in ("config.json", *TOKENIZER_FILES) if n in names]
+        paths = {n: Path(hf_hub_download(repo_id, n, revision=commit)) for n in small}
+        if "config.json" not in paths:
+            raise ModelRefError(f"'{ref}' has no config.json, so it is not a transformers model")
+        st_meta = get_safetensors_metadata(repo_id, revision=commit)
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        gated = isinstance(exc, GatedRepoError)
+        why = "is gated: accept its licence on the Hub and sign in" if gated else "was not found on the Hub"
+        raise ModelRefError(f"'{repo_id}' {why}") from None
+    except RevisionNotFoundError:
+        raise ModelRefError(f"'{repo_id}' has no revision '{revision}'") from None
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelRefError(f"could not read '{ref}' from the Hub: {type(exc).__name__}") from None
+    tensors = {
+        name: TensorMeta(shape=tuple(t.shape), dtype=t.dtype)
+        for file_meta in st_meta.files_metadata.values()
+        for name, t in file_meta.tensors.items()
+    }
+    card = info.card_data
+    model = ModelInfo(
+        ref=ref,
+        config=json.loads(paths["config.json"].read_text()),
+        tensors=tensors,
+        repo_id=repo_id,
+        revision=revision,
+        commit=commit,
+        license=getattr(card, "license", None) if card else None,
+        tokenizer_dir=paths["config.json"].parent,
+    )
+    check_supported(model)
+    return model
+
+
+def download_weights(model: ModelInfo) -> ModelInfo:
+    """The same model with its safetensors on disk (and byte offsets known)."""
+    if model.local_dir is not None:
+        return model
+    try:
+        folder = Path(
+            snapshot_download(
+                model.repo_id,
+                revision=model.commit,
+                allow_patterns=["*.safetensors", "*.json", *TOKENIZER_FILES],
+            )
+        )
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelRefError(f"could not download '{model.ref}': {type(exc).__name__}") from None
+    tensors: dict[str, TensorMeta] = {}
+    for st in sorted(folder.glob("*.safetensors")):
+        tensors.update(read_header(st)[0])
+    return ModelInfo(
+        **{**model.__dict__, "tensors": tensors, "local_dir": folder, "tokenizer_dir": folder}
+    )

@@ -1,0 +1,60 @@
+"""Counts from a Plan, from metadata alone: parameters as exported (a duplicated layer counts
+twice, tied embeddings once) and memory as built (a duplicated layer's tensors are shared)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from merger.plan import Plan
+
+BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Counts:
+    total_params: int
+    num_layers: int
+    dtype: str
+    bytes: int  # exported size at `dtype`
+    memory_bytes: int  # parameter memory of the in-memory build at `dtype`
+    parent_params: dict[str, int]
+
+    @property
+    def shared_params(self) -> int:
+        return self.total_params - self.memory_bytes // BYTES_PER_PARAM[self.dtype]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def count(plan: Plan) -> Counts:
+    per_param = BYTES_PER_PARAM[plan.dtype]
+    total = sum(src.meta.numel for src in plan.tensors.values())
+    unique = {(src.model, src.name): src.meta.numel for src in plan.tensors.values()}
+    parents = {
+        ref: sum(m.numel for n, m in info.tensors.items() if not (info.tied and n.startswith("lm_head.")))
+        for ref, info in plan.models.items()
+    }
+    return Counts(
+        total_params=total,
+        num_layers=plan.num_layers,
+        dtype=plan.dtype,
+        bytes=total * per_param,
+        memory_bytes=sum(unique.values()) * per_param,
+        parent_params=parents,
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def human_params(n: int) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suffix}"
+    return str(n)
