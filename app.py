@@ -1,0 +1,239 @@
+"""Frankenmerge Studio: pick models, splice layers on a visual stack, see exact counts, build, chat.
+
+Handlers, then layout, then wiring. Model logic lives in merger/; page parts in ui/.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any
+
+import gradio as gr
+
+from merger import bundled
+from merger.catalog import LocalPolicy, ModelInfo, list_allowed_folders, resolve
+from merger.chat import GenerationSettings, stream_reply
+from merger.errors import UserError
+from merger.params import count, human_bytes, human_params
+from merger.plan import Plan, make_plan
+from merger.recipe import recipe_from_yaml
+from merger.runtime import SessionModels, best_device, build
+from ui.recipe_value import column, recipe_from_value, value_from_recipe
+from ui.stack import stack_widget
+
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+POLICY = LocalPolicy.for_web()
+SESSIONS = SessionModels()
+STOPS: dict[str, threading.Event] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def model_info(ref: str) -> ModelInfo:
+    """Metadata is cached per reference: the preview re-plans on every edit."""
+    return resolve(ref, POLICY)
+
+
+def plan_for(recipe_yaml: str) -> Plan:
+    return make_plan(recipe_from_yaml(recipe_yaml), model_info)
+
+
+def model_choices() -> list[str]:
+    return [f"bundled:{name}" for name in bundled.MODELS] + list_allowed_folders(POLICY)
+
+
+def session_id(request: gr.Request | None) -> str:
+    return (request.session_hash if request else None) or "local"
+
+
+# ---- handlers -------------------------------------------------------------------------------
+
+
+def preview(recipe_yaml: str) -> dict[str, Any]:
+    """Counts of the merge a recipe describes, from metadata alone."""
+    try:
+        plan = plan_for(recipe_yaml)
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    counts = count(plan)
+    return {**counts.as_dict(), "seams": plan.seams()}
+
+
+def preview_markdown(counts: dict[str, Any]) -> str:
+    parents = ", ".join(f"{ref.removeprefix('bundled:')} {n:,}" for ref, n in counts["parent_params"].items())
+    seams = len(counts["seams"])
+    return (
+        f"### {counts['total_params']:,} parameters ({human_params(counts['total_params'])})\n"
+        f"**{counts['num_layers']} layers** · {counts['dtype']} · export size {human_bytes(counts['bytes'])} · "
+        f"memory when built {human_bytes(counts['memory_bytes'])} (duplicated layers share tensors) · "
+        f"{seams} seam{'s' if seams != 1 else ''}  \nparents: {parents}"
+    )
+
+
+def on_stack_change(value: dict[str, Any]) -> tuple[str, str]:
+    """The widget changed: new YAML and a new preview (never an exception: the text says what is wrong)."""
+    try:
+        recipe = recipe_from_value(value)
+        yaml_text = recipe.to_yaml()
+        return yaml_text, preview_markdown(preview(yaml_text))
+    except (UserError, gr.Error) as exc:
+        return gr.skip(), f"⚠️ {exc}"
+
+
+def apply_yaml(recipe_yaml: str, value: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Pasted YAML replaces the stack; its models become the columns."""
+    try:
+        recipe = recipe_from_yaml(recipe_yaml)
+        columns = [column(model_info(ref)) for ref in recipe.models]
+        return value_from_recipe(recipe, columns), preview_markdown(preview(recipe_yaml))
+    except (UserError, gr.Error) as exc:
+        return gr.skip(), f"⚠️ {exc}"
+
+
+def add_model(ref: str, value: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    ref = (ref or "").strip()
+    try:
+        info = model_info(ref)
+    except UserError as exc:
+        return gr.skip(), f"⚠️ {exc}"
+    columns = [c for c in value.get("models", []) if c["ref"] != info.ref] + [column(info)]
+    return {**value, "models": columns}, f"Added **{info.label}**: {info.num_layers} layers, {info.architecture}."
+
+
+def initial_state() -> tuple[dict[str, Any], str, str]:
+    info = model_info(DEFAULT_MODEL)
+    value = {
+        "models": [column(info)],
+        "slices": [{"model": info.ref, "start": 0, "end": info.num_layers, "repeat": 1}],
+    }
+    yaml_text = recipe_from_value(value).to_yaml()
+    return value, yaml_text, preview_markdown(preview(yaml_text))
+
+
+def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
+    """Assemble the recipe on the best device (CUDA when present) for this session's chat."""
+    session = session_id(request)
+    try:
+        plan = plan_for(recipe_yaml)
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    SESSIONS.drop(session)  # free the previous build before making the next
+    progress(0.0, desc="loading parent weights")
+    built = build(plan, device=best_device(), progress=lambda f, d: progress(f, desc=d))
+    SESSIONS.put(session, built)
+    counts = count(plan)
+    return (
+        f"✅ Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {built.device} "
+        f"in {built.seconds:.2f} s. Chat below."
+    )
+
+
+def _text(content: Any) -> str:
+    """Chatbot message content arrives as a string or a list of {'type': 'text', 'text': ...} blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return str(content or "")
+
+
+def chat(
+    message: str,
+    history: list[dict[str, Any]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    request: gr.Request,
+):
+    """Stream the built model's reply; yields the whole conversation after each piece."""
+    session = session_id(request)
+    built = SESSIONS.get(session)
+    if built is None:
+        raise gr.Error("Build the merge first: press Build.")
+    if not (message or "").strip():
+        raise gr.Error("Type a message first.")
+    turns = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
+    turns.append({"role": "user", "content": message})
+    stop = STOPS[session] = threading.Event()
+    settings = GenerationSettings(temperature=temperature, top_p=top_p, max_new_tokens=int(max_new_tokens))
+    for reply in stream_reply(built, turns, settings, stop):
+        yield [*turns, {"role": "assistant", "content": reply}]
+
+
+def stop_chat(request: gr.Request) -> None:
+    event = STOPS.get(session_id(request))
+    if event is not None:
+        event.set()
+
+
+def forget_session(request: gr.Request) -> None:
+    """The visitor left: free their model."""
+    session = session_id(request)
+    SESSIONS.drop(session)
+    STOPS.pop(session, None)
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="Frankenmerge Studio") as demo:
+        gr.Markdown(
+            "# 🧟 Frankenmerge Studio\nSplice transformer layers: drag a range on a model's column, "
+            "press **Add**, reorder or repeat blocks, and watch the exact size. Then **Build** and chat."
+        )
+        with gr.Row():
+            ref_box = gr.Dropdown(
+                choices=model_choices(),
+                value=DEFAULT_MODEL,
+                allow_custom_value=True,
+                label="Model (bundled, allowed folder, or Hub id owner/name)",
+                scale=4,
+            )
+            add_btn = gr.Button("Add model column", scale=1)
+        model_msg = gr.Markdown()
+        stack = stack_widget({"models": [], "slices": []})
+        preview_md = gr.Markdown(elem_id="preview")
+        with gr.Accordion("Recipe (mergekit YAML)", open=False):
+            yaml_box = gr.Code(language="yaml", label="Paste a mergekit config and press Apply", interactive=True)
+            apply_btn = gr.Button("Apply YAML")
+        with gr.Row():
+            build_btn = gr.Button("Build", variant="primary", elem_id="build-btn")
+        build_status = gr.Markdown(elem_id="build-status")
+        chatbot = gr.Chatbot(label="Chat with the merge", height=380, elem_id="chatbot")
+        with gr.Row():
+            msg = gr.Textbox(placeholder="Say something to the merge…", show_label=False, scale=5, elem_id="chat-input")
+            send_btn = gr.Button("Send", scale=1, elem_id="send-btn")
+            stop_btn = gr.Button("Stop", scale=1, elem_id="stop-btn")
+            clear_btn = gr.Button("Clear", scale=1)
+        with gr.Accordion("Generation settings", open=False):
+            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+            max_new = gr.Slider(16, 1024, value=200, step=16, label="Max new tokens")
+
+        # ---- wiring ----
+        demo.load(initial_state, outputs=[stack, yaml_box, preview_md], api_visibility="private")
+        add_btn.click(add_model, [ref_box, stack], [stack, model_msg], api_visibility="private")
+        stack.change(on_stack_change, stack, [yaml_box, preview_md], api_visibility="private")
+        apply_btn.click(apply_yaml, [yaml_box, stack], [stack, preview_md], api_visibility="private")
+        gr.api(preview, api_name="preview")
+        build_btn.click(build_model, yaml_box, build_status, api_name="build")
+        chat_inputs = [msg, chatbot, temperature, top_p, max_new]
+        send_event = send_btn.click(chat, chat_inputs, chatbot, api_name="chat")
+        submit_event = msg.submit(chat, chat_inputs, chatbot, api_visibility="private")
+        for event in (send_event, submit_event):
+            event.then(lambda: "", outputs=msg, api_visibility="private")
+        stop_btn.click(stop_chat, api_visibility="private")
+        clear_btn.click(lambda: [], outputs=chatbot, api_visibility="private")
+        demo.unload(forget_session)
+    return demo
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+    )

@@ -1,0 +1,102 @@
+"""Chat with a built model: prompt formatting (chat template, or plain completion for base
+models without one) and streamed generation that a Stop button can interrupt."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from merger.runtime import Built
+
+# Turn-end markers of templates we know, so a model stops at the end of its turn even when its
+# generation config names only the document end (Gemma's <end_of_turn>, ChatML's <|im_end|>).
+TURN_END_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(tokenizer, history: list[dict[str, str]]) -> str:
+    """The exact text the model receives. With a chat template: the templated conversation
+    ending in the assistant's turn. Without one (a base model): plain completion of the
+    conversation's text, so the model continues what the user wrote."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in history)
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in TURN_END_TOKENS if t in vocab]
+    return sorted(set(ids))
+
+
+def stream_reply(
+    built: Built,
+    history: list[dict[str, str]],
+    settings: GenerationSettings,
+    stop: threading.Event | None = None,
+) -> Iterator[str]:
+    """Yield the reply so far after each new piece of text."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class _StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> bool:
+            return stop is not None and stop.is_set()
+
+    tokenizer, model = built.tokenizer, built.model
+    prompt = format_prompt(tokenizer, history)
+    # Templates already carry the BOS token; adding it again would double it.
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))
+    inputs = {k: v.to(built.device) for k, v in inputs.items()}
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sample = settings.temperature > 0
+    kwargs = dict(
+        **inputs,
+        streamer=streamer,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sample,
+        eos_token_id=stop_token_ids(tokenizer, model),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
+    )
+    if sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            torch.manual_seed(settings.seed)
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as exc:  # surfaced to the caller below, after the stream ends
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        if piece:
+            yield text
+    thread.join()
+    if errors:
+        raise errors[0]
+    if not text:
+        yield text

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny models made once per test session, and an isolated bundled-model cache
+location only where a test asks for it (the real bundled cache is reused so conversion runs once)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", layers=6)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_b(tmp_path_factory) -> Path:
+    """Same shape as tiny_llama, different weights: a second parent to interleave."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-llama-b", "llama", layers=6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-gemma", "gemma3", layers=12, chat=False)

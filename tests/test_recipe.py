@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from merger.errors import RecipeError
+from merger.recipe import passthrough, recipe_from_dict, recipe_from_yaml
+
+SOLAR = """\
+slices:
+- sources:
+  - model: upstage/base
+    layer_range: [0, 24]
+- sources:
+  - model: upstage/base
+    layer_range: [8, 32]
+merge_method: passthrough
+dtype: bfloat16
+"""
+
+
+def test_mergekit_yaml_round_trips_unchanged():
+    recipe = recipe_from_yaml(SOLAR)
+    assert recipe.layer_sources[:2] == [("upstage/base", 0), ("upstage/base", 1)]
+    assert recipe.num_layers == 48
+    assert yaml.safe_load(recipe.to_yaml()) == yaml.safe_load(SOLAR)
+    assert recipe_from_yaml(recipe.to_yaml()) == recipe
+
+
+def test_repeat_is_written_out_as_repeated_slices_that_mergekit_understands():
+    recipe = recipe_from_dict(
+        {"slices": [{"sources": [{"model": "m/x", "layer_range": [0, 4]}], "repeat": 3}]}
+    )
+    out = yaml.safe_load(recipe.to_yaml())
+    assert [s["sources"][0]["layer_range"] for s in out["slices"]] == [[0, 4]] * 3
+    assert recipe.num_layers == 12
+    assert recipe_from_yaml(recipe.to_yaml()).compacted() == recipe
+
+
+def test_preserved_mergekit_keys_survive_a_round_trip():
+    text = SOLAR + "parameters:\n  int8_mask: true\nchat_template: chatml\n"
+    out = yaml.safe_load(recipe_from_yaml(text).to_yaml())
+    assert out["parameters"] == {"int8_mask": True}
+    assert out["chat_template"] == "chatml"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("slices: [\n  - sources: [", "malformed YAML at line 2, column"),
+        ("slices:\n- sources:\n  - model: a/b\n    layer_range: [4, 4]\n", "is empty"),
+        ("slices:\n- sources:\n  - model: a/b\n    layer_range: [8, 2]\n", "is reversed"),
+        ("slices: []\n", "has no slices"),
+        ("", "the recipe is empty"),
+        ("merge_method: passthrough\n", "has no slices"),
+        ("slicez: []\n", "unknown key(s) in the recipe: slicez"),
+        ("models:\n- model: a/b\nmerge_method: linear\n", "`models`: whole-model blends"),
+        (SOLAR.replace("passthrough", "slerp"), "merge_method 'slerp' is not supported yet"),
+        (SOLAR.replace("bfloat16", "int4"), "dtype 'int4' is not one of"),
+        ("slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n    weight: 1\n", "unknown key(s): weight"),
+        ("slices:\n- sources:\n  - model: a/b\n    layer_range: 3\n", "two whole numbers"),
+        ("slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n  repeat: 0\n", "`repeat`"),
+    ],
+)
+def test_bad_recipes_are_refused_in_plain_words(text, message):
+    with pytest.raises(RecipeError, match=None) as info:
+        recipe_from_yaml(text)
+    assert message in str(info.value)
+
+
+def test_passthrough_shorthand_and_models_order():
+    recipe = passthrough(("a/x", 0, 2), ("b/y", 1, 3), ("a/x", 2, 4))
+    assert recipe.models == ["a/x", "b/y"]
+    assert recipe.primary_model == "a/x"

@@ -1,0 +1,71 @@
+"""Tiny random models for fast tests: real architectures (llama, gemma3_text), a few MB each,
+with a small byte-level BPE tokenizer trained on the spot (ChatML template for the instruct kind)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Frankenmerges stack layers of transformer models.",
+    "Hello! How are you today? I am fine, thank you.",
+] * 20
+
+
+def tiny_tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>" if chat else "</s>"
+    )
+    if chat:
+        fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0, chat: bool = True) -> Path:
+    """Save a random model of `arch` with `layers` decoder layers (float32, tied embeddings) to `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    tokenizer = tiny_tokenizer(chat)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    elif arch == "gemma3":
+        # a 6-layer pattern like the real model's (5 sliding, 1 full) and a small window,
+        # so seams off the pattern change masks and RoPE
+        config = Gemma3TextConfig(**common, sliding_window=4, query_pre_attn_scalar=16)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init gives near-zero norms; spread them so layers matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
