@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import gradio as gr
+from ui.stack import stack_widget
 
 from merger import bundled
 from merger.catalog import LocalPolicy, ModelInfo, list_allowed_folders, resolve
@@ -21,7 +22,6 @@ from merger.plan import Plan, make_plan
 from merger.recipe import recipe_from_yaml
 from merger.runtime import SessionModels, best_device, build
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
-from ui.stack import stack_widget
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 POLICY = LocalPolicy.for_web()

@@ -79,9 +79,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if args.show_prompt:
             print(format_prompt(built.tokenizer, history))
             return
-        reply = ""
-        for reply in stream_reply(built, history, settings):
-            pass
+        *_, reply = stream_reply(built, history, settings)  # the last yield is the whole reply
         print(reply, flush=True)
         history.append({"role": "assistant", "content": reply})
 

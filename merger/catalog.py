@@ -182,9 +182,7 @@ def read_local(path: Path, *, ref: str) -> ModelInfo:
 def check_supported(info: ModelInfo) -> None:
     """Refuse what we would misbuild: remote code, configs without layers, unknown layer names."""
     if info.config.get("auto_map"):
-        raise ModelRefError(
-            f"'{info.ref}' needs custom code (auto_map in its config); we never run remote code"
-        )
+        raise ModelRefError(f"'{info.ref}' needs custom code (auto_map in its config); we never run remote code")
     if "num_hidden_layers" not in info.config or "hidden_size" not in info.config:
         nested = "text_config" in info.config
         why = " (a multimodal model: pick its text-only variant)" if nested else ""

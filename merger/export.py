@@ -168,16 +168,17 @@ def model_card(plan: Plan) -> str:
     bases = [ref for ref in plan.models if not ref.startswith("bundled:")]
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergekit", "- frankenmerge"]
     if bases:
-        front += ["base_model:"] + [f"- {ref.partition('@')[0]}" for ref in bases]
+        front += ["base_model:", *(f"- {ref.partition('@')[0]}" for ref in bases)]
     front.append("---")
     parents = "\n".join(
-        f"- `{ref}`" + (f" (revision `{info.commit}`)" if info.commit else "")
+        f"- `{ref}`"
+        + (f" (revision `{info.commit}`)" if info.commit else "")
         + (f", licence {info.license}" if info.license else "")
         for ref, info in plan.models.items()
     )
     return "\n".join(
-        front
-        + [
+        [
+            *front,
             "",
             "# Frankenmerge",
             "",

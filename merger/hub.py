@@ -90,6 +90,4 @@ def download_weights(model: ModelInfo) -> ModelInfo:
     tensors: dict[str, TensorMeta] = {}
     for st in sorted(folder.glob("*.safetensors")):
         tensors.update(read_header(st)[0])
-    return ModelInfo(
-        **{**model.__dict__, "tensors": tensors, "local_dir": folder, "tokenizer_dir": folder}
-    )
+    return ModelInfo(**{**model.__dict__, "tensors": tensors, "local_dir": folder, "tokenizer_dir": folder})

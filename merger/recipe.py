@@ -111,12 +111,7 @@ class Recipe(BaseModel):
     @property
     def layer_sources(self) -> list[tuple[str, int]]:
         """(model, layer) for every depth of the merged stack, in order."""
-        return [
-            (s.source.model, layer)
-            for s in self.slices
-            for _ in range(s.repeat)
-            for layer in s.source.layers
-        ]
+        return [(s.source.model, layer) for s in self.slices for _ in range(s.repeat) for layer in s.source.layers]
 
     @property
     def num_layers(self) -> int:
@@ -247,6 +242,4 @@ def recipe_from_yaml(text: str) -> Recipe:
 
 def passthrough(*ranges: tuple[str, int, int], dtype: str | None = None) -> Recipe:
     """A recipe from (model, start, end) triples: the form tests and the CLI use most."""
-    return Recipe(
-        slices=tuple(Slice(source=Source(model=m, start=a, end=b)) for m, a, b in ranges), dtype=dtype
-    )
+    return Recipe(slices=tuple(Slice(source=Source(model=m, start=a, end=b)) for m, a, b in ranges), dtype=dtype)

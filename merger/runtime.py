@@ -49,9 +49,7 @@ def load_tokenizer(plan: Plan):
     return AutoTokenizer.from_pretrained(source.tokenizer_dir)
 
 
-def build(
-    plan: Plan, *, device: str | None = None, progress: Callable[[float, str], None] | None = None
-) -> Built:
+def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, str], None] | None = None) -> Built:
     from merger.assemble import assemble
 
     device = device or best_device()

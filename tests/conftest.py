@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_tiny  # noqa: E402
+from tiny import make_tiny
 
 
 @pytest.fixture(scope="session")

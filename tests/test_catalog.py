@@ -45,7 +45,7 @@ def test_pickled_checkpoints_are_refused_never_loaded(tmp_path, tiny_llama):
     folder.mkdir()
     shutil.copy(tiny_llama / "config.json", folder)
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(UnsafeCheckpointError, match="pickled weights .*pytorch_model.bin"):
+    with pytest.raises(UnsafeCheckpointError, match=r"pickled weights .*pytorch_model\.bin"):
         resolve(str(folder))
 
 
@@ -60,5 +60,5 @@ def test_remote_code_models_are_refused(tmp_path, tiny_llama):
 
 
 def test_folder_without_config_is_not_a_model(tmp_path):
-    with pytest.raises(ModelRefError, match="no config.json"):
+    with pytest.raises(ModelRefError, match=r"no config\.json"):
         resolve(str(tmp_path))

@@ -26,9 +26,7 @@ def test_mergekit_yaml_round_trips_unchanged():
 
 
 def test_repeat_is_written_out_as_repeated_slices_that_mergekit_understands():
-    recipe = recipe_from_dict(
-        {"slices": [{"sources": [{"model": "m/x", "layer_range": [0, 4]}], "repeat": 3}]}
-    )
+    recipe = recipe_from_dict({"slices": [{"sources": [{"model": "m/x", "layer_range": [0, 4]}], "repeat": 3}]})
     out = yaml.safe_load(recipe.to_yaml())
     assert [s["sources"][0]["layer_range"] for s in out["slices"]] == [[0, 4]] * 3
     assert recipe.num_layers == 12
