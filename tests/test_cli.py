@@ -1,0 +1,108 @@
+"""The CLI contract of DESIGN.md: last-line totals, JSON fields, exit codes, loadable builds."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from merger.__main__ import main
+from merger.recipe import passthrough
+
+ROOT = Path(__file__).parent.parent
+
+
+def write_recipe(tmp_path: Path, *ranges, dtype=None) -> Path:
+    path = tmp_path / "recipe.yml"
+    path.write_text(passthrough(*ranges, dtype=dtype).to_yaml())
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "merger", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_params_prints_the_total_on_the_last_line_without_importing_torch(tmp_path):
+    ref = "bundled:smollm2-135m-instruct"
+    recipe = write_recipe(tmp_path, (ref, 0, 20), (ref, 10, 30))
+    probe = (
+        "import sys; from merger.__main__ import main; main(['params', sys.argv[1]]); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(recipe)], cwd=ROOT, capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "169915968"
+    assert lines[-1] == "[]"
+
+
+def test_params_json_has_the_contract_fields(tmp_path, capsys, tiny_llama):
+    recipe = write_recipe(tmp_path, (str(tiny_llama), 0, 6), (str(tiny_llama), 3, 6), dtype="bfloat16")
+    assert main(["params", str(recipe), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_layers"] == 9 and data["dtype"] == "bfloat16"
+    assert data["bytes"] == data["total_params"] * 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("slices: [", "malformed YAML at line 1"),
+        ("slices:\n- sources:\n  - model: bundled:nope\n    layer_range: [0, 2]\n", "unknown model 'bundled:nope'"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_sentence_and_no_traceback(tmp_path, content, message):
+    recipe = tmp_path / "bad.yml"
+    recipe.write_text(content)
+    out = run_cli("params", str(recipe))
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_missing_recipe_file_is_a_user_mistake(tmp_path):
+    out = run_cli("params", str(tmp_path / "nope.yml"))
+    assert out.returncode == 2 and "cannot read recipe" in out.stderr
+
+
+def test_build_writes_a_folder_transformers_loads_with_the_in_memory_logits(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merger.assemble import assemble
+    from merger.plan import make_plan
+
+    ref = str(tiny_llama)
+    recipe = write_recipe(tmp_path, (ref, 0, 4), (ref, 1, 6))
+    out_dir = tmp_path / "merged"
+    assert main(["build", str(recipe), str(out_dir)]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    built = assemble(make_plan(passthrough((ref, 0, 4), (ref, 1, 6))))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, built(ids).logits)
+    assert loaded.config.num_hidden_layers == 9
+    assert AutoTokenizer.from_pretrained(out_dir).chat_template
+    assert not list(tmp_path.glob(".merged.partial-*"))
+
+
+def test_build_converts_dtype_and_shards_with_an_index(tmp_path, tiny_llama):
+    from safetensors import safe_open
+
+    ref = str(tiny_llama)
+    recipe = write_recipe(tmp_path, (ref, 0, 6))
+    out_dir = tmp_path / "bf16"
+    assert main(["build", str(recipe), str(out_dir), "--dtype", "bfloat16", "--shard-size", "200K"]) == 0
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out_dir / s).is_file() for s in shards)
+    with safe_open(out_dir / shards[0], framework="pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())  # noqa: SIM118
+
+
+def test_build_refuses_a_non_empty_output_folder(tmp_path, tiny_llama):
+    recipe = write_recipe(tmp_path, (str(tiny_llama), 0, 2))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    out = run_cli("build", str(recipe), str(tmp_path / "taken"))
+    assert out.returncode == 2 and "not empty" in out.stderr
