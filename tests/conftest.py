@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny models made once per test session, and an isolated bundled-model cache
-location only where a test asks for it (the real bundled cache is reused so conversion runs once)."""
+"""Shared fixtures: a local fake Hub (every test runs offline) and tiny models made once per
+test session. The bundled models' real cache is reused, so their conversion runs once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from hubserver import start_session_hub
 from tiny import make_tiny
+
+# huggingface_hub reads HF_ENDPOINT and friends once, at import: start the fake Hub first.
+HUB = start_session_hub()
+
+
+@pytest.fixture
+def hub():
+    HUB.reset()
+    return HUB
 
 
 @pytest.fixture(scope="session")
