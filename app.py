@@ -180,7 +180,7 @@ def forget_session(request: gr.Request) -> None:
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="Frankenmerge Studio") as demo:
         gr.Markdown(
-            "# 🧟 Frankenmerge Studio\nSplice transformer layers: drag a range on a model's column, "
+            "# Frankenmerge Studio\nSplice transformer layers: drag a range on a model's column, "
             "press **Add**, reorder or repeat blocks, and watch the exact size. Then **Build** and chat."
         )
         with gr.Row():

@@ -6,32 +6,14 @@ Runs a tiny Gradio app in-process and drives the system Chromium with Playwright
 
 from __future__ import annotations
 
-import os
-import socket
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
+import gradio as gr
 import pytest
+from browserkit import free_port, sweep, wait_for
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+from ui.stack import merged_layer_count, seam_positions, stack_widget
 
-gr = pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
-
-from ui.stack import merged_layer_count, seam_positions, stack_widget  # noqa: E402
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 XSS = "<img src=x onerror=alert(1)>"
 SMOL = "bundled:smollm2-135m-instruct"
 QWEN = "hf:Qwen/Qwen2.5-0.5B-Instruct"
@@ -50,14 +32,6 @@ PRESET = {
     ],
     "seam_scores": {"1": 0.31, "2": 0.87},
 }
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs the system Chromium at /usr/bin/chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,30 +58,9 @@ def app() -> Iterator[tuple[str, list[dict]]]:
         demo.close()
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def last_value(received: list[dict], predicate: Callable[[dict], bool], what: str) -> dict:
     """The latest value Python received through .change, once it satisfies `predicate`."""
     return wait_for(lambda: received and predicate(received[-1]) and received[-1], what)
-
-
-def sweep(page, col: int, first: int, last: int) -> None:
-    """Mouse down on one cell, move across the column, release on another."""
-    a = page.get_by_test_id(f"cell-{col}-{first}").bounding_box()
-    b = page.get_by_test_id(f"cell-{col}-{last}").bounding_box()
-    page.mouse.move(a["x"] + a["width"] / 2, a["y"] + a["height"] / 2)
-    page.mouse.down()
-    page.mouse.move(b["x"] + b["width"] / 2, b["y"] + b["height"] / 2, steps=8)
-    page.mouse.up()
 
 
 def merged_layers(page) -> int:
@@ -124,91 +77,82 @@ def slice_tuples(value: dict) -> list[tuple]:
     return [(s["model"], s["start"], s["end"], s["repeat"]) for s in value["slices"]]
 
 
-def test_stack_widget_edits_reach_python_draw_seams_and_escape_model_names(app) -> None:
+def test_stack_widget_edits_reach_python_draw_seams_and_escape_model_names(app, page) -> None:
     url, received = app
-    dialogs: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(url)
-            page.get_by_test_id("cell-0-0").wait_for()
-            assert page.get_by_test_id("stack-add-0").is_disabled()
-            assert merged_layers(page) == 0
+    page.goto(url)
+    page.get_by_test_id("cell-0-0").wait_for()
+    assert page.get_by_test_id("stack-add-0").is_disabled()
+    assert merged_layers(page) == 0
 
-            # 1. sweep layers 2..5 of the first column, then add them: Python gets [2, 6)
-            sweep(page, 0, 2, 5)
-            selected = page.locator("[data-testid^='cell-0-'].sel").evaluate_all("els => els.map(e => e.dataset.layer)")
-            assert selected == ["2", "3", "4", "5"]
-            page.get_by_test_id("stack-add-0").click()
-            v = last_value(received, lambda v: len(v["slices"]) == 1, "the first slice")
-            assert v["slices"] == [{"model": SMOL, "start": 2, "end": 6, "repeat": 1}]
-            assert v["models"] == MODELS
-            assert "layers 2–5 (4)" in page.get_by_test_id("slice-0").inner_text()
-            assert merged_layers(page) == 4
-            page.locator("#mirror").get_by_text('"end"').first.wait_for()  # the gr.JSON mirror shows it too
+    # 1. sweep layers 2..5 of the first column, then add them: Python gets [2, 6)
+    sweep(page, 0, 2, 5)
+    selected = page.locator("[data-testid^='cell-0-'].sel").evaluate_all("els => els.map(e => e.dataset.layer)")
+    assert selected == ["2", "3", "4", "5"]
+    page.get_by_test_id("stack-add-0").click()
+    v = last_value(received, lambda v: len(v["slices"]) == 1, "the first slice")
+    assert v["slices"] == [{"model": SMOL, "start": 2, "end": 6, "repeat": 1}]
+    assert v["models"] == MODELS
+    assert "layers 2–5 (4)" in page.get_by_test_id("slice-0").inner_text()
+    assert merged_layers(page) == 4
+    page.locator("#mirror").get_by_text('"end"').first.wait_for()  # the gr.JSON mirror shows it too
 
-            # 2. repeat 3: three passes, two repeat seams inside the block, 12 merged layers
-            page.get_by_test_id("slice-repeat-0").fill("3")
-            page.get_by_test_id("slice-repeat-0").press("Enter")
-            v = last_value(received, lambda v: v["slices"][0]["repeat"] == 3, "repeat 3")
-            assert merged_layers(page) == merged_layer_count(v) == 12
-            assert page.locator("[data-testid^='seam-0-rep-']").count() == 2
+    # 2. repeat 3: three passes, two repeat seams inside the block, 12 merged layers
+    page.get_by_test_id("slice-repeat-0").fill("3")
+    page.get_by_test_id("slice-repeat-0").press("Enter")
+    v = last_value(received, lambda v: v["slices"][0]["repeat"] == 3, "repeat 3")
+    assert merged_layers(page) == merged_layer_count(v) == 12
+    assert page.locator("[data-testid^='seam-0-rep-']").count() == 2
 
-            # 3. a slice that continues [2, 6) seamlessly, then one from another model (a seam), duplicated
-            sweep(page, 0, 6, 9)
-            page.get_by_test_id("stack-add-0").click()
-            sweep(page, 1, 0, 3)
-            page.get_by_test_id("stack-add-1").click()
-            last_value(received, lambda v: len(v["slices"]) == 3, "three slices")
-            page.get_by_test_id("slice-dup-2").click()
-            v = last_value(received, lambda v: len(v["slices"]) == 4, "the duplicate")
-            assert slice_tuples(v) == [(SMOL, 2, 6, 3), (SMOL, 6, 10, 1), (QWEN, 0, 4, 1), (QWEN, 0, 4, 1)]
-            assert drawn_seams(page) == seam_positions(v) == [2, 3]
-            assert merged_layers(page) == merged_layer_count(v) == 24
+    # 3. a slice that continues [2, 6) seamlessly, then one from another model (a seam), duplicated
+    sweep(page, 0, 6, 9)
+    page.get_by_test_id("stack-add-0").click()
+    sweep(page, 1, 0, 3)
+    page.get_by_test_id("stack-add-1").click()
+    last_value(received, lambda v: len(v["slices"]) == 3, "three slices")
+    page.get_by_test_id("slice-dup-2").click()
+    v = last_value(received, lambda v: len(v["slices"]) == 4, "the duplicate")
+    assert slice_tuples(v) == [(SMOL, 2, 6, 3), (SMOL, 6, 10, 1), (QWEN, 0, 4, 1), (QWEN, 0, 4, 1)]
+    assert drawn_seams(page) == seam_positions(v) == [2, 3]
+    assert merged_layers(page) == merged_layer_count(v) == 24
 
-            # 4. drag the first Qwen block onto the top half of block 0: it moves to the front
-            target = page.get_by_test_id("slice-0")
-            page.get_by_test_id("slice-2").drag_to(target, target_position={"x": 60, "y": 4})
-            v = last_value(received, lambda v: v["slices"][0]["model"] == QWEN, "the reorder")
-            assert slice_tuples(v) == [(QWEN, 0, 4, 1), (SMOL, 2, 6, 3), (SMOL, 6, 10, 1), (QWEN, 0, 4, 1)]
-            assert drawn_seams(page) == seam_positions(v) == [1, 3]
+    # 4. drag the first Qwen block onto the top half of block 0: it moves to the front
+    target = page.get_by_test_id("slice-0")
+    page.get_by_test_id("slice-2").drag_to(target, target_position={"x": 60, "y": 4})
+    v = last_value(received, lambda v: v["slices"][0]["model"] == QWEN, "the reorder")
+    assert slice_tuples(v) == [(QWEN, 0, 4, 1), (SMOL, 2, 6, 3), (SMOL, 6, 10, 1), (QWEN, 0, 4, 1)]
+    assert drawn_seams(page) == seam_positions(v) == [1, 3]
 
-            # 5. remove the repeated block
-            page.get_by_test_id("slice-remove-1").click()
-            v = last_value(received, lambda v: len(v["slices"]) == 3, "the removal")
-            assert slice_tuples(v) == [(QWEN, 0, 4, 1), (SMOL, 6, 10, 1), (QWEN, 0, 4, 1)]
-            assert drawn_seams(page) == seam_positions(v) == [1, 2]
-            assert merged_layers(page) == merged_layer_count(v) == 12
+    # 5. remove the repeated block
+    page.get_by_test_id("slice-remove-1").click()
+    v = last_value(received, lambda v: len(v["slices"]) == 3, "the removal")
+    assert slice_tuples(v) == [(QWEN, 0, 4, 1), (SMOL, 6, 10, 1), (QWEN, 0, 4, 1)]
+    assert drawn_seams(page) == seam_positions(v) == [1, 2]
+    assert merged_layers(page) == merged_layer_count(v) == 12
 
-            # 6. Python sets a new value: the widget redraws, colours scored seams and keeps working
-            page.locator("#preset").click()
-            page.get_by_test_id("slice-2").get_by_text("layers 10–29 (20)").wait_for()
-            assert merged_layers(page) == merged_layer_count(PRESET) == 48
-            assert drawn_seams(page) == seam_positions(PRESET) == [1, 2]
-            seam = page.get_by_test_id("seam-1")
-            assert "0.31" in seam.inner_text()
-            assert "0.31" in seam.get_attribute("title")
-            assert "--seam:hsl(83" in seam.get_attribute("style")  # 0.31 damage: yellow-green
-            assert "0.87" in page.get_by_test_id("seam-2").inner_text()
-            assert page.locator("[data-testid^='seam-1-rep-']").count() == 1
-            page.get_by_test_id("slice-remove-1").click()
-            v = last_value(received, lambda v: len(v["slices"]) == 2, "a removal after the redraw")
-            assert v["seam_scores"] == PRESET["seam_scores"]  # passed through untouched
-            assert seam_positions(v) == drawn_seams(page) == [1]
-            page.locator("#preset").click()
-            page.get_by_test_id("slice-2").wait_for()
+    # 6. Python sets a new value: the widget redraws, colours scored seams and keeps working
+    page.locator("#preset").click()
+    page.get_by_test_id("slice-2").get_by_text("layers 10–29 (20)").wait_for()
+    assert merged_layers(page) == merged_layer_count(PRESET) == 48
+    assert drawn_seams(page) == seam_positions(PRESET) == [1, 2]
+    seam = page.get_by_test_id("seam-1")
+    assert "0.31" in seam.inner_text()
+    assert "0.31" in seam.get_attribute("title")
+    assert "--seam:hsl(83" in seam.get_attribute("style")  # 0.31 damage: yellow-green
+    assert "0.87" in page.get_by_test_id("seam-2").inner_text()
+    assert page.locator("[data-testid^='seam-1-rep-']").count() == 1
+    page.get_by_test_id("slice-remove-1").click()
+    v = last_value(received, lambda v: len(v["slices"]) == 2, "a removal after the redraw")
+    assert v["seam_scores"] == PRESET["seam_scores"]  # passed through untouched
+    assert seam_positions(v) == drawn_seams(page) == [1]
+    page.locator("#preset").click()
+    page.get_by_test_id("slice-2").wait_for()
 
-            # 7. a model name with markup shows as text, in the column header and in the stack
-            evil_col = page.get_by_test_id("stack-col-2")
-            assert XSS in evil_col.inner_text()
-            assert XSS in page.get_by_test_id("slice-1").inner_text()
-            assert page.locator("#stack img").count() == 0
-            assert dialogs == []
+    # 7. a model name with markup shows as text, in the column header and in the stack
+    evil_col = page.get_by_test_id("stack-col-2")
+    assert XSS in evil_col.inner_text()
+    assert XSS in page.get_by_test_id("slice-1").inner_text()
+    assert page.locator("#stack img").count() == 0
 
-            page.get_by_test_id("cell-1-0").scroll_into_view_if_needed()
-            sweep(page, 1, 8, 15)  # leave a live selection in the screenshot
-            page.locator("#stack").screenshot(path="/tmp/stack.png")
-        finally:
-            browser.close()
+    page.get_by_test_id("cell-1-0").scroll_into_view_if_needed()
+    sweep(page, 1, 8, 15)  # leave a live selection in the screenshot
+    page.locator("#stack").screenshot(path="/tmp/stack.png")

@@ -1,0 +1,383 @@
+// Frankenmerge Studio: layer-stack editor, the body of gr.HTML's js_on_load.
+//
+// Gradio runs this once per mount as Function("element", "trigger", "props", "server", "upload", "watch", <this file>).
+//   element  the component's root <div>; html_template (a static shell) is already inside it
+//   props    a Proxy over the component's props; assigning a NEW object to props.value sends it to
+//            Python and fires .change (the proxy compares by identity, so in-place edits do nothing)
+//   watch    watch("value", cb) runs cb after Python has sent a new value
+//
+// Everything below the shell is drawn here, from props.value plus a little local UI state (the drag
+// selection). All listeners are delegated on `element`, so redrawing never loses a handler.
+//
+// Value: {models: [{ref, label, num_layers}], slices: [{model, start, end, repeat}], seam_scores?: {"i": 0..1}}
+// Slices are end-exclusive; the UI writes ranges in human, inclusive form ("layers 2–5 (4)").
+
+const root = element.querySelector(".fs-root") || element;
+const PALETTE = ["#4f9dff", "#f5a524", "#2fc98f", "#e85d9a", "#a78bfa", "#22c3d6", "#f0d14a", "#ff7a59"];
+const MAX_REPEAT = 16;
+const ICON_DUP =
+  '<svg viewBox="0 0 16 16" width="12" height="12" aria-hidden="true"><rect x="5" y="5" width="9" height="9" rx="1.5" fill="none" stroke="currentColor" stroke-width="1.6"/><path d="M11 3.5V3a1 1 0 0 0-1-1H3a1 1 0 0 0-1 1v7a1 1 0 0 0 1 1h.5" fill="none" stroke="currentColor" stroke-width="1.6"/></svg>';
+const ICON_REMOVE =
+  '<svg viewBox="0 0 16 16" width="12" height="12" aria-hidden="true"><path d="M3.5 3.5l9 9M12.5 3.5l-9 9" stroke="currentColor" stroke-width="1.8" stroke-linecap="round"/></svg>';
+
+// Local, browser-only state: the range being selected in one column.
+let sel = null; // {col, anchor, a, b} with a <= b, inclusive layer indices
+let dragging = false; // mouse button held since a mousedown on a cell
+let dragSlice = null; // index of the slice being moved by HTML5 drag-and-drop
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (ch) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[ch]);
+}
+
+function toInt(x, fallback) {
+  const n = Number.parseInt(x, 10);
+  return Number.isFinite(n) ? n : fallback;
+}
+
+function current() {
+  const v = props.value && typeof props.value === "object" ? props.value : {};
+  return {
+    models: Array.isArray(v.models) ? v.models : [],
+    slices: Array.isArray(v.slices) ? v.slices : [],
+    seam_scores: v.seam_scores && typeof v.seam_scores === "object" ? v.seam_scores : null,
+  };
+}
+
+// Send an edit: models and seam_scores pass through untouched, slices is a new list.
+function commit(newSlices) {
+  const v = props.value && typeof props.value === "object" ? props.value : {};
+  const next = { ...v, models: current().models, slices: newSlices.map((s) => ({ ...s })) };
+  props.value = next;
+  render();
+}
+
+function colourFor(ref, models) {
+  const i = models.findIndex((m) => m.ref === ref);
+  return i >= 0 ? PALETTE[i % PALETTE.length] : "#8a8f98";
+}
+
+function labelFor(ref, models) {
+  const m = models.find((mm) => mm.ref === ref);
+  return m ? m.label || m.ref : ref;
+}
+
+// Same rule as ui/stack.py seam_positions(): slice i > 0 starts with a seam unless it continues
+// slice i-1 exactly (same model, previous end == this start).
+function hasSeam(slices, i) {
+  if (i <= 0) return false;
+  const p = slices[i - 1];
+  const s = slices[i];
+  return !(p.model === s.model && toInt(p.end, 0) === toInt(s.start, 0));
+}
+
+function span(s) {
+  return Math.max(0, toInt(s.end, 0) - toInt(s.start, 0));
+}
+
+function reps(s) {
+  return Math.max(1, toInt(s.repeat, 1)); // the input caps edits at MAX_REPEAT; a pasted recipe is shown as is
+}
+
+function human(start, endExclusive) {
+  const n = endExclusive - start;
+  if (n <= 0) return "no layers";
+  return n === 1 ? `layer ${start} (1)` : `layers ${start}–${endExclusive - 1} (${n})`;
+}
+
+function scoreColour(score) {
+  const s = Math.min(1, Math.max(0, score));
+  return `hsl(${Math.round(120 * (1 - s))}, 75%, 48%)`;
+}
+
+function seamScore(scores, i) {
+  if (!scores) return null;
+  const raw = scores[String(i)];
+  const x = typeof raw === "number" ? raw : Number.parseFloat(raw);
+  return Number.isFinite(x) ? x : null;
+}
+
+// ---------------------------------------------------------------- drawing
+
+function renderColumn(m, c, used) {
+  const n = Math.max(0, toInt(m.num_layers, 0));
+  const mine = sel && sel.col === c;
+  const cells = [];
+  for (let l = 0; l < n; l++) {
+    const cls = ["fs-cell"];
+    if (mine && l >= sel.a && l <= sel.b) cls.push("sel");
+    if (used.has(l)) cls.push("used");
+    cells.push(
+      `<div class="${cls.join(" ")}" data-testid="cell-${c}-${l}" data-col="${c}" data-layer="${l}" title="layer ${l}">${l}</div>`,
+    );
+  }
+  const addLabel = mine ? `Add ${human(sel.a, sel.b + 1)} ⟶` : "Add ⟶";
+  return `
+    <section class="fs-col" data-testid="stack-col-${c}" style="--mc:${PALETTE[c % PALETTE.length]}">
+      <header class="fs-col-head">
+        <span class="fs-swatch"></span>
+        <span class="fs-col-name" title="${esc(m.ref)}">${esc(m.label || m.ref)}</span>
+        <span class="fs-muted">${n} layers</span>
+      </header>
+      <div class="fs-grid">${cells.join("")}</div>
+      <button type="button" class="fs-btn fs-add" data-testid="stack-add-${c}" data-col="${c}" ${mine ? "" : "disabled"}>${addLabel}</button>
+    </section>`;
+}
+
+function renderSeam(id, score, title, extraClass) {
+  const style = score === null ? "" : ` style="--seam:${scoreColour(score)}"`;
+  let badge = "";
+  if (score !== null) badge = `<span class="fs-seam-score">${score.toFixed(2)}</span>`;
+  else if (extraClass === "fs-seam-join") badge = `<span class="fs-seam-tag">seam</span>`;
+  const kind = score === null ? "unscored" : "scored";
+  return `<div class="fs-seam ${extraClass} ${kind}" data-testid="${id}" title="${esc(title)}"${style}><span class="fs-seam-line"></span>${badge}</div>`;
+}
+
+function renderSlice(s, i, v, offset) {
+  const start = toInt(s.start, 0);
+  const end = toInt(s.end, 0);
+  const k = reps(s);
+  const n = span(s);
+  const label = labelFor(s.model, v.models);
+  const passes = [];
+  for (let r = 0; r < k; r++) {
+    if (r > 0) {
+      const a = offset + r * n;
+      passes.push(
+        renderSeam(
+          `seam-${i}-rep-${r}`,
+          null,
+          `Repeat seam: ${label} layer ${end - 1} feeds back into layer ${start} (merged ${a - 1} → ${a})`,
+          "fs-seam-rep",
+        ),
+      );
+    }
+    passes.push(`<div class="fs-pass" style="--h:${Math.min(48, 6 + n)}px"></div>`);
+  }
+  const mergedA = offset;
+  const mergedB = offset + n * k - 1;
+  return `
+    <div class="fs-slice" data-testid="slice-${i}" data-slice="${i}" draggable="true" style="--mc:${colourFor(s.model, v.models)}">
+      <div class="fs-slice-bar">${passes.join("")}</div>
+      <div class="fs-slice-body">
+        <div class="fs-slice-title" title="${esc(s.model)} · [${start}, ${end}) end-exclusive">
+          <span class="fs-grip" aria-hidden="true">⠿</span>
+          <span class="fs-slice-name">${esc(label)}</span>
+          <span class="fs-muted">· ${human(start, end)}</span>
+        </div>
+        <div class="fs-slice-meta fs-muted">${n * k > 0 ? `merged ${mergedA}–${mergedB}` : "empty"}${k > 1 ? ` · ${k} passes` : ""}</div>
+      </div>
+      <div class="fs-slice-tools">
+        <label class="fs-rep" title="Repeat this slice (1–${MAX_REPEAT})">×<input type="number" min="1" max="${MAX_REPEAT}" step="1" value="${k}" data-testid="slice-repeat-${i}" data-slice="${i}" /></label>
+        <button type="button" class="fs-btn fs-icon" data-testid="slice-dup-${i}" data-action="dup" data-slice="${i}" title="Duplicate this slice">${ICON_DUP}</button>
+        <button type="button" class="fs-btn fs-icon fs-danger" data-testid="slice-remove-${i}" data-action="remove" data-slice="${i}" title="Remove this slice">${ICON_REMOVE}</button>
+      </div>
+    </div>`;
+}
+
+function renderStack(v) {
+  let total = 0;
+  let seams = 0;
+  const parts = [];
+  v.slices.forEach((s, i) => {
+    if (hasSeam(v.slices, i)) {
+      seams++;
+      const prev = v.slices[i - 1];
+      const score = seamScore(v.seam_scores, i);
+      const title =
+        `Seam before slice ${i}: ${labelFor(prev.model, v.models)} layer ${toInt(prev.end, 0) - 1}` +
+        ` → ${labelFor(s.model, v.models)} layer ${toInt(s.start, 0)}` +
+        (score === null ? "" : ` · damage ${score.toFixed(2)}`);
+      parts.push(renderSeam(`seam-${i}`, score, title, "fs-seam-join"));
+    }
+    parts.push(renderSlice(s, i, v, total));
+    seams += reps(s) - 1;
+    total += span(s) * reps(s);
+  });
+  const body = parts.length
+    ? parts.join("")
+    : `<div class="fs-empty">Drag across layers on the left, then press <b>Add ⟶</b>.</div>`;
+  return `
+    <section class="fs-stack">
+      <header class="fs-stack-head">
+        <span>Merged stack</span>
+        <span class="fs-pill"><b data-testid="merged-layers">${total}</b> layers</span>
+        <span class="fs-muted">${v.slices.length} slice${v.slices.length === 1 ? "" : "s"} · ${seams} seam${seams === 1 ? "" : "s"}</span>
+      </header>
+      <div class="fs-stack-top fs-muted">embeddings ↓ layer 0</div>
+      <div class="fs-blocks">${body}</div>
+      <div class="fs-stack-top fs-muted">↓ final norm · lm_head</div>
+    </section>`;
+}
+
+function render() {
+  const v = current();
+  if (sel && (sel.col >= v.models.length || sel.b >= toInt(v.models[sel.col].num_layers, 0))) sel = null;
+  const usedBy = v.models.map((m) => {
+    const used = new Set();
+    for (const s of v.slices) {
+      if (s.model !== m.ref) continue;
+      for (let l = toInt(s.start, 0); l < toInt(s.end, 0); l++) used.add(l);
+    }
+    return used;
+  });
+  const cols = v.models.length
+    ? v.models.map((m, c) => renderColumn(m, c, usedBy[c])).join("")
+    : `<div class="fs-empty">Pick parent models to show their layers.</div>`;
+  root.innerHTML = `<div class="fs-cols">${cols}</div>${renderStack(v)}`;
+}
+
+// Only the cells' classes and the Add button change while dragging; the DOM under the mouse stays.
+function paintSelection() {
+  root.querySelectorAll(".fs-cell.sel").forEach((el) => el.classList.remove("sel"));
+  root.querySelectorAll(".fs-add").forEach((btn) => {
+    const c = toInt(btn.dataset.col, -1);
+    const mine = sel && sel.col === c;
+    btn.disabled = !mine;
+    btn.textContent = mine ? `Add ${human(sel.a, sel.b + 1)} ⟶` : "Add ⟶";
+  });
+  if (!sel) return;
+  for (let l = sel.a; l <= sel.b; l++) {
+    const cell = root.querySelector(`[data-testid="cell-${sel.col}-${l}"]`);
+    if (cell) cell.classList.add("sel");
+  }
+}
+
+function selectTo(col, layer) {
+  if (!sel || sel.col !== col) sel = { col, anchor: layer, a: layer, b: layer };
+  sel.a = Math.min(sel.anchor, layer);
+  sel.b = Math.max(sel.anchor, layer);
+  paintSelection();
+}
+
+// ---------------------------------------------------------------- events (delegated on element)
+
+element.addEventListener("mousedown", (e) => {
+  const cell = e.target.closest(".fs-cell");
+  if (!cell || e.button !== 0) return;
+  e.preventDefault(); // no text selection while sweeping
+  const col = toInt(cell.dataset.col, 0);
+  const layer = toInt(cell.dataset.layer, 0);
+  if (e.shiftKey && sel && sel.col === col) {
+    selectTo(col, layer); // extend from the anchor
+  } else {
+    sel = { col, anchor: layer, a: layer, b: layer };
+    paintSelection();
+  }
+  dragging = true;
+});
+
+element.addEventListener("mousemove", (e) => {
+  if (!dragging || !sel) return;
+  const cell = e.target.closest(".fs-cell");
+  if (!cell || toInt(cell.dataset.col, -1) !== sel.col) return;
+  selectTo(sel.col, toInt(cell.dataset.layer, 0));
+});
+
+// mouseup may happen outside the widget; listen on the window but only while a sweep is live.
+window.addEventListener("mouseup", () => {
+  dragging = false;
+});
+
+element.addEventListener("click", (e) => {
+  const add = e.target.closest(".fs-add");
+  if (add) {
+    const c = toInt(add.dataset.col, -1);
+    const m = current().models[c];
+    if (!m || !sel || sel.col !== c) return;
+    const slice = { model: m.ref, start: sel.a, end: sel.b + 1, repeat: 1 };
+    sel = null;
+    commit([...current().slices, slice]);
+    return;
+  }
+  const btn = e.target.closest("[data-action]");
+  if (!btn) return;
+  const i = toInt(btn.dataset.slice, -1);
+  const slices = current().slices.slice();
+  if (i < 0 || i >= slices.length) return;
+  if (btn.dataset.action === "dup") slices.splice(i + 1, 0, { ...slices[i] });
+  else if (btn.dataset.action === "remove") slices.splice(i, 1);
+  commit(slices);
+});
+
+// Repeat: commit on "change" (spinner click, Enter, blur), not on every keystroke.
+element.addEventListener("change", (e) => {
+  const input = e.target.closest(".fs-rep input");
+  if (!input) return;
+  const i = toInt(input.dataset.slice, -1);
+  const slices = current().slices.slice();
+  if (i < 0 || i >= slices.length) return;
+  const k = Math.min(MAX_REPEAT, Math.max(1, toInt(input.value, 1)));
+  if (k === toInt(slices[i].repeat, 1)) {
+    input.value = String(k);
+    return;
+  }
+  slices[i] = { ...slices[i], repeat: k };
+  commit(slices);
+});
+
+element.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && e.target.closest(".fs-rep input")) e.target.blur();
+});
+
+// Reorder: HTML5 drag-and-drop. Dropping on the upper half of a block inserts before it, lower half after.
+function dropSide(block, e) {
+  const r = block.getBoundingClientRect();
+  return e.clientY < r.top + r.height / 2 ? "before" : "after";
+}
+
+function clearDropMarks() {
+  root.querySelectorAll(".drop-before, .drop-after").forEach((el) => el.classList.remove("drop-before", "drop-after"));
+}
+
+element.addEventListener("dragstart", (e) => {
+  const block = e.target.closest && e.target.closest(".fs-slice");
+  if (!block || e.target.closest("input")) return;
+  dragSlice = toInt(block.dataset.slice, null);
+  e.dataTransfer.effectAllowed = "move";
+  e.dataTransfer.setData("text/plain", String(dragSlice));
+  block.classList.add("dragging");
+});
+
+element.addEventListener("dragover", (e) => {
+  const block = e.target.closest && e.target.closest(".fs-slice");
+  if (!block || dragSlice === null) return;
+  e.preventDefault(); // allow the drop
+  e.dataTransfer.dropEffect = "move";
+  clearDropMarks();
+  block.classList.add(dropSide(block, e) === "before" ? "drop-before" : "drop-after");
+});
+
+element.addEventListener("dragleave", (e) => {
+  if (!element.contains(e.relatedTarget)) clearDropMarks();
+});
+
+element.addEventListener("drop", (e) => {
+  const block = e.target.closest && e.target.closest(".fs-slice");
+  if (!block || dragSlice === null) return;
+  e.preventDefault();
+  const from = dragSlice;
+  const target = toInt(block.dataset.slice, from);
+  let to = dropSide(block, e) === "before" ? target : target + 1;
+  dragSlice = null;
+  clearDropMarks();
+  const slices = current().slices.slice();
+  if (from < 0 || from >= slices.length) return;
+  const [moved] = slices.splice(from, 1);
+  if (to > from) to -= 1;
+  slices.splice(to, 0, moved);
+  if (to === from) {
+    render();
+    return;
+  }
+  commit(slices);
+});
+
+element.addEventListener("dragend", () => {
+  dragSlice = null;
+  clearDropMarks();
+  root.querySelectorAll(".fs-slice.dragging").forEach((el) => el.classList.remove("dragging"));
+});
+
+// Python sent a new value: redraw (the static html_template itself never changes).
+watch("value", render);
+render();

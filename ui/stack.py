@@ -1,0 +1,73 @@
+"""The visual layer-stack editor: a gr.HTML widget (no build step) whose value is the merge's slice list.
+
+Value (JSON-able dict, the single source of truth; other code converts it to and from a recipe)::
+
+    {
+      "models": [{"ref": "bundled:smollm2-135m-instruct", "label": "SmolLM2-135M-Instruct", "num_layers": 30}],
+      "slices": [{"model": "bundled:smollm2-135m-instruct", "start": 0, "end": 20, "repeat": 1}],  # end exclusive
+      "seam_scores": {"1": 0.31},  # optional: slice index -> damage in [0, 1], colours that slice's seam
+    }
+
+Python sets the value; assets/stack.js draws it and answers every user edit with a new value object (models and
+seam_scores copied through, a new slices list), which fires the component's ``.change``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+# A static shell: stack.js draws everything inside it. Because the template never changes, Gradio's
+# re-render-on-prop-change (a DOM diff of the template output) never touches what the JS drew.
+HTML_TEMPLATE = '<div class="fs-root" data-testid="stack-widget"></div>'
+
+
+def empty_value() -> dict[str, Any]:
+    return {"models": [], "slices": [], "seam_scores": {}}
+
+
+def stack_widget(value: dict | None = None, **kwargs: Any) -> gr.HTML:
+    """Build the layer-stack editor. ``kwargs`` go to gr.HTML (label, elem_id, visible, ...)."""
+    kwargs.setdefault("apply_default_css", False)  # no "prose" typography inside the widget
+    kwargs.setdefault("container", False)
+    kwargs.setdefault("padding", False)
+    return gr.HTML(
+        value=value if value is not None else empty_value(),
+        html_template=HTML_TEMPLATE,
+        css_template=(ASSETS / "stack.css").read_text(encoding="utf-8"),
+        js_on_load=(ASSETS / "stack.js").read_text(encoding="utf-8"),
+        **kwargs,
+    )
+
+
+def _slices(value: dict | None) -> list[dict]:
+    return list((value or {}).get("slices") or [])
+
+
+def merged_layer_count(value: dict) -> int:
+    """Layers in the merged model: sum of (end - start) * repeat over the slices."""
+    total = 0
+    for s in _slices(value):
+        span = max(0, int(s["end"]) - int(s["start"]))
+        total += span * max(1, int(s.get("repeat", 1) or 1))
+    return total
+
+
+def seam_positions(value: dict) -> list[int]:
+    """Indices of slices that begin with a seam (the same rule the widget draws).
+
+    Slice i > 0 starts with a seam unless it continues slice i - 1 exactly: same model and
+    ``slices[i-1].end == slices[i].start``. Repeats add internal seams inside a slice; those are not listed.
+    """
+    slices = _slices(value)
+    seams = []
+    for i in range(1, len(slices)):
+        prev, cur = slices[i - 1], slices[i]
+        continues = prev["model"] == cur["model"] and int(prev["end"]) == int(cur["start"])
+        if not continues:
+            seams.append(i)
+    return seams
