@@ -11,7 +11,6 @@ import threading
 from typing import Any
 
 import gradio as gr
-from ui.stack import stack_widget
 
 from merger import bundled
 from merger.catalog import LocalPolicy, ModelInfo, list_allowed_folders, resolve
@@ -22,6 +21,7 @@ from merger.plan import Plan, make_plan
 from merger.recipe import recipe_from_yaml
 from merger.runtime import SessionModels, best_device, build
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
+from ui.stack import stack_widget
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 POLICY = LocalPolicy.for_web()
@@ -210,7 +210,7 @@ def build_demo() -> gr.Blocks:
         with gr.Accordion("Generation settings", open=False):
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-            max_new = gr.Slider(16, 1024, value=200, step=16, label="Max new tokens")
+            max_new = gr.Slider(1, 1024, value=200, step=1, label="Max new tokens")
 
         # ---- wiring ----
         demo.load(initial_state, outputs=[stack, yaml_box, preview_md], api_visibility="private")

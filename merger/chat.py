@@ -55,9 +55,11 @@ def stream_reply(
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+    abandoned = threading.Event()  # the consumer closed the stream: stop generating too
+
     class _StopOnEvent(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs) -> bool:
-            return stop is not None and stop.is_set()
+            return abandoned.is_set() or (stop is not None and stop.is_set())
 
     tokenizer, model = built.tokenizer, built.model
     prompt = format_prompt(tokenizer, history)
@@ -91,11 +93,14 @@ def stream_reply(
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     text = ""
-    for piece in streamer:
-        text += piece
-        if piece:
-            yield text
-    thread.join()
+    try:
+        for piece in streamer:
+            text += piece
+            if piece:
+                yield text
+    finally:
+        abandoned.set()
+        thread.join()
     if errors:
         raise errors[0]
     if not text:

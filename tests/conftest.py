@@ -4,6 +4,7 @@ test session. The bundled models' real cache is reused, so their conversion runs
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,22 @@ def tiny_llama_b(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gemma(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-gemma", "gemma3", layers=12, chat=False)
+
+
+@pytest.fixture(scope="session")
+def app_url() -> Iterator[str]:
+    """The real app, served in-process on a free port for HTTP and browser tests."""
+    import socket
+
+    from app import demo
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue(default_concurrency_limit=4).launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

@@ -3,7 +3,6 @@ local server that speaks the Hub's API; weights download only on build."""
 
 import pytest
 import torch
-from hubserver import add_sharded_lazy_model, llama3_8b_config, llama3_8b_tensors
 
 from merger.assemble import assemble
 from merger.catalog import resolve
@@ -11,6 +10,8 @@ from merger.errors import ModelRefError, UnsafeCheckpointError
 from merger.params import count
 from merger.plan import make_plan
 from merger.recipe import passthrough
+
+from hubserver import add_sharded_lazy_model, llama3_8b_config, llama3_8b_tensors
 
 
 def test_llama3_8b_preview_is_exact_without_any_weight_bytes(hub):

@@ -17,8 +17,17 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import hubserver
 import pytest
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+import hubserver
 from hubserver import (
     SAFETENSORS_PREFETCH_BYTES,
     FakeHub,
@@ -27,14 +36,6 @@ from hubserver import (
     llama3_8b_tensors,
     start_hub,
     start_session_hub,
-)
-from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
 )
 
 LLAMA = "meta-llama/Meta-Llama-3-8B"

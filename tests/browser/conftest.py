@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from browserkit import CHROMIUM, CHROMIUM_ARGS
 from playwright.sync_api import Page, sync_playwright
+
+from browserkit import CHROMIUM, CHROMIUM_ARGS
 
 
 @pytest.fixture

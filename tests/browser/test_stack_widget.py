@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 import pytest
-from browserkit import free_port, sweep, wait_for
 
 from ui.stack import merged_layer_count, seam_positions, stack_widget
+
+from browserkit import free_port, sweep, wait_for
 
 XSS = "<img src=x onerror=alert(1)>"
 SMOL = "bundled:smollm2-135m-instruct"

@@ -1,0 +1,38 @@
+"""The app's public HTTP API through gradio_client: preview, build and chat, per session."""
+
+import pytest
+from gradio_client import Client
+
+import app
+from merger.recipe import passthrough
+
+SMOL = "bundled:smollm2-135m-instruct"
+SPLICE = passthrough((SMOL, 0, 20), (SMOL, 10, 30)).to_yaml()
+SHORT = passthrough((SMOL, 0, 6)).to_yaml()
+
+
+def test_preview_endpoint_returns_exact_counts(app_url):
+    counts = Client(app_url, verbose=False).predict(SPLICE, api_name="/preview")
+    assert counts["total_params"] == 169_915_968
+    assert counts["num_layers"] == 40
+    assert counts["seams"] == [20]
+
+
+def test_preview_endpoint_reports_recipe_mistakes(app_url):
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match="outside bundled:smollm2-135m-instruct"):
+        client.predict(passthrough((SMOL, 20, 40)).to_yaml(), api_name="/preview")
+
+
+def test_two_sessions_build_and_chat_with_their_own_models(app_url):
+    a, b = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    assert "40 layers" in a.predict(SPLICE, api_name="/build")
+    with pytest.raises(Exception, match="Build the merge first"):
+        b.predict("Hello", [], 0.0, 0.9, 8, api_name="/chat")
+    assert "6 layers" in b.predict(SHORT, api_name="/build")
+    assert app.SESSIONS.get(a.session_hash).model.config.num_hidden_layers == 40
+    assert app.SESSIONS.get(b.session_hash).model.config.num_hidden_layers == 6
+    for client in (a, b):
+        history = client.predict("What is 2+2?", [], 0.0, 0.9, 12, api_name="/chat")
+        assert history[-1]["role"] == "assistant"
+        assert history[-1]["content"]
