@@ -233,6 +233,9 @@ def build_demo() -> gr.Blocks:
 demo = build_demo()
 
 if __name__ == "__main__":
+    if not bundled.is_cached(DEFAULT_MODEL.removeprefix("bundled:")):
+        print("Preparing the bundled default model (once; about 30 s)…", flush=True)
+    model_info(DEFAULT_MODEL)  # the page opens on it: convert before serving, not on first visit
     demo.queue(default_concurrency_limit=4).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
