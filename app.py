@@ -124,7 +124,7 @@ def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = g
     SESSIONS.put(session, built)
     counts = count(plan)
     return (
-        f"✅ Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {built.device} "
+        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {built.device} "
         f"in {built.seconds:.2f} s. Chat below."
     )
 
