@@ -236,6 +236,9 @@ if __name__ == "__main__":
     if not bundled.is_cached(DEFAULT_MODEL.removeprefix("bundled:")):
         print("Preparing the bundled default model (once; about 30 s)…", flush=True)
     model_info(DEFAULT_MODEL)  # the page opens on it: convert before serving, not on first visit
+    # torch + transformers' model classes take seconds to import: load them while the page opens,
+    # not when the visitor first presses Build
+    threading.Thread(target=lambda: __import__("merger.assemble"), daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
