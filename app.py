@@ -102,7 +102,10 @@ def add_model(ref: str, value: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 
 def initial_state() -> tuple[dict[str, Any], str, str]:
-    info = model_info(DEFAULT_MODEL)
+    try:
+        info = model_info(DEFAULT_MODEL)
+    except UserError as exc:  # e.g. a Space without the bundled packages: start empty, say why
+        return {"models": [], "slices": []}, "", f"⚠️ {exc}. Add a model above."
     value = {
         "models": [column(info)],
         "slices": [{"model": info.ref, "start": 0, "end": info.num_layers, "repeat": 1}],
@@ -235,7 +238,10 @@ demo = build_demo()
 if __name__ == "__main__":
     if not bundled.is_cached(DEFAULT_MODEL.removeprefix("bundled:")):
         print("Preparing the bundled default model (once; about 30 s)…", flush=True)
-    model_info(DEFAULT_MODEL)  # the page opens on it: convert before serving, not on first visit
+    try:
+        model_info(DEFAULT_MODEL)  # the page opens on it: convert before serving, not on first visit
+    except UserError as exc:
+        print(f"The bundled default is unavailable ({exc}); the page will start empty.", flush=True)
     # torch + transformers' model classes take seconds to import: load them while the page opens,
     # not when the visitor first presses Build
     threading.Thread(target=lambda: __import__("merger.assemble"), daemon=True).start()
