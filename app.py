@@ -91,8 +91,11 @@ def apply_yaml(recipe_yaml: str, value: dict[str, Any]) -> tuple[dict[str, Any],
         return gr.skip(), f"⚠️ {exc}"
 
 
-def add_model(ref: str, value: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def add_model(ref: str, value: dict[str, Any], progress: gr.Progress = gr.Progress()) -> tuple[dict[str, Any], str]:
     ref = (ref or "").strip()
+    name = ref.removeprefix("bundled:")
+    if ref.startswith("bundled:") and name in bundled.MODELS and not bundled.is_cached(name):
+        progress(0.1, desc="First use: converting the bundled model to safetensors (about a minute)")
     try:
         info = model_info(ref)
     except UserError as exc:
