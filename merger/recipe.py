@@ -151,13 +151,17 @@ class Recipe(BaseModel):
         return self.model_copy(update={"slices": tuple(folded)})
 
 
+def _refuse_unknown(mapping: dict, allowed: set[str], where: str) -> None:
+    unknown = set(mapping) - allowed
+    if unknown:
+        raise RecipeError(f"{where} has unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+
+
 def _parse_slice(raw: Any, index: int) -> Slice:
     where = f"slice {index + 1}"
     if not isinstance(raw, dict):
         raise RecipeError(f"{where} must be a mapping with `sources:`")
-    unknown = set(raw) - {"sources", "repeat"}
-    if unknown:
-        raise RecipeError(f"{where} has unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    _refuse_unknown(raw, {"sources", "repeat"}, where)
     sources = raw.get("sources")
     if not isinstance(sources, list) or not sources:
         raise RecipeError(f"{where} has no `sources:` list")
@@ -166,9 +170,7 @@ def _parse_slice(raw: Any, index: int) -> Slice:
     src = sources[0]
     if not isinstance(src, dict):
         raise RecipeError(f"{where}: each source must be a mapping with `model:` and `layer_range:`")
-    unknown = set(src) - {"model", "layer_range"}
-    if unknown:
-        raise RecipeError(f"{where} source has unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    _refuse_unknown(src, {"model", "layer_range"}, f"{where} source")
     layer_range = src.get("layer_range")
     if (
         not isinstance(layer_range, list)
