@@ -18,7 +18,7 @@ from merger.chat import GenerationSettings, stream_reply
 from merger.errors import UserError
 from merger.params import count, human_bytes, human_params
 from merger.plan import Plan, make_plan
-from merger.recipe import recipe_from_yaml
+from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
 from merger.runtime import SessionModels, best_device, build
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.stack import stack_widget
@@ -104,17 +104,56 @@ def add_model(ref: str, value: dict[str, Any], progress: gr.Progress = gr.Progre
     return {**value, "models": columns}, f"Added **{info.label}**: {info.num_layers} layers, {info.architecture}."
 
 
-def initial_state() -> tuple[dict[str, Any], str, str]:
-    try:
-        info = model_info(DEFAULT_MODEL)
-    except UserError as exc:  # e.g. a Space without the bundled packages: start empty, say why
-        return {"models": [], "slices": []}, "", f"⚠️ {exc}. Add a model above."
-    value = {
+DEFAULT_SETTINGS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}
+
+
+def default_value() -> dict[str, Any]:
+    info = model_info(DEFAULT_MODEL)
+    return {
         "models": [column(info)],
         "slices": [{"model": info.ref, "start": 0, "end": info.num_layers, "repeat": 1}],
     }
-    yaml_text = recipe_from_value(value).to_yaml()
-    return value, yaml_text, preview_markdown(preview(yaml_text))
+
+
+def initial_state(request: gr.Request) -> tuple[dict[str, Any], str, float, float, int]:
+    """The stack a visit opens on: the recipe of a share link (`?r=`), else the default model."""
+    token = request.query_params.get("r") if request else None
+    settings = dict(DEFAULT_SETTINGS)
+    notice = ""
+    try:
+        if token:
+            try:
+                recipe, shared = from_share_token(token)
+                value = value_from_recipe(recipe, [column(model_info(ref)) for ref in recipe.models])
+                settings.update({k: shared[k] for k in settings if isinstance(shared.get(k), int | float)})
+                notice = "Opened a shared recipe."
+            except UserError as exc:
+                value, notice = default_value(), f"⚠️ {exc}"
+        else:
+            value = default_value()
+    except UserError as exc:  # e.g. a Space without the bundled packages: start empty, say why
+        value, notice = {"models": [], "slices": []}, f"⚠️ {exc}. Add a model above."
+    return value, notice, settings["temperature"], settings["top_p"], int(settings["max_new_tokens"])
+
+
+def share_token(value: dict[str, Any], temperature: float, top_p: float, max_new_tokens: int) -> str:
+    """The share-link token of the stack and settings on screen ('' while the stack is not a recipe)."""
+    try:
+        recipe = recipe_from_value(value)
+    except UserError:
+        return ""
+    settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    return to_share_token(recipe, settings)
+
+
+# Runs in the browser: puts the token into the address bar and returns the full link for the box.
+SHARE_LINK_JS = """(token) => {
+  const url = new URL(window.location.href);
+  if (token) { url.searchParams.set("r", token); } else { url.searchParams.delete("r"); }
+  window.history.replaceState(null, "", url.toString());
+  return token ? url.toString() : "";
+}"""
+COPY_LINK_JS = """(link) => { if (link) { navigator.clipboard.writeText(link).catch(() => {}); } return link; }"""
 
 
 def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
@@ -174,10 +213,18 @@ def stop_chat(request: gr.Request) -> None:
 
 
 def forget_session(request: gr.Request) -> None:
-    """The visitor left: free their model."""
+    """The visitor left: stop their reply and free their model."""
     session = session_id(request)
+    event = STOPS.pop(session, None)
+    if event is not None:
+        event.set()
     SESSIONS.drop(session)
-    STOPS.pop(session, None)
+
+
+def stop_all_generation() -> None:
+    """Ask every reply in progress to end (before the server shuts down)."""
+    for event in list(STOPS.values()):
+        event.set()
 
 
 # ---- layout ---------------------------------------------------------------------------------
@@ -198,12 +245,16 @@ def build_demo() -> gr.Blocks:
                 scale=4,
             )
             add_btn = gr.Button("Add model column", scale=1)
-        model_msg = gr.Markdown()
+        model_msg = gr.Markdown(elem_id="model-msg")
         stack = stack_widget({"models": [], "slices": []})
         preview_md = gr.Markdown(elem_id="preview")
         with gr.Accordion("Recipe (mergekit YAML)", open=False):
             yaml_box = gr.Code(language="yaml", label="Paste a mergekit config and press Apply", interactive=True)
             apply_btn = gr.Button("Apply YAML")
+        with gr.Row():
+            share_box = gr.Textbox(label="Share link (reopens this recipe)", elem_id="share-link", scale=5)
+            copy_btn = gr.Button("Copy link", scale=1, elem_id="copy-link")
+            token_box = gr.Textbox(visible=False)
         with gr.Row():
             build_btn = gr.Button("Build", variant="primary", elem_id="build-btn")
         build_status = gr.Markdown(elem_id="build-status")
@@ -219,7 +270,7 @@ def build_demo() -> gr.Blocks:
             max_new = gr.Slider(1, 1024, value=200, step=1, label="Max new tokens")
 
         # ---- wiring ----
-        demo.load(initial_state, outputs=[stack, yaml_box, preview_md], api_visibility="private")
+        demo.load(initial_state, outputs=[stack, model_msg, temperature, top_p, max_new], api_visibility="private")
         add_btn.click(add_model, [ref_box, stack], [stack, model_msg], api_visibility="private")
         stack.change(on_stack_change, stack, [yaml_box, preview_md], api_visibility="private")
         apply_btn.click(apply_yaml, [yaml_box, stack], [stack, preview_md], api_visibility="private")
@@ -232,6 +283,11 @@ def build_demo() -> gr.Blocks:
             event.then(lambda: "", outputs=msg, api_visibility="private")
         stop_btn.click(stop_chat, api_visibility="private")
         clear_btn.click(lambda: [], outputs=chatbot, api_visibility="private")
+        share_inputs = [stack, temperature, top_p, max_new]
+        for control in share_inputs:
+            control.change(share_token, share_inputs, token_box, api_visibility="private")
+        token_box.change(None, token_box, share_box, js=SHARE_LINK_JS)
+        copy_btn.click(None, share_box, share_box, js=COPY_LINK_JS)
         demo.unload(forget_session)
     return demo
 

@@ -7,6 +7,10 @@ into the same slice written several times, so the YAML we write always runs in m
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import zlib
 from typing import Any
 
 import yaml
@@ -245,3 +249,41 @@ def recipe_from_yaml(text: str) -> Recipe:
 def passthrough(*ranges: tuple[str, int, int], dtype: str | None = None) -> Recipe:
     """A recipe from (model, start, end) triples: the form tests and the CLI use most."""
     return Recipe(slices=tuple(Slice(source=Source(model=m, start=a, end=b)) for m, a, b in ranges), dtype=dtype)
+
+
+SHARE_VERSION = "v1"
+MAX_SHARE_CHARS = 8192  # a URL stays well under browsers' limits
+MAX_SHARE_JSON = 64 * 1024
+
+
+def to_share_token(recipe: Recipe, settings: dict[str, Any] | None = None) -> str:
+    """Compact, URL-safe, versioned: 'v1.' + base64url(zlib(JSON of the mergekit form + settings))."""
+    payload = {"recipe": recipe.compacted().model_dump(mode="json"), "settings": settings or {}}
+    raw = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 9)
+    return f"{SHARE_VERSION}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}"
+
+
+def from_share_token(token: str) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe and settings a share link carries; a damaged link is a RecipeError."""
+    damaged = "this share link is damaged or incomplete; showing the default stack"
+    if len(token) > MAX_SHARE_CHARS:
+        raise RecipeError("this share link is too long; showing the default stack")
+    version, _, body = token.partition(".")
+    if version != SHARE_VERSION:
+        raise RecipeError(f"this share link's format ('{version[:8]}') is not one this app reads")
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(raw, MAX_SHARE_JSON)
+        if inflater.unconsumed_tail:
+            raise RecipeError("this share link holds too much data; showing the default stack")
+        payload = json.loads(text)
+        recipe = Recipe.model_validate(payload["recipe"])
+        settings = payload.get("settings") or {}
+    except RecipeError:
+        raise
+    except (ValueError, KeyError, TypeError, zlib.error, binascii.Error):
+        raise RecipeError(damaged) from None
+    if not isinstance(settings, dict):
+        raise RecipeError(damaged)
+    return recipe, settings

@@ -4,6 +4,7 @@ test session. The bundled models' real cache is reused, so their conversion runs
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def app_url() -> Iterator[str]:
     """The real app, served in-process on a free port for HTTP and browser tests."""
     import socket
 
+    import app
     from app import demo
 
     with socket.socket() as s:
@@ -56,4 +58,6 @@ def app_url() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
+        app.stop_all_generation()
         demo.close()
+        time.sleep(1)  # let generation threads see the stop before the interpreter exits

@@ -68,3 +68,38 @@ def test_passthrough_shorthand_and_models_order():
     recipe = passthrough(("a/x", 0, 2), ("b/y", 1, 3), ("a/x", 2, 4))
     assert recipe.models == ["a/x", "b/y"]
     assert recipe.primary_model == "a/x"
+
+
+def test_share_token_round_trips_recipe_and_settings_compactly():
+    from merger.recipe import from_share_token, to_share_token
+
+    recipe = passthrough(("bundled:smollm2-135m-instruct", 0, 20), ("bundled:smollm2-135m-instruct", 10, 30))
+    token = to_share_token(recipe, {"temperature": 0.2})
+    assert token.startswith("v1.") and len(token) < 400
+    assert all(c.isalnum() or c in "-_." for c in token)
+    assert from_share_token(token) == (recipe, {"temperature": 0.2})
+
+
+@pytest.mark.parametrize(
+    ("make_token", "message"),
+    [
+        (lambda: "v1.!!!", "damaged"),
+        (lambda: "v2.abc", "not one this app reads"),
+        (lambda: "v1." + "A" * 9000, "too long"),
+        (lambda: _token_of(b"\x00" * 5_000_000), "too much data"),  # a compression bomb
+        (lambda: _token_of(b'{"recipe": {"slices": []}}'), "damaged"),
+        (lambda: _token_of(b'{"recipe": {"slices": [], "evil": 1}}'), "damaged"),
+    ],
+)
+def test_damaged_share_tokens_are_refused_in_words(make_token, message):
+    from merger.recipe import from_share_token
+
+    with pytest.raises(RecipeError, match=message):
+        from_share_token(make_token())
+
+
+def _token_of(raw: bytes) -> str:
+    import base64
+    import zlib
+
+    return "v1." + base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
