@@ -4,6 +4,7 @@ weights only when a build needs them. Tests point `HF_ENDPOINT` at a local fake 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_safetensors_metadata, hf_hub_download, snapshot_download
@@ -17,8 +18,10 @@ from huggingface_hub.errors import (
 )
 
 from merger.catalog import PICKLE_SUFFIXES, TOKENIZER_FILES, ModelInfo, check_supported
-from merger.errors import ModelRefError, UnsafeCheckpointError
+from merger.errors import ModelRefError, UnsafeCheckpointError, UserError
 from merger.safetensors_files import TensorMeta, read_header
+
+HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -91,3 +94,30 @@ def download_weights(model: ModelInfo) -> ModelInfo:
     for st in sorted(folder.glob("*.safetensors")):
         tensors.update(read_header(st)[0])
     return ModelInfo(**{**model.__dict__, "tensors": tensors, "local_dir": folder, "tokenizer_dir": folder})
+
+
+def push_folder(folder: Path, repo_name: str, *, token: str | None, private: bool = False) -> str:
+    """Upload an exported model folder as a new repo; returns its URL. `repo_name` without an
+    owner goes to the token's own namespace. The token is passed through, never stored or logged."""
+
+    api = HfApi(token=token or None)
+    try:
+        owner = api.whoami()["name"]
+    except HfHubHTTPError:
+        raise UserError("the Hub refused this token: sign in again or paste a token with write access") from None
+    except (OSError, KeyError):
+        raise UserError("not signed in to the Hub: sign in or paste a token with write access") from None
+    repo_id = repo_name.strip() if "/" in repo_name else f"{owner}/{repo_name.strip()}"
+    if not HUB_REPO_RE.match(repo_id):
+        raise UserError(f"'{repo_name}' is not a valid repo name (letters, digits, '-', '_', '.')")
+    try:
+        url = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=False)
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status == 409:
+            raise UserError(f"'{repo_id}' already exists on the Hub; choose another name") from None
+        if status in (401, 403):
+            raise UserError(f"the Hub refused to create '{repo_id}' with this token (no write access?)") from None
+        raise UserError(f"the Hub could not create '{repo_id}' ({status})") from None
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload a Frankenmerge Studio merge")
+    return str(url)
