@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -16,6 +19,8 @@ from merger import bundled
 from merger.catalog import LocalPolicy, ModelInfo, list_allowed_folders, resolve
 from merger.chat import GenerationSettings, stream_reply
 from merger.errors import UserError
+from merger.export import export_plan
+from merger.hub import push_folder
 from merger.params import count, human_bytes, human_params
 from merger.plan import Plan, make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
@@ -174,6 +179,50 @@ def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = g
     )
 
 
+MAX_DOWNLOAD_BYTES = int(float(os.environ.get("FRANKENMERGE_MAX_DOWNLOAD_MB", "2048")) * 2**20)
+
+
+def export_merge(
+    recipe_yaml: str,
+    dtype: str,
+    repo_name: str,
+    private: bool,
+    token_text: str,
+    oauth_token: gr.OAuthToken | None = None,
+    progress: gr.Progress = gr.Progress(),
+) -> tuple[str, str | None]:
+    """Write the merge as a Hugging Face folder; offer it as an archive when small enough and
+    publish it when a repo name is given. The token is used for this call only."""
+    try:
+        plan = make_plan(recipe_from_yaml(recipe_yaml).model_copy(update={"dtype": dtype or None}), model_info)
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    work = Path(tempfile.mkdtemp(prefix="frankenmerge-export-"))
+    try:
+        result = export_plan(
+            plan,
+            work / "merge",
+            progress=lambda done, total: progress(done / max(total, 1), desc=f"{human_bytes(done)} written"),
+        )
+        lines = [f"Exported {human_bytes(result.bytes)} in {len(result.shards)} shard(s) in {result.seconds:.1f} s."]
+        archive = None
+        if result.bytes <= MAX_DOWNLOAD_BYTES:
+            progress(1.0, desc="packing the archive")
+            archive = shutil.make_archive(str(work / "frankenmerge"), "zip", result.path)
+            lines.append("Download it below.")
+        else:
+            lines.append(f"Too large to download here (limit {human_bytes(MAX_DOWNLOAD_BYTES)}); publish it instead.")
+        if repo_name.strip():
+            token = oauth_token.token if oauth_token is not None else (token_text.strip() or None)
+            progress(1.0, desc="uploading to the Hub")
+            lines.append(f"Published: {push_folder(result.path, repo_name, token=token, private=private)}")
+        return " ".join(lines), archive
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    finally:
+        shutil.rmtree(work / "merge", ignore_errors=True)
+
+
 def _text(content: Any) -> str:
     """Chatbot message content arrives as a string or a list of {'type': 'text', 'text': ...} blocks."""
     if isinstance(content, str):
@@ -254,10 +303,25 @@ def build_demo() -> gr.Blocks:
         with gr.Row():
             share_box = gr.Textbox(label="Share link (reopens this recipe)", elem_id="share-link", scale=5)
             copy_btn = gr.Button("Copy link", scale=1, elem_id="copy-link")
-            token_box = gr.Textbox(visible=False)
+            share_token_box = gr.Textbox(visible=False)
         with gr.Row():
             build_btn = gr.Button("Build", variant="primary", elem_id="build-btn")
         build_status = gr.Markdown(elem_id="build-status")
+        with gr.Accordion("Export and publish", open=False):
+            with gr.Row():
+                export_dtype = gr.Dropdown(["bfloat16", "float16", "float32"], value="bfloat16", label="dtype")
+                repo_box = gr.Textbox(label="Publish as (repo name; empty: download only)", scale=2)
+                private_box = gr.Checkbox(label="Private repo", value=True)
+            if os.environ.get("SPACE_ID"):
+                gr.LoginButton()  # Sign in with Hugging Face: the Space pushes to the visitor's namespace
+                hub_token_box = gr.Textbox(visible=False)
+            else:
+                hub_token_box = gr.Textbox(
+                    label="Hub token (used for this upload only; empty: your saved login)", type="password"
+                )
+            export_btn = gr.Button("Export", elem_id="export-btn")
+            export_status = gr.Markdown(elem_id="export-status")
+            export_file = gr.File(label="Archive", elem_id="export-file")
         chatbot = gr.Chatbot(label="Chat with the merge", height=380, elem_id="chatbot")
         with gr.Row():
             msg = gr.Textbox(placeholder="Say something to the merge…", show_label=False, scale=5, elem_id="chat-input")
@@ -276,6 +340,12 @@ def build_demo() -> gr.Blocks:
         apply_btn.click(apply_yaml, [yaml_box, stack], [stack, preview_md], api_visibility="private")
         gr.api(preview, api_name="preview")
         build_btn.click(build_model, yaml_box, build_status, api_name="build")
+        export_btn.click(
+            export_merge,
+            [yaml_box, export_dtype, repo_box, private_box, hub_token_box],
+            [export_status, export_file],
+            api_name="export",
+        )
         chat_inputs = [msg, chatbot, temperature, top_p, max_new]
         send_event = send_btn.click(chat, chat_inputs, chatbot, api_name="chat")
         submit_event = msg.submit(chat, chat_inputs, chatbot, api_visibility="private")
@@ -285,8 +355,8 @@ def build_demo() -> gr.Blocks:
         clear_btn.click(lambda: [], outputs=chatbot, api_visibility="private")
         share_inputs = [stack, temperature, top_p, max_new]
         for control in share_inputs:
-            control.change(share_token, share_inputs, token_box, api_visibility="private")
-        token_box.change(None, token_box, share_box, js=SHARE_LINK_JS)
+            control.change(share_token, share_inputs, share_token_box, api_visibility="private")
+        share_token_box.change(None, share_token_box, share_box, js=SHARE_LINK_JS)
         copy_btn.click(None, share_box, share_box, js=COPY_LINK_JS)
         demo.unload(forget_session)
     return demo

@@ -36,3 +36,22 @@ def test_two_sessions_build_and_chat_with_their_own_models(app_url):
         history = client.predict("What is 2+2?", [], 0.0, 0.9, 12, api_name="/chat")
         assert history[-1]["role"] == "assistant"
         assert history[-1]["content"]
+
+
+def test_export_endpoint_offers_an_archive_and_publishes_with_the_given_token(app_url, hub, tmp_path):
+    import zipfile
+
+    hub.add_token("hf_good", "alice")
+    client = Client(app_url, verbose=False)
+    status, archive = client.predict(SHORT, "bfloat16", "smol-six", False, "hf_good", api_name="/export")
+    assert "Published" in status and "alice/smol-six" in status
+    with zipfile.ZipFile(archive) as z:
+        names = set(z.namelist())
+    assert {"config.json", "model.safetensors", "README.md", "mergekit_config.yml"} <= names
+    assert "model.safetensors" in hub.repo_files("alice/smol-six")
+
+
+def test_export_endpoint_reports_a_refused_token(app_url, hub):
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match="refused this token"):
+        client.predict(SHORT, "bfloat16", "smol-six", False, "hf_bad", api_name="/export")
