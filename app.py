@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,18 @@ def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = g
     )
 
 
+def bytes_progress(progress: gr.Progress):
+    """A (done, total) bytes callback that shows bytes written and the time left."""
+    start = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
+        left = elapsed * (total - done) / done if done else 0.0
+        progress(done / max(total, 1), desc=f"{human_bytes(done)} of {human_bytes(total)} written, {left:.0f} s left")
+
+    return report
+
+
 MAX_DOWNLOAD_BYTES = int(float(os.environ.get("FRANKENMERGE_MAX_DOWNLOAD_MB", "2048")) * 2**20)
 
 
@@ -202,7 +215,7 @@ def export_merge(
         result = export_plan(
             plan,
             work / "merge",
-            progress=lambda done, total: progress(done / max(total, 1), desc=f"{human_bytes(done)} written"),
+            progress=bytes_progress(progress),
         )
         lines = [f"Exported {human_bytes(result.bytes)} in {len(result.shards)} shard(s) in {result.seconds:.1f} s."]
         archive = None
