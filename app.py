@@ -18,7 +18,7 @@ import gradio as gr
 
 from merger import bundled
 from merger.catalog import LocalPolicy, ModelInfo, list_allowed_folders, resolve
-from merger.chat import GenerationSettings, stream_reply
+from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.errors import UserError
 from merger.export import export_plan
 from merger.hub import push_folder
@@ -251,9 +251,13 @@ def chat(
     temperature: float,
     top_p: float,
     max_new_tokens: int,
-    request: gr.Request,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    request: gr.Request = None,
 ):
-    """Stream the built model's reply; yields the whole conversation after each piece."""
+    """Stream the built model's reply; yields the conversation and the reply's speed after each piece."""
     session = session_id(request)
     built = SESSIONS.get(session)
     if built is None:
@@ -263,9 +267,30 @@ def chat(
     turns = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
     turns.append({"role": "user", "content": message})
     stop = STOPS[session] = threading.Event()
-    settings = GenerationSettings(temperature=temperature, top_p=top_p, max_new_tokens=int(max_new_tokens))
-    for reply in stream_reply(built, turns, settings, stop):
-        yield [*turns, {"role": "assistant", "content": reply}]
+    settings = GenerationSettings(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=int(top_k),
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_new_tokens=int(max_new_tokens),
+        seed=int(seed),
+    )
+    stats = ReplyStats()
+    for reply in stream_reply(built, turns, settings, stop, stats):
+        yield [*turns, {"role": "assistant", "content": reply}], ""
+    yield [*turns, {"role": "assistant", "content": reply}], stats.summary()
+
+
+def regenerate(history: list[dict[str, Any]], *settings: Any, request: gr.Request = None):
+    """Drop the last reply and answer the last user message again (with the settings on screen)."""
+    turns = list(history or [])
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
+    if not turns:
+        raise gr.Error("Nothing to regenerate yet.")
+    last = turns.pop()
+    yield from chat(_text(last["content"]), turns, *settings, request=request)
 
 
 def stop_chat(request: gr.Request) -> None:
@@ -336,15 +361,21 @@ def build_demo() -> gr.Blocks:
             export_status = gr.Markdown(elem_id="export-status")
             export_file = gr.File(label="Archive", elem_id="export-file")
         chatbot = gr.Chatbot(label="Chat with the merge", height=380, elem_id="chatbot")
+        reply_stats = gr.Markdown(elem_id="reply-stats")
         with gr.Row():
             msg = gr.Textbox(placeholder="Say something to the merge…", show_label=False, scale=5, elem_id="chat-input")
             send_btn = gr.Button("Send", scale=1, elem_id="send-btn")
             stop_btn = gr.Button("Stop", scale=1, elem_id="stop-btn")
+            regen_btn = gr.Button("Regenerate", scale=1, elem_id="regen-btn")
             clear_btn = gr.Button("Clear", scale=1)
         with gr.Accordion("Generation settings", open=False):
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
             max_new = gr.Slider(1, 1024, value=200, step=1, label="Max new tokens")
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+            min_p = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="Min-p (0 = off)")
+            rep_pen = gr.Slider(1.0, 2.0, value=1.0, step=0.01, label="Repetition penalty")
+            seed = gr.Number(value=0, precision=0, label="Seed")
 
         # ---- wiring ----
         demo.load(initial_state, outputs=[stack, model_msg, temperature, top_p, max_new], api_visibility="private")
@@ -359,9 +390,11 @@ def build_demo() -> gr.Blocks:
             [export_status, export_file],
             api_name="export",
         )
-        chat_inputs = [msg, chatbot, temperature, top_p, max_new]
-        send_event = send_btn.click(chat, chat_inputs, chatbot, api_name="chat")
-        submit_event = msg.submit(chat, chat_inputs, chatbot, api_visibility="private")
+        settings_inputs = [temperature, top_p, max_new, top_k, min_p, rep_pen, seed]
+        chat_inputs = [msg, chatbot, *settings_inputs]
+        send_event = send_btn.click(chat, chat_inputs, [chatbot, reply_stats], api_name="chat")
+        submit_event = msg.submit(chat, chat_inputs, [chatbot, reply_stats], api_visibility="private")
+        regen_btn.click(regenerate, [chatbot, *settings_inputs], [chatbot, reply_stats], api_visibility="private")
         for event in (send_event, submit_event):
             event.then(lambda: "", outputs=msg, api_visibility="private")
         stop_btn.click(stop_chat, api_visibility="private")

@@ -18,10 +18,31 @@ TURN_END_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    temperature: float = 0.7
+    temperature: float = 0.7  # 0: greedy
     top_p: float = 0.9
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+
+
+@dataclass
+class ReplyStats:
+    """Filled in by stream_reply: what a tester reads under each reply."""
+
+    first_text_s: float | None = None  # time to the first streamed text
+    seconds: float = 0.0
+    new_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode = self.seconds - (self.first_text_s or 0.0)
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
+    def summary(self) -> str:
+        first = f"{self.first_text_s * 1000:.0f} ms" if self.first_text_s is not None else "n/a"
+        return f"first text after {first} · {self.new_tokens} tokens · {self.tokens_per_s:.1f} tokens/s"
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -50,8 +71,11 @@ def stream_reply(
     history: list[dict[str, str]],
     settings: GenerationSettings,
     stop: threading.Event | None = None,
+    stats: ReplyStats | None = None,
 ) -> Iterator[str]:
-    """Yield the reply so far after each new piece of text."""
+    """Yield the reply so far after each new piece of text; fill `stats` as it goes."""
+    import time
+
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -77,15 +101,23 @@ def stream_reply(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
     )
+    if settings.repetition_penalty != 1.0:
+        kwargs.update(repetition_penalty=settings.repetition_penalty)
     if sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        if settings.min_p > 0:
+            kwargs.update(min_p=settings.min_p)
     errors: list[BaseException] = []
+    stats = stats if stats is not None else ReplyStats()
+    prompt_len = inputs["input_ids"].shape[1]
+    start = time.perf_counter()
 
     def run() -> None:
         try:
             torch.manual_seed(settings.seed)
             with torch.inference_mode():
-                model.generate(**kwargs)
+                out = model.generate(**kwargs)
+            stats.new_tokens = int(out.shape[1] - prompt_len)
         except BaseException as exc:  # surfaced to the caller below, after the stream ends
             errors.append(exc)
             streamer.end()
@@ -97,10 +129,13 @@ def stream_reply(
         for piece in streamer:
             text += piece
             if piece:
+                if stats.first_text_s is None:
+                    stats.first_text_s = time.perf_counter() - start
                 yield text
     finally:
         abandoned.set()
         thread.join()
+        stats.seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
     if not text:

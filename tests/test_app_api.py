@@ -33,9 +33,19 @@ def test_two_sessions_build_and_chat_with_their_own_models(app_url):
     assert app.SESSIONS.get(a.session_hash).model.config.num_hidden_layers == 40
     assert app.SESSIONS.get(b.session_hash).model.config.num_hidden_layers == 6
     for client in (a, b):
-        history = client.predict("What is 2+2?", [], 0.0, 0.9, 12, api_name="/chat")
+        history, speed = client.predict("What is 2+2?", [], 0.0, 0.9, 12, api_name="/chat")
         assert history[-1]["role"] == "assistant"
         assert history[-1]["content"]
+        assert "tokens/s" in speed and "first text after" in speed
+
+
+def test_same_seed_gives_the_same_sampled_reply(app_url):
+    client = Client(app_url, verbose=False)
+    client.predict(SHORT, api_name="/build")
+    settings = (0.9, 0.95, 16, 40, 0.05, 1.1, 1234)
+    first = client.predict("Tell me a story.", [], *settings, api_name="/chat")[0][-1]["content"]
+    again = client.predict("Tell me a story.", [], *settings, api_name="/chat")[0][-1]["content"]
+    assert first == again
 
 
 def test_export_endpoint_offers_an_archive_and_publishes_with_the_given_token(app_url, hub, tmp_path):

@@ -32,3 +32,4 @@ def test_splice_on_the_stack_updates_counts_then_builds_and_chats(app_url, page)
     page.locator("#send-btn").click()
     bot = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
     wait_for(lambda: bot.count() and bot.inner_text().strip(), "a streamed reply", timeout=60)
+    wait_for(lambda: "tokens/s" in page.locator("#reply-stats").inner_text(), "the reply's speed", timeout=90)
