@@ -4,7 +4,7 @@ models without one) and streamed generation that a Stop button can interrupt."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -72,8 +72,12 @@ def stream_reply(
     settings: GenerationSettings,
     stop: threading.Event | None = None,
     stats: ReplyStats | None = None,
+    *,
+    prompt: str | None = None,
+    stop_strings: Sequence[str] = (),
 ) -> Iterator[str]:
-    """Yield the reply so far after each new piece of text; fill `stats` as it goes."""
+    """Yield the reply so far after each new piece of text; fill `stats` as it goes. `prompt`
+    replaces the templated conversation (roleplay); `stop_strings` end the reply, unshown."""
     import time
 
     import torch
@@ -86,7 +90,7 @@ def stream_reply(
             return abandoned.is_set() or (stop is not None and stop.is_set())
 
     tokenizer, model = built.tokenizer, built.model
-    prompt = format_prompt(tokenizer, history)
+    prompt = prompt if prompt is not None else format_prompt(tokenizer, history)
     # Templates already carry the BOS token; adding it again would double it.
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))
     inputs = {k: v.to(built.device) for k, v in inputs.items()}
@@ -101,6 +105,8 @@ def stream_reply(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
     )
+    if stop_strings:
+        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     if settings.repetition_penalty != 1.0:
         kwargs.update(repetition_penalty=settings.repetition_penalty)
     if sample:
@@ -131,12 +137,17 @@ def stream_reply(
             if piece:
                 if stats.first_text_s is None:
                     stats.first_text_s = time.perf_counter() - start
-                yield text
+                yield _without_stop(text, stop_strings)
     finally:
         abandoned.set()
         thread.join()
         stats.seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
-    if not text:
-        yield text
+    yield _without_stop(text, stop_strings)
+
+
+def _without_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """The reply up to the first stop string (which generation includes before it halts)."""
+    cut = min((i for s in stop_strings if (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
