@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 
 from merger import bundled
+from merger.cards import roleplay_prompt, stop_strings
 from merger.catalog import LocalPolicy, ModelInfo, list_allowed_folders, resolve
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.errors import UserError
@@ -27,6 +28,7 @@ from merger.plan import Plan, make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
 from merger.runtime import SessionModels, best_device, build
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
+from ui.roleplay import build_roleplay_tab, card_from_state, load_card
 from ui.stack import stack_widget
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
@@ -267,7 +269,24 @@ def chat(
     turns = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
     turns.append({"role": "user", "content": message})
     stop = STOPS[session] = threading.Event()
-    settings = GenerationSettings(
+    settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    stats = ReplyStats()
+    for reply in stream_reply(built, turns, settings, stop, stats):
+        yield [*turns, {"role": "assistant", "content": reply}], ""
+    yield [*turns, {"role": "assistant", "content": reply}], stats.summary()
+
+
+def generation_settings(
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int,
+) -> GenerationSettings:
+    """The settings panel's values, in the order of `settings_inputs` in the wiring."""
+    return GenerationSettings(
         temperature=temperature,
         top_p=top_p,
         top_k=int(top_k),
@@ -276,13 +295,20 @@ def chat(
         max_new_tokens=int(max_new_tokens),
         seed=int(seed),
     )
-    stats = ReplyStats()
-    for reply in stream_reply(built, turns, settings, stop, stats):
-        yield [*turns, {"role": "assistant", "content": reply}], ""
-    yield [*turns, {"role": "assistant", "content": reply}], stats.summary()
 
 
-def regenerate(history: list[dict[str, Any]], *settings: Any, request: gr.Request = None):
+# gradio injects gr.Request only into named parameters, so these handlers spell the settings out.
+def regenerate(
+    history: list[dict[str, Any]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int,
+    request: gr.Request,
+):
     """Drop the last reply and answer the last user message again (with the settings on screen)."""
     turns = list(history or [])
     while turns and turns[-1]["role"] == "assistant":
@@ -290,7 +316,44 @@ def regenerate(history: list[dict[str, Any]], *settings: Any, request: gr.Reques
     if not turns:
         raise gr.Error("Nothing to regenerate yet.")
     last = turns.pop()
+    settings = (temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
     yield from chat(_text(last["content"]), turns, *settings, request=request)
+
+
+def roleplay_chat(
+    message: str,
+    history: list[dict[str, Any]],
+    card_state: dict[str, Any] | None,
+    user: str,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int,
+    request: gr.Request,
+):
+    """One in-character reply, streamed: the card's prompt through the model's chat template (or a
+    transcript for base models), stopping where the model would speak for the user."""
+    card = card_from_state(card_state)
+    built = SESSIONS.get(session_id(request))
+    if built is None:
+        raise gr.Error("Build the merge first: press Build.")
+    user = (user or "").strip() or "User"
+    turns = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
+    if turns and turns[0]["role"] == "assistant":
+        turns = turns[1:]  # the greeting: roleplay_prompt puts it back as the opening turn
+    turns.append({"role": "user", "content": message})
+    prompt = roleplay_prompt(built.tokenizer, card, user, turns)
+    options = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    stop = STOPS[session_id(request)] = threading.Event()
+    stats = ReplyStats()
+    shown = [*(history or []), {"role": "user", "content": message}]
+    reply = ""
+    for reply in stream_reply(built, turns, options, stop, stats, prompt=prompt, stop_strings=stop_strings(user)):
+        yield [*shown, {"role": "assistant", "content": reply}], ""
+    yield [*shown, {"role": "assistant", "content": reply}], stats.summary()
 
 
 def stop_chat(request: gr.Request) -> None:
@@ -360,14 +423,20 @@ def build_demo() -> gr.Blocks:
             export_btn = gr.Button("Export", elem_id="export-btn")
             export_status = gr.Markdown(elem_id="export-status")
             export_file = gr.File(label="Archive", elem_id="export-file")
-        chatbot = gr.Chatbot(label="Chat with the merge", height=380, elem_id="chatbot")
-        reply_stats = gr.Markdown(elem_id="reply-stats")
-        with gr.Row():
-            msg = gr.Textbox(placeholder="Say something to the merge…", show_label=False, scale=5, elem_id="chat-input")
-            send_btn = gr.Button("Send", scale=1, elem_id="send-btn")
-            stop_btn = gr.Button("Stop", scale=1, elem_id="stop-btn")
-            regen_btn = gr.Button("Regenerate", scale=1, elem_id="regen-btn")
-            clear_btn = gr.Button("Clear", scale=1)
+        with gr.Tabs():
+            with gr.Tab("Chat"):
+                chatbot = gr.Chatbot(label="Chat with the merge", height=380, elem_id="chatbot")
+                reply_stats = gr.Markdown(elem_id="reply-stats")
+                with gr.Row():
+                    msg = gr.Textbox(
+                        placeholder="Say something to the merge…", show_label=False, scale=5, elem_id="chat-input"
+                    )
+                    send_btn = gr.Button("Send", scale=1, elem_id="send-btn")
+                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop-btn")
+                    regen_btn = gr.Button("Regenerate", scale=1, elem_id="regen-btn")
+                    clear_btn = gr.Button("Clear", scale=1)
+            with gr.Tab("Roleplay", elem_id="roleplay-tab"):
+                rp = build_roleplay_tab()
         with gr.Accordion("Generation settings", open=False):
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
@@ -394,6 +463,17 @@ def build_demo() -> gr.Blocks:
         chat_inputs = [msg, chatbot, *settings_inputs]
         send_event = send_btn.click(chat, chat_inputs, [chatbot, reply_stats], api_name="chat")
         submit_event = msg.submit(chat, chat_inputs, [chatbot, reply_stats], api_visibility="private")
+        rp["start"].click(
+            load_card,
+            [rp["sample"], rp["upload"], rp["user"]],
+            [rp["card_state"], rp["summary"], rp["chatbot"]],
+            api_visibility="private",
+        )
+        rp_inputs = [rp["message"], rp["chatbot"], rp["card_state"], rp["user"], *settings_inputs]
+        for trigger in (rp["send"].click, rp["message"].submit):
+            trigger(roleplay_chat, rp_inputs, [rp["chatbot"], rp["stats"]], api_visibility="private").then(
+                lambda: "", outputs=rp["message"], api_visibility="private"
+            )
         regen_btn.click(regenerate, [chatbot, *settings_inputs], [chatbot, reply_stats], api_visibility="private")
         for event in (send_event, submit_event):
             event.then(lambda: "", outputs=msg, api_visibility="private")
