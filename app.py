@@ -173,7 +173,10 @@ def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = g
         raise gr.Error(str(exc)) from None
     SESSIONS.drop(session)  # free the previous build before making the next
     progress(0.0, desc="loading parent weights")
-    built = build(plan, device=best_device(), progress=lambda f, d: progress(f, desc=d))
+    try:
+        built = build(plan, device=best_device(), progress=lambda f, d: progress(f, desc=d))
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
     SESSIONS.put(session, built)
     counts = count(plan)
     return (

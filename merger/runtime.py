@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from merger.errors import UserError
 from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, passthrough
 
@@ -38,6 +39,38 @@ def build_dtype(plan: Plan, device: str) -> str:
     return "bfloat16" if device == "cuda" and plan.recipe.dtype is None else plan.dtype
 
 
+# Beyond the weights, a build needs activations, the KV cache and allocator slack.
+HEADROOM_FRACTION = 0.15
+HEADROOM_MIN_BYTES = 256 * 2**20
+
+
+def free_memory(device: str) -> int:
+    """Bytes a new build may use on `device`."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_fits(plan: Plan, device: str, dtype: str) -> None:
+    """Refuse, with the numbers, a build that cannot fit: estimated from the plan before any
+    weight is read (shared layers count once)."""
+    from merger.params import BYTES_PER_PARAM, count, human_bytes
+
+    counts = count(plan)
+    weights = counts.memory_bytes // BYTES_PER_PARAM[counts.dtype] * BYTES_PER_PARAM[dtype]
+    needed = weights + max(int(weights * HEADROOM_FRACTION), HEADROOM_MIN_BYTES)
+    free = free_memory(device)
+    if needed > free:
+        raise UserError(
+            f"this merge needs about {human_bytes(needed)} on {device} ({human_bytes(weights)} of weights in "
+            f"{dtype} plus working memory) but only {human_bytes(free)} is free; pick fewer or smaller layers"
+        )
+
+
 def load_tokenizer(plan: Plan):
     from transformers import AutoTokenizer
 
@@ -53,8 +86,10 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
     from merger.assemble import assemble
 
     device = device or best_device()
+    dtype = build_dtype(plan, device)
+    check_fits(plan, device, dtype)
     start = time.perf_counter()
-    model = assemble(plan, device=device, dtype=build_dtype(plan, device), progress=progress)
+    model = assemble(plan, device=device, dtype=dtype, progress=progress)
     tokenizer = load_tokenizer(plan)
     return Built(plan=plan, model=model, tokenizer=tokenizer, device=device, seconds=time.perf_counter() - start)
 

@@ -48,3 +48,17 @@ def test_session_cache_keeps_one_model_per_session_and_frees_on_rebuild(tiny_lla
     assert not hasattr(first, "model")  # the replaced build was freed
     sessions.drop("b")
     assert sessions.get("b") is None
+
+
+def test_build_that_cannot_fit_is_refused_with_the_numbers_before_loading(tiny_llama, monkeypatch):
+    import pytest
+
+    from merger import runtime
+    from merger.errors import UserError
+
+    loaded = []
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
+    monkeypatch.setattr("merger.assemble.load_parent_tensors", lambda *a, **k: loaded.append(1))
+    with pytest.raises(UserError, match=r"needs about .* on cpu .* but only 10\.00 MiB is free"):
+        built_tiny(tiny_llama, (0, 6))
+    assert not loaded
