@@ -2,12 +2,16 @@
 
 Shard headers are known from the plan before any weight is read, so each tensor's bytes go
 straight from the parent's file to the output (same dtype) or through one conversion (other
-dtype): memory stays about one tensor whatever the model's size. The folder is written under a
-temporary sibling name and renamed last, so it appears complete or not at all.
+dtype): memory stays about one tensor whatever the model's size. Same-dtype bytes move with
+`os.copy_file_range` (the kernel copies, no user-space buffer: about twice a read/write loop's
+speed here), each parent file opened once. The folder is written under a temporary sibling name
+and renamed last, so it appears complete or not at all.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -18,14 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from merger.catalog import TOKENIZER_FILES
+from merger.catalog import TOKENIZER_FILES, ModelInfo
 from merger.errors import UserError
 from merger.params import count, human_params
 from merger.plan import Plan, TensorSource
 from merger.safetensors_files import DTYPE_SIZES, TORCH_NAMES
 
 BytesProgress = Callable[[int, int], None]
-COPY_CHUNK = 8 * 1024 * 1024
+COPY_CHUNK = 64 * 1024 * 1024  # for the read/write fallback
+# copy_file_range refusals that mean "not between these files", not a failed copy
+NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+FALLOC_FL_KEEP_SIZE = 1
 
 
 @dataclass(frozen=True)
@@ -55,13 +62,11 @@ def shard_layout(plan: Plan, shard_size: int) -> list[list[str]]:
 def export_plan(
     plan: Plan, out_dir: Path, *, shard_size: int = 5 * 10**9, progress: BytesProgress | None = None
 ) -> ExportResult:
-    from merger.hub import download_weights
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"'{out_dir}' already exists and is not empty; choose a new folder")
     start = time.perf_counter()
-    models = {ref: download_weights(info) for ref, info in plan.models.items()}
+    models = {ref: _on_disk(info) for ref, info in plan.models.items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted export
@@ -75,8 +80,11 @@ def export_plan(
         )
         total = sum(src.meta.numel for src in plan.tensors.values()) * DTYPE_SIZES[TORCH_NAMES[plan.dtype]]
         written = 0
-        for shard_name, tensor_names in zip(names, layout, strict=True):
-            written = _write_shard(staging / shard_name, plan, models, tensor_names, written, total, progress)
+        with ByteCopier() as copier:
+            for shard_name, tensor_names in zip(names, layout, strict=True):
+                written = _write_shard(
+                    staging / shard_name, plan, models, tensor_names, written, total, progress, copier
+                )
         if len(layout) > 1:
             index = {
                 "metadata": {"total_size": total},
@@ -93,6 +101,14 @@ def export_plan(
     return ExportResult(out_dir, names, total, time.perf_counter() - start)
 
 
+def _on_disk(info: ModelInfo) -> ModelInfo:
+    if info.local_dir is not None:
+        return info  # local parents skip importing the Hub client (a fifth of a small build's time)
+    from merger.hub import download_weights
+
+    return download_weights(info)
+
+
 def _write_shard(
     path: Path,
     plan: Plan,
@@ -101,6 +117,7 @@ def _write_shard(
     written: int,
     total: int,
     progress: BytesProgress | None,
+    copier: ByteCopier,
 ) -> int:
     code = TORCH_NAMES[plan.dtype]
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
@@ -110,34 +127,101 @@ def _write_shard(
         nbytes = meta.numel * DTYPE_SIZES[code]
         header[name] = {"dtype": code, "shape": list(meta.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(raw)) + raw)
+    # unbuffered: copy_file_range writes at the descriptor's position, which a buffer would skew
+    with open(path, "wb", buffering=0) as out:
+        fd = out.fileno()
+        head = encode_header(header)
+        reserve_space(fd, len(head) + offset)
+        write_all(fd, head)
         for name in tensor_names:
             src = plan.tensors[name]
             stored = models[src.model].tensors[src.name]
             if stored.dtype == code:
-                _copy_range(stored.file, stored.offsets, out)
+                copier.copy(stored.file, stored.offsets, fd)
             else:
-                out.write(_converted_bytes(stored.file, src, plan.dtype))
+                write_all(fd, _converted_bytes(stored.file, src, plan.dtype))
             written += stored.numel * DTYPE_SIZES[code]
             if progress:
                 progress(written, total)
     return written
 
 
-def _copy_range(file: str, offsets: tuple[int, int], out) -> None:
-    begin, end = offsets
-    with open(file, "rb") as f:
-        f.seek(begin)
-        remaining = end - begin
-        while remaining:
-            chunk = f.read(min(COPY_CHUNK, remaining))
-            if not chunk:
+def encode_header(header: dict) -> bytes:
+    """A safetensors header: 8-byte little-endian length, then the JSON, space-padded so the
+    data section starts 8-byte aligned (as safetensors itself writes it)."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):  # not Linux/glibc
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+_FALLOCATE = _libc_fallocate()
+
+
+def reserve_space(fd: int, nbytes: int) -> None:
+    """Reserve a file's blocks before copying into it: on ext4 this skips delayed allocation and
+    copies run about 30% faster. Best effort and size-neutral (KEEP_SIZE); where the filesystem
+    cannot, nothing happens (posix_fallocate would instead write zeros over the whole file)."""
+    if _FALLOCATE is not None and nbytes > 0:
+        _FALLOCATE(fd, FALLOC_FL_KEEP_SIZE, 0, nbytes)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class ByteCopier:
+    """Copies byte ranges of source files to the current position of an output descriptor,
+    keeping each source open once. Uses the kernel's copy_file_range where the platform and the
+    two filesystems allow it, else (for the rest of its life) a pread/write loop."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._kernel_copy = hasattr(os, "copy_file_range")
+
+    def __enter__(self) -> ByteCopier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def copy(self, file: str, offsets: tuple[int, int], out_fd: int) -> None:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        pos, end = offsets
+        while pos < end:
+            if self._kernel_copy:
+                try:
+                    n = os.copy_file_range(fd, out_fd, end - pos, pos)
+                except OSError as exc:
+                    if exc.errno not in NO_KERNEL_COPY:
+                        raise
+                    self._kernel_copy = False
+                    continue
+            else:
+                chunk = os.pread(fd, min(COPY_CHUNK, end - pos), pos)
+                write_all(out_fd, chunk)
+                n = len(chunk)
+            if n == 0:
                 raise OSError(f"{file} ended early")
-            out.write(chunk)
-            remaining -= len(chunk)
+            pos += n
 
 
 def _converted_bytes(file: str, src: TensorSource, dtype: str) -> bytes:

@@ -15,6 +15,7 @@ from merger.safetensors_files import TORCH_NAMES, TensorMeta
 # Config keys that describe the parent checkpoint rather than the merged model.
 DROPPED_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version")
 ST_TO_DTYPE = {code: name for name, code in TORCH_NAMES.items()}
+PRE_LAYER_PREFIXES = ("model.embed_tokens.",)
 
 
 @dataclass(frozen=True)
@@ -64,19 +65,23 @@ def make_plan(recipe: Recipe, resolver: Resolver = resolve) -> Plan:
     _check_stackable(recipe, models, primary)
     layer_sources = recipe.layer_sources
 
-    tensors: dict[str, TensorSource] = {}
-    non_layer = primary.non_layer_tensors()
+    # As mergekit does: what comes before the layers (embeddings) from the first slice's model,
+    # what comes after them (final norm, an untied head) from the last slice's model, so each
+    # end of the stack keeps the tensors it was trained with. The config comes from `primary`.
+    first = models[recipe.slices[0].source.model]
+    last = models[recipe.slices[-1].source.model]
     tied = primary.tied
-    for name, meta in non_layer.items():
-        if not name.startswith("lm_head."):
-            tensors[name] = TensorSource(primary.ref, name, meta)
+    before = {n: m for n, m in first.non_layer_tensors().items() if n.startswith(PRE_LAYER_PREFIXES)}
+    after = {
+        n: m
+        for n, m in last.non_layer_tensors().items()
+        if not n.startswith(PRE_LAYER_PREFIXES) and not (tied and n.startswith("lm_head."))
+    }
+    tensors: dict[str, TensorSource] = {n: TensorSource(first.ref, n, m) for n, m in before.items()}
     for depth, (ref, layer) in enumerate(layer_sources):
         for suffix, meta in models[ref].layer_tensors(layer).items():
             tensors[f"model.layers.{depth}.{suffix}"] = TensorSource(ref, f"model.layers.{layer}.{suffix}", meta)
-    if not tied:
-        for name, meta in non_layer.items():
-            if name.startswith("lm_head."):
-                tensors[name] = TensorSource(primary.ref, name, meta)
+    tensors.update({n: TensorSource(last.ref, n, m) for n, m in after.items()})
 
     dtype = recipe.dtype or _parent_dtype(primary)
     return Plan(

@@ -1,0 +1,166 @@
+"""Our exporter against mergekit 0.1.5, the reference for passthrough tensors: the same recipes,
+fed to mergekit as the YAML mapping we write, must give bit-equal tensors (names, dtypes, bytes).
+
+mergekit runs once per module in a child process (its import alone takes seconds), offline, on
+the tiny local models. Where mergekit is wrong (Gemma 3 `layer_types`) or picks other parents
+for the non-layer tensors, the tests pin both behaviours so a change on either side shows up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merger.export import export_plan
+from merger.plan import make_plan
+from merger.recipe import Recipe, Slice, Source, passthrough
+
+if importlib.util.find_spec("mergekit") is None:
+    pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
+
+# Runs every job in one process: {out_dir: mergekit config} on stdin, {out_dir: error or null}
+# written to argv[1] (mergekit logs on stdout/stderr).
+MERGEKIT_DRIVER = """
+import json, sys
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+results = {}
+for out, config in json.load(sys.stdin).items():
+    try:
+        run_merge(MergeConfiguration.model_validate(config), out, MergeOptions(copy_tokenizer=True, quiet=True))
+        results[out] = None
+    except Exception as exc:
+        results[out] = f"{type(exc).__name__}: {exc}"
+with open(sys.argv[1], "w") as f:
+    json.dump(results, f)
+"""
+
+
+def recipes(a: str, b: str, g: str) -> dict[str, Recipe]:
+    """a, b: 6-layer llamas (different weights); g: 12-layer Gemma 3 (5 sliding + 1 full, twice)."""
+    return {
+        "duplicated": passthrough((a, 0, 4), (a, 2, 6)),
+        "skipped": passthrough((a, 0, 2), (a, 4, 6)),
+        "reordered": passthrough((a, 3, 6), (a, 0, 3)),
+        "repeated": Recipe(slices=(Slice(source=Source(model=a, start=2, end=3), repeat=3),)),
+        "interleaved": passthrough((a, 0, 2), (b, 2, 4), (a, 4, 6)),
+        "to_bfloat16": passthrough((a, 0, 4), (a, 2, 6), dtype="bfloat16"),
+        "gemma_same_count": passthrough((g, 0, 6), (g, 3, 9)),
+        "gemma_grown": passthrough((g, 0, 8), (g, 4, 12)),
+        "ends_on_other_model": passthrough((a, 0, 3), (b, 3, 6)),
+        "base_model_not_sliced": passthrough((a, 0, 3), (a, 2, 6)).model_copy(update={"base_model": b}),
+    }
+
+
+BIT_EQUAL_CASES = [
+    "duplicated",
+    "skipped",
+    "reordered",
+    "repeated",
+    "interleaved",
+    "to_bfloat16",
+    "gemma_same_count",
+    "ends_on_other_model",  # embeddings from the first slice's model, final norm from the last's
+    "base_model_not_sliced",  # base_model gives the config, not tensors
+]
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_llama, tiny_llama_b, tiny_gemma) -> dict[str, Recipe]:
+    return recipes(str(tiny_llama), str(tiny_llama_b), str(tiny_gemma))
+
+
+@pytest.fixture(scope="module")
+def mergekit_runs(cases, tmp_path_factory) -> dict[str, tuple[Path, str | None]]:
+    """name -> (mergekit's output folder, its error or None), all made by one child process."""
+    root = tmp_path_factory.mktemp("mergekit")
+    jobs = {str(root / name): recipe.to_mergekit() for name, recipe in cases.items()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", MERGEKIT_DRIVER, str(root / "results.json")],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((root / "results.json").read_text())
+    return {name: (root / name, results[str(root / name)]) for name in cases}
+
+
+@pytest.fixture(scope="module")
+def ours(cases, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ours")
+    return {name: export_plan(make_plan(recipe), root / name).path for name, recipe in cases.items()}
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        found |= load_file(shard)
+    return found
+
+
+def bit_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+def assert_bit_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert sorted(ours) == sorted(theirs)
+    unequal = [name for name in ours if not bit_equal(ours[name], theirs[name])]
+    assert not unequal, f"tensors that differ from mergekit's: {unequal}"
+
+
+@pytest.mark.parametrize("case", BIT_EQUAL_CASES)
+def test_passthrough_export_is_bit_equal_to_mergekit(case, mergekit_runs, ours):
+    theirs, error = mergekit_runs[case]
+    assert error is None
+    assert_bit_equal(tensors_of(ours[case]), tensors_of(theirs))
+    our_config = json.loads((ours[case] / "config.json").read_text())
+    their_config = json.loads((theirs / "config.json").read_text())
+    assert our_config["num_hidden_layers"] == their_config["num_hidden_layers"]
+    assert "lm_head.weight" not in tensors_of(theirs)  # tied parents: neither tool writes a head
+
+
+def test_gemma3_grown_stack_matches_what_mergekit_wrote_before_failing(cases, mergekit_runs, ours, tiny_gemma):
+    from transformers import AutoModelForCausalLM
+
+    from merger.assemble import assemble
+
+    theirs, error = mergekit_runs["gemma_grown"]
+    # mergekit keeps the parent's 12 layer_types for 16 layers; transformers refuses that config
+    # after the weights are written, leaving a folder without config.json
+    assert error is not None and "layer_types" in error
+    assert not (theirs / "config.json").exists()
+    assert_bit_equal(tensors_of(ours["gemma_grown"]), tensors_of(theirs))
+
+    recipe = cases["gemma_grown"]
+    parent_types = json.loads((tiny_gemma / "config.json").read_text())["layer_types"]
+    config = json.loads((ours["gemma_grown"] / "config.json").read_text())
+    assert config["num_hidden_layers"] == 16
+    assert config["layer_types"] == [parent_types[layer] for _, layer in recipe.layer_sources]
+
+    loaded = AutoModelForCausalLM.from_pretrained(ours["gemma_grown"]).eval()
+    built = assemble(make_plan(recipe))
+    ids = torch.arange(1, 13).unsqueeze(0)  # longer than the sliding window (4): masks matter
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, built(ids).logits)
+
+
+def test_gemma3_reordered_stack_gets_recipe_layer_types_where_mergekit_keeps_the_parents(
+    cases, mergekit_runs, ours, tiny_gemma
+):
+    theirs, _ = mergekit_runs["gemma_same_count"]
+    parent_types = json.loads((tiny_gemma / "config.json").read_text())["layer_types"]
+    recipe_types = [parent_types[layer] for _, layer in cases["gemma_same_count"].layer_sources]
+    assert recipe_types != parent_types  # [0,6)+[3,9) moves the full-attention layers
+    assert json.loads((theirs / "config.json").read_text())["layer_types"] == parent_types
+    assert json.loads((ours["gemma_same_count"] / "config.json").read_text())["layer_types"] == recipe_types
