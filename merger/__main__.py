@@ -1,4 +1,4 @@
-"""CLI: python -m merger params|build|chat ... (contract in DESIGN.md).
+"""CLI: python -m merger params|build|slim|analyze|chat ... (contract in DESIGN.md).
 
 A user's mistake gets one plain sentence on stderr and exit code 2; exit 1 is our own failure.
 `params` reads metadata only and never imports torch or transformers' modeling code."""
@@ -55,6 +55,11 @@ def cmd_build(args: argparse.Namespace) -> None:
     plan = make_plan(recipe)
     result = export_plan(plan, Path(args.out_dir), shard_size=parse_size(args.shard_size), progress=_print_progress)
     print(f"\nwrote {result.path} ({result.bytes:,} bytes in {len(result.shards)} shard(s), {result.seconds:.1f} s)")
+    if args.push:
+        from merger.hub import push_folder
+
+        # the token comes from HF_TOKEN or the saved `hf auth login`, never from the command line
+        print(f"published {push_folder(result.path, args.push, token=None, private=args.private)}")
 
 
 def _print_progress(done: int, total: int) -> None:
@@ -64,10 +69,30 @@ def _print_progress(done: int, total: int) -> None:
         print(f"\r{percent:3d}%  {done:,} / {total:,} bytes", end="", file=sys.stderr, flush=True)
 
 
+def cmd_slim(args: argparse.Namespace) -> None:
+    from merger.slim import slim_model
+
+    result = slim_model(args.model, Path(args.out_dir))
+    found = result.redundancy
+    if result.path is None:
+        print(f"nothing to remove from {found.model}: {found.reason}; wrote nothing")
+        return
+    names = ", ".join(found.tensors)
+    print(f"removed {names}: {found.params:,} parameters, {found.bytes:,} bytes ({found.reason})")
+    print(f"wrote {result.path} ({result.bytes:,} bytes in {len(result.files)} file(s), {result.seconds:.1f} s)")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
+    from merger.cards import parse_card, roleplay_prompt, stop_strings
     from merger.chat import GenerationSettings, format_prompt, stream_reply
     from merger.runtime import build_for_chat
 
+    card = None
+    if args.card:
+        try:
+            card = parse_card(Path(args.card).read_bytes(), Path(args.card).name)
+        except OSError as exc:
+            raise UserError(f"cannot read card '{args.card}': {exc.strerror}") from None
     ref = args.recipe_or_model
     recipe = load_recipe(ref) if ref.endswith((".yml", ".yaml")) else None
     built = build_for_chat(recipe, model_ref=None if recipe else ref, device=args.device)
@@ -76,12 +101,34 @@ def cmd_chat(args: argparse.Namespace) -> None:
     prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
     for prompt in prompts:
         history.append({"role": "user", "content": prompt})
+        if card is not None:
+            text, stops = roleplay_prompt(built.tokenizer, card, args.user, history), stop_strings(args.user)
+        else:
+            text, stops = format_prompt(built.tokenizer, history), []
         if args.show_prompt:
-            print(format_prompt(built.tokenizer, history))
+            print(text)
             return
-        *_, reply = stream_reply(built, history, settings)  # the last yield is the whole reply
+        *_, reply = stream_reply(built, history, settings, prompt=text, stop_strings=stops)
         print(reply, flush=True)
         history.append({"role": "assistant", "content": reply})
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from merger.catalog import resolve
+    from merger.lens import CALIBRATION_TEXT, analyze, read_text
+    from merger.recipe import passthrough
+
+    ref = args.model_ref
+    is_recipe = ref.endswith((".yml", ".yaml"))
+    recipe = load_recipe(ref) if is_recipe else passthrough((ref, 0, resolve(ref).num_layers))
+    text_path = Path(args.text) if args.text else CALIBRATION_TEXT
+    text = read_text(text_path)
+    result = analyze(recipe, text=text, source=str(text_path), name=ref, max_tokens=args.max_tokens, device=args.device)
+    try:
+        Path(args.out).write_text(json.dumps(result))
+    except OSError as exc:
+        raise UserError(f"cannot write '{args.out}': {exc.strerror}") from None
+    print(f"wrote {args.out}: {result['num_layers']} layers, {result['tokens']:,} tokens of {result['text']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where dtype conversion runs")
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--shard-size", default="5GB")
+    p.add_argument("--push", metavar="REPO", help="publish the folder as a new Hub repo (name or owner/name)")
+    p.add_argument("--private", action="store_true", help="with --push: make the repo private")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("slim", help="copy a model without a redundant lm_head.weight")
+    p.add_argument("model")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_slim)
 
     p = sub.add_parser("chat", help="chat-test a recipe or a model from the terminal")
     p.add_argument("recipe_or_model")
@@ -107,8 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--prompt")
-    p.add_argument("--show-prompt", action="store_true")
+    p.add_argument("--card", help="a Character Card V2 (JSON or PNG): chat in character")
+    p.add_argument("--user", default="User", help="your persona name in roleplay")
+    p.add_argument("--show-prompt", action="store_true", help="print the exact text the model would receive, then exit")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("analyze", help="residual-stream lens of a model or recipe: angular distances, block influence")
+    p.add_argument("model_ref", help="a model reference, or a recipe .yml")
+    p.add_argument("--text", help="calibration text file (default: assets/calibration.txt)")
+    p.add_argument("--out", required=True, help="where to write the JSON")
+    p.add_argument("--max-tokens", type=int, help="measure only the text's first N tokens")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.set_defaults(func=cmd_analyze)
 
     args = parser.parse_args(argv)
     try:

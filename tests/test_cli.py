@@ -106,3 +106,11 @@ def test_build_refuses_a_non_empty_output_folder(tmp_path, tiny_llama):
     (tmp_path / "taken" / "file").write_text("x")
     out = run_cli("build", str(recipe), str(tmp_path / "taken"))
     assert out.returncode == 2 and "not empty" in out.stderr
+
+
+def test_chat_show_prompt_prints_the_roleplay_prompt_with_the_card_and_persona(tiny_llama):
+    card = ROOT / "assets" / "characters" / "captain-mirela.json"
+    out = run_cli("chat", str(tiny_llama), "--card", str(card), "--user", "Rin", "--prompt", "Hi!", "--show-prompt")
+    assert out.returncode == 0, out.stderr
+    assert "airship Gull's Errand" in out.stdout and "looks Rin up and down" in out.stdout
+    assert out.stdout.rstrip().endswith("<|im_start|>assistant")

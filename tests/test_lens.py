@@ -1,0 +1,300 @@
+"""The residual-stream lens against direct computations from every hidden state (plain torch)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import plotly.graph_objects as go
+import pytest
+import torch
+import torch.nn.functional as F
+
+from merger.__main__ import main
+from merger.assemble import assemble
+from merger.lens import (
+    MERGE,
+    TokenChunks,
+    capture,
+    duplication_recipe,
+    perplexity,
+    point_labels,
+    rank_duplications,
+    recurrence_recipe,
+    recurrence_sweep,
+    score_seams,
+    suggest_duplications,
+    tokenize,
+)
+from merger.plan import make_plan
+from merger.plots import (
+    angular_distance_figure,
+    block_influence_figure,
+    recurrence_figure,
+    seam_scores_figure,
+    suggestions_figure,
+)
+from merger.recipe import passthrough
+from merger.runtime import load_tokenizer
+
+ROOT = Path(__file__).parent.parent
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Frankenmerges stack layers of transformer models. "
+    "Hello! How are you today? I am fine, thank you. The dog did not mind the fox at all. "
+) * 3
+HELDOUT = "How are you? The lazy fox stacks models, and the quick dog is fine today. Thank you! " * 3
+
+
+def random_chunks(lengths, prefix_len=1, seed=0) -> TokenChunks:
+    """Chunks of random ids; the first `prefix_len` ids stand for a BOS the statistics must skip."""
+    g = torch.Generator().manual_seed(seed)
+    return TokenChunks(tuple(torch.randint(0, 120, (n,), generator=g) for n in lengths), prefix_len, "random")
+
+
+CHUNKS = random_chunks([40, 40, 40, 23])  # an odd tail chunk, and batches of 2 split 2 + 1 + 1
+
+
+def build(ref, *ranges):
+    return assemble(make_plan(passthrough(*((ref, a, b) for a, b in ranges))))
+
+
+def naive_points(model, chunks: TokenChunks) -> torch.Tensor:
+    """[L+1, tokens, hidden] float64: every hidden state HF returns, one chunk at a time, with the
+    last entry the stream leaving the last layer before the final norm."""
+    model.config.tie_last_hidden_states = False  # else HF's last entry is after the final norm
+    per_chunk = []
+    with torch.no_grad():
+        for ids in chunks.chunks:
+            out = model.model(ids[None], output_hidden_states=True, use_cache=False)
+            assert torch.equal(model.model.norm(out.hidden_states[-1]), out.last_hidden_state)
+            per_chunk.append(torch.stack(out.hidden_states)[:, 0, chunks.prefix_len :])
+    return torch.cat(per_chunk, dim=1).double()
+
+
+def naive_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((torch.arccos(F.cosine_similarity(x, y, dim=-1).clamp(-1, 1)) / math.pi).mean())
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma"])
+def test_capture_matches_naive_distances_cosines_and_block_influence(arch, request):
+    ref = str(request.getfixturevalue(arch))
+    model = build(ref, (0, make_plan(passthrough((ref, 0, 1))).models[ref].num_layers))
+    lens = capture(model, CHUNKS, name=ref, batch_size=2)
+    points = naive_points(model, CHUNKS)
+    L = points.shape[0] - 1
+    pairs = [[(points[i], points[j]) for j in range(L + 1)] for i in range(L + 1)]
+    f64 = torch.float64
+    cos = torch.tensor([[float(F.cosine_similarity(x, y, dim=-1).mean()) for x, y in row] for row in pairs], dtype=f64)
+    angle = torch.tensor([[naive_distance(x, y) for x, y in row] for row in pairs], dtype=f64)
+    assert lens.labels == point_labels(L) and lens.labels[-1] == f"blocks.{L - 1}.hook_resid_post"
+    assert lens.tokens == points.shape[1] == sum(len(c) - 1 for c in CHUNKS.chunks)
+    assert torch.allclose(lens.angular_distance, angle, atol=1e-6, rtol=0)
+    assert torch.allclose(lens.mean_cos, cos, atol=1e-9, rtol=0)
+    naive_bi = [1 - float(F.cosine_similarity(points[i], points[i + 1], dim=-1).mean()) for i in range(L)]
+    assert torch.allclose(lens.block_influence, torch.tensor(naive_bi, dtype=f64), atol=1e-9, rtol=0)
+    assert (lens.angular_distance[~torch.eye(L + 1, dtype=torch.bool)] > 0).all()
+
+
+@pytest.mark.parametrize("ranges", [[(0, 6)], [(0, 2), (2, 6)]])
+def test_seam_free_recipe_scores_exactly_zero_at_every_depth(tiny_llama, ranges):
+    ref = str(tiny_llama)
+    scores = score_seams(make_plan(passthrough(*((ref, a, b) for a, b in ranges))), CHUNKS, batch_size=3)
+    assert scores.seams == ()
+    assert scores.predicted == (0.0,) * 6
+    assert scores.measured == (0.0,) * 6
+    assert scores.measured_output == 0.0
+
+
+@pytest.mark.parametrize(
+    ("parents", "slices", "seam"),
+    [
+        (["tiny_llama"], [(0, 0, 4), (0, 2, 6)], 4),  # duplicate [2, 4)
+        (["tiny_gemma"], [(0, 0, 8), (0, 4, 12)], 8),  # off the sliding/full attention pattern
+        (["tiny_llama", "tiny_llama_b"], [(0, 0, 3), (1, 3, 6)], 3),  # same layer index, other parent
+    ],
+)
+def test_seam_scores_match_naive_distances_between_merge_and_parents(parents, slices, seam, request):
+    refs = [str(request.getfixturevalue(p)) for p in parents]
+    plan = make_plan(passthrough(*((refs[i], a, b) for i, a, b in slices)))
+    scores = score_seams(plan, CHUNKS, batch_size=2)
+    parent_points = {ref: naive_points(build(ref, (0, plan.models[ref].num_layers)), CHUNKS) for ref in refs}
+    merged_points = naive_points(assemble(plan), CHUNKS)
+
+    m_prev, p_prev = plan.layer_sources[seam - 1]
+    m, a = plan.layer_sources[seam]
+    assert scores.seams == (seam,)
+    expected = naive_distance(parent_points[m_prev][p_prev + 1], parent_points[m][a])
+    assert scores.predicted[seam] == pytest.approx(expected, abs=1e-6)
+    assert [v for d, v in enumerate(scores.predicted) if d != seam] == [0.0] * (plan.num_layers - 1)
+    assert scores.measured[:seam] == (0.0,) * seam  # the unmodified prefix is the parent's own stream
+    for d in range(seam, plan.num_layers):
+        m, a = plan.layer_sources[d]
+        assert scores.measured[d] == pytest.approx(naive_distance(merged_points[d], parent_points[m][a]), abs=1e-6)
+    assert scores.measured[seam] > 0.01
+    primary_out = parent_points[refs[0]][-1]
+    assert scores.measured_output == pytest.approx(naive_distance(merged_points[-1], primary_out), abs=1e-6)
+    assert scores.lens.models == (*refs, MERGE)
+
+
+def test_capture_memory_does_not_grow_with_the_number_of_tokens():
+    # One process, 1x then 8x the tokens: peak RSS is monotonic, so if the lens kept per-token
+    # state the 8x run would raise the peak by ~40 MB (16k tokens x 5 points x 128 x 4 bytes;
+    # keeping HF's hidden_states instead measured +37 MiB here), while the lens adds a few MiB.
+    script = """
+import resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from merger.lens import TokenChunks, capture
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+model = LlamaForCausalLM(config).eval()
+chunks = lambda n: TokenChunks(tuple(torch.randint(0, 128, (256,)) for _ in range(n)), 0, "random")
+small, large = chunks(8), chunks(64)
+capture(model, chunks(4))  # warm-up: allocator pools and the largest batch shapes
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+a = capture(model, small)
+after_small = peak()
+b = capture(model, large)
+after_large = peak()
+print(after_large - after_small, a.tokens, b.tokens,
+      tuple(a.angular_distance.shape) == tuple(b.angular_distance.shape) == (5, 5))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    grow_large, tokens_small, tokens_large, same_shape = out.stdout.split()
+    assert (int(tokens_small), int(tokens_large)) == (8 * 256, 64 * 256)
+    assert same_shape == "True"
+    assert int(grow_large) < 12 * 1024, f"8x the tokens raised peak memory by {int(grow_large) // 1024} MiB"
+
+
+def test_perplexity_matches_the_models_own_loss(tiny_llama):
+    ref = str(tiny_llama)
+    model = build(ref, (0, 6))
+    chunks = random_chunks([30, 30, 12], prefix_len=1)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in chunks.chunks:  # with a BOS prefix, the first text token is predicted from it
+            loss = model(ids[None], labels=ids[None]).loss
+            total, count = total + float(loss) * (len(ids) - 1), count + len(ids) - 1
+    assert perplexity(model, chunks, batch_size=2) == pytest.approx(math.exp(total / count), rel=1e-6)
+    no_prefix = random_chunks([30], prefix_len=0)
+    with torch.no_grad():
+        expected = math.exp(float(model(no_prefix.chunks[0][None], labels=no_prefix.chunks[0][None]).loss))
+    assert perplexity(model, no_prefix) == pytest.approx(expected, rel=1e-6)
+
+
+def test_tokenize_puts_the_tokenizer_prefix_on_every_chunk():
+    from tokenizers.processors import TemplateProcessing
+
+    from tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(chat=False)
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tokenizer("fox")["input_ids"][0] == bos  # it adds a BOS, as Gemma's and Llama 3's do
+    chunks = tokenize(tokenizer, TEXT, max_length=32, source="words")
+    assert chunks.prefix_len == 1 and all(int(c[0]) == bos and len(c) <= 32 for c in chunks.chunks)
+    body = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert torch.cat([c[1:] for c in chunks.chunks]).tolist() == body and chunks.num_tokens == len(body)
+    assert [b.shape for b in chunks.batches(4)][-1][1] == len(chunks.chunks[-1])  # tail chunk alone, unpadded
+
+
+def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplexity(tiny_llama):
+    ref = str(tiny_llama)
+    result = suggest_duplications(ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3)
+    lens = result.lens
+    assert [(s.start, s.end) for s in result.ranked] == [(s.start, s.end) for s in rank_duplications(lens, max_size=3)]
+    assert sorted((s.start, s.end) for s in result.ranked) == sorted(
+        [(a, a + 2) for a in range(5)] + [(a, a + 3) for a in range(4)]
+    )
+    for s in result.ranked:
+        assert s.predicted == float(lens.angular_distance[s.end, s.start])
+    assert [s.predicted for s in result.ranked] == sorted(s.predicted for s in result.ranked)
+
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    assert result.heldout_tokens == held.num_tokens
+    assert result.parent_perplexity == perplexity(build(ref, (0, 6)), held)
+    assert [(s.start, s.end) for s in result.confirmed] == [(s.start, s.end) for s in result.ranked[:3]]
+    for s in result.confirmed:
+        plan = make_plan(duplication_recipe(ref, 6, s.start, s.end))
+        assert plan.layer_sources == [(ref, i) for i in [*range(s.end), *range(s.start, 6)]]
+        assert s.perplexity == perplexity(assemble(plan), held) != result.parent_perplexity
+
+
+def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_llama):
+    ref = str(tiny_llama)
+    parent = build(ref, (0, 6))
+    lens = capture(parent, tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT), name=ref)
+    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT)
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    seam = float(lens.angular_distance[4, 2])
+    assert [p.repeats for p in points] == [1, 2, 3] and [p.num_layers for p in points] == [6, 8, 10]
+    assert [p.predicted for p in points] == pytest.approx([0.0, seam, 2 * seam], abs=1e-12)
+    assert points[0].perplexity == perplexity(parent, held)
+    recipe = recurrence_recipe(ref, 6, 2, 4, 3)
+    assert recipe.slices[1].repeat == 2
+    assert points[2].perplexity == perplexity(assemble(make_plan(recipe)), held)
+
+
+def test_analyze_cli_writes_the_contract_fields(tiny_llama, tmp_path, capsys):
+    ref = str(tiny_llama)
+    text, out = tmp_path / "text.txt", tmp_path / "lens.json"
+    text.write_text(TEXT)
+    assert main(["analyze", ref, "--text", str(text), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    chunks = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT)
+    lens = capture(build(ref, (0, 6)), chunks)
+    assert data["num_layers"] == 6 and data["tokens"] == chunks.num_tokens and data["text"] == str(text)
+    assert len(data["angular_distance"]) == 7 and all(len(row) == 7 for row in data["angular_distance"])
+    assert torch.allclose(torch.tensor(data["angular_distance"], dtype=torch.float64), lens.angular_distance)
+    assert data["block_influence"] == pytest.approx(lens.block_influence.tolist(), abs=1e-12)
+    assert "seam_scores" not in data
+
+    recipe = tmp_path / "dup.yml"
+    recipe.write_text(passthrough((ref, 0, 4), (ref, 2, 6)).to_yaml())
+    assert main(["analyze", str(recipe), "--out", str(out), "--max-tokens", "300"]) == 0  # default text
+    data = json.loads(out.read_text())
+    assert data["num_layers"] == 8 and data["tokens"] == 300 and data["text"].endswith("assets/calibration.txt")
+    assert data["seam_scores"]["seams"] == [4] and data["seam_scores"]["measured"][:4] == [0.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bundled:nope"], "unknown model 'bundled:nope'"),
+        (["{model}", "--text", "/no/such/file.txt"], "cannot read text file '/no/such/file.txt'"),
+    ],
+)
+def test_analyze_user_mistakes_exit_2_with_one_sentence(tiny_llama, tmp_path, capsys, args, message):
+    args = [a.format(model=tiny_llama) for a in args]
+    assert main(["analyze", *args, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_figures_carry_exact_values_and_mark_the_recipe(tiny_llama):
+    ref = str(tiny_llama)
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))
+    scores = score_seams(plan, CHUNKS)
+    lens = scores.lens.lens(ref)
+    heat = angular_distance_figure(lens, recipe=plan.recipe)
+    assert isinstance(heat, go.Figure)
+    assert heat.data[0].z[4][2] == float(lens.angular_distance[4, 2])  # hover shows z itself
+    assert "%{z}" in heat.data[0].hovertemplate
+    assert [(s.x0, s.x1) for s in heat.layout.shapes] == [(-0.5, 4.5), (1.5, 6.5)]  # the two slices
+    seam_marks = heat.data[1]
+    assert (list(seam_marks.x), list(seam_marks.y)) == ([2], [4])  # the cell holding the prediction
+    assert list(block_influence_figure(lens).data[0].y) == lens.block_influence.tolist()
+    seam_fig = seam_scores_figure(scores)
+    assert list(seam_fig.data[0].y) == list(scores.predicted) and list(seam_fig.data[1].y) == list(scores.measured)
+    assert len(seam_fig.layout.shapes) == 1  # one seam line
+
+    from merger.lens import RecurrencePoint, Suggestion, Suggestions
+
+    ranked = tuple(rank_duplications(lens, max_size=3))
+    confirmed = (Suggestion(ranked[0].start, ranked[0].end, ranked[0].predicted, 12.5),)
+    sugg = suggestions_figure(Suggestions(ref, 6, ranked, confirmed, 10.0, 100, lens), top=5)
+    assert list(sugg.data[0].y)[-1] == ranked[0].label and list(sugg.data[1].x)[-1] == 12.5
+    rec = recurrence_figure([RecurrencePoint(1, 6, 0.0, 10.0), RecurrencePoint(2, 8, 0.3, 11.0)])
+    assert list(rec.data[0].y) == [10.0, 11.0] and list(rec.data[1].y) == [0.0, 0.3]
