@@ -1,0 +1,326 @@
+"""Decode speed at batch 1 on a GPU: plain `generate()` against merger.fastgen, parent against merge.
+
+Makes a random model of Llama-3-8B's shape (bf16, written as safetensors to local disk), builds it
+and the merge [0,24)+[16,32) (40 layers, 8 repeated, shared tensors) with merger.assemble, and
+reports as JSON, for both: tokens/s of plain `generate()` and of FastGenerator (unfused, then with
+fused q/k/v and gate/up), time to first token for a 512-token prompt, and each speed against the
+memory-bandwidth bound (weight bytes one step reads / device copy bandwidth measured in this run).
+Stages run in order of importance and stop starting new ones when the time budget runs low; the
+JSON is rewritten after every stage, so a cut-off run still reports what it measured.
+
+    python benchmarks/generation.py [--budget-s 480] [--out DIR]
+    python benchmarks/generation.py --smoke   # the same stages on a tiny shape, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from merger.assemble import assemble, parameter_bytes
+from merger.fastgen import FastGenerator, fuse_projections
+from merger.plan import make_plan
+from merger.recipe import passthrough
+
+LLAMA3_8B_SHAPE = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+# --smoke: every stage on the CPU in seconds, to check the script before spending GPU time
+SMOKE_SHAPE = {**LLAMA3_8B_SHAPE, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128}
+SMOKE_SHAPE.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2)
+MERGE = ((0, 24), (16, 32))
+MAX_SEQ_LEN = 1024
+PROMPT_LEN = 32  # decode-speed prompt
+TTFT_PROMPT_LEN = 512
+FAST_TOKENS = 256
+PLAIN_TOKENS = 64
+
+
+class Report:
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.data: dict[str, Any] = {}
+        self.path = out / "generation.json"
+        self.deadline = time.monotonic() + budget_s
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+    def stage(self, name: str, fn: Callable[[], Any], *, needs_s: float = 0.0) -> Any:
+        """Run one stage unless too little time is left; a failure is recorded, not fatal."""
+        if self.left() < needs_s:
+            self.data.setdefault("skipped", []).append(f"{name} (needs ~{needs_s:.0f} s, {self.left():.0f} s left)")
+            self.save()
+            return None
+        start = time.monotonic()
+        try:
+            result = fn()
+        except Exception as exc:  # keep the other stages' numbers
+            self.data.setdefault("errors", {})[name] = "".join(traceback.format_exception_only(exc)).strip()
+            traceback.print_exc()
+            result = None
+        self.data.setdefault("stage_seconds", {})[name] = round(time.monotonic() - start, 1)
+        self.save()
+        print(f"[{name}] {time.monotonic() - start:.1f} s, {self.left():.0f} s left", flush=True)
+        return result
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, numel: int) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 3:  # after warm-up
+            times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / statistics.median(times)
+
+
+def write_parent(folder: Path, shape: dict[str, Any], device: str) -> None:
+    """Random bf16 weights of `shape`, one safetensors shard per layer."""
+    folder.mkdir(parents=True)
+    LlamaConfig(**shape, dtype="bfloat16").save_pretrained(folder)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return (torch.randn(size, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu()
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=torch.bfloat16)
+
+    h, ffn, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = shape["num_key_value_heads"] * shape["head_dim"]
+    meta = {"format": "pt"}
+    save_file(
+        {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": ones(h), "lm_head.weight": rand(vocab, h)},
+        folder / "model-head.safetensors",
+        metadata=meta,
+    )
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shard = {
+            p + "input_layernorm.weight": ones(h),
+            p + "post_attention_layernorm.weight": ones(h),
+            p + "self_attn.q_proj.weight": rand(h, h),
+            p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h),
+            p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(ffn, h),
+            p + "mlp.up_proj.weight": rand(ffn, h),
+            p + "mlp.down_proj.weight": rand(h, ffn),
+        }
+        save_file(shard, folder / f"model-layer-{layer:02d}.safetensors", metadata=meta)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: each depth's layer weights (a repeated layer is read
+    again), the final norm and the head; of the input embedding table only one row."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.nbytes for _, p in model.named_parameters(remove_duplicate=False))
+    return total - embed.nbytes if embed is not head else total - head.nbytes
+
+
+def plain_tok_s(model, ids: torch.Tensor, new_tokens: int, **kwargs: Any) -> float:
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+    model.generate(ids, **settings)  # warm-up (a static cache compiles for this length here)
+    sync(model.device.type)
+    start = time.perf_counter()
+    model.generate(ids, **settings)
+    sync(model.device.type)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def fast_decode(fast: FastGenerator, ids: torch.Tensor, new_tokens: int, **kwargs: Any) -> dict[str, float]:
+    """Tokens/s between the first and the last token, as a streaming reader sees them."""
+    runs = []
+    for _ in range(3):
+        sync(fast.device.type)
+        stamps = [time.perf_counter()]
+        for _ in fast.generate(ids, max_new_tokens=new_tokens, **kwargs):
+            stamps.append(time.perf_counter())
+        runs.append(((new_tokens - 1) / (stamps[-1] - stamps[1]), new_tokens / (stamps[-1] - stamps[0])))
+    return {"decode_tok_s": round(max(r[0] for r in runs), 1), "with_prefill_tok_s": round(max(r[1] for r in runs), 1)}
+
+
+def ttft_ms(fast: FastGenerator, ids: torch.Tensor) -> float:
+    times = []
+    for _ in range(6):
+        sync(fast.device.type)
+        start = time.perf_counter()
+        stream = fast.generate(ids, max_new_tokens=2)
+        next(stream)
+        times.append((time.perf_counter() - start) * 1e3)
+        stream.close()
+    return round(statistics.median(times[1:]), 1)
+
+
+def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bound: float, label: str) -> dict:
+    fast = FastGenerator(model, max_seq_len=MAX_SEQ_LEN)
+    start = time.perf_counter()
+    list(fast.generate(ids, max_new_tokens=16))  # compiles the step
+    compile_s = time.perf_counter() - start
+    list(fast.generate(ids, max_new_tokens=16))  # records the CUDA graph
+    speed = fast_decode(fast, ids, FAST_TOKENS)
+    result = {
+        "compile_s": round(compile_s, 1),
+        **speed,
+        "fraction_of_bound": round(speed["decode_tok_s"] / bound, 3),
+        f"ttft_ms_{TTFT_PROMPT_LEN}": ttft_ms(fast, long_ids),
+    }
+    greedy = list(fast.generate(ids, max_new_tokens=32))
+    with torch.inference_mode():
+        plain = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
+    result["greedy_prefix_equal_to_generate"] = next(
+        (i for i, (a, b) in enumerate(zip(greedy, plain, strict=True)) if a != b), 32
+    )
+    settings = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, seed=5)
+    first = list(fast.generate(ids, max_new_tokens=64, **settings))
+    result["sampling_reproducible"] = first == list(fast.generate(ids, max_new_tokens=64, **settings))
+    result["sampling_decode_tok_s"] = fast_decode(fast, ids, 128, **settings)["decode_tok_s"]
+    stats = torch._dynamo.utils.counters
+    result["dynamo_graphs_so_far"] = stats["stats"]["unique_graphs"]
+    result["dynamo_graph_breaks_so_far"] = sum(stats["graph_break"].values())
+    print(f"{name} {label}: {result}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script only")
+    args = parser.parse_args()
+    import transformers
+
+    device = "cpu" if args.smoke else "cuda"
+    shape = SMOKE_SHAPE if args.smoke else LLAMA3_8B_SHAPE
+    assert args.smoke or torch.cuda.is_available(), "needs a CUDA GPU (or --smoke)"
+    report = Report(args.out, args.budget_s)
+    data = report.data
+    data["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
+    data["torch"], data["transformers"] = torch.__version__, transformers.__version__
+    data["shape"] = "tiny (smoke)" if args.smoke else "Llama-3-8B (random bf16 weights), batch 1"
+    data["recipe"] = "merge: [0,24)+[16,32) of the parent, 40 layers, 8 repeated, tensors shared"
+    bandwidth = report.stage("bandwidth", lambda: copy_bandwidth(device, 1 << (20 if args.smoke else 30)))
+    data["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 3)  # 2 GiB on the GPU: far past its L2
+
+    # 16 GB of weights: in memory (tmpfs) where there is room, so writing and reading them is quick
+    shm = Path("/dev/shm")
+    in_memory = shm.is_dir() and shutil.disk_usage(shm).free > 24e9
+    tmp = Path(tempfile.mkdtemp(prefix="gen-bench-", dir=shm if in_memory else None))
+    data["weights_on"] = str(tmp)
+    ref = str(tmp / "parent")
+    report.stage("write_weights", lambda: write_parent(Path(ref), shape, device))
+    models: dict[str, Any] = {}
+
+    def build_parent() -> Any:
+        return assemble(make_plan(passthrough((ref, 0, 32))), device=device, dtype="bfloat16")
+
+    def build() -> None:
+        models["parent"] = build_parent()
+        merge_plan = make_plan(passthrough(*[(ref, a, b) for a, b in MERGE]))
+        models["merge"] = assemble(merge_plan, device=device, dtype="bfloat16")
+        merge = models["merge"].model.layers
+        same = merge[24].mlp.up_proj.weight.data_ptr() == merge[16].mlp.up_proj.weight.data_ptr()
+        data["merge_shares_repeated_layers"] = same
+        data["param_bytes"] = {k: parameter_bytes(m) for k, m in models.items()}
+
+    report.stage("build", build)
+    ids = torch.randint(0, shape["vocab_size"], (1, PROMPT_LEN), device=device)
+    long_ids = torch.randint(0, shape["vocab_size"], (1, TTFT_PROMPT_LEN), device=device)
+    bounds = {}
+    for name, model in models.items():
+        model.generation_config.pad_token_id = shape["eos_token_id"]
+        per_token = weight_bytes_per_token(model)
+        bounds[name] = bandwidth / per_token
+        data[name] = {"weight_bytes_per_token": per_token, "bound_tok_s": round(bounds[name], 1)}
+
+    def plain(name: str) -> None:
+        tok_s = plain_tok_s(models[name], ids, PLAIN_TOKENS)
+        data[name]["generate_tok_s"] = round(tok_s, 1)
+        data[name]["generate_fraction_of_bound"] = round(tok_s / bounds[name], 3)
+
+    def fuse_all() -> None:
+        data["fused_modules"] = {k: fuse_projections(m) for k, m in models.items()}
+        data["param_bytes_after_fusing"] = {k: parameter_bytes(m) for k, m in models.items()}
+
+    def fast(name: str) -> None:
+        label = "fast_fused" if data.get("fused_modules", {}).get(name) else "fast"
+        data[name][label] = measure_fast(name, models[name], ids, long_ids, bounds[name], label)
+
+    def unfused_parent() -> None:
+        # a fresh build of the parent, for fusing's A/B on the same path
+        data["parent"]["fast"] = measure_fast("parent", build_parent(), ids, long_ids, bounds["parent"], "fast")
+
+    def static(name: str) -> None:
+        tok_s = plain_tok_s(models[name], ids, PLAIN_TOKENS, cache_implementation="static")
+        data[name]["generate_static_tok_s"] = round(tok_s, 1)
+
+    # in order of importance: the fast path on both is the point; the rest only if time is left
+    for name in models:
+        report.stage(f"generate_{name}", lambda n=name: plain(n), needs_s=30)
+    report.stage("fuse", fuse_all)
+    for name in models:
+        report.stage(f"fast_{name}", lambda n=name: fast(n), needs_s=100)
+    report.stage("fast_unfused_parent", unfused_parent, needs_s=120)
+    if not args.smoke:  # compiling generate() on the CPU would take minutes
+        report.stage("generate_static_parent", lambda: static("parent"), needs_s=90)
+
+    # merge against parent on the same variant: fused where both have it
+    variant = next((v for v in ("fast_fused", "fast") if all(v in data.get(n, {}) for n in models)), None)
+    if variant and len(models) == 2:
+        parent, merge = data["parent"][variant], data["merge"][variant]
+        data["goals"] = {
+            "variant": variant,
+            "fast_fraction_of_bound_parent (>= 0.7)": parent["fraction_of_bound"],
+            "fast_fraction_of_bound_merge (>= 0.7)": merge["fraction_of_bound"],
+            "merge_over_parent_x_32_40 (0.95..1.05)": round(merge["decode_tok_s"] / (parent["decode_tok_s"] * 0.8), 3),
+            f"ttft_ms_{TTFT_PROMPT_LEN}_parent (< 100)": parent[f"ttft_ms_{TTFT_PROMPT_LEN}"],
+            f"ttft_ms_{TTFT_PROMPT_LEN}_merge (< 100)": merge[f"ttft_ms_{TTFT_PROMPT_LEN}"],
+        }
+    report.save()
+    shutil.rmtree(tmp)
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Fast decoding for built models, in the gpt-fast style (DESIGN.md, "On the lent GPU").
+
+A few structural choices instead of `generate()`'s machinery:
+- one static KV cache, allocated once per generator and reset in place, so every decode step sees
+  the same tensor addresses;
+- the prompt runs eagerly (prefill); the one-token step is compiled with CUDA graphs on a GPU
+  (`triton.cudagraphs`, i.e. mode="reduce-overhead", plus gpt-fast's coordinate-descent tuning,
+  which turns batch-1 matrix products into bandwidth-bound reductions);
+- the next token is chosen on the device (greedy argmax or an exponential race), and the host reads
+  tokens back only every `chunk` tokens, while the GPU already works on the next chunk: no sync per
+  token, so the CPU stays ahead of the GPU. Stop tokens are checked on those reads.
+On the CPU the same loop runs uncompiled, reading every token back (syncs cost nothing there).
+
+`fuse_projections` is the build-time half: one q/k/v and one gate/up matrix per layer, so a decode
+step launches fewer, larger kernels.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, StaticLayer
+
+CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's run-ahead, so read rarely
+
+
+def static_cache(config, max_seq_len: int) -> Cache:
+    """One full-length static layer per depth, for sliding-window layers too: the model's masks
+    already limit what those see, while transformers' sliding static layer branches on a Python
+    counter that a compiled step would specialize on (a recompile per token)."""
+    layers = config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[StaticLayer(max_cache_len=max_seq_len) for _ in range(layers)])
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token [1] from logits [1, V], on their device and without a host sync.
+    Filters apply in the order temperature, top-k, top-p, min-p; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # [1, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)  # [1, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token once the more likely ones already hold top_p (the most likely always stays)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    # argmax(p / E), E ~ Exp(1), draws from p without torch.multinomial's host sync; the clamp
+    # keeps a zero draw from turning a filtered token's 0/0 into a NaN that argmax would pick.
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
+
+
+@dataclass
+class _Chunk:
+    start: int
+    end: int
+    ready: torch.cuda.Event | None  # None on the CPU: already there
+
+
+class FastGenerator:
+    """Batch-1 streaming generation over one model with a static cache of `max_seq_len` positions.
+
+    Not reentrant: one generation at a time per generator (they share the cache). `compile`
+    defaults to True on CUDA; the first generation then compiles the step (tens of seconds for an
+    8B model), later ones replay its CUDA graph.
+    """
+
+    def __init__(self, model: nn.Module, *, max_seq_len: int, compile: bool | None = None) -> None:
+        self.model = model
+        self.max_seq_len = max_seq_len
+        self.device = next(model.parameters()).device
+        self.compiled = self.device.type == "cuda" if compile is None else compile
+        self.chunk = CUDA_CHUNK if self.device.type == "cuda" else 1
+        self.cache = static_cache(model.config, max_seq_len)
+        self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_one
+        if self.compiled:
+            # mode="reduce-overhead" is {"triton.cudagraphs": True}; torch.compile takes a mode or options, not both
+            self._step = torch.compile(
+                self._forward_one, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+            )
+
+    def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] for one token [1, 1] at position [1, 1]; writes its keys and values."""
+        out = self.model(input_ids=token, position_ids=position, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+    ) -> Iterator[int]:
+        """Yield new token ids as they arrive; a stop id is yielded, then generation ends."""
+        prompt = input_ids.reshape(1, -1).to(self.device)  # [1, T]
+        length = prompt.shape[1]
+        if length == 0 or max_new_tokens < 1:
+            raise ValueError("generation needs a non-empty prompt and max_new_tokens >= 1")
+        if length + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({self.max_seq_len})"
+            )
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            return sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, generator=generator)
+
+        stops = set(stop_ids)
+        tokens = torch.empty(max_new_tokens, dtype=torch.long, device=self.device)  # every new token
+        host = tokens if self.device.type == "cpu" else torch.empty_like(tokens, device="cpu").pin_memory()
+        position = torch.tensor([[length]], device=self.device)  # [1, 1]: where the next token goes
+
+        self.cache.reset()  # in place: the compiled step keeps its addresses
+        logits = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        tokens[0:1] = pick(logits[:, -1, :])
+        pending = self._to_host(tokens, host, 0, 1)  # the first token alone: time to first token
+        done = 1
+        while pending is not None:
+            ahead = None
+            if done < max_new_tokens:  # queue the next chunk before waiting for the previous one
+                end = min(done + self.chunk, max_new_tokens)
+                for i in range(done, end):
+                    if self.compiled:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    # clone: the next replay overwrites the graph's output buffer
+                    logits = self._step(tokens[i - 1 : i].view(1, 1), position).clone()
+                    position += 1
+                    tokens[i : i + 1] = pick(logits)
+                ahead = self._to_host(tokens, host, done, end)
+                done = end
+            if pending.ready is not None:
+                pending.ready.synchronize()
+            for token in host[pending.start : pending.end].tolist():
+                yield token
+                if token in stops:
+                    return
+            pending = ahead
+
+    def _to_host(self, tokens: torch.Tensor, host: torch.Tensor, start: int, end: int) -> _Chunk:
+        if host is tokens:
+            return _Chunk(start, end, None)
+        host[start:end].copy_(tokens[start:end], non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Chunk(start, end, ready)
+
+
+# Modules whose forward we know to be Llama's, by class name: architecture knowledge as data.
+FUSABLE_ATTENTION = ("LlamaAttention",)
+FUSABLE_MLP = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP")
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse q/k/v and gate/up projections in place; returns how many modules changed.
+
+    Each fused matrix is a non-persistent buffer made by concatenating the source weights, and the
+    original weights become row views of it: no extra memory, the same parameter names and values.
+    A duplicated layer (the same source tensors at two depths) gets the same fused buffer and views
+    at both depths, found by the source tensors' data pointers, so it stays shared.
+    """
+    fused: dict[tuple[int, ...], tuple[torch.Tensor, list[nn.Parameter]]] = {}
+    changed = 0
+    for module in list(model.modules()):
+        name = type(module).__name__
+        if name in FUSABLE_ATTENTION:
+            parts = [module.q_proj, module.k_proj, module.v_proj]
+            buffer = "qkv_weight"
+        elif name in FUSABLE_MLP:
+            parts = [module.gate_proj, module.up_proj]
+            buffer = "gate_up_weight"
+        else:
+            continue
+        if any(p.bias is not None for p in parts):
+            continue
+        key = tuple(p.weight.data_ptr() for p in parts)
+        if key not in fused:
+            weight = torch.cat([p.weight.detach() for p in parts])  # [sum(out), in]
+            torch._dynamo.mark_static_address(weight)  # CUDA graphs must not copy it in per replay
+            views, row = [], 0
+            for p in parts:
+                rows = p.weight.shape[0]
+                views.append(nn.Parameter(weight[row : row + rows], requires_grad=False))
+                row += rows
+            fused[key] = (weight, views)
+        weight, views = fused[key]
+        for p, view in zip(parts, views, strict=True):
+            p.weight = view
+        module.register_buffer(buffer, weight, persistent=False)
+        module.__class__ = _fused_class(type(module))
+        changed += 1
+    return changed
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type:
+    """A subclass of `cls` whose forward uses the fused matrix (swapped in, so isinstance holds)."""
+    if cls not in _FUSED_CLASSES:
+        if cls.__name__ in FUSABLE_ATTENTION:
+            forward = _fused_attention_forward(sys.modules[cls.__module__])
+        else:
+            forward = _fused_mlp_forward
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward})
+    return _FUSED_CLASSES[cls]
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [..., intermediate] each
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def _fused_attention_forward(modeling) -> Callable:
+    """LlamaAttention.forward with one q/k/v product, using the helpers of the model's own module
+    (looked up once here, so the compiled step sees plain functions)."""
+    apply_rotary_pos_emb = modeling.apply_rotary_pos_emb
+    attention_functions, eager_attention = modeling.ALL_ATTENTION_FUNCTIONS, modeling.eager_attention_forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]  # [B, T]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        sizes = [self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]]
+        q, k, v = F.linear(hidden_states, self.qkv_weight).split(sizes, dim=-1)
+        q = q.view(hidden_shape).transpose(1, 2)  # [B, heads, T, head_dim]
+        k = k.view(hidden_shape).transpose(1, 2)  # [B, kv_heads, T, head_dim]
+        v = v.view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attention = attention_functions.get_interface(self.config._attn_implementation, eager_attention)
+        out, weights = attention(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        out = out.reshape(*input_shape, -1).contiguous()  # [B, T, heads * head_dim]
+        return self.o_proj(out), weights
+
+    return forward

@@ -1,0 +1,111 @@
+"""The fast decode path gives plain `generate()`'s greedy tokens, before and after fusing projections;
+sampling is seeded; stop ids stop."""
+
+import pytest
+import torch
+
+from merger.assemble import assemble, parameter_bytes
+from merger.fastgen import FastGenerator, fuse_projections, sample
+from merger.plan import make_plan
+from merger.recipe import passthrough
+
+
+def build(ref: str, *ranges: tuple[int, int]):
+    return assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges])))
+
+
+def eos_ids(model) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    return [ids] if isinstance(ids, int) else list(ids or [])
+
+
+def assert_greedy_equals_generate(model, prompt: list[int], new_tokens: int = 64) -> list[int]:
+    """Plain generate() on the model as built; then the fast path, unfused and fused."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        # generate() stops at the model's EOS (and returns it): stop the fast path there too
+        expected = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, len(prompt) :].tolist()
+    fast = FastGenerator(model, max_seq_len=len(prompt) + new_tokens)
+    assert not fast.compiled  # the CPU runs the same loop uncompiled
+    assert list(fast.generate(ids, max_new_tokens=new_tokens, stop_ids=eos_ids(model))) == expected
+
+    memory = parameter_bytes(model)
+    assert fuse_projections(model) > 0
+    assert parameter_bytes(model) == memory  # the originals became views of the fused matrices
+    got = list(fast.generate(ids, max_new_tokens=new_tokens, stop_ids=eos_ids(model)))
+    assert got == expected
+    return got
+
+
+@pytest.mark.parametrize(
+    ("ref", "ranges", "prompt"),
+    [
+        ("bundled:smollm2-135m-instruct", [(0, 20), (10, 30)], [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]),
+        ("bundled:gemma3-270m", [(0, 12), (8, 18)], [2, 651, 6037, 563, 9079, 236761, 107]),
+    ],
+)
+def test_bundled_splice_greedy_equals_generate(ref, ranges, prompt):
+    got = assert_greedy_equals_generate(build(ref, *ranges), prompt)
+    assert len(got) == 64  # neither stops early on these prompts: all 64 tokens are compared
+
+
+def test_tiny_llama_splice_greedy_equals_generate(tiny_llama):
+    assert_greedy_equals_generate(build(str(tiny_llama), (0, 4), (2, 6)), [1, 5, 9, 13, 17, 21])
+
+
+def test_fused_duplicated_layer_stays_shared(tiny_llama):
+    model = build(str(tiny_llama), (0, 4), (2, 6))  # depth 4 repeats parent layer 2
+    assert fuse_projections(model) == 2 * 8
+    layers = model.model.layers
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert getattr(layers[4].self_attn, name).weight is getattr(layers[2].self_attn, name).weight
+    assert layers[4].self_attn.qkv_weight is layers[2].self_attn.qkv_weight
+    assert layers[4].mlp.gate_up_weight is layers[2].mlp.gate_up_weight
+    assert layers[3].mlp.gate_up_weight is not layers[2].mlp.gate_up_weight
+    assert "model.layers.4.self_attn.qkv_weight" not in model.state_dict()  # checkpoint names unchanged
+
+
+def test_tiny_gemma3_past_its_sliding_window_equals_generate(tiny_gemma):
+    # window 4: most of the 64 steps see a truncated window, through full-length static layers
+    assert_greedy_equals_generate(build(str(tiny_gemma), (0, 8), (4, 12)), list(range(3, 20)))
+
+
+@pytest.fixture(scope="module")
+def tiny_fast(tiny_llama):
+    return FastGenerator(build(str(tiny_llama), (0, 4), (2, 6)), max_seq_len=64)
+
+
+def test_seeded_sampling_is_reproducible(tiny_fast):
+    ids = torch.tensor([[1, 5, 9, 13]])
+    settings = dict(max_new_tokens=32, temperature=1.0, top_p=0.95, top_k=100, min_p=0.01)
+    first = list(tiny_fast.generate(ids, seed=7, **settings))
+    assert list(tiny_fast.generate(ids, seed=7, **settings)) == first
+    assert list(tiny_fast.generate(ids, seed=8, **settings)) != first
+    assert len(set(first)) > 4  # it samples, rather than repeating the greedy choice
+
+
+@pytest.mark.parametrize("narrowing", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_sampling_narrowed_to_one_token_is_greedy(tiny_fast, narrowing):
+    ids = torch.tensor([[1, 5, 9, 13]])
+    greedy = list(tiny_fast.generate(ids, max_new_tokens=16))
+    assert list(tiny_fast.generate(ids, max_new_tokens=16, temperature=1.5, seed=3, **narrowing)) == greedy
+
+
+def test_stop_ids_end_generation_after_the_stop_token(tiny_fast):
+    ids = torch.tensor([[1, 5, 9, 13]])
+    full = list(tiny_fast.generate(ids, max_new_tokens=32, temperature=1.0, seed=1))
+    stop = full[10]
+    stopped = list(tiny_fast.generate(ids, max_new_tokens=32, temperature=1.0, seed=1, stop_ids=[stop]))
+    assert stopped == full[: full.index(stop) + 1]
+
+
+def test_sample_keeps_to_the_top_k():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 2.8]])
+    gen = torch.Generator().manual_seed(0)
+    drawn = {int(sample(logits, temperature=1.0, top_k=2, generator=gen)) for _ in range(200)}
+    assert drawn == {1, 2}
+
+
+def test_too_long_a_request_is_refused(tiny_fast):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        next(tiny_fast.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=62))
