@@ -26,7 +26,7 @@ from merger.hub import push_folder
 from merger.params import count, human_bytes, human_params
 from merger.plan import Plan, make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
-from merger.runtime import SessionModels, best_device, build
+from merger.runtime import Built, SessionModels, best_device, build
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.roleplay import build_roleplay_tab, card_from_state, load_card
 from ui.stack import stack_widget
@@ -263,20 +263,38 @@ def chat(
     request: gr.Request = None,
 ):
     """Stream the built model's reply; yields the conversation and the reply's speed after each piece."""
-    session = session_id(request)
-    built = SESSIONS.get(session)
-    if built is None:
-        raise gr.Error("Build the merge first: press Build.")
+    built = built_model(request)
     if not (message or "").strip():
         raise gr.Error("Type a message first.")
     turns = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
     turns.append({"role": "user", "content": message})
-    stop = STOPS[session] = threading.Event()
     settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    yield from stream_turns(request, built, turns, turns, settings)
+
+
+def built_model(request: gr.Request | None) -> Built:
+    built = SESSIONS.get(session_id(request))
+    if built is None:
+        raise gr.Error("Build the merge first: press Build.")
+    return built
+
+
+def stream_turns(
+    request: gr.Request | None,
+    built: Built,
+    turns: list[dict[str, str]],
+    shown: list[dict[str, Any]],
+    settings: GenerationSettings,
+    **prompting: Any,
+):
+    """The conversation on screen (`shown`) plus the reply as it streams, then the reply's speed.
+    The session's Stop button ends it."""
+    stop = STOPS[session_id(request)] = threading.Event()
     stats = ReplyStats()
-    for reply in stream_reply(built, turns, settings, stop, stats):
-        yield [*turns, {"role": "assistant", "content": reply}], ""
-    yield [*turns, {"role": "assistant", "content": reply}], stats.summary()
+    reply = ""
+    for reply in stream_reply(built, turns, settings, stop, stats, **prompting):
+        yield [*shown, {"role": "assistant", "content": reply}], ""
+    yield [*shown, {"role": "assistant", "content": reply}], stats.summary()
 
 
 def generation_settings(
@@ -340,9 +358,7 @@ def roleplay_chat(
     """One in-character reply, streamed: the card's prompt through the model's chat template (or a
     transcript for base models), stopping where the model would speak for the user."""
     card = card_from_state(card_state)
-    built = SESSIONS.get(session_id(request))
-    if built is None:
-        raise gr.Error("Build the merge first: press Build.")
+    built = built_model(request)
     user = (user or "").strip() or "User"
     turns = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
     if turns and turns[0]["role"] == "assistant":
@@ -350,13 +366,8 @@ def roleplay_chat(
     turns.append({"role": "user", "content": message})
     prompt = roleplay_prompt(built.tokenizer, card, user, turns)
     options = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
-    stop = STOPS[session_id(request)] = threading.Event()
-    stats = ReplyStats()
     shown = [*(history or []), {"role": "user", "content": message}]
-    reply = ""
-    for reply in stream_reply(built, turns, options, stop, stats, prompt=prompt, stop_strings=stop_strings(user)):
-        yield [*shown, {"role": "assistant", "content": reply}], ""
-    yield [*shown, {"role": "assistant", "content": reply}], stats.summary()
+    yield from stream_turns(request, built, turns, shown, options, prompt=prompt, stop_strings=stop_strings(user))
 
 
 def stop_chat(request: gr.Request) -> None:
