@@ -27,6 +27,7 @@ from merger.params import count, human_bytes, human_params
 from merger.plan import Plan, make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
 from merger.runtime import Built, SessionModels, best_device, build
+from merger.slim import slim_model
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.roleplay import build_roleplay_tab, card_from_state, load_card
 from ui.stack import stack_widget
@@ -200,6 +201,29 @@ def bytes_progress(progress: gr.Progress):
 MAX_DOWNLOAD_BYTES = int(float(os.environ.get("FRANKENMERGE_MAX_DOWNLOAD_MB", "2048")) * 2**20)
 
 
+def deliver(
+    folder: Path, nbytes: int, repo_name: str, private: bool, token: str | None, progress: gr.Progress
+) -> tuple[list[str], str | None]:
+    """Offer a written model folder as an archive (under the operator's limit) and publish it
+    when a repo name is given. Returns the status lines and the archive's path."""
+    lines, archive = [], None
+    if nbytes <= MAX_DOWNLOAD_BYTES:
+        progress(1.0, desc="packing the archive")
+        archive = shutil.make_archive(str(folder.parent / folder.name), "zip", folder)
+        lines.append("Download it below.")
+    else:
+        lines.append(f"Too large to download here (limit {human_bytes(MAX_DOWNLOAD_BYTES)}); publish it instead.")
+    if repo_name.strip():
+        progress(1.0, desc="uploading to the Hub")
+        lines.append(f"Published: {push_folder(folder, repo_name, token=token, private=private)}")
+    return lines, archive
+
+
+def hub_token(token_text: str, oauth_token: gr.OAuthToken | None) -> str | None:
+    """Sign-in (in a Space) first, else the pasted token, else the saved login. Never stored."""
+    return oauth_token.token if oauth_token is not None else (token_text.strip() or None)
+
+
 def export_merge(
     recipe_yaml: str,
     dtype: str,
@@ -217,28 +241,47 @@ def export_merge(
         raise gr.Error(str(exc)) from None
     work = Path(tempfile.mkdtemp(prefix="frankenmerge-export-"))
     try:
-        result = export_plan(
-            plan,
-            work / "merge",
-            progress=bytes_progress(progress),
+        result = export_plan(plan, work / "frankenmerge", progress=bytes_progress(progress))
+        head = f"Exported {human_bytes(result.bytes)} in {len(result.shards)} shard(s) in {result.seconds:.1f} s."
+        lines, archive = deliver(
+            result.path, result.bytes, repo_name, private, hub_token(token_text, oauth_token), progress
         )
-        lines = [f"Exported {human_bytes(result.bytes)} in {len(result.shards)} shard(s) in {result.seconds:.1f} s."]
-        archive = None
-        if result.bytes <= MAX_DOWNLOAD_BYTES:
-            progress(1.0, desc="packing the archive")
-            archive = shutil.make_archive(str(work / "frankenmerge"), "zip", result.path)
-            lines.append("Download it below.")
-        else:
-            lines.append(f"Too large to download here (limit {human_bytes(MAX_DOWNLOAD_BYTES)}); publish it instead.")
-        if repo_name.strip():
-            token = oauth_token.token if oauth_token is not None else (token_text.strip() or None)
-            progress(1.0, desc="uploading to the Hub")
-            lines.append(f"Published: {push_folder(result.path, repo_name, token=token, private=private)}")
-        return " ".join(lines), archive
+        return " ".join([head, *lines]), archive
     except UserError as exc:
         raise gr.Error(str(exc)) from None
     finally:
-        shutil.rmtree(work / "merge", ignore_errors=True)
+        shutil.rmtree(work / "frankenmerge", ignore_errors=True)
+
+
+def slim(
+    ref: str,
+    repo_name: str,
+    private: bool,
+    token_text: str,
+    oauth_token: gr.OAuthToken | None = None,
+    progress: gr.Progress = gr.Progress(),
+) -> tuple[str, str | None]:
+    """Inspect a model for a redundant lm_head.weight (tied embeddings stored twice); when there is
+    one, write a slimmed copy to download or publish."""
+    work = Path(tempfile.mkdtemp(prefix="frankenmerge-slim-"))
+    try:
+        progress(0.1, desc="reading the model")
+        result = slim_model((ref or "").strip(), work / "slimmed", resolver=model_info)
+        found = result.redundancy
+        if result.path is None:
+            return f"Nothing to remove from {found.model}: {found.reason}. Nothing was written.", None
+        head = (
+            f"Removed {', '.join(found.tensors)}: {found.params:,} parameters, {human_bytes(found.bytes)} "
+            f"({found.reason})."
+        )
+        lines, archive = deliver(
+            result.path, result.bytes, repo_name, private, hub_token(token_text, oauth_token), progress
+        )
+        return " ".join([head, *lines]), archive
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    finally:
+        shutil.rmtree(work / "slimmed", ignore_errors=True)
 
 
 def _text(content: Any) -> str:
@@ -437,6 +480,16 @@ def build_demo() -> gr.Blocks:
             export_btn = gr.Button("Export", elem_id="export-btn")
             export_status = gr.Markdown(elem_id="export-status")
             export_file = gr.File(label="Archive", elem_id="export-file")
+            gr.Markdown(
+                "**Slim a model**: a tied-embedding model that also stores `lm_head.weight` carries a "
+                "redundant copy (a '9B' that counts 10B). Name a model to check it and get a slimmed copy "
+                "(published under the repo name above when one is given)."
+            )
+            with gr.Row():
+                slim_ref = gr.Textbox(label="Model to slim (Hub id or allowed folder)", scale=4)
+                slim_btn = gr.Button("Check and slim", scale=1, elem_id="slim-btn")
+            slim_status = gr.Markdown(elem_id="slim-status")
+            slim_file = gr.File(label="Slimmed archive")
         with gr.Tabs():
             with gr.Tab("Chat"):
                 chatbot = gr.Chatbot(label="Chat with the merge", height=380, elem_id="chatbot")
@@ -472,6 +525,9 @@ def build_demo() -> gr.Blocks:
             [yaml_box, export_dtype, repo_box, private_box, hub_token_box],
             [export_status, export_file],
             api_name="export",
+        )
+        slim_btn.click(
+            slim, [slim_ref, repo_box, private_box, hub_token_box], [slim_status, slim_file], api_name="slim"
         )
         settings_inputs = [temperature, top_p, max_new, top_k, min_p, rep_pen, seed]
         chat_inputs = [msg, chatbot, *settings_inputs]

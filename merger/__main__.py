@@ -63,10 +63,14 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def _print_progress(done: int, total: int) -> None:
+    import time
+
+    start = _print_progress.__dict__.setdefault("start", time.monotonic())
     percent = 100 * done // max(total, 1)
-    if percent != getattr(_print_progress, "last", None):  # one line update per percent
+    if percent != _print_progress.__dict__.get("last"):  # one line update per percent
         _print_progress.last = percent
-        print(f"\r{percent:3d}%  {done:,} / {total:,} bytes", end="", file=sys.stderr, flush=True)
+        left = (time.monotonic() - start) * (total - done) / done if done else 0.0
+        print(f"\r{percent:3d}%  {done:,} / {total:,} bytes, {left:.0f} s left", end="", file=sys.stderr, flush=True)
 
 
 def cmd_slim(args: argparse.Namespace) -> None:

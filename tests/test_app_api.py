@@ -65,3 +65,20 @@ def test_export_endpoint_reports_a_refused_token(app_url, hub):
     client = Client(app_url, verbose=False)
     with pytest.raises(Exception, match="refused this token"):
         client.predict(SHORT, "bfloat16", "smol-six", False, "hf_bad", api_name="/export")
+
+
+def test_slim_endpoint_removes_a_redundant_head_of_a_hub_model_and_offers_the_copy(app_url, hub, tmp_path, tiny_llama):
+    import zipfile
+
+    from test_slim import write_variant
+
+    bloated = write_variant(tiny_llama, tmp_path / "bloated", head="copy")
+    for f in bloated.iterdir():
+        hub.add_file("org/bloated", f.name, f.read_bytes())
+    client = Client(app_url, verbose=False)
+    status, archive = client.predict("org/bloated", "", False, "", api_name="/slim")
+    assert "Removed lm_head.weight" in status
+    with zipfile.ZipFile(archive) as z:
+        assert "model.safetensors" in z.namelist()
+    status, archive = client.predict(str(SMOL), "", False, "", api_name="/slim")
+    assert "Nothing to remove" in status and archive is None
