@@ -32,7 +32,7 @@ CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's ru
 def static_cache(config, max_seq_len: int) -> Cache:
     """One full-length static layer per depth, for sliding-window layers too: the model's masks
     already limit what those see, while transformers' sliding static layer branches on a Python
-    counter that a compiled step would specialize on (a recompile per token)."""
+    counter, which a compiled step would guard on and recompile for."""
     layers = config.get_text_config(decoder=True).num_hidden_layers
     return Cache(layers=[StaticLayer(max_cache_len=max_seq_len) for _ in range(layers)])
 
@@ -57,8 +57,12 @@ def sample(
     probs = logits.softmax(dim=-1)  # [1, V]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token once the more likely ones already hold top_p (the most likely always stays)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        # Drop a token once the more likely ones already hold top_p (the most likely always stays).
+        # CUDA's float cumsum is not deterministic (torch.use_deterministic_algorithms lists it), and
+        # at the nucleus edge a last-bit change decides a draw: scan fixed-point integers, exact in
+        # any order, so a seed always gives the same tokens.
+        fixed = (sorted_probs * 2.0**40).long()  # [1, V]
+        drop = fixed.cumsum(dim=-1) - fixed >= round(top_p * 2.0**40)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     if min_p > 0.0:
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
