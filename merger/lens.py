@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -521,12 +521,14 @@ def recurrence_recipe(model: str, num_layers: int, start: int, end: int, repeats
 
 @dataclass(frozen=True)
 class Suggestion:
-    """A block [start, end) to duplicate, its predicted damage and, once confirmed, the merge's perplexity."""
+    """A block [start, end) to duplicate: its predicted damage, its measured output drift when
+    ranked by drift, and, once confirmed, the merge's perplexity."""
 
     start: int
     end: int
     predicted: float
     perplexity: float | None = None
+    drift: float | None = None
 
     @property
     def size(self) -> int:
@@ -546,6 +548,64 @@ def rank_duplications(lens: Lens, *, min_size: int = 2, max_size: int = 8) -> li
         for start in range(0, L - size + 1)
     ]
     return sorted(ranked, key=lambda s: (s.predicted, s.start, s.end))
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far a duplication's merge strays from its parent, measured on the same tokens."""
+
+    seam: float  # the stream arriving at the seam vs what layer `start` received in the parent
+    mean: float  # that distance averaged over every depth from the seam to the top of the stack
+    output: float  # the stream leaving the merge vs leaving the parent, before the final norm
+
+
+def duplication_drift(
+    model_ref: str,
+    parent: torch.nn.Module,
+    chunks: TokenChunks,
+    blocks: Sequence[tuple[int, int]],
+    *,
+    batch_size: int = 2,
+    progress: Progress | None = None,
+) -> dict[tuple[int, int], Drift]:
+    """Measured damage of duplicating each block [a, b) of `parent` (the model `model_ref`).
+
+    The merge [0, b) + [a, L) runs the parent's own first b layers, so its stream entering depth b
+    is the parent's x_b bit for bit; only the tail [a, L), built from its plan like any merge, is
+    run on the parent's x_b, without the head. The parent's stream is kept for every token of
+    `chunks` (tokens x (L+1) x hidden floats): pass a short text.
+    """
+    from merger.assemble import assemble
+
+    first = next(parent.parameters())
+    device, dtype = first.device, DTYPE_NAMES[first.dtype]
+    L = len(decoder_layers(parent))
+    batches = list(chunks.batches(batch_size))
+    with torch.inference_mode(), ResidualRecorder(parent) as rec:  # BOS rows kept: the tails start from them
+        cached = []
+        for ids in batches:
+            parent.model(input_ids=ids.to(device), use_cache=False)
+            cached.append(rec.take())  # [B*T, L+1, H]
+    results: dict[tuple[int, int], Drift] = {}
+    starts = sorted({a for a, _ in blocks})
+    for i, a in enumerate(starts):
+        if progress:
+            progress(i / len(starts), f"blocks starting at layer {a}")
+        tail = assemble(make_plan(passthrough((model_ref, a, L))), device=device.type, dtype=dtype)
+        for b in sorted(b for s, b in blocks if s == a):
+            dist = torch.zeros(L - a + 1, dtype=torch.float64)  # tail point j vs parent point a + j
+            with torch.inference_mode(), ResidualRecorder(tail) as tail_rec:
+                for ids, points in zip(batches, cached, strict=True):
+                    B, T = ids.shape
+                    tail.model(inputs_embeds=points[:, b].unflatten(0, (B, T)).contiguous(), use_cache=False)
+                    here = tail_rec.take()
+                    text = (torch.arange(T, device=device) >= chunks.prefix_len).repeat(B)  # [B*T]: not BOS
+                    for j in range(L - a + 1):
+                        dist[j] += token_angles(here[text, j], points[text, a + j]).sum().cpu()
+            dist /= chunks.num_tokens
+            results[(a, b)] = Drift(seam=float(dist[0]), mean=float(dist[:-1].mean()), output=float(dist[-1]))
+        del tail
+    return results
 
 
 @dataclass(frozen=True)
@@ -585,15 +645,23 @@ def suggest_duplications(
     top_k: int = 5,
     min_size: int = 2,
     max_size: int = 8,
+    rank_by: Literal["predicted", "drift"] = "predicted",
+    drift_tokens: int = 256,
     max_tokens: int | None = None,
     max_length: int = MAX_LENGTH,
     lens: Lens | None = None,
     device: str | None = None,
     progress: Progress | None = None,
 ) -> Suggestions:
-    """Rank every block to duplicate by predicted damage (lens on `calibration`), then build the
-    first `top_k` merges for real and measure their perplexity on `heldout` beside the parent's.
-    Texts default to assets/calibration.txt and assets/heldout.txt."""
+    """Rank every block to duplicate, then build the first `top_k` merges for real and measure
+    their perplexity on `heldout` beside the parent's. Texts default to assets/calibration.txt
+    and assets/heldout.txt.
+
+    rank_by="predicted": by predicted damage d(x_end, x_start) from the lens on `calibration`
+    (no merge is run). rank_by="drift": by each merge's measured output drift on the first
+    `drift_tokens` tokens of `calibration` (duplication_drift; it runs every candidate's tail,
+    without the head), which tracked perplexity much more closely on Gemma 3 (benchmarks/seams.py).
+    """
     from merger.assemble import assemble
     from merger.runtime import build_dtype
 
@@ -601,18 +669,28 @@ def suggest_duplications(
     parent = load_model(model_ref, device=device)
     if lens is None:
         calib = _chunks_for(parent, calibration, CALIBRATION_TEXT, max_tokens, max_length)
-        lens = capture(parent.model, calib, name=model_ref, progress=lambda f, m: report(0.3 * f, m))
+        lens = capture(parent.model, calib, name=model_ref, progress=lambda f, m: report(0.2 * f, m))
     held = _chunks_for(parent, heldout, HELDOUT_TEXT, max_tokens, max_length)
     L = lens.num_layers
     ranked = rank_duplications(lens, min_size=min_size, max_size=max_size)
+    if rank_by == "drift":
+        sample = _chunks_for(parent, calibration, CALIBRATION_TEXT, drift_tokens, max_length)
+        blocks = [(s.start, s.end) for s in ranked]
+        drift = duplication_drift(
+            model_ref, parent.model, sample, blocks, progress=lambda f, m: report(0.2 + 0.3 * f, m)
+        )
+        ranked = sorted(
+            (replace(s, drift=drift[(s.start, s.end)].output) for s in ranked),
+            key=lambda s: (s.drift, s.predicted, s.start, s.end),
+        )
     parent_ppl = perplexity(parent.model, held)
     del parent.model  # candidates reload the parent's tensors; do not hold two copies
     confirmed = []
     for i, s in enumerate(ranked[:top_k]):
-        report(0.3 + 0.7 * i / max(top_k, 1), f"perplexity of duplicating {s.label}")
+        report(0.5 + 0.5 * i / max(top_k, 1), f"perplexity of duplicating {s.label}")
         plan = make_plan(duplication_recipe(model_ref, L, s.start, s.end))
         model = assemble(plan, device=parent.device, dtype=build_dtype(plan, parent.device))
-        confirmed.append(Suggestion(s.start, s.end, s.predicted, perplexity(model, held)))
+        confirmed.append(replace(s, perplexity=perplexity(model, held)))
         del model
     report(1.0, "done")
     return Suggestions(model_ref, L, tuple(ranked), tuple(confirmed), parent_ppl, held.num_tokens, lens)

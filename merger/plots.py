@@ -169,26 +169,29 @@ def seam_scores_figure(scores: SeamScores, *, title: str | None = None) -> go.Fi
 
 
 def suggestions_figure(suggestions: Suggestions, *, top: int = 15, title: str | None = None) -> go.Figure:
-    """The best `top` blocks to duplicate by predicted damage; beside them the confirmed merges'
-    perplexity with the parent's as a dashed line."""
+    """The best `top` blocks to duplicate by what ranked them (predicted damage, or measured output
+    drift when ranked by drift); beside them the confirmed merges' perplexity, the parent's dashed."""
     shown = list(suggestions.ranked[:top])[::-1]  # best at the top of a horizontal bar chart
     confirmed = {(s.start, s.end): s.perplexity for s in suggestions.confirmed}
     labels = [s.label for s in shown]
+    by_drift = bool(shown) and all(s.drift is not None for s in shown)
+    key, what = ("drift", "measured output drift") if by_drift else ("predicted", "predicted damage d(x_end, x_start)")
     fig = make_subplots(
         rows=1,
         cols=2,
         shared_yaxes=True,
         horizontal_spacing=0.04,
-        subplot_titles=("predicted damage d(x_end, x_start)", "perplexity on held-out text"),
+        subplot_titles=(what, "perplexity on held-out text"),
     )
     fig.add_trace(
         go.Bar(
-            x=[s.predicted for s in shown],
+            x=[getattr(s, key) for s in shown],
             y=labels,
             orientation="h",
             marker_color=PREDICTED_COLOR,
-            name="predicted",
-            hovertemplate="duplicate %{y}<br>predicted %{x}<extra></extra>",
+            name=key,
+            customdata=[s.predicted for s in shown],
+            hovertemplate=f"duplicate %{{y}}<br>{key} %{{x}}<br>predicted %{{customdata}}<extra></extra>",
         ),
         row=1,
         col=1,

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -17,6 +18,7 @@ from merger.lens import (
     MERGE,
     TokenChunks,
     capture,
+    duplication_drift,
     duplication_recipe,
     perplexity,
     point_labels,
@@ -44,6 +46,16 @@ TEXT = (
     "Hello! How are you today? I am fine, thank you. The dog did not mind the fox at all. "
 ) * 3
 HELDOUT = "How are you? The lazy fox stacks models, and the quick dog is fine today. Thank you! " * 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP's
+    spinning made small ops up to ~200x slower; restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def random_chunks(lengths, prefix_len=1, seed=0) -> TokenChunks:
@@ -146,6 +158,7 @@ import resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from merger.lens import TokenChunks, capture
 torch.manual_seed(0)
+torch.set_num_threads(1)
 config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
 model = LlamaForCausalLM(config).eval()
@@ -219,6 +232,33 @@ def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplex
         plan = make_plan(duplication_recipe(ref, 6, s.start, s.end))
         assert plan.layer_sources == [(ref, i) for i in [*range(s.end), *range(s.start, 6)]]
         assert s.perplexity == perplexity(assemble(plan), held) != result.parent_perplexity
+
+
+@pytest.mark.parametrize(("arch", "blocks"), [("tiny_llama", [(2, 4), (1, 4), (4, 6)]), ("tiny_gemma", [(4, 8)])])
+def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(arch, blocks, request):
+    ref = str(request.getfixturevalue(arch))
+    L = make_plan(passthrough((ref, 0, 1))).models[ref].num_layers
+    parent = build(ref, (0, L))
+    drift = duplication_drift(ref, parent, CHUNKS, blocks, batch_size=2)
+    for a, b in blocks:  # the tail shortcut against the real merge, run in lockstep with the parent
+        plan = make_plan(duplication_recipe(ref, L, a, b))
+        scores = score_seams(plan, CHUNKS, parents={ref: parent}, batch_size=2)
+        assert drift[(a, b)].seam == pytest.approx(scores.measured[b], abs=1e-9)
+        assert drift[(a, b)].mean == pytest.approx(sum(scores.measured[b:]) / (L - a), abs=1e-9)
+        assert drift[(a, b)].output == pytest.approx(scores.measured_output, abs=1e-9) and scores.measured_output > 0
+
+
+def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama):
+    ref = str(tiny_llama)
+    result = suggest_duplications(
+        ref, calibration=TEXT, heldout=HELDOUT, top_k=2, max_size=3, rank_by="drift", drift_tokens=60
+    )
+    sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT, max_tokens=60)
+    drift = duplication_drift(ref, build(ref, (0, 6)), sample, [(s.start, s.end) for s in result.ranked])
+    assert [s.drift for s in result.ranked] == sorted(drift[(s.start, s.end)].output for s in result.ranked)
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    for s in result.confirmed:
+        assert s.perplexity == perplexity(assemble(make_plan(duplication_recipe(ref, 6, s.start, s.end))), held)
 
 
 def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_llama):
@@ -296,5 +336,8 @@ def test_figures_carry_exact_values_and_mark_the_recipe(tiny_llama):
     confirmed = (Suggestion(ranked[0].start, ranked[0].end, ranked[0].predicted, 12.5),)
     sugg = suggestions_figure(Suggestions(ref, 6, ranked, confirmed, 10.0, 100, lens), top=5)
     assert list(sugg.data[0].y)[-1] == ranked[0].label and list(sugg.data[1].x)[-1] == 12.5
+    by_drift = tuple(replace(s, drift=0.1 * i) for i, s in enumerate(ranked))
+    sugg = suggestions_figure(Suggestions(ref, 6, by_drift, (), 10.0, 100, lens), top=3)
+    assert list(sugg.data[0].x)[::-1] == [0.0, 0.1, 0.2] and "drift" in sugg.layout.annotations[0].text
     rec = recurrence_figure([RecurrencePoint(1, 6, 0.0, 10.0), RecurrencePoint(2, 8, 0.3, 11.0)])
     assert list(rec.data[0].y) == [10.0, 11.0] and list(rec.data[1].y) == [0.0, 0.3]
