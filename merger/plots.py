@@ -181,7 +181,7 @@ def suggestions_figure(suggestions: Suggestions, *, top: int = 15, title: str | 
         cols=2,
         shared_yaxes=True,
         horizontal_spacing=0.04,
-        subplot_titles=(what, "perplexity on held-out text"),
+        subplot_titles=(what, f"perplexity on held-out text (parent {suggestions.parent_perplexity:.2f}, dashed)"),
     )
     fig.add_trace(
         go.Bar(
@@ -211,15 +211,6 @@ def suggestions_figure(suggestions: Suggestions, *, top: int = 15, title: str | 
         col=2,
     )
     fig.add_vline(x=suggestions.parent_perplexity, line={"color": "black", "dash": "dash"}, row=1, col=2)
-    fig.add_annotation(
-        x=suggestions.parent_perplexity,
-        y=1.0,
-        yref="paper",
-        xref="x2",
-        showarrow=False,
-        yanchor="bottom",
-        text=f"parent {suggestions.parent_perplexity:.2f}",
-    )
     fig.update_layout(
         title=title or f"Blocks to duplicate in {_short(suggestions.model)}",
         showlegend=False,
@@ -258,6 +249,6 @@ def recurrence_figure(points: Sequence[RecurrencePoint], *, title: str | None = 
     )
     fig.update_xaxes(title_text="times the block runs", dtick=1)
     fig.update_yaxes(title_text="perplexity", secondary_y=False)
-    fig.update_yaxes(title_text="sum of predicted damage", secondary_y=True, rangemode="tozero")
+    fig.update_yaxes(title_text="sum of predicted damage", secondary_y=True, rangemode="tozero", showgrid=False)
     fig.update_layout(title=title or "Recurrence sweep", legend={"orientation": "h", "y": -0.2})
     return fig

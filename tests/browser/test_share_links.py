@@ -37,7 +37,7 @@ def test_editing_the_stack_updates_the_link_that_reopens_it(app_url, page):
     wait_for(lambda: "60 layers" in preview_text(page), "the duplicated stack")
     link = wait_for(lambda: (v := page.locator("#share-link textarea").input_value()) and v != "" and v, "the new link")
     page.goto(link)
-    wait_for(lambda: "60 layers" in preview_text(page), "the reopened stack")
+    wait_for(lambda: "240,717,888" in preview_text(page), "the reopened stack", timeout=60)
 
 
 @pytest.mark.parametrize(
