@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,28 @@ def hub_token(token_text: str, oauth_token: gr.OAuthToken | None) -> str | None:
     return oauth_token.token if oauth_token is not None else (token_text.strip() or None)
 
 
+def write_and_deliver(
+    write: Callable[[Path], tuple[str, Path | None, int]],
+    repo_name: str,
+    private: bool,
+    token: str | None,
+    progress: gr.Progress,
+) -> tuple[str, str | None]:
+    """Run `write(folder)` (returns a status line, the folder written or None, its bytes) in a
+    scratch directory, then offer and publish the result; the folder is removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix="frankenmerge-"))
+    try:
+        head, folder, nbytes = write(work / "frankenmerge")
+        if folder is None:
+            return head, None
+        lines, archive = deliver(folder, nbytes, repo_name, private, token, progress)
+        return " ".join([head, *lines]), archive
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    finally:
+        shutil.rmtree(work / "frankenmerge", ignore_errors=True)
+
+
 def export_merge(
     recipe_yaml: str,
     dtype: str,
@@ -239,18 +262,13 @@ def export_merge(
         plan = make_plan(recipe_from_yaml(recipe_yaml).model_copy(update={"dtype": dtype or None}), model_info)
     except UserError as exc:
         raise gr.Error(str(exc)) from None
-    work = Path(tempfile.mkdtemp(prefix="frankenmerge-export-"))
-    try:
-        result = export_plan(plan, work / "frankenmerge", progress=bytes_progress(progress))
+
+    def write(folder: Path) -> tuple[str, Path | None, int]:
+        result = export_plan(plan, folder, progress=bytes_progress(progress))
         head = f"Exported {human_bytes(result.bytes)} in {len(result.shards)} shard(s) in {result.seconds:.1f} s."
-        lines, archive = deliver(
-            result.path, result.bytes, repo_name, private, hub_token(token_text, oauth_token), progress
-        )
-        return " ".join([head, *lines]), archive
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
-    finally:
-        shutil.rmtree(work / "frankenmerge", ignore_errors=True)
+        return head, result.path, result.bytes
+
+    return write_and_deliver(write, repo_name, private, hub_token(token_text, oauth_token), progress)
 
 
 def slim(
@@ -263,25 +281,20 @@ def slim(
 ) -> tuple[str, str | None]:
     """Inspect a model for a redundant lm_head.weight (tied embeddings stored twice); when there is
     one, write a slimmed copy to download or publish."""
-    work = Path(tempfile.mkdtemp(prefix="frankenmerge-slim-"))
-    try:
+
+    def write(folder: Path) -> tuple[str, Path | None, int]:
         progress(0.1, desc="reading the model")
-        result = slim_model((ref or "").strip(), work / "slimmed", resolver=model_info)
+        result = slim_model((ref or "").strip(), folder, resolver=model_info)
         found = result.redundancy
         if result.path is None:
-            return f"Nothing to remove from {found.model}: {found.reason}. Nothing was written.", None
+            return f"Nothing to remove from {found.model}: {found.reason}. Nothing was written.", None, 0
         head = (
             f"Removed {', '.join(found.tensors)}: {found.params:,} parameters, {human_bytes(found.bytes)} "
             f"({found.reason})."
         )
-        lines, archive = deliver(
-            result.path, result.bytes, repo_name, private, hub_token(token_text, oauth_token), progress
-        )
-        return " ".join([head, *lines]), archive
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
-    finally:
-        shutil.rmtree(work / "slimmed", ignore_errors=True)
+        return head, result.path, result.bytes
+
+    return write_and_deliver(write, repo_name, private, hub_token(token_text, oauth_token), progress)
 
 
 def _text(content: Any) -> str:

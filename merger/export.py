@@ -18,7 +18,8 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,19 +60,33 @@ def shard_layout(plan: Plan, shard_size: int) -> list[list[str]]:
     return shards
 
 
+@contextmanager
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """A staging folder that becomes `out_dir` only when the block completes: an interrupted
+    write leaves at most a `.NAME.partial-*` sibling, which the next attempt removes."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"'{out_dir}' already exists and is not empty; choose a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield staging
+        if out_dir.exists():
+            out_dir.rmdir()  # checked empty above
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def export_plan(
     plan: Plan, out_dir: Path, *, shard_size: int = 5 * 10**9, progress: BytesProgress | None = None
 ) -> ExportResult:
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"'{out_dir}' already exists and is not empty; choose a new folder")
     start = time.perf_counter()
-    models = {ref: _on_disk(info) for ref, info in plan.models.items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted export
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:  # refuses a non-empty folder before any download
+        models = {ref: _on_disk(info) for ref, info in plan.models.items()}
         layout = shard_layout(plan, shard_size)
         names = (
             ["model.safetensors"]
@@ -92,12 +107,6 @@ def export_plan(
             }
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         write_metadata_files(plan, models, staging)
-        if out_dir.exists():
-            out_dir.rmdir()  # checked empty above
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(out_dir, names, total, time.perf_counter() - start)
 
 

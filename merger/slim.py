@@ -13,16 +13,13 @@ head a candidate (the values are compared on disk).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from merger.catalog import PICKLE_SUFFIXES, ModelInfo, resolve
-from merger.errors import UserError
-from merger.export import ByteCopier, encode_header, reserve_space, write_all
+from merger.export import ByteCopier, atomic_folder, encode_header, reserve_space, write_all
 from merger.plan import Resolver
 from merger.safetensors_files import TensorMeta, read_header
 
@@ -110,15 +107,8 @@ def slim_model(ref: str, out_dir: Path, *, resolver: Resolver = resolve) -> Slim
         return SlimResult(redundancy, None, [], 0, time.perf_counter() - start)
     assert info.local_dir is not None  # find_redundant read the head from disk
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"'{out_dir}' already exists and is not empty; choose a new folder")
     drop = set(redundancy.tensors)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         kept: dict[str, TensorMeta] = {}
         files: list[str] = []
         with ByteCopier() as copier:
@@ -144,12 +134,6 @@ def slim_model(ref: str, out_dir: Path, *, resolver: Resolver = resolve) -> Slim
         for path in sorted(info.local_dir.iterdir()):
             if path.is_file() and path.name != INDEX and not path.name.endswith(NOT_COPIED_SUFFIXES):
                 shutil.copyfile(path, staging / path.name)
-        if out_dir.exists():
-            out_dir.rmdir()  # checked empty above
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return SlimResult(redundancy, out_dir, files, total, time.perf_counter() - start)
 
 
