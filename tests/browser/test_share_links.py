@@ -36,8 +36,9 @@ def test_editing_the_stack_updates_the_link_that_reopens_it(app_url, page):
     page.get_by_test_id("slice-dup-0").click()
     wait_for(lambda: "60 layers" in preview_text(page), "the duplicated stack")
     link = wait_for(lambda: (v := page.locator("#share-link textarea").input_value()) and v != "" and v, "the new link")
-    page.goto(link)
-    wait_for(lambda: "240,717,888" in preview_text(page), "the reopened stack", timeout=60)
+    reopened = page.context.new_page()  # a fresh visit, as the person the link is sent to makes
+    reopened.goto(link)
+    wait_for(lambda: "240,717,888" in preview_text(reopened), "the reopened stack", timeout=60)
 
 
 @pytest.mark.parametrize(
