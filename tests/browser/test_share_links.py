@@ -35,8 +35,15 @@ def test_editing_the_stack_updates_the_link_that_reopens_it(app_url, page):
     wait_for(lambda: "134,515,008" in preview_text(page), "the default stack")
     page.get_by_test_id("slice-dup-0").click()
     wait_for(lambda: "60 layers" in preview_text(page), "the duplicated stack")
-    link = wait_for(lambda: (v := page.locator("#share-link textarea").input_value()) and v != "" and v, "the new link")
-    reopened = page.context.new_page()  # a fresh visit, as the person the link is sent to makes
+
+    def link_of_60_layers() -> str | None:
+        link = page.locator("#share-link textarea").input_value()
+        if "?r=" in link and from_share_token(link.split("?r=", 1)[1])[0].num_layers == 60:
+            return link
+        return None
+
+    link = wait_for(link_of_60_layers, "the link to follow the edit")
+    reopened = page.context.browser.new_page()  # a fresh visit, as the person the link is sent to makes
     reopened.goto(link)
     wait_for(lambda: "240,717,888" in preview_text(reopened), "the reopened stack", timeout=60)
 
