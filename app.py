@@ -29,6 +29,7 @@ from merger.plan import Plan, make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
 from merger.runtime import Built, SessionModels, best_device, build
 from merger.slim import slim_model
+from ui.lens import build_lens_tab, wire_lens_tab
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.roleplay import build_roleplay_tab, card_from_state, load_card
 from ui.stack import stack_widget
@@ -517,6 +518,8 @@ def build_demo() -> gr.Blocks:
                     clear_btn = gr.Button("Clear", scale=1)
             with gr.Tab("Roleplay", elem_id="roleplay-tab"):
                 rp = build_roleplay_tab()
+            with gr.Tab("Lens", elem_id="lens-tab"):
+                lens = build_lens_tab()
         with gr.Accordion("Generation settings", open=False):
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
@@ -567,6 +570,7 @@ def build_demo() -> gr.Blocks:
             control.change(share_token, share_inputs, share_token_box, api_visibility="private")
         share_token_box.change(None, share_token_box, share_box, js=SHARE_LINK_JS)
         copy_btn.click(None, share_box, share_box, js=COPY_LINK_JS)
+        wire_lens_tab(lens, stack)
         demo.unload(forget_session)
     return demo
 

@@ -9,7 +9,8 @@
 // Everything below the shell is drawn here, from props.value plus a little local UI state (the drag
 // selection). All listeners are delegated on `element`, so redrawing never loses a handler.
 //
-// Value: {models: [{ref, label, num_layers}], slices: [{model, start, end, repeat}], seam_scores?: {"i": 0..1}}
+// Value: {models: [{ref, label, num_layers}], slices: [{model, start, end, repeat}],
+//         seam_scores?: {"i" | "i-rep-r": number | {measured, predicted}}}  (angular distances, 0..1)
 // Slices are end-exclusive; the UI writes ranges in human, inclusive form ("layers 2–5 (4)").
 
 const root = element.querySelector(".fs-root") || element;
@@ -43,10 +44,11 @@ function current() {
   };
 }
 
-// Send an edit: models and seam_scores pass through untouched, slices is a new list.
+// Send an edit: models pass through, slices is a new list, and seam scores are dropped (they
+// belong to the stack they were measured on).
 function commit(newSlices) {
   const v = props.value && typeof props.value === "object" ? props.value : {};
-  const next = { ...v, models: current().models, slices: newSlices.map((s) => ({ ...s })) };
+  const next = { ...v, models: current().models, slices: newSlices.map((s) => ({ ...s })), seam_scores: null };
   props.value = next;
   render();
 }
@@ -84,16 +86,35 @@ function human(start, endExclusive) {
   return n === 1 ? `layer ${start} (1)` : `layers ${start}–${endExclusive - 1} (${n})`;
 }
 
+// Green at no damage, red from SCORE_RED up: seams of working merges measure about 0.05-0.3.
+const SCORE_RED = 0.4;
+
 function scoreColour(score) {
-  const s = Math.min(1, Math.max(0, score));
+  const s = Math.min(1, Math.max(0, score / SCORE_RED));
   return `hsl(${Math.round(120 * (1 - s))}, 75%, 48%)`;
 }
 
-function seamScore(scores, i) {
-  if (!scores) return null;
-  const raw = scores[String(i)];
+function finite(raw) {
   const x = typeof raw === "number" ? raw : Number.parseFloat(raw);
   return Number.isFinite(x) ? x : null;
+}
+
+// {value, text}: the measured damage (or a bare number) colours the seam; both go in its title.
+function seamScore(scores, key) {
+  if (!scores || scores[key] === undefined || scores[key] === null) return null;
+  const raw = scores[key];
+  if (typeof raw !== "object") {
+    const x = finite(raw);
+    return x === null ? null : { value: x, text: `damage ${x.toFixed(3)}` };
+  }
+  const measured = finite(raw.measured);
+  const predicted = finite(raw.predicted);
+  const value = measured !== null ? measured : predicted;
+  if (value === null) return null;
+  const text = [measured !== null ? `measured ${measured.toFixed(3)}` : "", predicted !== null ? `predicted ${predicted.toFixed(3)}` : ""]
+    .filter(Boolean)
+    .join(", ");
+  return { value, text };
 }
 
 // ---------------------------------------------------------------- drawing
@@ -124,9 +145,9 @@ function renderColumn(m, c, used) {
 }
 
 function renderSeam(id, score, title, extraClass) {
-  const style = score === null ? "" : ` style="--seam:${scoreColour(score)}"`;
+  const style = score === null ? "" : ` style="--seam:${scoreColour(score.value)}"`;
   let badge = "";
-  if (score !== null) badge = `<span class="fs-seam-score">${score.toFixed(2)}</span>`;
+  if (score !== null) badge = `<span class="fs-seam-score" data-testid="score-${id}">${score.value.toFixed(2)}</span>`;
   else if (extraClass === "fs-seam-join") badge = `<span class="fs-seam-tag">seam</span>`;
   const kind = score === null ? "unscored" : "scored";
   return `<div class="fs-seam ${extraClass} ${kind}" data-testid="${id}" title="${esc(title)}"${style}><span class="fs-seam-line"></span>${badge}</div>`;
@@ -142,11 +163,13 @@ function renderSlice(s, i, v, offset) {
   for (let r = 0; r < k; r++) {
     if (r > 0) {
       const a = offset + r * n;
+      const score = seamScore(v.seam_scores, `${i}-rep-${r}`);
       passes.push(
         renderSeam(
           `seam-${i}-rep-${r}`,
-          null,
-          `Repeat seam: ${label} layer ${end - 1} feeds back into layer ${start} (merged ${a - 1} → ${a})`,
+          score,
+          `Repeat seam: ${label} layer ${end - 1} feeds back into layer ${start} (merged ${a - 1} → ${a})` +
+            (score === null ? "" : ` · ${score.text}`),
           "fs-seam-rep",
         ),
       );
@@ -182,11 +205,11 @@ function renderStack(v) {
     if (hasSeam(v.slices, i)) {
       seams++;
       const prev = v.slices[i - 1];
-      const score = seamScore(v.seam_scores, i);
+      const score = seamScore(v.seam_scores, String(i));
       const title =
         `Seam before slice ${i}: ${labelFor(prev.model, v.models)} layer ${toInt(prev.end, 0) - 1}` +
         ` → ${labelFor(s.model, v.models)} layer ${toInt(s.start, 0)}` +
-        (score === null ? "" : ` · damage ${score.toFixed(2)}`);
+        (score === null ? "" : ` · ${score.text}`);
       parts.push(renderSeam(`seam-${i}`, score, title, "fs-seam-join"));
     }
     parts.push(renderSlice(s, i, v, total));

@@ -626,10 +626,13 @@ def load_model(ref: str, *, device: str | None = None) -> Any:
     return build_for_chat(None, model_ref=ref, device=device)
 
 
-def _chunks_for(built: Any, text: str | None, default: Path, max_tokens: int | None, max_length: int) -> TokenChunks:
+def chunks_for(
+    tokenizer: Any, text: str | None, default: Path, *, max_tokens: int | None = None, max_length: int = MAX_LENGTH
+) -> TokenChunks:
+    """`text` tokenized, or the bundled file `default` when `text` is None (named as its source)."""
     source = str(default.relative_to(ASSETS.parent)) if text is None else "text"
     return tokenize(
-        built.tokenizer,
+        tokenizer,
         read_text(default) if text is None else text,
         max_length=max_length,
         max_tokens=max_tokens,
@@ -668,13 +671,17 @@ def suggest_duplications(
     report = progress or (lambda fraction, message: None)
     parent = load_model(model_ref, device=device)
     if lens is None:
-        calib = _chunks_for(parent, calibration, CALIBRATION_TEXT, max_tokens, max_length)
+        calib = chunks_for(
+            parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=max_tokens, max_length=max_length
+        )
         lens = capture(parent.model, calib, name=model_ref, progress=lambda f, m: report(0.2 * f, m))
-    held = _chunks_for(parent, heldout, HELDOUT_TEXT, max_tokens, max_length)
+    held = chunks_for(parent.tokenizer, heldout, HELDOUT_TEXT, max_tokens=max_tokens, max_length=max_length)
     L = lens.num_layers
     ranked = rank_duplications(lens, min_size=min_size, max_size=max_size)
     if rank_by == "drift":
-        sample = _chunks_for(parent, calibration, CALIBRATION_TEXT, drift_tokens, max_length)
+        sample = chunks_for(
+            parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=drift_tokens, max_length=max_length
+        )
         blocks = [(s.start, s.end) for s in ranked]
         drift = duplication_drift(
             model_ref, parent.model, sample, blocks, progress=lambda f, m: report(0.2 + 0.3 * f, m)
@@ -725,8 +732,11 @@ def recurrence_sweep(
 
     parent = load_model(model_ref, device=device)
     if lens is None:
-        lens = capture(parent.model, _chunks_for(parent, calibration, CALIBRATION_TEXT, max_tokens, max_length))
-    held = _chunks_for(parent, heldout, HELDOUT_TEXT, max_tokens, max_length)
+        lens = capture(
+            parent.model,
+            chunks_for(parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=max_tokens, max_length=max_length),
+        )
+    held = chunks_for(parent.tokenizer, heldout, HELDOUT_TEXT, max_tokens=max_tokens, max_length=max_length)
     del parent.model
     L = lens.num_layers
     if not 0 <= start < end <= L:

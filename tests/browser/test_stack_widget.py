@@ -31,7 +31,7 @@ PRESET = {
         {"model": EVIL, "start": 4, "end": 8, "repeat": 2},
         {"model": SMOL, "start": 10, "end": 30, "repeat": 1},
     ],
-    "seam_scores": {"1": 0.31, "2": 0.87},
+    "seam_scores": {"1": {"measured": 0.31, "predicted": 0.25}, "1-rep-1": 0.12, "2": 0.87},
 }
 
 
@@ -137,13 +137,16 @@ def test_stack_widget_edits_reach_python_draw_seams_and_escape_model_names(app, 
     assert drawn_seams(page) == seam_positions(PRESET) == [1, 2]
     seam = page.get_by_test_id("seam-1")
     assert "0.31" in seam.inner_text()
-    assert "0.31" in seam.get_attribute("title")
-    assert "--seam:hsl(83" in seam.get_attribute("style")  # 0.31 damage: yellow-green
+    assert "measured 0.310, predicted 0.250" in seam.get_attribute("title")
+    assert "--seam:hsl(27" in seam.get_attribute("style")  # 0.31 of the 0.4 that is full red: orange
     assert "0.87" in page.get_by_test_id("seam-2").inner_text()
+    assert "--seam:hsl(0," in page.get_by_test_id("seam-2").get_attribute("style")
     assert page.locator("[data-testid^='seam-1-rep-']").count() == 1
+    assert "0.12" in page.get_by_test_id("seam-1-rep-1").inner_text()
     page.get_by_test_id("slice-remove-1").click()
     v = last_value(received, lambda v: len(v["slices"]) == 2, "a removal after the redraw")
-    assert v["seam_scores"] == PRESET["seam_scores"]  # passed through untouched
+    assert v["seam_scores"] is None  # scores belong to the stack they were measured on
+    assert page.locator("[data-testid^='score-']").count() == 0
     assert seam_positions(v) == drawn_seams(page) == [1]
     page.locator("#preset").click()
     page.get_by_test_id("slice-2").wait_for()

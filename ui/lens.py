@@ -1,0 +1,374 @@
+"""The Lens tab: residual-stream plots of a parent, seam scores of the recipe on screen (coloured on
+the stack), suggested blocks to duplicate (one click puts one in the stack), a recurrence sweep and
+perplexities. Model logic lives in merger/lens.py; figures in merger/plots.py.
+
+Lens runs are heavy (each loads the models it measures), so they share one queue slot
+(`concurrency_id="lens"`, limit 1) and a parent's lens is cached per (model, text)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+from merger.errors import UserError
+from ui.recipe_value import column, recipe_from_value, value_from_recipe
+from ui.stack import seam_positions
+
+MAX_TEXT_CHARS = 200_000  # a visitor's calibration text: about 50k tokens
+MAX_TOKENS = 8_192  # tokens of any text a lens run reads on the page
+CACHED_LENSES = 8
+RANKINGS = {
+    "measured drift (slower, tracks perplexity best)": "drift",
+    "predicted from the heatmap (instant)": "predicted",
+}
+EXPLAIN = (
+    "Angular distance d = arccos(cos)/π between the residual stream entering layer i and entering layer j, "
+    "**averaged over every token** of the text (not only the last); `out` is the stream leaving the last "
+    "layer, before the final norm. Block influence is 1 − mean cos between what enters and leaves a layer. "
+    "A seam's **predicted** damage is read from the parents' matrix (for a duplicated block [a,b): d(x_b, x_a)); "
+    "its **measured** damage is how far the stream arriving there in the built merge is from what that "
+    "layer received in its parent, on the same tokens."
+)
+
+_lenses: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_lenses_lock = threading.Lock()
+
+
+def _progress(progress: gr.Progress, start: float = 0.0, share: float = 1.0) -> Callable[[float, str], None]:
+    return lambda fraction, message: progress(start + share * fraction, desc=message)
+
+
+def _user_text(text: str | None) -> str | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    if len(text) > MAX_TEXT_CHARS:
+        raise UserError(f"the text is {len(text):,} characters; the page takes at most {MAX_TEXT_CHARS:,}")
+    return text
+
+
+def _text_key(text: str | None) -> str:
+    return "" if text is None else hashlib.sha256(text.encode()).hexdigest()
+
+
+def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], None]) -> Any:
+    """The lens of model `ref` on `text` (None: the bundled calibration text), cached."""
+    from merger.lens import CALIBRATION_TEXT, capture, chunks_for, load_model
+
+    key = (ref, _text_key(text))
+    with _lenses_lock:
+        if key in _lenses:
+            _lenses.move_to_end(key)
+            return _lenses[key]
+    built = load_model(ref)
+    chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=MAX_TOKENS)
+    lens = capture(built.model, chunks, name=ref, progress=progress)
+    del built
+    with _lenses_lock:
+        _lenses[key] = lens
+        while len(_lenses) > CACHED_LENSES:
+            _lenses.popitem(last=False)
+    return lens
+
+
+def model_choices(value: dict[str, Any]) -> gr.Dropdown:
+    """The stack's columns, offered for the lens (keeping the current pick when still there)."""
+    refs = [m["ref"] for m in value.get("models", [])]
+    first_used = next((s["model"] for s in value.get("slices", []) if s.get("model") in refs), None)
+    return gr.Dropdown(
+        choices=[(m.get("label") or m["ref"], m["ref"]) for m in value.get("models", [])],
+        value=first_used or (refs[0] if refs else None),
+    )
+
+
+def _recipe_or_none(value: dict[str, Any]) -> Any:
+    try:
+        return recipe_from_value(value)
+    except UserError:
+        return None
+
+
+def analyze_model(
+    ref: str | None, text: str, value: dict[str, Any], progress: gr.Progress = gr.Progress()
+) -> tuple[str, Any, Any]:
+    """Heatmap (the stack's slices and seams of this model marked) and block-influence curve."""
+    from merger.plots import angular_distance_figure, block_influence_figure
+
+    if not ref:
+        raise gr.Error("Add a model to the stack first.")
+    try:
+        lens = parent_lens(ref, _user_text(text), _progress(progress))
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    recipe = _recipe_or_none(value)
+    bi = lens.block_influence
+    least = sorted(range(len(bi)), key=lambda i: float(bi[i]))[:3]
+    summary = (
+        f"**{ref.removeprefix('bundled:')}**: {lens.num_layers} layers, averaged over all {lens.tokens:,} tokens "
+        f"of {'your text' if text.strip() else 'the bundled calibration text'}. "
+        f"Layers that change the stream least: {', '.join(f'{i} ({float(bi[i]):.3f})' for i in least)}."
+    )
+    return summary, angular_distance_figure(lens, recipe=recipe), block_influence_figure(lens)
+
+
+def widget_seam_scores(value: dict[str, Any], predicted: list[float], measured: list[float]) -> dict[str, Any]:
+    """Per-depth scores keyed the way the widget draws seams: "i" for the seam before slice i,
+    "i-rep-r" for the seam where pass r of slice i begins."""
+    scores: dict[str, Any] = {}
+    joins = set(seam_positions(value))
+    depth = 0
+    for i, s in enumerate(value.get("slices", [])):
+        length, repeat = s["end"] - s["start"], max(1, int(s.get("repeat", 1)))
+        if i in joins:
+            scores[str(i)] = {"measured": measured[depth], "predicted": predicted[depth]}
+        for r in range(1, repeat):
+            d = depth + r * length
+            scores[f"{i}-rep-{r}"] = {"measured": measured[d], "predicted": predicted[d]}
+        depth += length * repeat
+    return scores
+
+
+def score_stack_seams(
+    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress()
+) -> tuple[dict[str, Any], str, Any]:
+    """Predicted and measured damage at every seam of the stack on screen; the widget colours them."""
+    from merger.lens import CALIBRATION_TEXT, chunks_for, score_seams, seam_depths
+    from merger.plan import make_plan
+    from merger.plots import seam_scores_figure
+    from merger.runtime import best_device, load_tokenizer
+
+    try:
+        plan = make_plan(recipe_from_value(value))
+        if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
+            return value, "This stack has no seams: each layer follows its own predecessor.", None
+        progress(0.05, desc="loading the parents and the merge")
+        chunks = chunks_for(load_tokenizer(plan), _user_text(text), CALIBRATION_TEXT, max_tokens=MAX_TOKENS)
+        scores = score_seams(plan, chunks, device=best_device(), progress=_progress(progress, 0.1, 0.9))
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    seam_list = ", ".join(
+        f"depth {d}: predicted {scores.predicted[d]:.3f}, measured {scores.measured[d]:.3f}" for d in scores.seams
+    )
+    summary = (
+        f"{len(scores.seams)} seam(s) over {scores.lens.tokens:,} tokens ({chunks.source}); {seam_list}. "
+        f"The merge's output stream is {scores.measured_output:.3f} from its parent's."
+    )
+    scored = {**value, "seam_scores": widget_seam_scores(value, list(scores.predicted), list(scores.measured))}
+    return scored, summary, seam_scores_figure(scores)
+
+
+def suggest_blocks(
+    ref: str | None, text: str, ranking: str, progress: gr.Progress = gr.Progress()
+) -> tuple[str, Any, gr.Dropdown]:
+    """Rank every 2-8-layer block of `ref` to duplicate; build the best five and measure them."""
+    from merger.lens import suggest_duplications
+    from merger.plots import suggestions_figure
+
+    if not ref:
+        raise gr.Error("Add a model to the stack first.")
+    try:
+        user_text = _user_text(text)
+        lens = parent_lens(ref, user_text, _progress(progress, 0.0, 0.2))
+        found = suggest_duplications(
+            ref,
+            calibration=user_text,
+            lens=lens,
+            rank_by=RANKINGS.get(ranking, "drift"),
+            max_tokens=MAX_TOKENS,
+            progress=_progress(progress, 0.2, 0.8),
+        )
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    rows = "\n".join(
+        f"| {s.label} | {s.size} | {s.predicted:.4f} | {'' if s.drift is None else f'{s.drift:.4f}'} "
+        f"| {s.perplexity:.2f} | {found.num_layers + s.size} |"
+        for s in found.confirmed
+    )
+    table = (
+        f"Perplexity on {found.heldout_tokens:,} held-out tokens; the parent's: **{found.parent_perplexity:.2f}**.\n\n"
+        "| duplicate | layers | predicted | drift | perplexity | merged layers |\n|---|---|---|---|---|---|\n" + rows
+    )
+    labels = [s.label for s in found.confirmed]
+    return table, suggestions_figure(found), gr.Dropdown(choices=labels, value=labels[0] if labels else None)
+
+
+def _block(pick: str | None) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in (pick or "").strip("[)").split(","))
+    except ValueError:
+        raise gr.Error("Pick a suggested block first.") from None
+    return start, end
+
+
+def apply_suggestion(pick: str | None, ref: str | None, value: dict[str, Any]) -> dict[str, Any]:
+    """Replace the stack with the duplication of the picked block, [0, end) + [start, L)."""
+    from merger.catalog import resolve
+    from merger.lens import duplication_recipe
+
+    start, end = _block(pick)
+    if not ref:
+        raise gr.Error("Add a model to the stack first.")
+    info = resolve(ref)
+    columns = value.get("models") or [column(info)]
+    return value_from_recipe(duplication_recipe(ref, info.num_layers, start, end), columns)
+
+
+def sweep_block(
+    ref: str | None, pick: str | None, text: str, max_repeats: float, progress: gr.Progress = gr.Progress()
+) -> tuple[str, Any]:
+    """Perplexity and predicted seam damage of the picked block run 1..max_repeats times."""
+    from merger.lens import recurrence_sweep
+    from merger.plots import recurrence_figure
+
+    start, end = _block(pick)
+    if not ref:
+        raise gr.Error("Add a model to the stack first.")
+    try:
+        user_text = _user_text(text)
+        lens = parent_lens(ref, user_text, _progress(progress, 0.0, 0.1))
+        points = recurrence_sweep(
+            ref,
+            start,
+            end,
+            max_repeats=int(max_repeats),
+            lens=lens,
+            max_tokens=MAX_TOKENS,
+            progress=_progress(progress, 0.1, 0.9),
+        )
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    best = min(points, key=lambda p: p.perplexity)
+    summary = " · ".join(f"x{p.repeats}: {p.perplexity:.2f}" for p in points)
+    return f"Block [{start}, {end}): {summary}. Lowest perplexity at x{best.repeats}.", recurrence_figure(
+        points, title=f"Recurrence sweep of block [{start}, {end})"
+    )
+
+
+def measure_perplexities(value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress()) -> str:
+    """Perplexity of the merge on screen and of each parent, on held-out text and on the user's."""
+    from merger.assemble import assemble
+    from merger.lens import HELDOUT_TEXT, chunks_for, perplexity
+    from merger.plan import make_plan
+    from merger.recipe import passthrough
+    from merger.runtime import best_device, build_dtype, load_tokenizer
+
+    try:
+        plan = make_plan(recipe_from_value(value))
+        user_text = _user_text(text)
+        tokenizer = load_tokenizer(plan)
+        chunks = {"held-out text": chunks_for(tokenizer, None, HELDOUT_TEXT, max_tokens=MAX_TOKENS)}
+        if user_text is not None:
+            chunks["your text"] = chunks_for(tokenizer, user_text, HELDOUT_TEXT, max_tokens=MAX_TOKENS)
+        device = best_device()
+        candidates = {"the merge": plan} | {
+            ref.removeprefix("bundled:"): make_plan(passthrough((ref, 0, info.num_layers)))
+            for ref, info in plan.models.items()
+        }
+        rows = []
+        for i, (name, model_plan) in enumerate(candidates.items()):
+            progress(i / len(candidates), desc=f"perplexity of {name}")
+            model = assemble(model_plan, device=device, dtype=build_dtype(model_plan, device))
+            rows.append(
+                f"| {name} | {model_plan.num_layers} | "
+                + " | ".join(f"{perplexity(model, c):.2f}" for c in chunks.values())
+                + " |"
+            )
+            del model
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    head = "| model | layers | " + " | ".join(f"{n} ({c.num_tokens:,} tokens)" for n, c in chunks.items()) + " |"
+    return "\n".join([head, "|---|---|" + "---|" * len(chunks), *rows])
+
+
+def build_lens_tab() -> dict[str, Any]:
+    gr.Markdown(EXPLAIN)
+    with gr.Row():
+        model = gr.Dropdown(label="Model to analyze (a column of the stack)", choices=[], elem_id="lens-model", scale=3)
+        analyze = gr.Button("Analyze", variant="primary", elem_id="lens-analyze", scale=1)
+    text = gr.Textbox(
+        label="Calibration text (empty: the bundled text; at most 200,000 characters)",
+        lines=3,
+        max_lines=8,
+        elem_id="lens-text",
+    )
+    summary = gr.Markdown(elem_id="lens-summary")
+    with gr.Row():
+        heatmap = gr.Plot(elem_id="lens-heatmap", show_label=False)
+        influence = gr.Plot(elem_id="lens-influence", show_label=False)
+    gr.Markdown("### Seams of the stack on screen")
+    seams = gr.Button("Score the seams", elem_id="lens-seams")
+    seams_md = gr.Markdown(elem_id="lens-seams-summary")
+    seams_plot = gr.Plot(elem_id="lens-seams-plot", show_label=False)
+    gr.Markdown("### Blocks to duplicate")
+    with gr.Row():
+        ranking = gr.Radio(list(RANKINGS), value=next(iter(RANKINGS)), label="Rank candidates by", scale=3)
+        suggest = gr.Button("Suggest", elem_id="lens-suggest", scale=1)
+    suggestions_md = gr.Markdown(elem_id="lens-suggestions")
+    suggestions_plot = gr.Plot(elem_id="lens-suggestions-plot", show_label=False)
+    with gr.Row():
+        pick = gr.Dropdown(label="Suggested block", choices=[], elem_id="lens-pick", scale=2)
+        apply = gr.Button("Put in the stack", elem_id="lens-apply", scale=1)
+        repeats = gr.Slider(2, 8, value=8, step=1, label="Recurrence sweep up to", scale=2)
+        sweep = gr.Button("Sweep repeats", elem_id="lens-sweep", scale=1)
+    sweep_md = gr.Markdown(elem_id="lens-sweep-summary")
+    sweep_plot = gr.Plot(elem_id="lens-sweep-plot", show_label=False)
+    gr.Markdown("### Did the splice damage it?")
+    ppl = gr.Button("Measure perplexity of the merge and its parents", elem_id="lens-ppl")
+    ppl_md = gr.Markdown(elem_id="lens-ppl-table")
+    return {
+        "model": model,
+        "analyze": analyze,
+        "text": text,
+        "summary": summary,
+        "heatmap": heatmap,
+        "influence": influence,
+        "seams": seams,
+        "seams_md": seams_md,
+        "seams_plot": seams_plot,
+        "ranking": ranking,
+        "suggest": suggest,
+        "suggestions_md": suggestions_md,
+        "suggestions_plot": suggestions_plot,
+        "pick": pick,
+        "apply": apply,
+        "repeats": repeats,
+        "sweep": sweep,
+        "sweep_md": sweep_md,
+        "sweep_plot": sweep_plot,
+        "ppl": ppl,
+        "ppl_md": ppl_md,
+    }
+
+
+def wire_lens_tab(lens: dict[str, Any], stack: gr.HTML) -> None:
+    """Events of the Lens tab; every heavy one takes the single lens queue slot."""
+    heavy = {"concurrency_limit": 1, "concurrency_id": "lens", "api_visibility": "private"}
+    stack.change(model_choices, stack, lens["model"], api_visibility="private")
+    lens["analyze"].click(
+        analyze_model,
+        [lens["model"], lens["text"], stack],
+        [lens["summary"], lens["heatmap"], lens["influence"]],
+        **heavy,
+    )
+    lens["seams"].click(
+        score_stack_seams, [stack, lens["text"]], [stack, lens["seams_md"], lens["seams_plot"]], **heavy
+    )
+    lens["suggest"].click(
+        suggest_blocks,
+        [lens["model"], lens["text"], lens["ranking"]],
+        [lens["suggestions_md"], lens["suggestions_plot"], lens["pick"]],
+        **heavy,
+    )
+    lens["apply"].click(apply_suggestion, [lens["pick"], lens["model"], stack], stack, api_visibility="private")
+    lens["sweep"].click(
+        sweep_block,
+        [lens["model"], lens["pick"], lens["text"], lens["repeats"]],
+        [lens["sweep_md"], lens["sweep_plot"]],
+        **heavy,
+    )
+    lens["ppl"].click(measure_perplexities, [stack, lens["text"]], lens["ppl_md"], **heavy)
