@@ -11,7 +11,7 @@ from typing import Any
 
 from merger.catalog import ModelInfo, resolve
 from merger.errors import RecipeError
-from merger.methods import METHODS
+from merger.method_specs import METHODS
 from merger.recipe import DTYPES, Recipe, Slice, resolve_parameter
 from merger.safetensors_files import TORCH_NAMES, TensorMeta
 
@@ -253,8 +253,18 @@ def _check_stackable(slices: tuple[Slice, ...], models: dict[str, ModelInfo], pr
                 if shapes != reference_layer:
                     raise RecipeError(
                         f"slice {i}: layer {layer} of {model.ref} has different tensors from {primary.ref}'s "
-                        "layers (another size of the same architecture?), so they cannot be stacked"
+                        f"layers ({_first_difference(shapes, reference_layer, layer)}; another size of the same "
+                        "architecture?), so they cannot be stacked or blended"
                     )
+
+
+def _first_difference(shapes: dict[str, tuple], reference: dict[str, tuple], layer: int) -> str:
+    suffix = next(k for k in sorted(shapes.keys() | reference.keys()) if shapes.get(k) != reference.get(k))
+    mine, theirs = shapes.get(suffix), reference.get(suffix)
+    name = f"model.layers.{layer}.{suffix}"
+    if mine is None or theirs is None:
+        return f"{name} is only in one of them"
+    return f"{name} has shape {list(mine)} where theirs have {list(theirs)}"
 
 
 def merged_config(

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merger.errors import RecipeError
-from merger.methods import BLEND_METHODS, METHODS, REQUIRED, Param
+from merger.method_specs import BLEND_METHODS, METHODS, REQUIRED, Param
 
 DTYPES = ("float32", "bfloat16", "float16")
 MERGE_METHODS = ("passthrough", *BLEND_METHODS)
