@@ -363,3 +363,23 @@ def test_mixed_blend_and_passthrough_recipe_builds_chats_and_exports_the_same_mo
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, built.model(ids).logits)
     assert recipe_from_yaml((first / "mergekit_config.yml").read_text()).compacted() == mixed_recipe
+
+
+def test_preview_text_reports_the_memory_blended_tensors_take(mixed_recipe):
+    import app
+
+    plan = make_plan(mixed_recipe)
+    counts = count(plan)
+    text = app.preview_markdown({**counts.as_dict(), "seams": plan.seams()})
+    assert f"{counts.blend_bytes / 2**10:,.2f} KiB of it blended tensors" in text
+
+
+@pytest.mark.parametrize("text", [BLENDED_YAML, WHOLE_MODEL_YAML])
+def test_widget_value_keeps_every_blend_setting(text):
+    from ui.recipe_value import recipe_from_value, value_from_recipe
+
+    recipe = recipe_from_yaml(text)
+    columns = [{"ref": ref, "label": ref, "num_layers": 8} for ref in recipe.models]
+    again = recipe_from_value(value_from_recipe(recipe, columns), dtype=recipe.dtype)
+    slices = recipe.as_slices(dict.fromkeys(recipe.models, 8))
+    assert again == recipe.model_copy(update={"slices": slices, "model_entries": ()})
