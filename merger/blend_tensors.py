@@ -4,36 +4,62 @@ Assemble and export both use it, so the chatted and the exported model get the s
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import os
 
 import torch
-from safetensors import safe_open
 
 from merger.catalog import ModelInfo
 from merger.methods import blend
 from merger.plan import Blend, TensorSource
 
+ST_TO_TORCH = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
 
 class ParentReader:
-    """Reads single parent tensors by (model, name), each parent file opened once."""
+    """Reads single parent tensors by (model, name) at their byte offsets, each parent file opened
+    once. Plain reads rather than a memory map: mapped pages would stay resident (and count in
+    the process's memory) until the whole file is closed."""
 
     def __init__(self, models: dict[str, ModelInfo]) -> None:
         self._models = models
-        self._files: dict[str, object] = {}
-        self._stack = ExitStack()
+        self._fds: dict[str, int] = {}
 
     def __enter__(self) -> ParentReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def read(self, src: TensorSource, *, device: str, dtype: torch.dtype) -> torch.Tensor:
-        file = self._models[src.model].tensors[src.name].file
-        handle = self._files.get(file)
-        if handle is None:
-            handle = self._files[file] = self._stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-        return handle.get_tensor(src.name).to(device=device, dtype=dtype)
+        meta = self._models[src.model].tensors[src.name]
+        fd = self._fds.get(meta.file)
+        if fd is None:
+            fd = self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
+        start, end = meta.offsets
+        raw = bytearray(end - start)
+        view, pos = memoryview(raw), start
+        while pos < end:
+            n = os.preadv(fd, [view[pos - start :]], pos)
+            if n == 0:
+                raise OSError(f"{meta.file} ended early")
+            pos += n
+        if not raw:
+            return torch.empty(meta.shape, dtype=dtype, device=device)
+        tensor = torch.frombuffer(raw, dtype=ST_TO_TORCH[meta.dtype]).reshape(meta.shape)
+        return tensor.to(device=device, dtype=dtype)
 
 
 def compute_blend(

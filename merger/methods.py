@@ -142,25 +142,39 @@ def dare(
     return combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
+SLERP_CHUNK = 1 << 20  # entries per step: bounds float32 scratch, and matches mergekit's reduction order
+
+
 def slerp(
     t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8
 ) -> torch.Tensor:
     """Spherical interpolation from v0 (t=0, the base) to v1 (t=1) over the whole flattened tensor;
-    nearly collinear pairs interpolate linearly."""
+    nearly collinear pairs interpolate linearly. Works through the tensor in chunks, so scratch
+    memory stays about SLERP_CHUNK float32 entries whatever the tensor's size."""
     work = _work_dtype(v0)
-    a, b = v0.reshape(1, -1).to(work), v1.reshape(1, -1).to(work)  # [1, numel]
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    steps = [slice(i, i + SLERP_CHUNK) for i in range(0, a.numel(), SLERP_CHUNK)]
     tt = torch.tensor(t, dtype=work, device=a.device)
-    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
-    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
-    norm_a = torch.where(norm_a > eps, norm_a, 1)
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
+    if not steps:
+        return v0.clone()
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # the norm of the chunks' norms
+        parts = [torch.linalg.vector_norm(x[s].to(work)) for s in steps]
+        n = torch.linalg.vector_norm(torch.stack(parts))
+        return torch.where(n > eps, n, 1)
+
+    norm_a, norm_b = norm(a), norm(b)
+    dot = torch.stack([((a[s].to(work) / norm_a) * (b[s].to(work) / norm_b)).sum() for s in steps]).sum()
+    dot = dot.clamp(-1, 1)
     straight = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(straight, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(straight, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(straight, tt, torch.sin(tt * theta) / sin_theta)
-    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+    out = torch.empty_like(a)
+    for s in steps:
+        out[s] = coef_a * a[s].to(work) + coef_b * b[s].to(work)
+    return out.reshape(v0.shape)
 
 
 def stable_seed(*parts: object) -> int:
