@@ -8,7 +8,12 @@ process after the inputs were read once (warm page cache). Prints each tool's wa
 RSS (the child's ru_maxrss), the ratios from this one run, the largest difference between the two
 outputs' tensors, and JSON.
 
-    python benchmarks/blend.py [--workdir DIR] [--method slerp|linear|ties]
+`--threads N` sets OMP_NUM_THREADS=N for both tools. On a small shared machine that matters more
+than anything else here: with the other core busy, every parallel elementwise op waits a
+scheduler tick for its second thread (measured here: 11 ms per op on 2**20 floats with 2
+threads, 0.2 ms with 1).
+
+    python benchmarks/blend.py [--workdir DIR] [--method slerp|linear|ties] [--threads N]
 """
 
 from __future__ import annotations
@@ -85,17 +90,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, help="where the models and outputs go (default: a temp folder)")
     parser.add_argument("--method", default="slerp", choices=("slerp", "linear", "ties"))
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both tools (default: torch's choice)")
     args = parser.parse_args()
     if shutil.which("mergekit-yaml") is None:
         sys.exit("mergekit is not installed: pip install mergekit==0.1.5")
     work = Path(tempfile.mkdtemp(prefix="blend-bench-", dir=args.workdir))
     try:
-        bench(work, args.method)
+        bench(work, args.method, args.threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def bench(work: Path, method: str) -> None:
+def bench(work: Path, method: str, threads: int | None) -> None:
     import yaml
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -112,6 +118,8 @@ def bench(work: Path, method: str) -> None:
     recipe.write_text(yaml.safe_dump(recipe_for(method, a, b, SHAPE["layers"]), sort_keys=False))
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     outs = {"ours": work / "ours", "mergekit": work / "mergekit"}
     tools = {
         "ours": [sys.executable, "-m", "merger", "build", str(recipe), str(outs["ours"])],
@@ -122,7 +130,8 @@ def bench(work: Path, method: str) -> None:
         make_warm(inputs)
         runs[label] = run_child(label, "warm", cmd, env)
         r = runs[label]
-        print(f"{label:9} {method} export {r.seconds:6.2f} s  peak {r.peak_mib:6.0f} MiB", flush=True)
+        how = f"OMP_NUM_THREADS={threads}" if threads else "default threads"
+        print(f"{label:9} {method} export {r.seconds:6.2f} s  peak {r.peak_mib:6.0f} MiB  ({how})", flush=True)
     out_gb = sum(p.stat().st_size for p in outs["ours"].glob("*.safetensors")) / 1e9
     worst = max_difference(outs["ours"], outs["mergekit"])
     ours, theirs = runs["ours"], runs["mergekit"]
@@ -137,6 +146,7 @@ def bench(work: Path, method: str) -> None:
     )
     result = {
         "method": method,
+        "threads": threads,
         "runs": {k: {"seconds": round(r.seconds, 3), "peak_mib": round(r.peak_mib)} for k, r in runs.items()},
         "ratios": ratios,
         "max_abs_difference": worst,
