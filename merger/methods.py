@@ -150,8 +150,7 @@ def slerp(
 ) -> torch.Tensor:
     """Spherical interpolation from v0 (t=0, the base) to v1 (t=1) over the whole flattened tensor;
     nearly collinear pairs interpolate linearly. Works through the tensor in chunks, in two
-    reused float32 buffers: scratch stays 2 x SLERP_CHUNK entries whatever the tensor's size, and
-    no step allocates (fresh large buffers cost a page fault per page, here 4x the arithmetic)."""
+    reused float32 buffers: scratch stays 2 x SLERP_CHUNK entries whatever the tensor's size."""
     work = _work_dtype(v0)
     a, b = v0.reshape(-1), v1.reshape(-1)
     steps = [slice(i, min(i + SLERP_CHUNK, a.numel())) for i in range(0, a.numel(), SLERP_CHUNK)]
