@@ -515,7 +515,7 @@ MAX_SHARE_JSON = 64 * 1024
 
 def to_share_token(recipe: Recipe, settings: dict[str, Any] | None = None) -> str:
     """Compact, URL-safe, versioned: 'v1.' + base64url(zlib(JSON of the mergekit form + settings))."""
-    payload = {"recipe": recipe.compacted().model_dump(mode="json"), "settings": settings or {}}
+    payload = {"recipe": recipe.compacted().model_dump(mode="json", exclude_defaults=True), "settings": settings or {}}
     raw = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 9)
     return f"{SHARE_VERSION}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}"
 
