@@ -74,10 +74,11 @@ def preview(recipe_yaml: str) -> dict[str, Any]:
 def preview_markdown(counts: dict[str, Any]) -> str:
     parents = ", ".join(f"{ref.removeprefix('bundled:')} {n:,}" for ref, n in counts["parent_params"].items())
     seams = len(counts["seams"])
+    blended = f", {human_bytes(counts['blend_bytes'])} of it blended tensors" if counts["blend_bytes"] else ""
     return (
         f"### {counts['total_params']:,} parameters ({human_params(counts['total_params'])})\n"
         f"**{counts['num_layers']} layers** · {counts['dtype']} · export size {human_bytes(counts['bytes'])} · "
-        f"memory when built {human_bytes(counts['memory_bytes'])} (duplicated layers share tensors) · "
+        f"memory when built {human_bytes(counts['memory_bytes'])} (duplicated layers share tensors{blended}) · "
         f"{seams} seam{'s' if seams != 1 else ''}  \nparents: {parents}"
     )
 

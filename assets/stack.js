@@ -9,13 +9,17 @@
 // Everything below the shell is drawn here, from props.value plus a little local UI state (the drag
 // selection). All listeners are delegated on `element`, so redrawing never loses a handler.
 //
-// Value: {models: [{ref, label, num_layers}], slices: [{model, start, end, repeat}],
-//         seam_scores?: {"i" | "i-rep-r": number | {measured, predicted}}}  (angular distances, 0..1)
-// Slices are end-exclusive; the UI writes ranges in human, inclusive form ("layers 2–5 (4)").
+// Value: {models: [{ref, label, num_layers}], slices: [{model, start, end, repeat, parameters?, blend?,
+// slice_parameters?}], merge_method?, base_model?, parameters?,
+// seam_scores?: {"i" | "i-rep-r": number | {measured, predicted}}} (angular distances, 0..1; ui/stack.py documents
+// it). A blended slice's first source is {model, start, end}; the others are in `blend`. Slices are end-exclusive;
+// the UI writes ranges in human, inclusive form ("layers 2–5 (4)").
 
 const root = element.querySelector(".fs-root") || element;
 const PALETTE = ["#4f9dff", "#f5a524", "#2fc98f", "#e85d9a", "#a78bfa", "#22c3d6", "#f0d14a", "#ff7a59"];
 const MAX_REPEAT = 16;
+const BLEND_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"];
+const NEEDS_BASE = new Set(["task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]);
 const ICON_DUP =
   '<svg viewBox="0 0 16 16" width="12" height="12" aria-hidden="true"><rect x="5" y="5" width="9" height="9" rx="1.5" fill="none" stroke="currentColor" stroke-width="1.6"/><path d="M11 3.5V3a1 1 0 0 0-1-1H3a1 1 0 0 0-1 1v7a1 1 0 0 0 1 1h.5" fill="none" stroke="currentColor" stroke-width="1.6"/></svg>';
 const ICON_REMOVE =
@@ -41,16 +45,144 @@ function current() {
     models: Array.isArray(v.models) ? v.models : [],
     slices: Array.isArray(v.slices) ? v.slices : [],
     seam_scores: v.seam_scores && typeof v.seam_scores === "object" ? v.seam_scores : null,
+    merge_method: typeof v.merge_method === "string" ? v.merge_method : "passthrough",
+    base_model: typeof v.base_model === "string" ? v.base_model : null,
   };
 }
 
-// Send an edit: models pass through, slices is a new list, and seam scores are dropped (they
-// belong to the stack they were measured on).
-function commit(newSlices) {
+// Send an edit: everything but the slices passes through untouched (unless `extra` sets it), slices is a new list,
+// and seam scores are dropped (they belong to the stack they were measured on).
+function commit(newSlices, extra = {}) {
   const v = props.value && typeof props.value === "object" ? props.value : {};
-  const next = { ...v, models: current().models, slices: newSlices.map((s) => ({ ...s })), seam_scores: null };
+  const next = { ...v, seam_scores: null, ...extra, models: current().models, slices: newSlices.map((s) => ({ ...s })) };
   props.value = next;
   render();
+}
+
+// ---------------------------------------------------------------- blends
+
+function sourcesOf(s) {
+  return [{ model: s.model, start: s.start, end: s.end, parameters: s.parameters }, ...(s.blend || [])];
+}
+
+// A slice from its sources: the first names its place in the stack, the rest go to `blend`.
+function withSources(s, sources) {
+  const [first, ...rest] = sources;
+  const out = { ...s, model: first.model, start: first.start, end: first.end };
+  delete out.parameters;
+  delete out.blend;
+  if (first.parameters) out.parameters = first.parameters;
+  if (rest.length) out.blend = rest;
+  else delete out.slice_parameters;
+  return out;
+}
+
+function isNumber(x) {
+  return typeof x === "number" && Number.isFinite(x);
+}
+
+// The parameters the widget edits, made to fit `method`: slerp takes one t per blended slice, the others
+// a weight per source (mergekit refuses parameters a method does not take). Non-numeric settings stay.
+function adaptToMethod(slices, method) {
+  return slices.map((s) => {
+    if (!(s.blend || []).length) return s;
+    const sources = sourcesOf(s).map((src) => {
+      const params = { ...(src.parameters || {}) };
+      if (method === "slerp" && isNumber(params.weight)) delete params.weight;
+      if (method !== "slerp" && params.weight === undefined) params.weight = 1;
+      return { ...src, parameters: Object.keys(params).length ? params : undefined };
+    });
+    const out = withSources(s, sources);
+    const sp = { ...(s.slice_parameters || {}) };
+    if (method === "slerp" && sp.t === undefined) sp.t = 0.5;
+    if (method !== "slerp" && isNumber(sp.t)) delete sp.t;
+    if (Object.keys(sp).length) out.slice_parameters = sp;
+    else delete out.slice_parameters;
+    return out;
+  });
+}
+
+// Blending slice i with model `ref`: the same layer range when the model has it, else its first layers.
+function addSource(i, ref) {
+  const v = current();
+  const m = v.models.find((mm) => mm.ref === ref);
+  const s = v.slices[i];
+  if (!m || !s) return;
+  const n = span(s);
+  const layers = toInt(m.num_layers, 0);
+  if (n > layers) return;
+  const start = toInt(s.end, 0) <= layers ? toInt(s.start, 0) : 0;
+  const slices = v.slices.slice();
+  slices[i] = withSources(s, [...sourcesOf(s), { model: ref, start, end: start + n }]);
+  const method = v.merge_method === "passthrough" ? "linear" : v.merge_method;
+  const extra = { merge_method: method };
+  if (NEEDS_BASE.has(method) && !v.base_model) extra.base_model = s.model;
+  commit(adaptToMethod(slices, method), extra);
+}
+
+function removeSource(i, j) {
+  const v = current();
+  const s = v.slices[i];
+  if (!s) return;
+  const sources = sourcesOf(s);
+  if (j < 0 || j >= sources.length || sources.length < 2) return;
+  sources.splice(j, 1);
+  const slices = v.slices.slice();
+  slices[i] = withSources(s, sources);
+  commit(slices);
+}
+
+function renderSources(s, i, v) {
+  const slerp = v.merge_method === "slerp";
+  const rows = sourcesOf(s).map((src, j) => {
+    const w = src.parameters ? src.parameters.weight : undefined;
+    const isBase = NEEDS_BASE.has(v.merge_method) && src.model === v.base_model;
+    let weight = "";
+    if (slerp) weight = isBase ? '<span class="fs-muted">base</span>' : "";
+    else if (isBase && v.merge_method !== "linear") weight = '<span class="fs-muted">base</span>';
+    else if (w === undefined || isNumber(w))
+      weight = `<label class="fs-weight" title="weight">w <input type="number" step="0.05" value="${isNumber(w) ? w : ""}" data-testid="source-weight-${i}-${j}" data-slice="${i}" data-source="${j}" /></label>`;
+    else weight = '<span class="fs-muted" title="a gradient or filter from the YAML">custom</span>';
+    return `
+      <div class="fs-source" data-testid="source-${i}-${j}" style="--mc:${colourFor(src.model, v.models)}">
+        <span class="fs-swatch"></span>
+        <span class="fs-source-name" title="${esc(src.model)}">${esc(labelFor(src.model, v.models))}</span>
+        <span class="fs-muted">${human(toInt(src.start, 0), toInt(src.end, 0))}</span>
+        ${weight}
+        <button type="button" class="fs-btn fs-icon fs-danger" data-testid="source-remove-${i}-${j}" data-action="unblend" data-slice="${i}" data-source="${j}" title="Take this source out of the blend">${ICON_REMOVE}</button>
+      </div>`;
+  });
+  let t = "";
+  if (slerp) {
+    const raw = s.slice_parameters ? s.slice_parameters.t : undefined;
+    t =
+      raw === undefined || isNumber(raw)
+        ? `<label class="fs-weight" title="slerp position: 0 = base, 1 = the other model">t <input type="number" min="0" max="1" step="0.05" value="${isNumber(raw) ? raw : ""}" data-testid="slice-t-${i}" data-slice="${i}" /></label>`
+        : '<span class="fs-muted">t: custom</span>';
+  }
+  return `<div class="fs-sources" data-testid="slice-sources-${i}">${rows.join("")}${t}</div>`;
+}
+
+function renderBlendPicker(s, i, v) {
+  const inSlice = new Set(sourcesOf(s).map((src) => src.model));
+  const options = v.models
+    .filter((m) => !inSlice.has(m.ref) && toInt(m.num_layers, 0) >= span(s))
+    .map((m) => `<option value="${esc(m.ref)}">${esc(m.label || m.ref)}</option>`);
+  if (!options.length) return "";
+  return `<select class="fs-blend-add" data-testid="slice-blend-${i}" data-slice="${i}" title="Blend this slice with the same layers of another model"><option value="">+ blend</option>${options.join("")}</select>`;
+}
+
+function renderBlendControls(v) {
+  if (!v.slices.some((s) => (s.blend || []).length)) return "";
+  const methods = BLEND_METHODS.map(
+    (m) => `<option value="${m}" ${m === v.merge_method ? "selected" : ""}>${m}</option>`,
+  ).join("");
+  const base = NEEDS_BASE.has(v.merge_method)
+    ? `<label>base <select data-testid="blend-base" class="fs-blend-base">${v.models
+        .map((m) => `<option value="${esc(m.ref)}" ${m.ref === v.base_model ? "selected" : ""}>${esc(m.label || m.ref)}</option>`)
+        .join("")}</select></label>`
+    : "";
+  return `<div class="fs-blend-controls"><label>blend <select data-testid="blend-method" class="fs-blend-method">${methods}</select></label>${base}</div>`;
 }
 
 function colourFor(ref, models) {
@@ -178,18 +310,23 @@ function renderSlice(s, i, v, offset) {
   }
   const mergedA = offset;
   const mergedB = offset + n * k - 1;
+  const blended = (s.blend || []).length > 0;
+  const title = blended
+    ? `<span class="fs-slice-name">Blend · ${esc(v.merge_method)}</span><span class="fs-muted">· ${sourcesOf(s).length} sources, ${n} layer${n === 1 ? "" : "s"}</span>`
+    : `<span class="fs-slice-name">${esc(label)}</span><span class="fs-muted">· ${human(start, end)}</span>`;
   return `
-    <div class="fs-slice" data-testid="slice-${i}" data-slice="${i}" draggable="true" style="--mc:${colourFor(s.model, v.models)}">
+    <div class="fs-slice${blended ? " fs-blended" : ""}" data-testid="slice-${i}" data-slice="${i}" draggable="true" style="--mc:${colourFor(s.model, v.models)}">
       <div class="fs-slice-bar">${passes.join("")}</div>
       <div class="fs-slice-body">
         <div class="fs-slice-title" title="${esc(s.model)} · [${start}, ${end}) end-exclusive">
           <span class="fs-grip" aria-hidden="true">⠿</span>
-          <span class="fs-slice-name">${esc(label)}</span>
-          <span class="fs-muted">· ${human(start, end)}</span>
+          ${title}
         </div>
+        ${blended ? renderSources(s, i, v) : ""}
         <div class="fs-slice-meta fs-muted">${n * k > 0 ? `merged ${mergedA}–${mergedB}` : "empty"}${k > 1 ? ` · ${k} passes` : ""}</div>
       </div>
       <div class="fs-slice-tools">
+        ${renderBlendPicker(s, i, v)}
         <label class="fs-rep" title="Repeat this slice (1–${MAX_REPEAT})">×<input type="number" min="1" max="${MAX_REPEAT}" step="1" value="${k}" data-testid="slice-repeat-${i}" data-slice="${i}" /></label>
         <button type="button" class="fs-btn fs-icon" data-testid="slice-dup-${i}" data-action="dup" data-slice="${i}" title="Duplicate this slice">${ICON_DUP}</button>
         <button type="button" class="fs-btn fs-icon fs-danger" data-testid="slice-remove-${i}" data-action="remove" data-slice="${i}" title="Remove this slice">${ICON_REMOVE}</button>
@@ -226,6 +363,7 @@ function renderStack(v) {
         <span class="fs-pill"><b data-testid="merged-layers">${total}</b> layers</span>
         <span class="fs-muted">${v.slices.length} slice${v.slices.length === 1 ? "" : "s"} · ${seams} seam${seams === 1 ? "" : "s"}</span>
       </header>
+      ${renderBlendControls(v)}
       <div class="fs-stack-top fs-muted">embeddings ↓ layer 0</div>
       <div class="fs-blocks">${body}</div>
       <div class="fs-stack-top fs-muted">↓ final norm · lm_head</div>
@@ -237,9 +375,9 @@ function render() {
   if (sel && (sel.col >= v.models.length || sel.b >= toInt(v.models[sel.col].num_layers, 0))) sel = null;
   const usedBy = v.models.map((m) => {
     const used = new Set();
-    for (const s of v.slices) {
-      if (s.model !== m.ref) continue;
-      for (let l = toInt(s.start, 0); l < toInt(s.end, 0); l++) used.add(l);
+    for (const src of v.slices.flatMap(sourcesOf)) {
+      if (src.model !== m.ref) continue;
+      for (let l = toInt(src.start, 0); l < toInt(src.end, 0); l++) used.add(l);
     }
     return used;
   });
@@ -315,10 +453,52 @@ element.addEventListener("click", (e) => {
   const btn = e.target.closest("[data-action]");
   if (!btn) return;
   const i = toInt(btn.dataset.slice, -1);
+  if (btn.dataset.action === "unblend") {
+    removeSource(i, toInt(btn.dataset.source, -1));
+    return;
+  }
   const slices = current().slices.slice();
   if (i < 0 || i >= slices.length) return;
   if (btn.dataset.action === "dup") slices.splice(i + 1, 0, { ...slices[i] });
   else if (btn.dataset.action === "remove") slices.splice(i, 1);
+  commit(slices);
+});
+
+// Blend edits: a source added, a weight or t typed, the method or base picked.
+element.addEventListener("change", (e) => {
+  const v = current();
+  const picker = e.target.closest(".fs-blend-add");
+  if (picker) {
+    if (picker.value) addSource(toInt(picker.dataset.slice, -1), picker.value);
+    return;
+  }
+  if (e.target.closest(".fs-blend-method")) {
+    const method = e.target.value;
+    const extra = { merge_method: method };
+    if (NEEDS_BASE.has(method) && !v.base_model && v.slices.length) extra.base_model = v.slices[0].model;
+    commit(adaptToMethod(v.slices, method), extra);
+    return;
+  }
+  if (e.target.closest(".fs-blend-base")) {
+    commit(v.slices, { base_model: e.target.value });
+    return;
+  }
+  const weight = e.target.closest(".fs-weight input");
+  if (!weight) return;
+  const i = toInt(weight.dataset.slice, -1);
+  const s = v.slices[i];
+  const x = Number.parseFloat(weight.value);
+  if (!s || !Number.isFinite(x)) return;
+  const slices = v.slices.slice();
+  if (weight.dataset.source === undefined) {
+    slices[i] = { ...s, slice_parameters: { ...(s.slice_parameters || {}), t: x } };
+  } else {
+    const sources = sourcesOf(s);
+    const j = toInt(weight.dataset.source, -1);
+    if (j < 0 || j >= sources.length) return;
+    sources[j] = { ...sources[j], parameters: { ...(sources[j].parameters || {}), weight: x } };
+    slices[i] = withSources(s, sources);
+  }
   commit(slices);
 });
 
@@ -339,7 +519,7 @@ element.addEventListener("change", (e) => {
 });
 
 element.addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && e.target.closest(".fs-rep input")) e.target.blur();
+  if (e.key === "Enter" && e.target.closest(".fs-rep input, .fs-weight input")) e.target.blur();
 });
 
 // Reorder: HTML5 drag-and-drop. Dropping on the upper half of a block inserts before it, lower half after.
@@ -354,7 +534,7 @@ function clearDropMarks() {
 
 element.addEventListener("dragstart", (e) => {
   const block = e.target.closest && e.target.closest(".fs-slice");
-  if (!block || e.target.closest("input")) return;
+  if (!block || e.target.closest("input, select")) return;
   dragSlice = toInt(block.dataset.slice, null);
   e.dataTransfer.effectAllowed = "move";
   e.dataTransfer.setData("text/plain", String(dragSlice));

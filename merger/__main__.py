@@ -53,7 +53,9 @@ def cmd_build(args: argparse.Namespace) -> None:
     if args.dtype:
         recipe = recipe.model_copy(update={"dtype": args.dtype})
     plan = make_plan(recipe)
-    result = export_plan(plan, Path(args.out_dir), shard_size=parse_size(args.shard_size), progress=_print_progress)
+    result = export_plan(
+        plan, Path(args.out_dir), shard_size=parse_size(args.shard_size), progress=_print_progress, device=args.device
+    )
     print(f"\nwrote {result.path} ({result.bytes:,} bytes in {len(result.shards)} shard(s), {result.seconds:.1f} s)")
     if args.push:
         from merger.hub import push_folder
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build", help="write the merged model as a Hugging Face folder")
     p.add_argument("recipe")
     p.add_argument("out_dir")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where dtype conversion runs")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where dtype conversion and blends run")
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--shard-size", default="5GB")
     p.add_argument("--push", metavar="REPO", help="publish the folder as a new Hub repo (name or owner/name)")

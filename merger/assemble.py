@@ -3,6 +3,8 @@
 The merged config makes the model on the meta device; each output parameter is then assigned the
 parent's tensor by name. Every depth is its own module (its own KV-cache slot), while a duplicated
 layer's parameters are the very same tensors as the original's: no copy, no extra memory.
+Blended tensors are computed on the build device in the build dtype, one at a time (their inputs
+freed after each), and held once however often the plan uses them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from merger.blend_tensors import ParentReader, compute_blend
+from merger.catalog import ModelInfo
 from merger.hub import download_weights
-from merger.plan import Plan
+from merger.plan import Blend, Plan, TensorSource
 
 Progress = Callable[[float, str], None]
 
@@ -26,6 +30,7 @@ class LoadedTensors:
     """Parent tensors by (model, name), each read once from its safetensors file."""
 
     by_source: dict[tuple[str, str], torch.Tensor]
+    models: dict[str, ModelInfo]  # the parents with their weights on disk
 
     @property
     def nbytes(self) -> int:
@@ -36,7 +41,7 @@ def load_parent_tensors(
     plan: Plan, *, device: str, dtype: torch.dtype, progress: Progress | None = None
 ) -> LoadedTensors:
     models = {ref: download_weights(info) for ref, info in plan.models.items()}
-    wanted = sorted({(src.model, src.name) for src in plan.tensors.values()})
+    wanted = sorted({(src.model, src.name) for src in plan.tensors.values() if isinstance(src, TensorSource)})
     loaded: dict[tuple[str, str], torch.Tensor] = {}
     by_file: dict[str, list[tuple[str, str]]] = {}
     for ref, name in wanted:
@@ -49,7 +54,7 @@ def load_parent_tensors(
                 done += 1
                 if progress and done % 16 == 0:
                     progress(done / len(wanted), f"loading {ref}")
-    return LoadedTensors(loaded)
+    return LoadedTensors(loaded, models)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -62,10 +67,14 @@ def assemble(
     """The merged model, ready for generation, its passthrough layers sharing parent tensors."""
     dt = torch_dtype(dtype or plan.dtype)
     parents = load_parent_tensors(plan, device=device, dtype=dt, progress=progress)
+    blended = blend_all(plan, parents, device=device, dtype=dt, progress=progress)
     config = AutoConfig.for_model(**plan.config)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dt)
-    state = {out: parents.by_source[(src.model, src.name)] for out, src in plan.tensors.items()}
+    state = {
+        out: blended[src] if isinstance(src, Blend) else parents.by_source[(src.model, src.name)]
+        for out, src in plan.tensors.items()
+    }
     if plan.tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=True)
@@ -75,6 +84,22 @@ def assemble(
     if progress:
         progress(1.0, "built")
     return model
+
+
+def blend_all(
+    plan: Plan, parents: LoadedTensors, *, device: str, dtype: torch.dtype, progress: Progress | None = None
+) -> dict[Blend, torch.Tensor]:
+    """Every distinct blend of the plan, computed one at a time."""
+    blends = plan.blends
+    if not blends:
+        return {}
+    done: dict[Blend, torch.Tensor] = {}
+    with ParentReader(parents.models) as reader:
+        for i, item in enumerate(blends, start=1):
+            done[item] = compute_blend(item, reader, device=device, dtype=dtype, loaded=parents.by_source)
+            if progress and i % 16 == 0:
+                progress(i / len(blends), f"blending ({item.method})")
+    return done
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:

@@ -2,7 +2,8 @@
 
 Shard headers are known from the plan before any weight is read, so each tensor's bytes go
 straight from the parent's file to the output (same dtype) or through one conversion (other
-dtype): memory stays about one tensor whatever the model's size. Same-dtype bytes move with
+dtype); a blended tensor is computed from its inputs (merger.blend_tensors) and written: memory
+stays about one tensor and its inputs whatever the model's size. Same-dtype bytes move with
 `os.copy_file_range` (the kernel copies, no user-space buffer: about twice a read/write loop's
 speed here), each parent file opened once. The folder is written under a temporary sibling name
 and renamed last, so it appears complete or not at all.
@@ -22,12 +23,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merger.catalog import TOKENIZER_FILES, ModelInfo
 from merger.errors import UserError
 from merger.params import count, human_params
-from merger.plan import Plan, TensorSource
+from merger.plan import Blend, Plan, TensorSource
 from merger.safetensors_files import DTYPE_SIZES, TORCH_NAMES
+
+if TYPE_CHECKING:  # torch is imported only when a tensor is converted or blended
+    import torch
 
 BytesProgress = Callable[[int, int], None]
 COPY_CHUNK = 64 * 1024 * 1024  # for the read/write fallback
@@ -81,8 +86,14 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
 
 
 def export_plan(
-    plan: Plan, out_dir: Path, *, shard_size: int = 5 * 10**9, progress: BytesProgress | None = None
+    plan: Plan,
+    out_dir: Path,
+    *,
+    shard_size: int = 5 * 10**9,
+    progress: BytesProgress | None = None,
+    device: str = "cpu",
 ) -> ExportResult:
+    """Write the plan's model folder; `device` is where blended tensors are computed."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
     with atomic_folder(out_dir) as staging:  # refuses a non-empty folder before any download
@@ -95,10 +106,10 @@ def export_plan(
         )
         total = sum(src.meta.numel for src in plan.tensors.values()) * DTYPE_SIZES[TORCH_NAMES[plan.dtype]]
         written = 0
-        with ByteCopier() as copier:
+        with ByteCopier() as copier, _Blender(plan, models, device) as blender:
             for shard_name, tensor_names in zip(names, layout, strict=True):
                 written = _write_shard(
-                    staging / shard_name, plan, models, tensor_names, written, total, progress, copier
+                    staging / shard_name, plan, models, tensor_names, written, total, progress, copier, blender
                 )
         if len(layout) > 1:
             index = {
@@ -127,6 +138,7 @@ def _write_shard(
     total: int,
     progress: BytesProgress | None,
     copier: ByteCopier,
+    blender: _Blender,
 ) -> int:
     code = TORCH_NAMES[plan.dtype]
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
@@ -144,12 +156,15 @@ def _write_shard(
         write_all(fd, head)
         for name in tensor_names:
             src = plan.tensors[name]
-            stored = models[src.model].tensors[src.name]
-            if stored.dtype == code:
-                copier.copy(stored.file, stored.offsets, fd)
+            if isinstance(src, Blend):
+                write_all(fd, blender.bytes_of(src))
             else:
-                write_all(fd, _converted_bytes(stored.file, src, plan.dtype))
-            written += stored.numel * DTYPE_SIZES[code]
+                stored = models[src.model].tensors[src.name]
+                if stored.dtype == code:
+                    copier.copy(stored.file, stored.offsets, fd)
+                else:
+                    write_all(fd, _converted_bytes(stored.file, src, plan.dtype))
+            written += src.meta.numel * DTYPE_SIZES[code]
             if progress:
                 progress(written, total)
     return written
@@ -238,9 +253,40 @@ def _converted_bytes(file: str, src: TensorSource, dtype: str) -> bytes:
     from safetensors import safe_open
 
     with safe_open(file, framework="pt") as f:
-        tensor = f.get_tensor(src.name).to(getattr(torch, dtype)).contiguous()
+        return tensor_bytes(f.get_tensor(src.name).to(getattr(torch, dtype)))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
     # a byte view of the tensor's storage: safetensors stores little-endian, as torch does here
-    return tensor.view(torch.uint8).numpy().tobytes()
+    return tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+
+
+class _Blender:
+    """Computes a plan's blended tensors for the writer; opens parent files (and imports torch)
+    only when the plan has blends, so a passthrough export stays a byte copy."""
+
+    def __init__(self, plan: Plan, models: dict, device: str) -> None:
+        self._plan, self._models, self._device = plan, models, device
+        self._reader = None
+
+    def __enter__(self) -> _Blender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.__exit__(*exc)
+
+    def bytes_of(self, item: Blend) -> bytes:
+        import torch
+
+        from merger.blend_tensors import ParentReader, compute_blend
+
+        if self._reader is None:
+            self._reader = ParentReader(self._models)
+        dtype = getattr(torch, self._plan.dtype)
+        return tensor_bytes(compute_blend(item, self._reader, device=self._device, dtype=dtype))
 
 
 def write_metadata_files(plan: Plan, models: dict, out: Path) -> None:
@@ -254,6 +300,14 @@ def write_metadata_files(plan: Plan, models: dict, out: Path) -> None:
             shutil.copyfile(source_dir / name, out / name)
     (out / "mergekit_config.yml").write_text(plan.recipe.to_yaml())
     (out / "README.md").write_text(model_card(plan))
+
+
+def _kind_of_merge(plan: Plan) -> str:
+    if not plan.blends:
+        return "passthrough layer merge"
+    if plan.recipe.is_whole_model_blend:
+        return f"whole-model {plan.recipe.merge_method} blend"
+    return f"layer merge with {plan.recipe.merge_method}-blended slices"
 
 
 def model_card(plan: Plan) -> str:
@@ -275,7 +329,7 @@ def model_card(plan: Plan) -> str:
             "",
             "# Frankenmerge",
             "",
-            f"A passthrough layer merge: {counts.num_layers} layers, {counts.total_params:,} parameters "
+            f"A {_kind_of_merge(plan)}: {counts.num_layers} layers, {counts.total_params:,} parameters "
             f"({human_params(counts.total_params)}), {plan.dtype}.",
             "",
             "## Parents",

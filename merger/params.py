@@ -1,11 +1,12 @@
 """Counts from a Plan, from metadata alone: parameters as exported (a duplicated layer counts
-twice, tied embeddings once) and memory as built (a duplicated layer's tensors are shared)."""
+twice, tied embeddings once) and memory as built (a duplicated layer's tensors are shared; a
+blended tensor is materialized, once however often it is used)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from merger.plan import Plan
+from merger.plan import Blend, Plan
 
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -17,6 +18,7 @@ class Counts:
     dtype: str
     bytes: int  # exported size at `dtype`
     memory_bytes: int  # parameter memory of the in-memory build at `dtype`
+    blend_bytes: int  # the part of memory_bytes that blended tensors take (computed, not shared)
     parent_params: dict[str, int]
 
     @property
@@ -30,7 +32,7 @@ class Counts:
 def count(plan: Plan) -> Counts:
     per_param = BYTES_PER_PARAM[plan.dtype]
     total = sum(src.meta.numel for src in plan.tensors.values())
-    unique = {(src.model, src.name): src.meta.numel for src in plan.tensors.values()}
+    unique = {src if isinstance(src, Blend) else (src.model, src.name): src.meta.numel for src in plan.tensors.values()}
     parents = {
         ref: sum(m.numel for n, m in info.tensors.items() if not (info.tied and n.startswith("lm_head.")))
         for ref, info in plan.models.items()
@@ -41,6 +43,7 @@ def count(plan: Plan) -> Counts:
         dtype=plan.dtype,
         bytes=total * per_param,
         memory_bytes=sum(unique.values()) * per_param,
+        blend_bytes=sum(b.meta.numel for b in plan.blends) * per_param,
         parent_params=parents,
     )
 

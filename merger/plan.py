@@ -1,5 +1,7 @@
 """Recipe + parents' metadata -> Plan: the merged config and, for every output tensor, where it
-comes from. Preview, assemble and export all read the plan; none re-derives tensor names."""
+comes from: one parent tensor (passthrough) or a `Blend` of several (method, resolved parameters,
+sources). Preview, assemble and export all read the plan; none re-derives tensor names or
+parameters."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ from typing import Any
 
 from merger.catalog import ModelInfo, resolve
 from merger.errors import RecipeError
-from merger.recipe import DTYPES, Recipe
+from merger.method_specs import METHODS
+from merger.recipe import DTYPES, Recipe, Slice, resolve_parameter
 from merger.safetensors_files import TORCH_NAMES, TensorMeta
 
 # Config keys that describe the parent checkpoint rather than the merged model.
 DROPPED_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version")
 ST_TO_DTYPE = {code: name for name, code in TORCH_NAMES.items()}
 PRE_LAYER_PREFIXES = ("model.embed_tokens.",)
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # vocabulary along axis 0
 
 
 @dataclass(frozen=True)
@@ -25,12 +29,31 @@ class TensorSource:
     meta: TensorMeta
 
 
+@dataclass(frozen=True)
+class Blend:
+    """One output tensor blended from several parent tensors. Hashable: equal blends (a repeated
+    blended slice) are computed and held once."""
+
+    method: str
+    sources: tuple[TensorSource, ...]  # in the recipe's source order (mergekit's input order)
+    base_index: int | None  # which source is the base model (None for linear)
+    shared: tuple[tuple[str, Any], ...]  # resolved parameters that apply to the whole tensor
+    per_source: tuple[tuple[tuple[str, Any], ...], ...]  # resolved per-source parameters (none for the base)
+
+    @property
+    def meta(self) -> TensorMeta:
+        return self.sources[0].meta
+
+
+Origin = TensorSource | Blend
+
+
 @dataclass
 class Plan:
     recipe: Recipe
     models: dict[str, ModelInfo]
     config: dict[str, Any]
-    tensors: dict[str, TensorSource]  # output name -> source, in checkpoint order
+    tensors: dict[str, Origin]  # output name -> parent tensor or blend, in checkpoint order
     layer_sources: list[tuple[str, int]]  # (model, parent layer) per merged depth
     dtype: str  # output dtype: float32 | bfloat16 | float16
     tied: bool
@@ -38,6 +61,11 @@ class Plan:
     @property
     def num_layers(self) -> int:
         return len(self.layer_sources)
+
+    @property
+    def blends(self) -> list[Blend]:
+        """Distinct blended tensors, in output order."""
+        return list(dict.fromkeys(o for o in self.tensors.values() if isinstance(o, Blend)))
 
     @property
     def primary(self) -> ModelInfo:
@@ -62,26 +90,35 @@ Resolver = Callable[[str], ModelInfo]
 def make_plan(recipe: Recipe, resolver: Resolver = resolve) -> Plan:
     models = {ref: resolver(ref) for ref in recipe.models}
     primary = models[recipe.primary_model]
-    _check_stackable(recipe, models, primary)
-    layer_sources = recipe.layer_sources
+    slices = recipe.as_slices({ref: info.num_layers for ref, info in models.items()})
+    _check_stackable(slices, models, primary)
+    layer_sources = [(s.source.model, layer) for s in slices for _ in range(s.repeat) for layer in s.source.layers]
+    blender = _Blender(recipe, models)
 
-    # As mergekit does: what comes before the layers (embeddings) from the first slice's model,
-    # what comes after them (final norm, an untied head) from the last slice's model, so each
-    # end of the stack keeps the tensors it was trained with. The config comes from `primary`.
-    first = models[recipe.slices[0].source.model]
-    last = models[recipe.slices[-1].source.model]
+    # As mergekit does: what comes before the layers (embeddings) from the first slice's
+    # source(s), what comes after them (final norm, an untied head) from the last slice's, so each
+    # end of the stack keeps the tensors it was trained with (blended at t=0 when that slice
+    # blends). The config comes from `primary`.
+    first, last = slices[0], slices[-1]
     tied = primary.tied
-    before = {n: m for n, m in first.non_layer_tensors().items() if n.startswith(PRE_LAYER_PREFIXES)}
-    after = {
-        n: m
-        for n, m in last.non_layer_tensors().items()
-        if not n.startswith(PRE_LAYER_PREFIXES) and not (tied and n.startswith("lm_head."))
-    }
-    tensors: dict[str, TensorSource] = {n: TensorSource(first.ref, n, m) for n, m in before.items()}
-    for depth, (ref, layer) in enumerate(layer_sources):
-        for suffix, meta in models[ref].layer_tensors(layer).items():
-            tensors[f"model.layers.{depth}.{suffix}"] = TensorSource(ref, f"model.layers.{layer}.{suffix}", meta)
-    tensors.update({n: TensorSource(last.ref, n, m) for n, m in after.items()})
+    tensors: dict[str, Origin] = {}
+    for name in models[first.source.model].non_layer_tensors():
+        if name.startswith(PRE_LAYER_PREFIXES):
+            tensors[name] = blender.origin(first, [name] * len(first.sources), name, t=0.0)
+    depth = 0
+    for s in slices:
+        for _ in range(s.repeat):
+            for offset in range(s.span):
+                t = offset / (s.span - 1) if s.span > 1 else 1.0  # mergekit's gradient position
+                for suffix in models[s.source.model].layer_tensors(s.source.start + offset):
+                    inputs = [f"model.layers.{src.start + offset}.{suffix}" for src in s.sources]
+                    tensors[f"model.layers.{depth}.{suffix}"] = blender.origin(
+                        s, inputs, f"model.layers.{depth}.{suffix}", t=t
+                    )
+                depth += 1
+    for name in models[last.source.model].non_layer_tensors():
+        if not name.startswith(PRE_LAYER_PREFIXES) and not (tied and name.startswith("lm_head.")):
+            tensors[name] = blender.origin(last, [name] * len(last.sources), name, t=0.0)
 
     dtype = recipe.dtype or _parent_dtype(primary)
     return Plan(
@@ -95,6 +132,91 @@ def make_plan(recipe: Recipe, resolver: Resolver = resolve) -> Plan:
     )
 
 
+class _Blender:
+    """Turns one output tensor of a slice into its origin: the parent tensor of a one-source
+    slice, else a Blend with every parameter resolved for that tensor (source > slice > recipe)."""
+
+    def __init__(self, recipe: Recipe, models: dict[str, ModelInfo]) -> None:
+        self.recipe = recipe
+        self.models = models
+        self.spec = METHODS.get(recipe.merge_method)
+
+    def origin(self, s: Slice, input_names: list[str], out_name: str, *, t: float) -> Origin:
+        pairs = zip(s.sources, input_names, strict=True)
+        sources = tuple(TensorSource(src.model, name, self._meta(src.model, name)) for src, name in pairs)
+        if not s.blended or self.spec is None:
+            return sources[0]
+        _check_same_shape(out_name, sources)
+        base = self.recipe.base_model if self.spec.needs_base else None
+        base_index = next((i for i, src in enumerate(s.sources) if src.model == base), None)
+        shared = {
+            p.name: self._resolve(p, [s.parameters, self.recipe.parameters], out_name, t, None)
+            for p in self.spec.params
+            if p.scope == "shared"
+        }
+        per_source = []
+        for i, (src, name) in enumerate(zip(s.sources, input_names, strict=True)):
+            scopes = [src.parameters, s.parameters, self.recipe.parameters]
+            per_source.append(
+                {
+                    p.name: self._resolve(p, scopes, name, t, src.model)
+                    for p in self.spec.params
+                    if p.scope == "input" or (p.scope == "non_base" and i != base_index)
+                }
+            )
+        self._check_normalizable(shared, per_source, out_name, s)
+        return Blend(
+            method=self.spec.name,
+            sources=sources,
+            base_index=base_index,
+            shared=tuple(shared.items()),
+            per_source=tuple(tuple(p.items()) for p in per_source),
+        )
+
+    def _meta(self, model: str, name: str) -> TensorMeta:
+        meta = self.models[model].tensors.get(name)
+        if meta is None:
+            raise RecipeError(f"{model} has no tensor {name}, so it cannot be blended with the other sources")
+        return meta
+
+    def _resolve(self, param: Any, scopes: list, tensor_name: str, t: float, model: str | None) -> Any:
+        try:
+            return resolve_parameter(param, scopes, tensor_name=tensor_name, t=t)
+        except LookupError:
+            whose = f" for {model}" if model else ""
+            raise RecipeError(
+                f"{self.spec.name} needs `{param.name}`{whose} ({tensor_name}); set it on the source, "
+                "its slice or the recipe's `parameters:`"
+            ) from None
+
+    def _check_normalizable(self, shared: dict, per_source: list[dict], out_name: str, s: Slice) -> None:
+        weights = [p["weight"] for p in per_source if "weight" in p]
+        if shared.get("normalize") and weights and abs(sum(weights)) < 1e-8:
+            names = ", ".join(src.model for src in s.sources)
+            raise RecipeError(
+                f"the weights of {names} sum to zero for {out_name}, and normalize divides by that sum; "
+                "change a weight or set normalize: false"
+            )
+
+
+def _check_same_shape(out_name: str, sources: tuple[TensorSource, ...]) -> None:
+    first = sources[0]
+    for other in sources[1:]:
+        if other.meta.shape == first.meta.shape:
+            continue
+        if out_name in VOCAB_TENSORS and other.meta.shape[1:] == first.meta.shape[1:]:
+            raise RecipeError(
+                f"cannot blend {out_name}: {first.model} has a vocabulary of {first.meta.shape[0]:,} tokens and "
+                f"{other.model} of {other.meta.shape[0]:,}; blended models need one vocabulary. mergekit aligns "
+                "vocabularies with `tokenizer_source`, which this app does not do yet: blend models that share "
+                "a tokenizer, or keep the embeddings and head from one model (pass the first and last slices through)"
+            )
+        raise RecipeError(
+            f"cannot blend {out_name}: {first.model}'s {first.name} has shape {list(first.meta.shape)} but "
+            f"{other.model}'s {other.name} has {list(other.meta.shape)}"
+        )
+
+
 def _parent_dtype(model: ModelInfo) -> str:
     declared = model.config.get("dtype") or model.config.get("torch_dtype")
     if declared in DTYPES:
@@ -106,32 +228,43 @@ def _parent_dtype(model: ModelInfo) -> str:
     return "float32"
 
 
-def _check_stackable(recipe: Recipe, models: dict[str, ModelInfo], primary: ModelInfo) -> None:
+def _check_stackable(slices: tuple[Slice, ...], models: dict[str, ModelInfo], primary: ModelInfo) -> None:
     reference_layer = {n: m.shape for n, m in primary.layer_tensors(0).items()}
-    for i, s in enumerate(recipe.slices, start=1):
-        model = models[s.source.model]
-        if s.source.end > model.num_layers:
-            raise RecipeError(
-                f"slice {i}: layer range [{s.source.start}, {s.source.end}) is outside {model.ref}, "
-                f"which has {model.num_layers} layers (0 to {model.num_layers - 1})"
-            )
-        if model.architecture != primary.architecture:
-            raise RecipeError(
-                f"slice {i}: cannot stack {model.ref} ({model.architecture}) on {primary.ref} "
-                f"({primary.architecture}); every slice must share one architecture"
-            )
-        if model.hidden_size != primary.hidden_size:
-            raise RecipeError(
-                f"slice {i}: cannot stack {model.ref} (hidden size {model.hidden_size}) on {primary.ref} "
-                f"(hidden size {primary.hidden_size}); every slice must share one hidden size"
-            )
-        for layer in s.source.layers:
-            shapes = {n: m.shape for n, m in model.layer_tensors(layer).items()}
-            if shapes != reference_layer:
+    for i, s in enumerate(slices, start=1):
+        for source in s.sources:
+            model = models[source.model]
+            if source.end > model.num_layers:
                 raise RecipeError(
-                    f"slice {i}: layer {layer} of {model.ref} has different tensors from {primary.ref}'s "
-                    "layers (another size of the same architecture?), so they cannot be stacked"
+                    f"slice {i}: layer range [{source.start}, {source.end}) is outside {model.ref}, "
+                    f"which has {model.num_layers} layers (0 to {model.num_layers - 1})"
                 )
+            if model.architecture != primary.architecture:
+                raise RecipeError(
+                    f"slice {i}: cannot stack {model.ref} ({model.architecture}) on {primary.ref} "
+                    f"({primary.architecture}); every slice must share one architecture"
+                )
+            if model.hidden_size != primary.hidden_size:
+                raise RecipeError(
+                    f"slice {i}: cannot stack {model.ref} (hidden size {model.hidden_size}) on {primary.ref} "
+                    f"(hidden size {primary.hidden_size}); every slice must share one hidden size"
+                )
+            for layer in source.layers:
+                shapes = {n: m.shape for n, m in model.layer_tensors(layer).items()}
+                if shapes != reference_layer:
+                    raise RecipeError(
+                        f"slice {i}: layer {layer} of {model.ref} has different tensors from {primary.ref}'s "
+                        f"layers ({_first_difference(shapes, reference_layer, layer)}; another size of the same "
+                        "architecture?), so they cannot be stacked or blended"
+                    )
+
+
+def _first_difference(shapes: dict[str, tuple], reference: dict[str, tuple], layer: int) -> str:
+    suffix = next(k for k in sorted(shapes.keys() | reference.keys()) if shapes.get(k) != reference.get(k))
+    mine, theirs = shapes.get(suffix), reference.get(suffix)
+    name = f"model.layers.{layer}.{suffix}"
+    if mine is None or theirs is None:
+        return f"{name} is only in one of them"
+    return f"{name} has shape {list(mine)} where theirs have {list(theirs)}"
 
 
 def merged_config(

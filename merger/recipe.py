@@ -1,8 +1,15 @@
 """The recipe: what the user edits, and its text form (mergekit YAML).
 
-A recipe is an ordered list of slices; each slice takes the layer range [start, end) of one
-source model, optionally `repeat`ed. mergekit has no `repeat`: on the way out it is expanded
-into the same slice written several times, so the YAML we write always runs in mergekit.
+A recipe is either an ordered list of slices or a whole-model blend (mergekit's `models:` form).
+A slice takes the layer range [start, end) of one source model (passed through), or equally long
+ranges of several sources blended by the recipe's `merge_method`; a slice may be `repeat`ed.
+mergekit has no `repeat`: on the way out it is expanded into the same slice written several
+times, so the YAML we write always runs in mergekit.
+
+Blend parameters (`weight`, `density`, `t`, ...) may sit on a source (or a `models:` entry), a
+slice or the recipe; `resolve_parameter` applies mergekit's precedence (source > slice > recipe)
+and its value forms: a scalar, a gradient list interpolated over a slice's layers, or
+`{filter, value}` entries matched against the tensor name.
 """
 
 from __future__ import annotations
@@ -11,21 +18,23 @@ import base64
 import binascii
 import json
 import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merger.errors import RecipeError
+from merger.method_specs import BLEND_METHODS, METHODS, REQUIRED, Param
 
 DTYPES = ("float32", "bfloat16", "float16")
+MERGE_METHODS = ("passthrough", *BLEND_METHODS)
 
 # mergekit keys we read but do not act on yet: kept verbatim and written back out.
-PRESERVED_TOP_KEYS = ("parameters", "chat_template", "tokenizer", "out_dtype")
-# mergekit keys whose meaning we do not implement: refusing them beats silently building
-# something other than what the YAML says.
-REFUSED_TOP_KEYS = {"models": "whole-model blends (`models:`) are not supported yet; use `slices:`"}
-KNOWN_TOP_KEYS = {"slices", "merge_method", "dtype", "tokenizer_source", "base_model"}
+PRESERVED_TOP_KEYS = ("chat_template", "tokenizer", "out_dtype")
+KNOWN_TOP_KEYS = {"slices", "models", "merge_method", "dtype", "tokenizer_source", "base_model", "parameters"}
+
+Settings = dict[str, Any]  # parameter name -> setting, as written in the YAML
 
 
 class Source(BaseModel):
@@ -34,6 +43,7 @@ class Source(BaseModel):
     model: str
     start: int
     end: int
+    parameters: Settings = Field(default_factory=dict)
 
     @field_validator("model")
     @classmethod
@@ -62,38 +72,80 @@ class Source(BaseModel):
 
 
 class Slice(BaseModel):
+    """One source passed through, or several equally long sources blended."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Source
+    sources: tuple[Source, ...]
+    parameters: Settings = Field(default_factory=dict)
     repeat: int = Field(default=1, ge=1, le=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_source_shorthand(cls, data: Any) -> Any:
+        # `Slice(source=...)`: the one-source form (also what share links made before blends hold)
+        if isinstance(data, dict) and "source" in data:
+            data = {k: v for k, v in data.items() if k != "source"} | {"sources": (data["source"],)}
+        return data
+
+    @model_validator(mode="after")
+    def _sources_line_up(self) -> Slice:
+        if not self.sources:
+            raise ValueError("a slice has no sources")
+        lengths = {len(s.layers) for s in self.sources}
+        if len(lengths) > 1:
+            spans = ", ".join(f"{s.model} [{s.start}, {s.end}) has {len(s.layers)}" for s in self.sources)
+            raise ValueError(f"blended sources must span equally many layers: {spans}")
+        models = [s.model for s in self.sources]
+        for model in models:
+            if models.count(model) > 1:
+                raise ValueError(f"{model} appears twice; a blend takes each model once (as mergekit does)")
+        return self
+
+    @property
+    def source(self) -> Source:
+        """The first source: the only one of a passthrough slice."""
+        return self.sources[0]
+
+    @property
+    def blended(self) -> bool:
+        return len(self.sources) > 1
+
+    @property
+    def span(self) -> int:
+        return len(self.source.layers)
 
     @property
     def num_layers(self) -> int:
-        return len(self.source.layers) * self.repeat
+        return self.span * self.repeat
+
+
+class ModelEntry(BaseModel):
+    """One model of a whole-model blend, with its parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    parameters: Settings = Field(default_factory=dict)
 
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    slices: tuple[Slice, ...]
+    slices: tuple[Slice, ...] = ()
+    model_entries: tuple[ModelEntry, ...] = ()  # mergekit's `models:` (whole-model blend)
     merge_method: str = "passthrough"
+    parameters: Settings = Field(default_factory=dict)
     dtype: str | None = None
     tokenizer_source: str | None = None
     base_model: str | None = None
     preserved: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("slices")
-    @classmethod
-    def _not_empty(cls, value: tuple[Slice, ...]) -> tuple[Slice, ...]:
-        if not value:
-            raise ValueError("the recipe has no slices: add at least one layer range")
-        return value
-
     @field_validator("merge_method")
     @classmethod
-    def _passthrough_only(cls, value: str) -> str:
-        if value != "passthrough":
-            raise ValueError(f"merge_method '{value}' is not supported yet; only 'passthrough' is")
+    def _known_method(cls, value: str) -> str:
+        if value not in MERGE_METHODS:
+            raise ValueError(f"merge_method '{value}' is not supported; use one of {', '.join(MERGE_METHODS)}")
         return value
 
     @field_validator("dtype")
@@ -103,18 +155,77 @@ class Recipe(BaseModel):
             raise ValueError(f"dtype '{value}' is not one of {', '.join(DTYPES)}")
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.slices and self.model_entries:
+            raise ValueError("a recipe has either `slices:` or `models:`, not both")
+        if not self.slices and not self.model_entries:
+            raise ValueError("the recipe has no slices: add at least one layer range")
+        if self.merge_method == "passthrough":
+            if self.model_entries:
+                raise ValueError("a whole-model blend (`models:`) needs a blend merge_method such as linear or slerp")
+            for i, s in enumerate(self.slices, start=1):
+                if s.blended:
+                    raise ValueError(
+                        f"slice {i} blends {len(s.sources)} sources but merge_method is passthrough; "
+                        f"choose one of {', '.join(BLEND_METHODS)}"
+                    )
+            return self
+        for where, settings in self.parameter_scopes():
+            check_settings(self.merge_method, settings, where)
+        self._check_base()
+        return self
+
+    def parameter_scopes(self) -> list[tuple[str, Settings]]:
+        """Every `parameters:` mapping in the recipe, with where it sits."""
+        scopes = [("`parameters`", self.parameters)]
+        scopes += [(f"model {e.model}", e.parameters) for e in self.model_entries]
+        for i, s in enumerate(self.slices, start=1):
+            scopes.append((f"slice {i}", s.parameters))
+            scopes += [(f"slice {i} source {src.model}", src.parameters) for src in s.sources]
+        return scopes
+
+    def _check_base(self) -> None:
+        spec = METHODS[self.merge_method]
+        if not spec.needs_base:
+            return
+        if self.base_model is None:
+            raise ValueError(
+                f"merge_method {self.merge_method} needs `base_model:` (the model the others are blended "
+                "relative to); add it at the top level of the recipe"
+            )
+        if self.model_entries:
+            # mergekit adds the base model when `models:` leaves it out
+            count = len({e.model for e in self.model_entries} | {self.base_model})
+            _check_source_count(spec.name, count, spec.min_sources, spec.max_sources, "the blend")
+        for i, s in enumerate(self.slices, start=1):
+            if not s.blended:
+                continue
+            if self.base_model not in {src.model for src in s.sources}:
+                raise ValueError(
+                    f"slice {i} blends {', '.join(src.model for src in s.sources)} but not the base model "
+                    f"{self.base_model}; add the base model's layers as one of its sources"
+                )
+            _check_source_count(spec.name, len(s.sources), spec.min_sources, spec.max_sources, f"slice {i}")
+
     @property
     def models(self) -> list[str]:
         """Every model the recipe names, first use first."""
-        names = [s.source.model for s in self.slices]
+        names = [src.model for s in self.slices for src in s.sources] + [e.model for e in self.model_entries]
         for extra in (self.base_model, self.tokenizer_source):
             if extra:
                 names.append(extra)
         return list(dict.fromkeys(names))
 
     @property
+    def is_whole_model_blend(self) -> bool:
+        return bool(self.model_entries)
+
+    @property
     def layer_sources(self) -> list[tuple[str, int]]:
-        """(model, layer) for every depth of the merged stack, in order."""
+        """(model, layer) for every depth of the merged stack, in order; a blended depth is named by
+        its first source. A whole-model blend's depths depend on the models' layer counts: see
+        `as_slices`."""
         return [(s.source.model, layer) for s in self.slices for _ in range(s.repeat) for layer in s.source.layers]
 
     @property
@@ -123,20 +234,37 @@ class Recipe(BaseModel):
 
     @property
     def primary_model(self) -> str:
-        """The model whose embeddings, final norm, head and config the merge takes."""
-        return self.base_model or self.slices[0].source.model
+        """The model whose config the merge takes (and, for passthrough, embeddings and head)."""
+        if self.base_model:
+            return self.base_model
+        return self.slices[0].source.model if self.slices else self.model_entries[0].model
+
+    def as_slices(self, layer_counts: Mapping[str, int]) -> tuple[Slice, ...]:
+        """The slices the recipe means. A whole-model blend is one slice of every model's full
+        range, each model's parameters on its source, the base model appended when `models:`
+        leaves it out (as mergekit does)."""
+        if not self.model_entries:
+            return self.slices
+        entries = list(self.model_entries)
+        if self.base_model and self.base_model not in {e.model for e in entries}:
+            entries.append(ModelEntry(model=self.base_model))
+        try:
+            sources = tuple(
+                Source(model=e.model, start=0, end=layer_counts[e.model], parameters=e.parameters) for e in entries
+            )
+            return (Slice(sources=sources),)
+        except ValidationError as exc:
+            raise RecipeError(f"models: {_first_message(exc)}") from None
 
     def to_mergekit(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "slices": [
-                {"sources": [{"model": s.source.model, "layer_range": [s.source.start, s.source.end]}]}
-                for s in self.slices
-                for _ in range(s.repeat)
-            ],
-            "merge_method": self.merge_method,
-        }
-        for key in ("base_model", "dtype", "tokenizer_source"):
-            if getattr(self, key) is not None:
+        out: dict[str, Any] = {}
+        if self.model_entries:
+            out["models"] = [_with_parameters({"model": e.model}, e.parameters) for e in self.model_entries]
+        else:
+            out["slices"] = [_slice_to_mergekit(s) for s in self.slices for _ in range(s.repeat)]
+        out["merge_method"] = self.merge_method
+        for key in ("base_model", "parameters", "dtype", "tokenizer_source"):
+            if getattr(self, key):
                 out[key] = getattr(self, key)
         out.update(self.preserved)
         return out
@@ -148,11 +276,121 @@ class Recipe(BaseModel):
         """Consecutive identical slices folded into one slice with a repeat count."""
         folded: list[Slice] = []
         for s in self.slices:
-            if folded and folded[-1].source == s.source:
-                folded[-1] = Slice(source=s.source, repeat=folded[-1].repeat + s.repeat)
+            last = folded[-1] if folded else None
+            if last is not None and (last.sources, last.parameters) == (s.sources, s.parameters):
+                folded[-1] = last.model_copy(update={"repeat": last.repeat + s.repeat})
             else:
                 folded.append(s)
         return self.model_copy(update={"slices": tuple(folded)})
+
+
+def _with_parameters(out: dict[str, Any], parameters: Settings) -> dict[str, Any]:
+    if parameters:
+        out["parameters"] = parameters
+    return out
+
+
+def _slice_to_mergekit(s: Slice) -> dict[str, Any]:
+    sources = [
+        _with_parameters({"model": src.model, "layer_range": [src.start, src.end]}, src.parameters) for src in s.sources
+    ]
+    return _with_parameters({"sources": sources}, s.parameters)
+
+
+def _check_source_count(method: str, count: int, least: int, most: int | None, where: str) -> None:
+    if count < least or (most is not None and count > most):
+        wanted = f"exactly {least}" if least == most else f"at least {least}"
+        raise ValueError(f"{method} blends {wanted} models (the base model included); {where} has {count}")
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+
+def check_settings(method: str, settings: Mapping[str, Any], where: str) -> None:
+    """Names known to `method`, values of the right type and form; density in (0, 1]."""
+    spec = METHODS[method]
+    for name, setting in settings.items():
+        param = spec.param(name)
+        if param is None:
+            known = ", ".join(p.name for p in spec.params)
+            raise ValueError(f"{where}: `{name}` is not a parameter of {method} (it takes {known})")
+        for value in _values_in(setting, f"{where}: `{name}`"):
+            _check_value(param, value, where)
+
+
+def _values_in(setting: Any, where: str) -> list[Any]:
+    """Every scalar a setting can evaluate to; a malformed setting is a ValueError."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if all(isinstance(e, dict) for e in setting):
+            values = []
+            for cond in setting:
+                if set(cond) - {"filter", "value"} or "value" not in cond:
+                    raise ValueError(f"{where}: each conditional entry is {{filter: NAME, value: V}}")
+                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                    raise ValueError(f"{where}: a filter is a piece of a tensor name, like self_attn")
+                values += _values_in(cond["value"], where)
+            return values
+        if any(isinstance(e, (dict, list)) for e in setting) or not setting:
+            raise ValueError(f"{where}: a gradient is a non-empty list of numbers")
+        return setting
+    return [setting]
+
+
+def _check_value(param: Param, value: Any, where: str) -> None:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if param.kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: `{param.name}` is true or false, not {value!r}")
+    if param.kind is int and not (numeric and float(value).is_integer()):
+        raise ValueError(f"{where}: `{param.name}` is a whole number, not {value!r}")
+    if param.kind is float and not numeric:
+        raise ValueError(f"{where}: `{param.name}` is a number, not {value!r}")
+    if param.name == "density" and not 0 < value <= 1:
+        raise ValueError(f"{where}: `density` is {value}, outside (0, 1]: it is the fraction of each task vector kept")
+
+
+def evaluate_setting(setting: Any, *, tensor_name: str, t: float, kind: type) -> Any:
+    """One setting's value for one tensor (mergekit's rules): a scalar as written; a list of
+    numbers is a gradient, linearly interpolated at `t` in [0, 1]; `{filter, value}` entries give
+    the first whose filter occurs in `tensor_name` (no filter or '*' matches any), None if none."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return kind(setting)
+    if not setting:
+        return None
+    if all(isinstance(e, dict) for e in setting):
+        for cond in setting:
+            name_filter = cond.get("filter")
+            if name_filter in (None, "*") or name_filter in tensor_name:
+                return evaluate_setting(cond["value"], tensor_name=tensor_name, t=t, kind=kind)
+        return None
+    values = [kind(v) for v in setting]
+    if kind is not float:
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def resolve_parameter(param: Param, scopes: Sequence[Mapping[str, Any]], *, tensor_name: str, t: float) -> Any:
+    """The value of `param` for one tensor: the first scope, in precedence order (source, slice,
+    recipe), whose setting yields a value; else the default. A required parameter with no value
+    raises LookupError."""
+    for scope in scopes:
+        if param.name in scope:
+            value = evaluate_setting(scope[param.name], tensor_name=tensor_name, t=t, kind=param.kind)
+            if value is not None:
+                return value
+    if param.default is REQUIRED:
+        raise LookupError(param.name)
+    return param.default
+
+
+# --- parsing ----------------------------------------------------------------------------------
 
 
 def _refuse_unknown(mapping: dict, allowed: set[str], where: str) -> None:
@@ -161,20 +399,17 @@ def _refuse_unknown(mapping: dict, allowed: set[str], where: str) -> None:
         raise RecipeError(f"{where} has unknown key(s): {', '.join(sorted(map(str, unknown)))}")
 
 
-def _parse_slice(raw: Any, index: int) -> Slice:
-    where = f"slice {index + 1}"
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where} must be a mapping with `sources:`")
-    _refuse_unknown(raw, {"sources", "repeat"}, where)
-    sources = raw.get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise RecipeError(f"{where} has no `sources:` list")
-    if len(sources) > 1:
-        raise RecipeError(f"{where} blends {len(sources)} sources; blended slices are not supported yet")
-    src = sources[0]
+def _parameters_of(raw: dict, where: str) -> Settings:
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict) or not all(isinstance(k, str) for k in parameters):
+        raise RecipeError(f"{where}: `parameters` must be a mapping of names to values")
+    return parameters
+
+
+def _parse_source(src: Any, where: str) -> Source:
     if not isinstance(src, dict):
         raise RecipeError(f"{where}: each source must be a mapping with `model:` and `layer_range:`")
-    _refuse_unknown(src, {"model", "layer_range"}, f"{where} source")
+    _refuse_unknown(src, {"model", "layer_range", "parameters"}, f"{where} source")
     layer_range = src.get("layer_range")
     if (
         not isinstance(layer_range, list)
@@ -184,13 +419,33 @@ def _parse_slice(raw: Any, index: int) -> Slice:
         raise RecipeError(f"{where}: `layer_range` must be two whole numbers [start, end]")
     if not isinstance(src.get("model"), str):
         raise RecipeError(f"{where} names no model")
+    return Source(model=src["model"], start=layer_range[0], end=layer_range[1], parameters=_parameters_of(src, where))
+
+
+def _parse_slice(raw: Any, index: int) -> Slice:
+    where = f"slice {index + 1}"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where} must be a mapping with `sources:`")
+    _refuse_unknown(raw, {"sources", "repeat", "parameters"}, where)
+    sources = raw.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise RecipeError(f"{where} has no `sources:` list")
     try:
         return Slice(
-            source=Source(model=src["model"], start=layer_range[0], end=layer_range[1]),
+            sources=tuple(_parse_source(src, where) for src in sources),
+            parameters=_parameters_of(raw, where),
             repeat=raw.get("repeat", 1),
         )
     except ValidationError as exc:
         raise RecipeError(f"{where}: {_first_message(exc)}") from None
+
+
+def _parse_model_entry(raw: Any, index: int) -> ModelEntry:
+    where = f"models entry {index + 1}"
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), str) or not raw["model"].strip():
+        raise RecipeError(f"{where} must be a mapping with `model:`")
+    _refuse_unknown(raw, {"model", "parameters"}, where)
+    return ModelEntry(model=raw["model"].strip(), parameters=_parameters_of(raw, where))
 
 
 def _first_message(exc: ValidationError) -> str:
@@ -206,22 +461,24 @@ def recipe_from_dict(data: Any) -> Recipe:
     """Validate a mergekit-style mapping into a Recipe; every problem is a RecipeError."""
     if not isinstance(data, dict):
         raise RecipeError("the recipe must be a YAML mapping with a `slices:` list")
-    for key, why in REFUSED_TOP_KEYS.items():
-        if key in data:
-            raise RecipeError(f"`{key}`: {why}")
     unknown = set(data) - KNOWN_TOP_KEYS - set(PRESERVED_TOP_KEYS)
     if unknown:
         raise RecipeError(f"unknown key(s) in the recipe: {', '.join(sorted(map(str, unknown)))}")
-    raw_slices = data.get("slices")
-    if raw_slices is None:
+    raw_slices, raw_models = data.get("slices"), data.get("models")
+    if raw_slices is None and raw_models is None:
         raise RecipeError("the recipe has no slices: add at least one layer range")
-    if not isinstance(raw_slices, list):
+    if raw_slices is not None and not isinstance(raw_slices, list):
         raise RecipeError("`slices` must be a list")
-    slices = tuple(_parse_slice(raw, i) for i, raw in enumerate(raw_slices))
+    if raw_models is not None and not isinstance(raw_models, list):
+        raise RecipeError("`models` must be a list of `- model: NAME` entries")
+    slices = tuple(_parse_slice(raw, i) for i, raw in enumerate(raw_slices or []))
+    entries = tuple(_parse_model_entry(raw, i) for i, raw in enumerate(raw_models or []))
     try:
         return Recipe(
             slices=slices,
+            model_entries=entries,
             merge_method=data.get("merge_method", "passthrough"),
+            parameters=_parameters_of(data, "the recipe"),
             dtype=data.get("dtype"),
             tokenizer_source=data.get("tokenizer_source"),
             base_model=data.get("base_model"),
@@ -258,7 +515,7 @@ MAX_SHARE_JSON = 64 * 1024
 
 def to_share_token(recipe: Recipe, settings: dict[str, Any] | None = None) -> str:
     """Compact, URL-safe, versioned: 'v1.' + base64url(zlib(JSON of the mergekit form + settings))."""
-    payload = {"recipe": recipe.compacted().model_dump(mode="json"), "settings": settings or {}}
+    payload = {"recipe": recipe.compacted().model_dump(mode="json", exclude_defaults=True), "settings": settings or {}}
     raw = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 9)
     return f"{SHARE_VERSION}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}"
 

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hubserver import start_session_hub
-from tiny import make_tiny
+from tiny import make_finetune, make_tiny
 
 # huggingface_hub reads HF_ENDPOINT and friends once, at import: start the fake Hub first.
 HUB = start_session_hub()
@@ -34,6 +34,18 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_llama_b(tmp_path_factory) -> Path:
     """Same shape as tiny_llama, different weights: a second parent to interleave."""
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-llama-b", "llama", layers=6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ft1(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama "fine-tuned": a task vector away from it (for task arithmetic, TIES, DARE)."""
+    return make_finetune(tiny_llama, tmp_path_factory.mktemp("models") / "tiny-llama-ft1", seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ft2(tiny_llama, tmp_path_factory) -> Path:
+    """A second, different fine-tune of tiny_llama."""
+    return make_finetune(tiny_llama, tmp_path_factory.mktemp("models") / "tiny-llama-ft2", seed=12, scale=0.03)
 
 
 @pytest.fixture(scope="session")

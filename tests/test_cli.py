@@ -45,11 +45,27 @@ def test_params_json_has_the_contract_fields(tmp_path, capsys, tiny_llama):
     assert data["bytes"] == data["total_params"] * 2
 
 
+def test_whole_model_blend_counts_its_materialized_memory_and_builds(tmp_path, capsys, tiny_llama, tiny_llama_ft1):
+    from transformers import AutoModelForCausalLM
+
+    recipe = tmp_path / "blend.yml"
+    recipe.write_text(
+        f"models:\n- model: {tiny_llama_ft1}\n  parameters: {{weight: 0.3}}\n"
+        f"merge_method: task_arithmetic\nbase_model: {tiny_llama}\n"
+    )
+    assert main(["params", str(recipe), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_layers"] == 6 and data["blend_bytes"] == data["memory_bytes"] == data["bytes"]
+    assert main(["build", str(recipe), str(tmp_path / "out")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 6
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("slices: [", "malformed YAML at line 1"),
         ("slices:\n- sources:\n  - model: bundled:nope\n    layer_range: [0, 2]\n", "unknown model 'bundled:nope'"),
+        ("models:\n- model: a/b\n- model: c/d\nmerge_method: ties\n", "merge_method ties needs `base_model:`"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_sentence_and_no_traceback(tmp_path, content, message):

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from merger.export import export_plan
 from merger.plan import make_plan
@@ -26,22 +22,7 @@ from merger.recipe import Recipe, Slice, Source, passthrough
 if importlib.util.find_spec("mergekit") is None:
     pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
 
-# Runs every job in one process: {out_dir: mergekit config} on stdin, {out_dir: error or null}
-# written to argv[1] (mergekit logs on stdout/stderr).
-MERGEKIT_DRIVER = """
-import json, sys
-from mergekit.config import MergeConfiguration
-from mergekit.merge import MergeOptions, run_merge
-results = {}
-for out, config in json.load(sys.stdin).items():
-    try:
-        run_merge(MergeConfiguration.model_validate(config), out, MergeOptions(copy_tokenizer=True, quiet=True))
-        results[out] = None
-    except Exception as exc:
-        results[out] = f"{type(exc).__name__}: {exc}"
-with open(sys.argv[1], "w") as f:
-    json.dump(results, f)
-"""
+from mergekit_runner import run_mergekit, tensors_of
 
 
 def recipes(a: str, b: str, g: str) -> dict[str, Recipe]:
@@ -81,32 +62,13 @@ def cases(tiny_llama, tiny_llama_b, tiny_gemma) -> dict[str, Recipe]:
 @pytest.fixture(scope="module")
 def mergekit_runs(cases, tmp_path_factory) -> dict[str, tuple[Path, str | None]]:
     """name -> (mergekit's output folder, its error or None), all made by one child process."""
-    root = tmp_path_factory.mktemp("mergekit")
-    jobs = {str(root / name): recipe.to_mergekit() for name, recipe in cases.items()}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", MERGEKIT_DRIVER, str(root / "results.json")],
-        input=json.dumps(jobs),
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((root / "results.json").read_text())
-    return {name: (root / name, results[str(root / name)]) for name in cases}
+    return run_mergekit({name: recipe.to_mergekit() for name, recipe in cases.items()}, tmp_path_factory.mktemp("mk"))
 
 
 @pytest.fixture(scope="module")
 def ours(cases, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ours")
     return {name: export_plan(make_plan(recipe), root / name).path for name, recipe in cases.items()}
-
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        found |= load_file(shard)
-    return found
 
 
 def bit_equal(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -69,3 +69,32 @@ def make_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0, c
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_finetune(base: Path, path: Path, *, seed: int, scale: float = 0.02) -> Path:
+    """A "fine-tune" of `base`: every tensor shifted by a low-rank update plus sparse larger
+    changes and small noise (what fine-tuning leaves), so task vectors have structure, signs
+    that disagree between two fine-tunes, and magnitudes that TIES's pruning must sort."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():
+        if item.suffix != ".safetensors":
+            shutil.copyfile(item, path / item.name)
+    for shard in base.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, tensor in tensors.items():
+            noise = torch.randn(tensor.shape, generator=gen) * scale * 0.1
+            if tensor.dim() == 2:
+                rank = 2
+                u = torch.randn(tensor.shape[0], rank, generator=gen)
+                v = torch.randn(rank, tensor.shape[1], generator=gen)
+                noise += scale * (u @ v) / rank
+            sparse = (torch.rand(tensor.shape, generator=gen) < 0.05) * torch.randn(tensor.shape, generator=gen)
+            tensors[name] = (tensor + noise + scale * 3 * sparse).to(tensor.dtype).contiguous()
+        save_file(tensors, path / shard.name, metadata={"format": "pt"})
+    return path

@@ -4,12 +4,25 @@ Value (JSON-able dict, the single source of truth; other code converts it to and
 
     {
       "models": [{"ref": "bundled:smollm2-135m-instruct", "label": "SmolLM2-135M-Instruct", "num_layers": 30}],
-      "slices": [{"model": "bundled:smollm2-135m-instruct", "start": 0, "end": 20, "repeat": 1}],  # end exclusive
-      "seam_scores": {"1": 0.31},  # optional: slice index -> damage in [0, 1], colours that slice's seam
+      "slices": [
+        {"model": "bundled:smollm2-135m-instruct", "start": 0, "end": 20, "repeat": 1},  # end exclusive
+        # a blended slice: the first source as above (it names the slice's place in the stack), the
+        # others in "blend", each source's mergekit parameters (weight, density, ...) in "parameters"
+        {"model": "a", "start": 20, "end": 30, "repeat": 1, "parameters": {"weight": 0.7},
+         "blend": [{"model": "b", "start": 20, "end": 30, "parameters": {"weight": 0.3}}],
+         "slice_parameters": {"t": 0.5}},  # optional: the slice's own parameters (slerp's t)
+      ],
+      "merge_method": "linear",  # optional (passthrough): how blended slices blend
+      "base_model": "a",  # optional: the base for task_arithmetic, ties, dare_*, slerp
+      "parameters": {},  # optional: recipe-wide parameters, kept as they came
+      "seam_scores": {"1": {"measured": 0.2, "predicted": 0.18}, "1-rep-1": 0.1},  # optional, dropped on edit: seam
+      # damage (angular distance) before slice i, or where pass r of slice i begins; a bare number is allowed
     }
 
-Python sets the value; assets/stack.js draws it and answers every user edit with a new value object (models and
-seam_scores copied through, a new slices list), which fires the component's ``.change``.
+Python sets the value; assets/stack.js draws it and answers every user edit with a new value object (everything
+but the slices copied through, a new slices list; the blend method and base when those are edited), which fires
+the component's ``.change``. The widget edits a source's ``weight`` (slerp: the slice's ``t``) when it is a plain
+number; gradients and filters pasted as YAML are shown as "custom" and kept.
 """
 
 from __future__ import annotations

@@ -160,3 +160,55 @@ def test_stack_widget_edits_reach_python_draw_seams_and_escape_model_names(app, 
     page.get_by_test_id("cell-1-0").scroll_into_view_if_needed()
     sweep(page, 1, 8, 15)  # leave a live selection in the screenshot
     page.locator("#stack").screenshot(path="/tmp/stack.png")
+
+
+def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
+    from ui.recipe_value import recipe_from_value
+
+    url, received = app
+    page.goto(url)
+    page.get_by_test_id("cell-0-0").wait_for()
+    sweep(page, 0, 0, 3)
+    page.get_by_test_id("stack-add-0").click()
+    last_value(received, lambda v: len(v["slices"]) == 1 and "blend" not in v["slices"][0], "a plain slice")
+
+    # 1. blend it with the same layers of the second model: one block, both sources, weights 1 and 1
+    page.get_by_test_id("slice-blend-0").select_option(QWEN)
+    v = last_value(received, lambda v: v["slices"][0].get("blend"), "the blend")
+    assert v["merge_method"] == "linear"
+    assert v["slices"][0]["blend"] == [{"model": QWEN, "start": 0, "end": 4, "parameters": {"weight": 1}}]
+    block = page.get_by_test_id("slice-0")
+    assert "Blend · linear" in block.inner_text()
+    assert "SmolLM2-135M-Instruct" in page.get_by_test_id("source-0-0").inner_text()
+    assert "Qwen2.5-0.5B-Instruct" in page.get_by_test_id("source-0-1").inner_text()
+    assert page.locator(".fs-slice").count() == 1 and merged_layers(page) == 4
+
+    # 2. edit a weight: the recipe blends 1 : 0.25
+    page.get_by_test_id("source-weight-0-1").fill("0.25")
+    page.get_by_test_id("source-weight-0-1").press("Enter")
+    v = last_value(received, lambda v: v["slices"][0]["blend"][0]["parameters"]["weight"] == 0.25, "weight 0.25")
+    recipe = recipe_from_value(v)
+    (blended,) = recipe.slices
+    assert [(s.model, s.start, s.end, s.parameters["weight"]) for s in blended.sources] == [
+        (SMOL, 0, 4, 1),
+        (QWEN, 0, 4, 0.25),
+    ]
+    assert recipe.merge_method == "linear"
+    page.locator("#stack").screenshot(path="/tmp/stack-blend.png")
+
+    # 3. switch to slerp: the base is the first model, one t per slice replaces the weights
+    page.get_by_test_id("blend-method").select_option("slerp")
+    v = last_value(received, lambda v: v.get("merge_method") == "slerp", "slerp")
+    assert v["base_model"] == SMOL and v["slices"][0]["slice_parameters"] == {"t": 0.5}
+    page.get_by_test_id("slice-t-0").fill("0.3")
+    page.get_by_test_id("slice-t-0").press("Enter")
+    v = last_value(received, lambda v: v["slices"][0]["slice_parameters"]["t"] == 0.3, "t 0.3")
+    recipe = recipe_from_value(v)
+    assert recipe.base_model == SMOL and recipe.slices[0].parameters == {"t": 0.3}
+    assert all("weight" not in s.parameters for s in recipe.slices[0].sources)
+
+    # 4. take the second model out: a plain slice again
+    page.get_by_test_id("source-remove-0-1").click()
+    v = last_value(received, lambda v: "blend" not in v["slices"][0], "the unblend")
+    assert (v["slices"][0]["model"], v["slices"][0]["start"], v["slices"][0]["end"]) == (SMOL, 0, 4)
+    assert "layers 0–3 (4)" in page.get_by_test_id("slice-0").inner_text()

@@ -1,0 +1,130 @@
+"""Blends against mergekit 0.1.5: the same recipe (as the YAML mapping we write) built by mergekit
+and by our exporter must give every tensor equal within TOLERANCE, on tiny local models that
+genuinely differ (tiny_llama, an unrelated tiny_llama_b, and two "fine-tunes" of tiny_llama).
+
+On these models every tensor comes out bit-equal today; the tests still compare within TOLERANCE,
+since bit-equality is in neither tool's contract. TOLERANCE: our methods run the same operations
+as mergekit in the same precision (float32 for linear and slerp, the input dtype for the
+task-vector methods) but not always in the same order (mergekit reduces slerp's norms in chunks
+of 2**20 entries and batches tensors). Float32 rounding can then differ by a few units in the
+last place, 2**-23 = 1.2e-7 relative each: rtol 1e-6 (8 ulp) and atol 1e-6 (for entries near
+zero; entries here are about 0.05 to 1) bound what rounding can do, while a semantic difference
+(a wrong t, weight or mask) moves entries by 1e-3 or more. In bfloat16 both tools round one
+float32 result, so one bfloat16 ulp (2**-7 relative) is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from merger.export import export_plan
+from merger.plan import Blend, make_plan
+from merger.recipe import recipe_from_dict
+
+if importlib.util.find_spec("mergekit") is None:
+    pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
+
+from mergekit_runner import run_mergekit, tensors_of
+
+TOLERANCE = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {"rtol": 2**-7, "atol": 1e-6}}
+MLP_SPARSER = [{"filter": "mlp", "value": 0.2}, {"value": 0.7}]
+SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": 0.5}]
+
+
+def _src(model: str, start: int, end: int, **parameters) -> dict:
+    return {"model": model, "layer_range": [start, end], **({"parameters": parameters} if parameters else {})}
+
+
+def blend_recipes(a: str, b: str, t1: str, t2: str) -> dict[str, dict]:
+    return {
+        "linear_whole_models": {
+            "models": [{"model": a, "parameters": {"weight": 0.7}}, {"model": b, "parameters": {"weight": 0.3}}],
+            "merge_method": "linear",
+        },
+        "linear_slices_gradient_unnormalized": {
+            "slices": [{"sources": [_src(a, 0, 6, weight=[1.0, 0.2]), _src(b, 0, 6, weight=[0.1, 0.9])]}],
+            "merge_method": "linear",
+            "parameters": {"normalize": False},
+        },
+        "task_arithmetic_two_tasks": {
+            "models": [{"model": t1, "parameters": {"weight": 0.1}}, {"model": t2, "parameters": {"weight": 0.3}}],
+            "merge_method": "task_arithmetic",
+            "base_model": a,
+        },
+        "ties": {
+            "models": [
+                {"model": a},
+                {"model": t1, "parameters": {"weight": 0.6, "density": 0.5}},
+                {"model": t2, "parameters": {"weight": 0.4, "density": MLP_SPARSER}},
+            ],
+            "merge_method": "ties",
+            "base_model": a,
+        },
+        "slerp_gradient": {
+            "slices": [{"sources": [_src(a, 0, 6), _src(b, 0, 6)]}],
+            "merge_method": "slerp",
+            "base_model": a,
+            "parameters": {"t": SLERP_T},
+        },
+        "slerp_finetunes_bfloat16": {  # two close fine-tunes: some tensors take the near-collinear branch
+            "slices": [{"sources": [_src(t1, 0, 6), _src(a, 0, 6)]}],
+            "merge_method": "slerp",
+            "base_model": a,
+            "parameters": {"t": SLERP_T},
+            "dtype": "bfloat16",
+        },
+        "task_arithmetic_mixed_with_passthrough": {  # base-only slices pass through (in mergekit too)
+            "slices": [
+                {"sources": [_src(a, 0, 3)]},
+                {"sources": [_src(a, 2, 5), _src(t1, 2, 5)], "parameters": {"weight": [0.2, 0.8]}},
+                {"sources": [_src(a, 3, 6)]},
+            ],
+            "merge_method": "task_arithmetic",
+            "base_model": a,
+            "parameters": {"weight": 5.0, "lambda": 0.9},  # the slice's weight wins over the recipe's
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_llama, tiny_llama_b, tiny_llama_ft1, tiny_llama_ft2) -> dict[str, dict]:
+    return blend_recipes(str(tiny_llama), str(tiny_llama_b), str(tiny_llama_ft1), str(tiny_llama_ft2))
+
+
+@pytest.fixture(scope="module")
+def mergekit_runs(cases, tmp_path_factory) -> dict[str, tuple[Path, str | None]]:
+    return run_mergekit(cases, tmp_path_factory.mktemp("mk"))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "linear_whole_models",
+        "linear_slices_gradient_unnormalized",
+        "task_arithmetic_two_tasks",
+        "ties",
+        "slerp_gradient",
+        "slerp_finetunes_bfloat16",
+        "task_arithmetic_mixed_with_passthrough",
+    ],
+)
+def test_blend_export_equals_mergekit_within_rounding(case, cases, mergekit_runs, tmp_path):
+    theirs_dir, error = mergekit_runs[case]
+    assert error is None
+    recipe = recipe_from_dict(cases[case])
+    plan = make_plan(recipe)
+    assert plan.blends, "the case must blend something"
+    ours = tensors_of(export_plan(plan, tmp_path / case).path)
+    theirs = tensors_of(theirs_dir)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in ours.items():
+        assert tensor.dtype == theirs[name].dtype, name
+        torch.testing.assert_close(tensor, theirs[name], **TOLERANCE[tensor.dtype], msg=lambda m, n=name: f"{n}: {m}")
+    # and a blend is not trivially one of its parents
+    name, blend = next((n, o) for n, o in plan.tensors.items() if isinstance(o, Blend))
+    parents = [tensors_of(Path(src.meta.file).parent)[src.name].to(ours[name].dtype) for src in blend.sources]
+    assert not any(torch.equal(ours[name], parent) for parent in parents)
