@@ -27,10 +27,15 @@ class Counts:
         return asdict(self)
 
 
+def tensor_storage(plan: Plan) -> dict[str, tuple[tuple[str, str], int]]:
+    """Output tensor name -> (storage key, parameters): outputs with one key are one tensor when built."""
+    return {out: ((src.model, src.name), src.meta.numel) for out, src in plan.tensors.items()}
+
+
 def count(plan: Plan) -> Counts:
     per_param = BYTES_PER_PARAM[plan.dtype]
     total = sum(src.meta.numel for src in plan.tensors.values())
-    unique = {(src.model, src.name): src.meta.numel for src in plan.tensors.values()}
+    unique = dict(tensor_storage(plan).values())
     parents = {
         ref: sum(m.numel for n, m in info.tensors.items() if not (info.tied and n.startswith("lm_head.")))
         for ref, info in plan.models.items()
