@@ -186,12 +186,13 @@ def place(
         (_shared_units(per_depth), SHARED, range(1, len(devices) + 1)),
         (per_depth, DEPTH_RANGES, range(2, len(devices) + 1)),
     ):
+        needs = _needs(units)
         for k in counts:
             if k > len(units):
                 break
             chosen = {name for name, _ in ranked[:k]}
             used = [d for d in devices if d[0] in chosen]
-            ratio, runs = _split(units, [free for _, free in used])
+            ratio, runs = _split(needs, [free for _, free in used])
             placement = _placement(dtype, tokens, strategy, units, runs, used, forward)
             if placement.fits:
                 return placement
@@ -257,11 +258,10 @@ def _shared_units(units: list[_Unit]) -> list[_Unit]:
     ]
 
 
-def _split(units: list[_Unit], free: list[int]) -> tuple[float, list[tuple[int, int]]]:
-    """Contiguous, non-empty runs [a, b) of `units`, one per device, that minimize the fullest
-    device's needed/free ratio; returns that ratio (<= 1: it fits) and the runs."""
-    m, k = len(units), len(free)
-    need = [[0] * (m + 1) for _ in range(m + 1)]  # need[a][b]: bytes units[a:b] take on one device
+def _needs(units: list[_Unit]) -> list[list[int]]:
+    """needs[a][b]: the bytes units[a:b] take on one device."""
+    m = len(units)
+    needs = [[0] * (m + 1) for _ in range(m + 1)]
     for a in range(m):
         seen: set[Hashable] = set()
         weights = kv = 0
@@ -272,16 +272,23 @@ def _split(units: list[_Unit], free: list[int]) -> tuple[float, list[tuple[int, 
                     seen.add(key)
                     weights += n
             kv += unit.kv_bytes
-            need[a][b] = weights + kv + working_bytes(weights)
+            needs[a][b] = weights + kv + working_bytes(weights)
+    return needs
+
+
+def _split(needs: list[list[int]], free: list[int]) -> tuple[float, list[tuple[int, int]]]:
+    """Contiguous, non-empty runs [a, b) of the units, one per device, that minimize the fullest
+    device's needed/free ratio; returns that ratio (<= 1: it fits) and the runs."""
+    m, k = len(needs) - 1, len(free)
     inf = float("inf")
     best = [[inf] * (m + 1) for _ in range(k)]  # best[i][b]: units[:b] over devices 0..i
     start = [[0] * (m + 1) for _ in range(k)]
     for b in range(1, m + 1):
-        best[0][b] = need[0][b] / max(free[0], 1)
+        best[0][b] = needs[0][b] / max(free[0], 1)
     for i in range(1, k):
         for b in range(i + 1, m + 1):
             for a in range(i, b):
-                ratio = max(best[i - 1][a], need[a][b] / max(free[i], 1))
+                ratio = max(best[i - 1][a], needs[a][b] / max(free[i], 1))
                 if ratio < best[i][b]:
                     best[i][b], start[i][b] = ratio, a
     runs, b = [], m
