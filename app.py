@@ -82,11 +82,11 @@ def preview_markdown(counts: dict[str, Any]) -> str:
     )
 
 
-def placement_preview(recipe_yaml: str) -> str:
-    """Where a build would go on this machine and the memory per device (after the counts: it
-    reads the devices' free memory)."""
+def placement_preview(value: dict[str, Any]) -> str:
+    """Where a build of the stack would go on this machine and the memory per device (apart from
+    the counts: it reads the devices' free memory)."""
     try:
-        plan = plan_for(recipe_yaml)
+        plan = make_plan(recipe_from_value(value), model_info)
     except UserError:
         return ""  # the preview already says what is wrong
     try:
@@ -544,9 +544,8 @@ def build_demo() -> gr.Blocks:
         # ---- wiring ----
         demo.load(initial_state, outputs=[stack, model_msg, temperature, top_p, max_new], api_visibility="private")
         add_btn.click(add_model, [ref_box, stack], [stack, model_msg], api_visibility="private")
-        stack.change(on_stack_change, stack, [yaml_box, preview_md], api_visibility="private").then(
-            placement_preview, yaml_box, placement_md, api_visibility="private"
-        )
+        stack.change(on_stack_change, stack, [yaml_box, preview_md], api_visibility="private")
+        stack.change(placement_preview, stack, placement_md, api_visibility="private")
         apply_btn.click(apply_yaml, [yaml_box, stack], [stack, preview_md], api_visibility="private")
         gr.api(preview, api_name="preview")
         build_btn.click(build_model, yaml_box, build_status, api_name="build")

@@ -59,9 +59,10 @@ def test_preview_of_a_parent_as_it_is_has_no_seams():
 def test_placement_next_to_the_preview_names_the_device_or_the_refusal(monkeypatch):
     from merger import runtime
 
-    yaml_text = passthrough((SMOL, 0, 20), (SMOL, 10, 30)).to_yaml()
-    shown = app.placement_preview(yaml_text)
+    value = {"models": [], "slices": [{"model": SMOL, "start": 0, "end": 20, "repeat": 1}]}
+    value["slices"].append({"model": SMOL, "start": 10, "end": 30, "repeat": 1})
+    shown = app.placement_preview(value)
     assert shown.startswith("**Placement**: one device, `cpu`, all 40 layers")
     monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
-    assert "but only 10.00 MiB is free" in app.placement_preview(yaml_text)
-    assert app.placement_preview("slices: [") == ""  # the preview already says what is wrong
+    assert "but only 10.00 MiB is free" in app.placement_preview(value)
+    assert app.placement_preview({"models": [], "slices": []}) == ""  # the preview already says what is wrong
