@@ -195,8 +195,9 @@ def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = g
         raise gr.Error(str(exc)) from None
     SESSIONS.put(session, built)
     counts = count(plan)
+    devices = " + ".join(built.placement.devices) if built.placement else built.device
     return (
-        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {built.device} "
+        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {devices} "
         f"in {built.seconds:.2f} s. Chat below."
     )
 
