@@ -173,7 +173,7 @@ class FastGenerator:
             return _Chunk(start, end, None)
         host[start:end].copy_(tokens[start:end], non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.device))  # the tokens' device, which need not be the current one
         return _Chunk(start, end, ready)
 
 

@@ -362,16 +362,26 @@ def dispatch(model: Any, placement: Placement, *, offload_dir: str | None = None
     module to module. The tensors must already sit where the placement says, so nothing is copied.
     `offload_dir` serves accelerate's `disk` device (the CPU tests' stand-in for a second device)."""
     from accelerate import dispatch_model
+    from accelerate.hooks import remove_hook_from_submodules
 
     device_map = dict(placement.module_devices)
     _map_remaining(model, "", device_map, placement.input_device)
-    return dispatch_model(
+    model = dispatch_model(
         model,
         device_map=device_map,
         main_device=placement.input_device,
         offload_dir=offload_dir,
         skip_keys=getattr(model, "_skip_keys_device_placement", None),
     )
+    # accelerate also hooks every submodule of a mapped module, to move inputs to the device they
+    # are already on: about ten Python calls per layer and token. The mapped module's own hook moves
+    # them once; offloaded modules keep theirs (they load the weights).
+    offloaded = ("disk",) if placement.input_device == "cpu" else ("cpu", "disk")
+    for name, device in device_map.items():
+        if device not in offloaded:
+            for child in model.get_submodule(name).children():
+                remove_hook_from_submodules(child)
+    return model
 
 
 def _map_remaining(module: Any, prefix: str, device_map: dict[str, str], device: str) -> None:

@@ -130,6 +130,8 @@ def test_merge_dispatched_over_two_devices_equals_the_one_device_build(tiny_llam
     assert twice  # a repeated layer on the CPU side still shares its tensors
     layers = spread.model.layers
     assert all(layers[a].mlp.up_proj.weight.data_ptr() == layers[b].mlp.up_proj.weight.data_ptr() for a, b in twice)
+    # activations move once per mapped module, not again in each of its submodules
+    assert hasattr(layers[0], "_hf_hook") and not hasattr(layers[0].mlp.up_proj, "_hf_hook")
     with torch.no_grad():
         assert torch.equal(spread(PROMPT).logits, one(PROMPT).logits)
         kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
