@@ -21,15 +21,16 @@ from merger import bundled
 from merger.cards import roleplay_prompt, stop_strings
 from merger.catalog import LocalPolicy, ModelInfo, list_allowed_folders, resolve
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
-from merger.errors import UserError
+from merger.errors import PlacementError, UserError
 from merger.export import export_plan
 from merger.hub import push_folder
 from merger.params import count, human_bytes, human_params
 from merger.plan import Plan, make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
-from merger.runtime import Built, SessionModels, best_device, build
+from merger.runtime import Built, SessionModels, best_device, build, plan_placement
 from merger.slim import slim_model
 from ui.lens import build_lens_tab, wire_lens_tab
+from ui.placement import placement_markdown, refusal_markdown
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.roleplay import build_roleplay_tab, card_from_state, load_card
 from ui.stack import stack_widget
@@ -81,6 +82,19 @@ def preview_markdown(counts: dict[str, Any]) -> str:
         f"memory when built {human_bytes(counts['memory_bytes'])} (duplicated layers share tensors{blended}) · "
         f"{seams} seam{'s' if seams != 1 else ''}  \nparents: {parents}"
     )
+
+
+def placement_preview(value: dict[str, Any]) -> str:
+    """Where a build of the stack would go on this machine and the memory per device (apart from
+    the counts: it reads the devices' free memory)."""
+    try:
+        plan = make_plan(recipe_from_value(value), model_info)
+    except UserError:
+        return ""  # the preview already says what is wrong
+    try:
+        return placement_markdown(plan_placement(plan))
+    except PlacementError as exc:
+        return refusal_markdown(str(exc))
 
 
 def on_stack_change(value: dict[str, Any]) -> tuple[str, str]:
@@ -183,8 +197,9 @@ def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = g
         raise gr.Error(str(exc)) from None
     SESSIONS.put(session, built)
     counts = count(plan)
+    devices = " + ".join(built.placement.devices) if built.placement else built.device
     return (
-        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {built.device} "
+        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {devices} "
         f"in {built.seconds:.2f} s. Chat below."
     )
 
@@ -470,6 +485,7 @@ def build_demo() -> gr.Blocks:
         model_msg = gr.Markdown(elem_id="model-msg")
         stack = stack_widget({"models": [], "slices": []})
         preview_md = gr.Markdown(elem_id="preview")
+        placement_md = gr.Markdown(elem_id="placement")
         with gr.Accordion("Recipe (mergekit YAML)", open=False):
             yaml_box = gr.Code(language="yaml", label="Paste a mergekit config and press Apply", interactive=True)
             apply_btn = gr.Button("Apply YAML")
@@ -534,6 +550,7 @@ def build_demo() -> gr.Blocks:
         demo.load(initial_state, outputs=[stack, model_msg, temperature, top_p, max_new], api_visibility="private")
         add_btn.click(add_model, [ref_box, stack], [stack, model_msg], api_visibility="private")
         stack.change(on_stack_change, stack, [yaml_box, preview_md], api_visibility="private")
+        stack.change(placement_preview, stack, placement_md, api_visibility="private")
         apply_btn.click(apply_yaml, [yaml_box, stack], [stack, preview_md], api_visibility="private")
         gr.api(preview, api_name="preview")
         build_btn.click(build_model, yaml_box, build_status, api_name="build")

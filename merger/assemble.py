@@ -10,7 +10,7 @@ freed after each), and held once however often the plan uses them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import init_empty_weights
@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from merger.blend_tensors import ParentReader, compute_blend
 from merger.catalog import ModelInfo
 from merger.hub import download_weights
+from merger.placement import Placement, dispatch, storage_device
 from merger.plan import Blend, Plan, TensorSource
 
 Progress = Callable[[float, str], None]
@@ -27,22 +28,33 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class LoadedTensors:
-    """Parent tensors by (model, name), each read once from its safetensors file."""
+    """Parent tensors by (model, name, device), each read once from its safetensors file."""
 
-    by_source: dict[tuple[str, str], torch.Tensor]
-    models: dict[str, ModelInfo]  # the parents with their weights on disk
+    by_source: dict[tuple[str, str, str], torch.Tensor]
+    models: dict[str, ModelInfo] = field(default_factory=dict)  # the parents with their weights on disk
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.by_source.values())
 
+    def on(self, device: str) -> dict[tuple[str, str], torch.Tensor]:
+        """The tensors held on `device`, by (model, name)."""
+        return {(m, n): t for (m, n, d), t in self.by_source.items() if d == device}
+
 
 def load_parent_tensors(
-    plan: Plan, *, device: str, dtype: torch.dtype, progress: Progress | None = None
+    plan: Plan,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+    placement: Placement | None = None,
 ) -> LoadedTensors:
+    """Every parent tensor the plan passes through, on `device`, or with a split placement on each
+    device that holds it (accelerate's `disk` offload takes it from the CPU)."""
     models = {ref: download_weights(info) for ref, info in plan.models.items()}
     wanted = sorted({(src.model, src.name) for src in plan.tensors.values() if isinstance(src, TensorSource)})
-    loaded: dict[tuple[str, str], torch.Tensor] = {}
+    loaded: dict[tuple[str, str, str], torch.Tensor] = {}
     by_file: dict[str, list[tuple[str, str]]] = {}
     for ref, name in wanted:
         by_file.setdefault(models[ref].tensors[name].file, []).append((ref, name))
@@ -50,7 +62,9 @@ def load_parent_tensors(
     for file, keys in by_file.items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for ref, name in keys:
-                loaded[(ref, name)] = f.get_tensor(name).to(device=device, dtype=dtype)
+                tensor = f.get_tensor(name)
+                for target in _holders(placement, (ref, name), device):
+                    loaded[(ref, name, target)] = tensor.to(device=storage_device(target), dtype=dtype)
                 done += 1
                 if progress and done % 16 == 0:
                     progress(done / len(wanted), f"loading {ref}")
@@ -61,42 +75,90 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _holders(placement: Placement | None, key: object, device: str) -> tuple[str, ...]:
+    return placement.tensor_devices[key] if placement is not None and placement.is_split else (device,)
+
+
 def assemble(
-    plan: Plan, *, device: str = "cpu", dtype: str | None = None, progress: Progress | None = None
+    plan: Plan,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    progress: Progress | None = None,
+    placement: Placement | None = None,
+    offload_dir: str | None = None,
 ) -> PreTrainedModel:
-    """The merged model, ready for generation, its passthrough layers sharing parent tensors."""
+    """The merged model, ready for generation, its passthrough layers sharing parent tensors; on
+    `device`, or spread over a split `placement`'s devices."""
     dt = torch_dtype(dtype or plan.dtype)
-    parents = load_parent_tensors(plan, device=device, dtype=dt, progress=progress)
-    blended = blend_all(plan, parents, device=device, dtype=dt, progress=progress)
-    config = AutoConfig.for_model(**plan.config)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dt)
-    state = {
-        out: blended[src] if isinstance(src, Blend) else parents.by_source[(src.model, src.name)]
-        for out, src in plan.tensors.items()
-    }
-    if plan.tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    model.tie_weights()
-    model.to(device)  # buffers (rotary tables) were made real on the CPU
-    model.eval()
+    parents = load_parent_tensors(plan, device=device, dtype=dt, progress=progress, placement=placement)
+    blended = blend_all(plan, parents, device=device, dtype=dt, progress=progress, placement=placement)
+    model = assemble_loaded(
+        plan, parents, blended=blended, device=device, dtype=dt, placement=placement, offload_dir=offload_dir
+    )
     if progress:
         progress(1.0, "built")
     return model
 
 
+def assemble_loaded(
+    plan: Plan,
+    parents: LoadedTensors,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    blended: dict[tuple[Blend, str], torch.Tensor] | None = None,
+    placement: Placement | None = None,
+    offload_dir: str | None = None,
+) -> PreTrainedModel:
+    """The merged model from parent tensors (and blends) already where they belong (read from files
+    or made in memory)."""
+    config = AutoConfig.for_model(**plan.config)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    split = placement is not None and placement.is_split
+    blended = blended or {}
+    state = {}
+    for out, src in plan.tensors.items():
+        where = placement.device_of(out) if split else device
+        if isinstance(src, Blend):
+            state[out] = blended[(src, where)]
+        else:
+            state[out] = parents.by_source[(src.model, src.name, where)]
+    if plan.tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    if split:
+        dispatch(model, placement, offload_dir=offload_dir)
+    else:
+        model.to(device)  # buffers (rotary tables) were made real on the CPU
+    model.eval()
+    return model
+
+
 def blend_all(
-    plan: Plan, parents: LoadedTensors, *, device: str, dtype: torch.dtype, progress: Progress | None = None
-) -> dict[Blend, torch.Tensor]:
-    """Every distinct blend of the plan, computed one at a time."""
+    plan: Plan,
+    parents: LoadedTensors,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+    placement: Placement | None = None,
+) -> dict[tuple[Blend, str], torch.Tensor]:
+    """Every distinct blend of the plan, computed one at a time on each device that holds it."""
     blends = plan.blends
     if not blends:
         return {}
-    done: dict[Blend, torch.Tensor] = {}
+    done: dict[tuple[Blend, str], torch.Tensor] = {}
+    views: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
     with ParentReader(parents.models) as reader:
         for i, item in enumerate(blends, start=1):
-            done[item] = compute_blend(item, reader, device=device, dtype=dtype, loaded=parents.by_source)
+            for target in _holders(placement, item, device):
+                local = views.setdefault(target, parents.on(target))
+                done[(item, target)] = compute_blend(
+                    item, reader, device=storage_device(target), dtype=dtype, loaded=local
+                )
             if progress and i % 16 == 0:
                 progress(i / len(blends), f"blending ({item.method})")
     return done

@@ -16,3 +16,7 @@ class ModelRefError(UserError):
 
 class UnsafeCheckpointError(ModelRefError):
     """The model only ships pickled weights, which we never load."""
+
+
+class PlacementError(UserError):
+    """A build cannot fit the memory of the devices at hand (the message carries the numbers)."""

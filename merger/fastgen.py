@@ -84,14 +84,17 @@ class FastGenerator:
 
     Not reentrant: one generation at a time per generator (they share the cache). `compile`
     defaults to True on CUDA; the first generation then compiles the step (tens of seconds for an
-    8B model), later ones replay its CUDA graph.
+    8B model), later ones replay its CUDA graph. A model dispatched over several devices runs
+    eagerly by default (torch.compile's CUDA graphs skip graphs that span devices, and compiling
+    over 100 layers takes minutes); each layer's cache lives on that layer's device.
     """
 
     def __init__(self, model: nn.Module, *, max_seq_len: int, compile: bool | None = None) -> None:
         self.model = model
         self.max_seq_len = max_seq_len
         self.device = next(model.parameters()).device
-        self.compiled = self.device.type == "cuda" if compile is None else compile
+        spread = len({p.device for p in model.parameters()}) > 1  # dispatched over several devices
+        self.compiled = self.device.type == "cuda" and not spread if compile is None else compile
         self.chunk = CUDA_CHUNK if self.device.type == "cuda" else 1
         self.cache = static_cache(model.config, max_seq_len)
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_one
@@ -170,7 +173,7 @@ class FastGenerator:
             return _Chunk(start, end, None)
         host[start:end].copy_(tokens[start:end], non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.device))  # the tokens' device, which need not be the current one
         return _Chunk(start, end, ready)
 
 

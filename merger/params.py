@@ -29,10 +29,19 @@ class Counts:
         return asdict(self)
 
 
+def tensor_storage(plan: Plan) -> dict[str, tuple[tuple[str, str] | Blend, int]]:
+    """Output tensor name -> (storage key, parameters): outputs with one key are one tensor when built
+    (a parent tensor passed through, or one distinct blend)."""
+    return {
+        out: (src if isinstance(src, Blend) else (src.model, src.name), src.meta.numel)
+        for out, src in plan.tensors.items()
+    }
+
+
 def count(plan: Plan) -> Counts:
     per_param = BYTES_PER_PARAM[plan.dtype]
     total = sum(src.meta.numel for src in plan.tensors.values())
-    unique = {src if isinstance(src, Blend) else (src.model, src.name): src.meta.numel for src in plan.tensors.values()}
+    unique = dict(tensor_storage(plan).values())
     parents = {
         ref: sum(m.numel for n, m in info.tensors.items() if not (info.tied and n.startswith("lm_head.")))
         for ref, info in plan.models.items()

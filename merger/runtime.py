@@ -11,11 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from merger.errors import UserError
 from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, passthrough
+
+if TYPE_CHECKING:
+    from merger.placement import Placement
 
 
 @dataclass
@@ -23,9 +25,10 @@ class Built:
     plan: Plan
     model: Any
     tokenizer: Any
-    device: str
+    device: str  # where inputs go (with a split placement: its first device)
     seconds: float
     built_at: float = field(default_factory=time.time)
+    placement: Placement | None = None
 
 
 def best_device() -> str:
@@ -39,36 +42,35 @@ def build_dtype(plan: Plan, device: str) -> str:
     return "bfloat16" if device == "cuda" and plan.recipe.dtype is None else plan.dtype
 
 
-# Beyond the weights, a build needs activations, the KV cache and allocator slack.
-HEADROOM_FRACTION = 0.15
-HEADROOM_MIN_BYTES = 256 * 2**20
-
-
 def free_memory(device: str) -> int:
-    """Bytes a new build may use on `device`."""
-    if device == "cuda":
+    """Bytes a new build may use on `device` ("cpu", "cuda" or "cuda:N")."""
+    if device.startswith("cuda"):
         import torch
 
-        return torch.cuda.mem_get_info()[0]
+        return torch.cuda.mem_get_info(torch.device(device))[0]
     import psutil
 
     return psutil.virtual_memory().available
 
 
-def check_fits(plan: Plan, device: str, dtype: str) -> None:
-    """Refuse, with the numbers, a build that cannot fit: estimated from the plan before any
-    weight is read (shared layers count once)."""
-    from merger.params import BYTES_PER_PARAM, count, human_bytes
+def device_memory(kind: str) -> list[tuple[str, int]]:
+    """The devices of `kind` a build may use, with their free bytes: the CPU, the GPU, or each GPU
+    of several."""
+    if kind == "cuda":
+        import torch
 
-    counts = count(plan)
-    weights = counts.memory_bytes // BYTES_PER_PARAM[counts.dtype] * BYTES_PER_PARAM[dtype]
-    needed = weights + max(int(weights * HEADROOM_FRACTION), HEADROOM_MIN_BYTES)
-    free = free_memory(device)
-    if needed > free:
-        raise UserError(
-            f"this merge needs about {human_bytes(needed)} on {device} ({human_bytes(weights)} of weights in "
-            f"{dtype} plus working memory) but only {human_bytes(free)} is free; pick fewer or smaller layers"
-        )
+        if torch.cuda.device_count() > 1:
+            return [(f"cuda:{i}", free_memory(f"cuda:{i}")) for i in range(torch.cuda.device_count())]
+    return [(kind, free_memory(kind))]
+
+
+def plan_placement(plan: Plan, device: str | None = None) -> Placement:
+    """Where a build of `plan` on `device` (cpu|cuda) would go, from the plan's sizes and the free
+    memory now; raises PlacementError, with the numbers, when it cannot fit."""
+    from merger.placement import place
+
+    device = device or best_device()
+    return place(plan, dtype=build_dtype(plan, device), devices=device_memory(device))
 
 
 def load_tokenizer(plan: Plan):
@@ -87,11 +89,14 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
 
     device = device or best_device()
     dtype = build_dtype(plan, device)
-    check_fits(plan, device, dtype)
+    placement = plan_placement(plan, device)  # before any weight is read
     start = time.perf_counter()
-    model = assemble(plan, device=device, dtype=dtype, progress=progress)
+    model = assemble(plan, device=placement.input_device, dtype=dtype, progress=progress, placement=placement)
     tokenizer = load_tokenizer(plan)
-    return Built(plan=plan, model=model, tokenizer=tokenizer, device=device, seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Built(
+        plan=plan, model=model, tokenizer=tokenizer, device=placement.input_device, seconds=seconds, placement=placement
+    )
 
 
 def build_for_chat(recipe: Recipe | None, *, model_ref: str | None = None, device: str | None = None) -> Built:
@@ -137,7 +142,7 @@ def _free(built: Built) -> None:
     device = built.device
     del built.model
     gc.collect()
-    if device == "cuda":
+    if device.startswith("cuda"):
         import torch
 
         torch.cuda.empty_cache()

@@ -54,3 +54,15 @@ def test_adding_a_model_column_shows_its_layers_and_refuses_unknown_models():
 def test_preview_of_a_parent_as_it_is_has_no_seams():
     counts = app.preview(passthrough((SMOL, 0, 30)).to_yaml())
     assert counts["total_params"] == 134_515_008 and counts["seams"] == []
+
+
+def test_placement_next_to_the_preview_names_the_device_or_the_refusal(monkeypatch):
+    from merger import runtime
+
+    value = {"models": [], "slices": [{"model": SMOL, "start": 0, "end": 20, "repeat": 1}]}
+    value["slices"].append({"model": SMOL, "start": 10, "end": 30, "repeat": 1})
+    shown = app.placement_preview(value)
+    assert shown.startswith("**Placement**: one device, `cpu`, all 40 layers")
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
+    assert "but only 10.00 MiB is free" in app.placement_preview(value)
+    assert app.placement_preview({"models": [], "slices": []}) == ""  # the preview already says what is wrong

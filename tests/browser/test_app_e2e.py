@@ -1,5 +1,5 @@
 """The whole first-visit path in headless Chromium: splice SmolLM2 [0,20) + [10,30) on the stack,
-see 40 layers and 169,915,968 parameters, build, and get a streamed chat reply."""
+see 40 layers and 169,915,968 parameters and where they would run, build, and get a streamed chat reply."""
 
 from browserkit import sweep, wait_for
 
@@ -21,6 +21,8 @@ def test_splice_on_the_stack_updates_counts_then_builds_and_chats(app_url, page)
     page.get_by_test_id("stack-add-0").click()
     wait_for(lambda: "169,915,968" in preview_text(page), "the splice's exact count")
     assert "40 layers" in preview_text(page)
+    placement = page.locator("#placement")
+    wait_for(lambda: "one device, cpu, all 40 layers" in placement.inner_text(), "the placement next to it")
     assert page.get_by_test_id("merged-layers").inner_text().strip() == "40"
     assert page.get_by_test_id("seam-1").is_visible()
 
