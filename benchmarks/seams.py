@@ -171,7 +171,13 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
 
     # the check: the five best-predicted merges built whole, their perplexity measured for real
     sugg = suggest_duplications(
-        ref, lens=lens, heldout=read_text(HELDOUT_TEXT), max_tokens=args.tokens, top_k=5, device="cpu"
+        ref,
+        lens=lens,
+        heldout=read_text(HELDOUT_TEXT),
+        max_tokens=args.tokens,
+        top_k=5,
+        device="cpu",
+        rank_by="predicted",
     )
     by_predicted = top5(rows, "predicted", ppl_rank, quartile)
     assert [tuple(c["block"]) for c in by_predicted] == [(s.start, s.end) for s in sugg.confirmed]

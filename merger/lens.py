@@ -648,7 +648,7 @@ def suggest_duplications(
     top_k: int = 5,
     min_size: int = 2,
     max_size: int = 8,
-    rank_by: Literal["predicted", "drift"] = "predicted",
+    rank_by: Literal["predicted", "drift"] = "drift",
     drift_tokens: int = 256,
     max_tokens: int | None = None,
     max_length: int = MAX_LENGTH,

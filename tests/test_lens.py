@@ -214,7 +214,9 @@ def test_tokenize_puts_the_tokenizer_prefix_on_every_chunk():
 
 def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplexity(tiny_llama):
     ref = str(tiny_llama)
-    result = suggest_duplications(ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3)
+    result = suggest_duplications(
+        ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3, rank_by="predicted"
+    )
     lens = result.lens
     assert [(s.start, s.end) for s in result.ranked] == [(s.start, s.end) for s in rank_duplications(lens, max_size=3)]
     assert sorted((s.start, s.end) for s in result.ranked) == sorted(
