@@ -76,6 +76,14 @@ def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], Non
     return lens
 
 
+def _text_and_lens(ref: str | None, text: str, progress: gr.Progress, share: float) -> tuple[str | None, Any]:
+    """The visitor's text (None: bundled) and the lens of `ref` on it, taking `share` of the progress bar."""
+    if not ref:
+        raise gr.Error("Add a model to the stack first.")
+    user_text = _user_text(text)
+    return user_text, parent_lens(ref, user_text, _progress(progress, 0.0, share))
+
+
 def model_choices(value: dict[str, Any]) -> gr.Dropdown:
     """The stack's columns, offered for the lens (keeping the current pick when still there)."""
     refs = [m["ref"] for m in value.get("models", [])]
@@ -99,10 +107,8 @@ def analyze_model(
     """Heatmap (the stack's slices and seams of this model marked) and block-influence curve."""
     from merger.plots import angular_distance_figure, block_influence_figure
 
-    if not ref:
-        raise gr.Error("Add a model to the stack first.")
     try:
-        lens = parent_lens(ref, _user_text(text), _progress(progress))
+        _, lens = _text_and_lens(ref, text, progress, 1.0)
     except UserError as exc:
         raise gr.Error(str(exc)) from None
     recipe = _recipe_or_none(value)
@@ -169,11 +175,8 @@ def suggest_blocks(
     from merger.lens import suggest_duplications
     from merger.plots import suggestions_figure
 
-    if not ref:
-        raise gr.Error("Add a model to the stack first.")
     try:
-        user_text = _user_text(text)
-        lens = parent_lens(ref, user_text, _progress(progress, 0.0, 0.2))
+        user_text, lens = _text_and_lens(ref, text, progress, 0.2)
         found = suggest_duplications(
             ref,
             calibration=user_text,
@@ -226,11 +229,8 @@ def sweep_block(
     from merger.plots import recurrence_figure
 
     start, end = _block(pick)
-    if not ref:
-        raise gr.Error("Add a model to the stack first.")
     try:
-        user_text = _user_text(text)
-        lens = parent_lens(ref, user_text, _progress(progress, 0.0, 0.1))
+        _, lens = _text_and_lens(ref, text, progress, 0.1)
         points = recurrence_sweep(
             ref,
             start,
