@@ -5,7 +5,6 @@ Handlers, then layout, then wiring. Model logic lives in merger/; page parts in 
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
@@ -18,45 +17,39 @@ from typing import Any
 import gradio as gr
 
 from merger import bundled
-from merger.cards import roleplay_prompt, stop_strings
-from merger.catalog import LocalPolicy, ModelInfo, list_allowed_folders, resolve
-from merger.chat import GenerationSettings, ReplyStats, stream_reply
+from merger.catalog import list_allowed_folders
 from merger.errors import PlacementError, UserError
 from merger.export import export_plan
 from merger.hub import push_folder
 from merger.params import count, human_bytes, human_params
-from merger.plan import Plan, make_plan
+from merger.plan import make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
-from merger.runtime import Built, SessionModels, best_device, build, plan_placement
+from merger.runtime import plan_placement
 from merger.slim import slim_model
+from ui.chat import (
+    SESSIONS,
+    build_chat_tab,
+    build_compare_tab,
+    build_model,
+    forget_session,
+    roleplay_chat,
+    stop_all_generation,
+    wire_chat_tab,
+    wire_compare_tab,
+)
 from ui.lens import build_lens_tab, wire_lens_tab
+from ui.models import POLICY, model_info, plan_for
 from ui.placement import placement_markdown, refusal_markdown
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
-from ui.roleplay import build_roleplay_tab, card_from_state, load_card
+from ui.roleplay import build_roleplay_tab, load_card
 from ui.stack import stack_widget
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
-POLICY = LocalPolicy.for_web()
-SESSIONS = SessionModels()
-STOPS: dict[str, threading.Event] = {}
-
-
-@functools.lru_cache(maxsize=64)
-def model_info(ref: str) -> ModelInfo:
-    """Metadata is cached per reference: the preview re-plans on every edit."""
-    return resolve(ref, POLICY)
-
-
-def plan_for(recipe_yaml: str) -> Plan:
-    return make_plan(recipe_from_yaml(recipe_yaml), model_info)
+__all__ = ["SESSIONS", "demo", "stop_all_generation"]  # what tests and benchmarks reach for
 
 
 def model_choices() -> list[str]:
     return [f"bundled:{name}" for name in bundled.MODELS] + list_allowed_folders(POLICY)
-
-
-def session_id(request: gr.Request | None) -> str:
-    return (request.session_hash if request else None) or "local"
 
 
 # ---- handlers -------------------------------------------------------------------------------
@@ -182,28 +175,6 @@ SHARE_LINK_JS = """(token) => {
 COPY_LINK_JS = """(link) => { if (link) { navigator.clipboard.writeText(link).catch(() => {}); } return link; }"""
 
 
-def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
-    """Assemble the recipe on the best device (CUDA when present) for this session's chat."""
-    session = session_id(request)
-    try:
-        plan = plan_for(recipe_yaml)
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
-    SESSIONS.drop(session)  # free the previous build before making the next
-    progress(0.0, desc="loading parent weights")
-    try:
-        built = build(plan, device=best_device(), progress=lambda f, d: progress(f, desc=d))
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
-    SESSIONS.put(session, built)
-    counts = count(plan)
-    devices = " + ".join(built.placement.devices) if built.placement else built.device
-    return (
-        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {devices} "
-        f"in {built.seconds:.2f} s. Chat below."
-    )
-
-
 def bytes_progress(progress: gr.Progress):
     """A (done, total) bytes callback that shows bytes written and the time left."""
     start = time.monotonic()
@@ -314,156 +285,6 @@ def slim(
     return write_and_deliver(write, repo_name, private, hub_token(token_text, oauth_token), progress)
 
 
-def _text(content: Any) -> str:
-    """Chatbot message content arrives as a string or a list of {'type': 'text', 'text': ...} blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
-    return str(content or "")
-
-
-def chat(
-    message: str,
-    history: list[dict[str, Any]],
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int = 0,
-    request: gr.Request = None,
-):
-    """Stream the built model's reply; yields the conversation and the reply's speed after each piece."""
-    built = built_model(request)
-    if not (message or "").strip():
-        raise gr.Error("Type a message first.")
-    turns = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
-    turns.append({"role": "user", "content": message})
-    settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
-    yield from stream_turns(request, built, turns, turns, settings)
-
-
-def built_model(request: gr.Request | None) -> Built:
-    built = SESSIONS.get(session_id(request))
-    if built is None:
-        raise gr.Error("Build the merge first: press Build.")
-    return built
-
-
-def stream_turns(
-    request: gr.Request | None,
-    built: Built,
-    turns: list[dict[str, str]],
-    shown: list[dict[str, Any]],
-    settings: GenerationSettings,
-    **prompting: Any,
-):
-    """The conversation on screen (`shown`) plus the reply as it streams, then the reply's speed.
-    The session's Stop button ends it."""
-    stop = STOPS[session_id(request)] = threading.Event()
-    stats = ReplyStats()
-    reply = ""
-    for reply in stream_reply(built, turns, settings, stop, stats, **prompting):
-        yield [*shown, {"role": "assistant", "content": reply}], ""
-    yield [*shown, {"role": "assistant", "content": reply}], stats.summary()
-
-
-def generation_settings(
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int,
-) -> GenerationSettings:
-    """The settings panel's values, in the order of `settings_inputs` in the wiring."""
-    return GenerationSettings(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=int(top_k),
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        max_new_tokens=int(max_new_tokens),
-        seed=int(seed),
-    )
-
-
-# gradio injects gr.Request only into named parameters, so these handlers spell the settings out.
-def regenerate(
-    history: list[dict[str, Any]],
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int,
-    request: gr.Request,
-):
-    """Drop the last reply and answer the last user message again (with the settings on screen)."""
-    turns = list(history or [])
-    while turns and turns[-1]["role"] == "assistant":
-        turns.pop()
-    if not turns:
-        raise gr.Error("Nothing to regenerate yet.")
-    last = turns.pop()
-    settings = (temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
-    yield from chat(_text(last["content"]), turns, *settings, request=request)
-
-
-def roleplay_chat(
-    message: str,
-    history: list[dict[str, Any]],
-    card_state: dict[str, Any] | None,
-    user: str,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int,
-    request: gr.Request,
-):
-    """One in-character reply, streamed: the card's prompt through the model's chat template (or a
-    transcript for base models), stopping where the model would speak for the user."""
-    card = card_from_state(card_state)
-    built = built_model(request)
-    user = (user or "").strip() or "User"
-    turns = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
-    if turns and turns[0]["role"] == "assistant":
-        turns = turns[1:]  # the greeting: roleplay_prompt puts it back as the opening turn
-    turns.append({"role": "user", "content": message})
-    prompt = roleplay_prompt(built.tokenizer, card, user, turns)
-    options = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
-    shown = [*(history or []), {"role": "user", "content": message}]
-    yield from stream_turns(request, built, turns, shown, options, prompt=prompt, stop_strings=stop_strings(user))
-
-
-def stop_chat(request: gr.Request) -> None:
-    event = STOPS.get(session_id(request))
-    if event is not None:
-        event.set()
-
-
-def forget_session(request: gr.Request) -> None:
-    """The visitor left: stop their reply and free their model."""
-    session = session_id(request)
-    event = STOPS.pop(session, None)
-    if event is not None:
-        event.set()
-    SESSIONS.drop(session)
-
-
-def stop_all_generation() -> None:
-    """Ask every reply in progress to end (before the server shuts down)."""
-    for event in list(STOPS.values()):
-        event.set()
-
-
 # ---- layout ---------------------------------------------------------------------------------
 
 
@@ -523,16 +344,9 @@ def build_demo() -> gr.Blocks:
             slim_file = gr.File(label="Slimmed archive")
         with gr.Tabs():
             with gr.Tab("Chat"):
-                chatbot = gr.Chatbot(label="Chat with the merge", height=380, elem_id="chatbot")
-                reply_stats = gr.Markdown(elem_id="reply-stats")
-                with gr.Row():
-                    msg = gr.Textbox(
-                        placeholder="Say something to the merge…", show_label=False, scale=5, elem_id="chat-input"
-                    )
-                    send_btn = gr.Button("Send", scale=1, elem_id="send-btn")
-                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop-btn")
-                    regen_btn = gr.Button("Regenerate", scale=1, elem_id="regen-btn")
-                    clear_btn = gr.Button("Clear", scale=1)
+                chat_tab = build_chat_tab()
+            with gr.Tab("Side by side", elem_id="compare-tab"):
+                compare_tab = build_compare_tab()
             with gr.Tab("Roleplay", elem_id="roleplay-tab"):
                 rp = build_roleplay_tab()
             with gr.Tab("Lens", elem_id="lens-tab"):
@@ -540,7 +354,7 @@ def build_demo() -> gr.Blocks:
         with gr.Accordion("Generation settings", open=False):
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-            max_new = gr.Slider(1, 1024, value=200, step=1, label="Max new tokens")
+            max_new = gr.Slider(1, 1024, value=200, step=1, label="Max new tokens", elem_id="max-new-tokens")
             top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
             min_p = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="Min-p (0 = off)")
             rep_pen = gr.Slider(1.0, 2.0, value=1.0, step=0.01, label="Repetition penalty")
@@ -564,9 +378,8 @@ def build_demo() -> gr.Blocks:
             slim, [slim_ref, repo_box, private_box, hub_token_box], [slim_status, slim_file], api_name="slim"
         )
         settings_inputs = [temperature, top_p, max_new, top_k, min_p, rep_pen, seed]
-        chat_inputs = [msg, chatbot, *settings_inputs]
-        send_event = send_btn.click(chat, chat_inputs, [chatbot, reply_stats], api_name="chat")
-        submit_event = msg.submit(chat, chat_inputs, [chatbot, reply_stats], api_visibility="private")
+        wire_chat_tab(chat_tab, settings_inputs)
+        wire_compare_tab(compare_tab, stack, settings_inputs)
         rp["start"].click(
             load_card,
             [rp["sample"], rp["upload"], rp["user"]],
@@ -578,11 +391,6 @@ def build_demo() -> gr.Blocks:
             trigger(roleplay_chat, rp_inputs, [rp["chatbot"], rp["stats"]], api_visibility="private").then(
                 lambda: "", outputs=rp["message"], api_visibility="private"
             )
-        regen_btn.click(regenerate, [chatbot, *settings_inputs], [chatbot, reply_stats], api_visibility="private")
-        for event in (send_event, submit_event):
-            event.then(lambda: "", outputs=msg, api_visibility="private")
-        stop_btn.click(stop_chat, api_visibility="private")
-        clear_btn.click(lambda: [], outputs=chatbot, api_visibility="private")
         share_inputs = [stack, temperature, top_p, max_new]
         for control in share_inputs:
             control.change(share_token, share_inputs, share_token_box, api_visibility="private")

@@ -9,6 +9,7 @@ freed after each), and held once however often the plan uses them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,12 @@ from merger.placement import Placement, dispatch, storage_device
 from merger.plan import Blend, Plan, TensorSource
 
 Progress = Callable[[float, str], None]
+
+# accelerate's init_empty_weights() patches nn.Module.register_parameter for the whole process:
+# while one thread makes a model on meta, a parameter any other thread registers (a build's
+# assignment, fused projections, a model loading) lands on meta too. Everything here that makes
+# or assigns parameters holds this lock; it is held for fractions of a second.
+PARAMETERS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -114,8 +121,6 @@ def assemble_loaded(
     """The merged model from parent tensors (and blends) already where they belong (read from files
     or made in memory)."""
     config = AutoConfig.for_model(**plan.config)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     split = placement is not None and placement.is_split
     blended = blended or {}
     state = {}
@@ -127,8 +132,11 @@ def assemble_loaded(
             state[out] = parents.by_source[(src.model, src.name, where)]
     if plan.tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    model.tie_weights()
+    with PARAMETERS_LOCK:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(state, assign=True, strict=True)
+        model.tie_weights()
     if split:
         dispatch(model, placement, offload_dir=offload_dir)
     else:

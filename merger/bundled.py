@@ -83,14 +83,17 @@ def _gguf_path(model: BundledModel, workdir: Path) -> Path:
 def _convert(name: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from merger.assemble import PARAMETERS_LOCK
+
     model = MODELS[name]
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         gguf = _gguf_path(model, staging)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        net = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
-        )
+        with PARAMETERS_LOCK:
+            net = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+            )
         # The GGUF loader leaves a quantization record; the cache holds plain float32 weights.
         net.config.quantization_config = None
         del net.config.quantization_config

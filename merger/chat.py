@@ -1,12 +1,17 @@
 """Chat with a built model: prompt formatting (chat template, or plain completion for base
-models without one) and streamed generation that a Stop button can interrupt."""
+models without one) and replies streamed through the model's fast decoder (merger.fastgen), which a
+Stop button can interrupt."""
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from merger.errors import UserError
 
 if TYPE_CHECKING:
     from merger.runtime import Built
@@ -49,11 +54,14 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer, history: list[dict[str, str]]) -> str:
+def format_prompt(tokenizer, history: list[dict[str, str]], *, continue_last: bool = False) -> str:
     """The exact text the model receives. With a chat template: the templated conversation
-    ending in the assistant's turn. Without one (a base model): plain completion of the
-    conversation's text, so the model continues what the user wrote."""
+    ending in the assistant's turn (or, with `continue_last`, inside the last assistant message, so
+    the model carries on writing it). Without one (a base model): plain completion of the
+    conversation's text, so the model continues what was written."""
     if has_chat_template(tokenizer):
+        if continue_last:
+            return tokenizer.apply_chat_template(history, tokenize=False, continue_final_message=True)
         return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in history)
 
@@ -77,77 +85,122 @@ def stream_reply(
     stop_strings: Sequence[str] = (),
 ) -> Iterator[str]:
     """Yield the reply so far after each new piece of text; fill `stats` as it goes. `prompt`
-    replaces the templated conversation (roleplay); `stop_strings` end the reply, unshown."""
-    import time
-
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-    abandoned = threading.Event()  # the consumer closed the stream: stop generating too
-
-    class _StopOnEvent(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs) -> bool:
-            return abandoned.is_set() or (stop is not None and stop.is_set())
-
+    replaces the templated conversation (roleplay, continue); `stop_strings` end the reply, unshown."""
     tokenizer, model = built.tokenizer, built.model
     prompt = prompt if prompt is not None else format_prompt(tokenizer, history)
     # Templates already carry the BOS token; adding it again would double it.
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))
-    inputs = {k: v.to(built.device) for k, v in inputs.items()}
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sample = settings.temperature > 0
-    kwargs = dict(
-        **inputs,
-        streamer=streamer,
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=sample,
-        eos_token_id=stop_token_ids(tokenizer, model),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        stopping_criteria=StoppingCriteriaList([_StopOnEvent()]),
-    )
-    if stop_strings:
-        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    if settings.repetition_penalty != 1.0:
-        kwargs.update(repetition_penalty=settings.repetition_penalty)
-    if sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-        if settings.min_p > 0:
-            kwargs.update(min_p=settings.min_p)
-    errors: list[BaseException] = []
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+    if ids.shape[1] == 0:
+        raise UserError("there is nothing to continue: the prompt is empty")
+    if not built.decoder.fits(ids.shape[1], settings.max_new_tokens):
+        raise UserError(
+            f"the conversation ({ids.shape[1]:,} tokens) plus {settings.max_new_tokens:,} new tokens is longer than "
+            f"the {built.decoder.window:,}-token window this build holds; clear the chat or ask for fewer tokens"
+        )
+    stops = stop_token_ids(tokenizer, model)
     stats = stats if stats is not None else ReplyStats()
-    prompt_len = inputs["input_ids"].shape[1]
+    cancel = threading.Event()
+    tokens: list[int] = []
+    text = shown = ""
     start = time.perf_counter()
-
-    def run() -> None:
-        try:
-            torch.manual_seed(settings.seed)
-            with torch.inference_mode():
-                out = model.generate(**kwargs)
-            stats.new_tokens = int(out.shape[1] - prompt_len)
-        except BaseException as exc:  # surfaced to the caller below, after the stream ends
-            errors.append(exc)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    text = ""
     try:
-        for piece in streamer:
-            text += piece
-            if piece:
+        for token in built.decoder.stream(
+            ids,
+            cancel=cancel,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            min_p=settings.min_p,
+            repetition_penalty=settings.repetition_penalty,
+            seed=settings.seed,
+            stop_ids=stops,
+        ):
+            tokens.append(token)
+            if stop is not None and stop.is_set():
+                break
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # a character split across tokens: wait for the rest of it
+            cut = _without_stop(text, stop_strings)
+            if cut != shown:
+                shown = cut
                 if stats.first_text_s is None:
                     stats.first_text_s = time.perf_counter() - start
-                yield _without_stop(text, stop_strings)
+                yield shown
+            if cut != text:
+                break  # the model began to speak for the user
     finally:
-        abandoned.set()
-        thread.join()
+        cancel.set()
+        stats.new_tokens = len(tokens)
         stats.seconds = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    yield _without_stop(text, stop_strings)
+    yield shown
 
 
 def _without_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """The reply up to the first stop string (which generation includes before it halts)."""
+    """The reply up to the first stop string."""
     cut = min((i for s in stop_strings if (i := text.find(s)) >= 0), default=len(text))
     return text[:cut]
+
+
+@dataclass
+class SideReply:
+    """One column of a side-by-side comparison: its text so far, its speed, or why it failed."""
+
+    text: str = ""
+    stats: ReplyStats = field(default_factory=ReplyStats)
+    error: str | None = None
+
+
+_END = object()
+
+
+def stream_side_by_side(
+    requests: Sequence[tuple[Built, list[dict[str, str]], dict[str, Any]]],
+    settings: GenerationSettings,
+    stop: threading.Event | None = None,
+) -> Iterator[list[SideReply]]:
+    """The same settings and seed sent to several models at once ((built, history, stream_reply's
+    keyword options) each); yields every column after each new piece of any of them. Each reply is
+    the one a separate run gives: every request draws from its own seeded generator. A user mistake
+    (a prompt too long for one model's window) fills that column with the reason."""
+    replies = [SideReply() for _ in requests]
+    updates: queue.SimpleQueue = queue.SimpleQueue()
+    halt = threading.Event()  # the user's Stop, or the reader went away
+
+    def run(i: int, built: Built, history: list[dict[str, str]], options: dict[str, Any]) -> None:
+        try:
+            for text in stream_reply(built, history, settings, halt, replies[i].stats, **options):
+                updates.put((i, text))
+        except Exception as exc:  # reported in the reader's thread
+            updates.put((i, exc))
+        finally:
+            updates.put((i, _END))
+
+    threads = [threading.Thread(target=run, args=(i, *r), daemon=True) for i, r in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    failure: Exception | None = None
+    try:
+        running = len(threads)
+        while running:
+            i, item = updates.get()
+            if stop is not None and stop.is_set():
+                halt.set()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, UserError):
+                replies[i].error = str(item)
+            elif isinstance(item, Exception):
+                failure = failure or item
+                halt.set()
+            else:
+                replies[i].text = item
+                yield replies
+    finally:
+        halt.set()
+        for thread in threads:
+            thread.join()
+    if failure is not None:
+        raise failure
+    yield replies

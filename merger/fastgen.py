@@ -17,9 +17,12 @@ step launches fewer, larger kernels.
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,14 @@ def static_cache(config, max_seq_len: int) -> Cache:
     counter, which a compiled step would guard on and recompile for."""
     layers = config.get_text_config(decoder=True).num_hidden_layers
     return Cache(layers=[StaticLayer(max_cache_len=max_seq_len) for _ in range(layers)])
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """`generate()`'s repetition penalty: the logits [1, V] of tokens already in the text (`seen`,
+    bool [1, V]) are divided by `penalty` where positive and multiplied by it where negative."""
+    logits = logits.float()
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def sample(
@@ -119,6 +130,7 @@ class FastGenerator:
         top_p: float = 1.0,
         top_k: int = 0,
         min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
         seed: int = 0,
         stop_ids: Sequence[int] = (),
     ) -> Iterator[int]:
@@ -134,8 +146,18 @@ class FastGenerator:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
 
+        seen = None  # tokens in the text so far, for the repetition penalty: bool [1, V]
+        if repetition_penalty != 1.0:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            seen = torch.zeros(1, vocab, dtype=torch.bool, device=self.device).scatter_(1, prompt, True)
+
         def pick(logits: torch.Tensor) -> torch.Tensor:
-            return sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, generator=generator)
+            if seen is not None:
+                logits = penalize(logits, seen, repetition_penalty)
+            token = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, generator=generator)
+            if seen is not None:
+                seen[0, token] = True
+            return token
 
         stops = set(stop_ids)
         tokens = torch.empty(max_new_tokens, dtype=torch.long, device=self.device)  # every new token
@@ -177,6 +199,97 @@ class FastGenerator:
         return _Chunk(start, end, ready)
 
 
+_DONE = object()
+
+
+class ModelDecoder:
+    """Every generation of one built model.
+
+    On a GPU it keeps one FastGenerator with a fixed window (the KV cache the placement budgeted),
+    compiled unless `compile` is False, and runs every request on a thread of its own: compiled
+    state and CUDA graphs belong to the thread that made them, so one thread runs them all, and a
+    request waits for the one before it (the first, for the compile). On the CPU each request gets
+    an uncompiled generator sized to it. With `threaded=False` (a ZeroGPU worker, a process forked
+    per call, where no thread of ours lives) requests run in the caller's thread. Each request
+    draws from its own seeded generator, so a reply does not depend on what else runs at the time.
+    """
+
+    def __init__(self, model: nn.Module, *, window: int, threaded: bool = True, compile: bool | None = None) -> None:
+        self.model = model
+        self.window = window
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        self._shared = FastGenerator(model, max_seq_len=window, compile=compile) if on_gpu else None
+        self._threaded = threaded
+        self._jobs: queue.SimpleQueue[tuple[torch.Tensor, dict[str, Any], queue.SimpleQueue, threading.Event] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    @property
+    def compiled(self) -> bool:
+        return self._shared is not None and self._shared.compiled
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        return self._shared is None or prompt_tokens + max_new_tokens <= self.window
+
+    def stream(self, input_ids: torch.Tensor, *, cancel: threading.Event, **options: Any) -> Iterator[int]:
+        """New token ids as they arrive (options as FastGenerator.generate's). Setting `cancel`, or
+        closing the iterator, ends the generation after the token in flight."""
+        if not self.fits(input_ids.shape[-1], options["max_new_tokens"]):
+            raise ValueError(f"prompt + new tokens exceed this build's {self.window:,}-token window")
+        if not self._threaded:
+            yield from self._generate(input_ids, options, cancel)
+            return
+        self._ensure_thread()
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs.put((input_ids, options, out, cancel))
+        try:
+            while (item := out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+
+    def warm_up(self, input_ids: torch.Tensor) -> None:
+        """Queue a two-token generation, so the compile happens now rather than in the first reply."""
+        self._ensure_thread()
+        self._jobs.put((input_ids, {"max_new_tokens": 2}, queue.SimpleQueue(), threading.Event()))
+
+    def close(self) -> None:
+        """End the thread after the requests already queued; the decoder then lets go of the model."""
+        if self._thread is None:
+            self.model = self._shared = None
+        self._jobs.put(None)
+
+    def _generate(self, input_ids: torch.Tensor, options: dict[str, Any], cancel: threading.Event) -> Iterator[int]:
+        needed = input_ids.shape[-1] + options["max_new_tokens"]
+        generator = self._shared or FastGenerator(self.model, max_seq_len=needed)
+        for token in generator.generate(input_ids, **options):
+            yield token
+            if cancel.is_set():
+                return
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="decoder", daemon=True)
+                self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            input_ids, options, out, cancel = job
+            try:
+                if not cancel.is_set():
+                    for token in self._generate(input_ids, options, cancel):
+                        out.put(token)
+            except Exception as exc:  # handed to the reader, who raises it
+                out.put(exc)
+            finally:
+                out.put(_DONE)
+        self.model = self._shared = None
+
+
 # Modules whose forward we know to be Llama's, by class name: architecture knowledge as data.
 FUSABLE_ATTENTION = ("LlamaAttention",)
 FUSABLE_MLP = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP")
@@ -190,6 +303,13 @@ def fuse_projections(model: nn.Module) -> int:
     A duplicated layer (the same source tensors at two depths) gets the same fused buffer and views
     at both depths, found by the source tensors' data pointers, so it stays shared.
     """
+    from merger.assemble import PARAMETERS_LOCK
+
+    with PARAMETERS_LOCK:
+        return _fuse(model)
+
+
+def _fuse(model: nn.Module) -> int:
     fused: dict[tuple[int, ...], tuple[torch.Tensor, list[nn.Parameter]]] = {}
     changed = 0
     for module in list(model.modules()):

@@ -621,9 +621,9 @@ class Suggestions:
 
 def load_model(ref: str, *, device: str | None = None) -> Any:
     """A model as it is (merger.runtime.Built: model, tokenizer, device)."""
-    from merger.runtime import build_for_chat
+    from merger.runtime import as_it_is, build
 
-    return build_for_chat(None, model_ref=ref, device=device)
+    return build(make_plan(as_it_is(ref)), device=device)
 
 
 def chunks_for(

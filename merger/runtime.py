@@ -1,23 +1,32 @@
-"""Where models run and who owns them: device choice and the per-session cache of built models.
+"""Where models run and who owns them: device choice and the cache of built models.
 
 `gr.State` is deep-copied per session, so it holds ids, never models: built models live here,
-keyed by the browser session, one per session (a new build frees the previous one).
+keyed by the browser session (its chat model and its comparison model), within a memory budget
+(least recently used evicted first, their owners told why); a new build frees the previous one.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from merger.errors import PlacementError
+from merger.params import human_bytes
 from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, passthrough
 
 if TYPE_CHECKING:
+    from merger.fastgen import ModelDecoder
     from merger.placement import Placement
+
+_decoder_lock = threading.Lock()
 
 
 @dataclass
@@ -29,9 +38,65 @@ class Built:
     seconds: float
     built_at: float = field(default_factory=time.time)
     placement: Placement | None = None
+    _decoder: ModelDecoder | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """What the build holds on its devices (weights, KV cache and working memory, as placed)."""
+        return self.placement.needed_bytes if self.placement is not None else 0
+
+    @property
+    def decoder(self) -> ModelDecoder:
+        """The model's fast decoder (made on first use; `prepare_for_chat` makes it at build time)."""
+        with _decoder_lock:
+            if self._decoder is None:
+                from merger.fastgen import ModelDecoder
+                from merger.placement import DEFAULT_CONTEXT_TOKENS
+
+                window = self.placement.context_tokens if self.placement else DEFAULT_CONTEXT_TOKENS
+                zero = on_zero_gpu()  # no torch.compile there, and each GPU call runs in a forked process
+                compile = False if zero else None
+                self._decoder = ModelDecoder(self.model, window=window, threaded=not zero, compile=compile)
+            return self._decoder
+
+    def close(self) -> None:
+        """Stop its decoder's thread and let go of the model."""
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        self.model = None
+
+
+ZERO_GPU_DEFAULT_GB = 48  # a ZeroGPU Space's card (DESIGN.md); FRANKENMERGE_ZERO_GPU_GB overrides
+
+
+def on_zero_gpu() -> bool:
+    """A ZeroGPU Space: the GPU is attached only inside `spaces.GPU` calls (the `spaces` package reads
+    the same variable; it is never set anywhere else)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+def gpu_task(duration: int | Callable[..., int]) -> Callable[[Callable], Callable]:
+    """`spaces.GPU(duration=...)` on a ZeroGPU Space: the call gets the GPU for at most `duration`
+    seconds (or what the callable says for the call's arguments), and tensors made on ZeroGPU's
+    emulated CUDA device outside it (the session's build) are moved onto it. Elsewhere: the
+    function unchanged."""
+    if not on_zero_gpu():
+        return lambda fn: fn
+    import spaces
+
+    return spaces.GPU(duration=duration)
+
+
+def reply_seconds(max_new_tokens: int, replies: int = 1) -> int:
+    """GPU seconds to ask ZeroGPU for: moving the weights on, then `replies` eager decodes at a
+    pessimistic 20 tokens/s (ZeroGPU forbids the compiled step)."""
+    return min(300, 15 + replies * int(max_new_tokens) // 20)
 
 
 def best_device() -> str:
+    if on_zero_gpu():
+        return "cuda"  # emulated outside spaces.GPU calls: builds there cost no GPU time
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,6 +109,8 @@ def build_dtype(plan: Plan, device: str) -> str:
 
 def free_memory(device: str) -> int:
     """Bytes a new build may use on `device` ("cpu", "cuda" or "cuda:N")."""
+    if device.startswith("cuda") and on_zero_gpu():  # no real device to ask outside a GPU call
+        return int(float(os.environ.get("FRANKENMERGE_ZERO_GPU_GB", ZERO_GPU_DEFAULT_GB)) * 2**30)
     if device.startswith("cuda"):
         import torch
 
@@ -56,7 +123,7 @@ def free_memory(device: str) -> int:
 def device_memory(kind: str) -> list[tuple[str, int]]:
     """The devices of `kind` a build may use, with their free bytes: the CPU, the GPU, or each GPU
     of several."""
-    if kind == "cuda":
+    if kind == "cuda" and not on_zero_gpu():
         import torch
 
         if torch.cuda.device_count() > 1:
@@ -99,39 +166,151 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
     )
 
 
-def build_for_chat(recipe: Recipe | None, *, model_ref: str | None = None, device: str | None = None) -> Built:
-    """A recipe's merge, or a single model as it is (all its layers in order)."""
-    if recipe is None:
-        from merger.catalog import resolve
+def prepare_for_chat(built: Built) -> Built:
+    """Make the build's decoder now. On a GPU, fuse q/k/v and gate/up first (fewer, larger kernels
+    per step; repeated layers stay shared) and compile the decode step in the background, so the
+    first reply does not pay for it."""
+    split = built.placement is not None and built.placement.is_split
+    if built.device.startswith("cuda") and not split and not on_zero_gpu():
+        from merger.fastgen import fuse_projections
 
-        info = resolve(model_ref)
-        recipe = passthrough((model_ref, 0, info.num_layers))
-    return build(make_plan(recipe), device=device)
+        fuse_projections(built.model)
+    decoder = built.decoder
+    if decoder.compiled:
+        decoder.warm_up(built.tokenizer("Hello", return_tensors="pt")["input_ids"])
+    return built
+
+
+def build_for_chat(recipe: Recipe | None, *, model_ref: str | None = None, device: str | None = None) -> Built:
+    """A recipe's merge, or a single model as it is (all its layers in order), ready to chat."""
+    return prepare_for_chat(build(make_plan(recipe or as_it_is(model_ref)), device=device))
+
+
+def as_it_is(model_ref: str, resolver: Callable[[str], Any] | None = None) -> Recipe:
+    """The recipe of a model as it is: all its layers, in order."""
+    from merger.catalog import resolve
+
+    info = (resolver or resolve)(model_ref)
+    return passthrough((model_ref, 0, info.num_layers))
+
+
+def needed_bytes(plan: Plan, device: str | None = None) -> int:
+    """What a build of `plan` on `device` will hold (weights, KV cache, working memory), whatever is free now."""
+    from merger.placement import place
+
+    device = device or best_device()
+    return place(plan, dtype=build_dtype(plan, device), devices=[(device, 1 << 62)]).needed_bytes
+
+
+def default_budget(device: str) -> int:
+    """The memory all built models together may hold: FRANKENMERGE_MEMORY_BUDGET_GB, else 90% of the
+    GPUs' memory on CUDA or half the machine's memory on the CPU."""
+    if env := os.environ.get("FRANKENMERGE_MEMORY_BUDGET_GB"):
+        return int(float(env) * 2**30)
+    if device == "cuda" and on_zero_gpu():
+        return int(0.9 * free_memory(device))
+    if device == "cuda":
+        import torch
+
+        return int(0.9 * sum(torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count())))
+    import psutil
+
+    return psutil.virtual_memory().total // 2
 
 
 class SessionModels:
-    """One built model per session id; thread-safe."""
+    """Built models by key (a session's id, or its id and a slot such as `:compare`), thread-safe,
+    within `budget_bytes` in all: making room for a build evicts the least recently used others,
+    whose owners read why in `notice`."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget_bytes: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._models: dict[str, Built] = {}
+        self._changed = threading.Condition(self._lock)  # a reservation ended or a model went
+        self._models: OrderedDict[str, Built] = OrderedDict()  # least recently used first
+        self._reserved: dict[str, int] = {}  # bytes promised to builds in progress, by key
+        self._notices: dict[str, str] = {}
+        self.budget_bytes = budget_bytes
+        self.peak_bytes = 0  # the most that models and reservations together ever held
 
-    def get(self, session: str) -> Built | None:
+    def get(self, key: str) -> Built | None:
         with self._lock:
-            return self._models.get(session)
+            built = self._models.get(key)
+            if built is not None:
+                self._models.move_to_end(key)
+            return built
 
-    def put(self, session: str, built: Built) -> None:
+    def notice(self, key: str) -> str | None:
+        """Why `key`'s model is gone, if it was evicted (said once)."""
         with self._lock:
-            old = self._models.pop(session, None)
-            self._models[session] = built
+            return self._notices.pop(key, None)
+
+    @contextmanager
+    def room_for(self, key: str, nbytes: int) -> Iterator[None]:
+        """Hold `nbytes` of the budget for a build of `key` (its previous model freed first), evicting
+        least recently used models as needed and waiting for builds in progress to finish; raises
+        PlacementError when even an empty cache would not hold it."""
+        self.drop(key)
+        evicted: list[Built] = []
+        with self._changed:
+            budget = self.budget_bytes
+            if budget is not None and nbytes > budget:
+                raise PlacementError(
+                    f"the build needs about {human_bytes(nbytes)}, more than this server's budget for built models "
+                    f"({human_bytes(budget)})"
+                )
+            while budget is not None and self._used() + nbytes > budget:
+                if not self._models:  # only other builds in progress hold the budget: wait for them
+                    self._changed.wait()
+                    continue
+                owner, built = self._models.popitem(last=False)
+                self._notices[owner] = (
+                    f"your model was unloaded to make room for another visitor's build (this server holds "
+                    f"{human_bytes(budget)} of built models; the least recently used go first); press Build again"
+                )
+                evicted.append(built)
+            self._reserved[key] = nbytes
+            self.peak_bytes = max(self.peak_bytes, self._used())
+        for built in evicted:
+            _free(built)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._reserved.pop(key, None)
+                self._changed.notify_all()
+
+    def put(self, key: str, built: Built) -> None:
+        with self._lock:
+            old = self._models.pop(key, None)
+            self._models[key] = built
+            self._reserved.pop(key, None)  # the build now counts for itself
+            self._notices.pop(key, None)
+            self.peak_bytes = max(self.peak_bytes, self._used())
+            self._changed.notify_all()
         if old is not None:
             _free(old)
 
-    def drop(self, session: str) -> None:
+    def drop(self, key: str) -> None:
         with self._lock:
-            old = self._models.pop(session, None)
+            old = self._models.pop(key, None)
+            self._changed.notify_all()
         if old is not None:
             _free(old)
+
+    def drop_session(self, session: str) -> None:
+        """Free every model of a session (its chat model and any slot of it)."""
+        with self._lock:
+            keys = [k for k in self._models if k == session or k.startswith(f"{session}:")]
+        for key in keys:
+            self.drop(key)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used()
+
+    def _used(self) -> int:
+        return sum(b.nbytes for b in self._models.values()) + sum(self._reserved.values())
 
     def __len__(self) -> int:
         with self._lock:
@@ -140,9 +319,9 @@ class SessionModels:
 
 def _free(built: Built) -> None:
     device = built.device
-    del built.model
+    built.close()
     gc.collect()
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and not on_zero_gpu():
         import torch
 
         torch.cuda.empty_cache()

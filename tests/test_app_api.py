@@ -4,6 +4,7 @@ import pytest
 from gradio_client import Client
 
 import app
+from merger.plan import make_plan
 from merger.recipe import passthrough
 
 SMOL = "bundled:smollm2-135m-instruct"
@@ -82,3 +83,79 @@ def test_slim_endpoint_removes_a_redundant_head_of_a_hub_model_and_offers_the_co
         assert "model.safetensors" in z.namelist()
     status, archive = client.predict(str(SMOL), "", False, "", api_name="/slim")
     assert "Nothing to remove" in status and archive is None
+
+
+def text(message: dict) -> str:
+    """A chatbot message's text (gradio returns content as text blocks, trimmed at the ends)."""
+    from ui.chat import text_of
+
+    return text_of(message["content"]).strip()
+
+
+def expected_reply(recipe_yaml: str, message: str, settings: tuple) -> str:
+    """The reply a build of the recipe gives outside the app, with the same settings."""
+    from merger.chat import stream_reply
+    from merger.recipe import recipe_from_yaml
+    from merger.runtime import build, prepare_for_chat
+    from ui.chat import generation_settings
+
+    built = prepare_for_chat(build(make_plan(recipe_from_yaml(recipe_yaml)), device="cpu"))
+    *_, reply = stream_reply(built, [{"role": "user", "content": message}], generation_settings(*settings))
+    built.close()
+    return reply.strip()
+
+
+def test_side_by_side_replies_equal_separate_runs_with_the_same_seed(app_url):
+    client = Client(app_url, verbose=False)
+    client.predict(SPLICE, api_name="/build")
+    assert "smollm2-135m-instruct" in client.predict(SMOL, "", api_name="/build_comparison")
+    settings = (0.9, 0.95, 12, 40, 0.0, 1.1, 77)
+    merge, parent, merge_speed, parent_speed = client.predict("Name a colour.", [], [], *settings, api_name="/compare")
+    assert text(merge[-1]) == expected_reply(SPLICE, "Name a colour.", settings)
+    assert text(parent[-1]) == expected_reply(passthrough((SMOL, 0, 30)).to_yaml(), "Name a colour.", settings)
+    assert text(merge[-1]) != text(parent[-1])
+    assert "tokens/s" in merge_speed and "tokens/s" in parent_speed
+
+
+def test_an_evicted_visitor_is_told_why_their_model_is_gone(app_url, monkeypatch):
+    from merger.runtime import needed_bytes
+    from ui.models import plan_for
+
+    monkeypatch.setattr(app.SESSIONS, "budget_bytes", needed_bytes(plan_for(SHORT), "cpu"))
+    first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    first.predict(SHORT, api_name="/build")
+    second.predict(SHORT, api_name="/build")  # only one fits: the first visitor's model goes
+    with pytest.raises(Exception, match="unloaded to make room for another visitor's build"):
+        first.predict("Hello", [], 0.0, 0.9, 8, api_name="/chat")
+    history, _ = second.predict("Hello", [], 0.0, 0.9, 8, api_name="/chat")
+    assert history[-1]["content"]
+
+
+def test_eight_concurrent_visitors_each_chat_with_their_own_model_within_the_budget(app_url, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from merger.runtime import needed_bytes
+    from ui.models import plan_for
+
+    recipes = [passthrough((SMOL, 0, 2 + i)).to_yaml() for i in range(8)]
+    budget = sum(needed_bytes(plan_for(r), "cpu") for r in recipes)
+    monkeypatch.setattr(app.SESSIONS, "budget_bytes", budget)
+    monkeypatch.setattr(app.SESSIONS, "peak_bytes", 0)
+    settings = (0.0, 0.9, 8)
+
+    def visit(recipe: str) -> tuple[str, int, str]:
+        client = Client(app_url, verbose=False)
+        counts = client.predict(recipe, api_name="/preview")
+        client.predict(recipe, api_name="/build")
+        history, _ = client.predict("Tell me about the sea.", [], *settings, api_name="/chat")
+        layers = app.SESSIONS.get(client.session_hash).model.config.num_hidden_layers
+        assert layers == counts["num_layers"]
+        return text(history[-1]), layers, client.session_hash
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(visit, recipes))
+    assert [layers for _, layers, _ in results] == [2 + i for i in range(8)]  # each saw its own model
+    for recipe, (reply, _, _) in zip(recipes, results, strict=True):
+        assert reply == expected_reply(recipe, "Tell me about the sea.", settings)
+    assert len({session for *_, session in results}) == 8
+    assert app.SESSIONS.peak_bytes <= budget

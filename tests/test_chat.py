@@ -1,24 +1,45 @@
+"""Chat through the fast decoder: prompts, streaming, seeds, stop events and strings, continuing a
+reply, the window, and side-by-side replies equal to separate runs."""
+
 import itertools
 import threading
 
+import pytest
+import torch
+
 from merger.chat import GenerationSettings, format_prompt, stream_reply
+from merger.errors import UserError
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime import SessionModels, build
+from merger.runtime import build, prepare_for_chat
+
+HELLO = [{"role": "user", "content": "Hello"}]
 
 
 def built_tiny(path, *ranges):
-    return build(make_plan(passthrough(*[(str(path), a, b) for a, b in ranges])), device="cpu")
+    return prepare_for_chat(build(make_plan(passthrough(*[(str(path), a, b) for a, b in ranges])), device="cpu"))
 
 
 def test_chat_uses_the_template_and_streams_growing_text(tiny_llama):
     built = built_tiny(tiny_llama, (0, 4), (2, 6))
-    history = [{"role": "user", "content": "Hello"}]
-    assert format_prompt(built.tokenizer, history).endswith("<|im_start|>assistant\n")
+    assert format_prompt(built.tokenizer, HELLO).endswith("<|im_start|>assistant\n")
     settings = GenerationSettings(temperature=0.8, max_new_tokens=12, seed=3)
-    pieces = list(stream_reply(built, history, settings))
+    pieces = list(stream_reply(built, HELLO, settings))
     assert pieces and all(b.startswith(a) for a, b in itertools.pairwise(pieces))
-    assert pieces[-1] == list(stream_reply(built, history, settings))[-1]  # same seed, same reply
+    assert pieces[-1] == list(stream_reply(built, HELLO, settings))[-1]  # same seed, same reply
+    assert pieces[-1] != list(stream_reply(built, HELLO, GenerationSettings(temperature=0.8, max_new_tokens=12)))[-1]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_reply_is_the_text_plain_generate_gives(tiny_llama, penalty):
+    built = built_tiny(tiny_llama, (0, 4), (2, 6))
+    settings = GenerationSettings(temperature=0, max_new_tokens=24, repetition_penalty=penalty)
+    *_, reply = stream_reply(built, HELLO, settings)
+    ids = built.tokenizer(format_prompt(built.tokenizer, HELLO), return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = built.model.generate(**ids, max_new_tokens=24, do_sample=False, repetition_penalty=penalty)
+    expected = built.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert reply == expected and reply
 
 
 def test_base_model_without_template_gets_plain_completion(tiny_gemma):
@@ -29,36 +50,51 @@ def test_base_model_without_template_gets_plain_completion(tiny_gemma):
     assert isinstance(reply, str)
 
 
+def test_continue_carries_on_inside_the_last_assistant_message(tiny_llama):
+    built = built_tiny(tiny_llama, (0, 6))
+    history = [*HELLO, {"role": "assistant", "content": "The quick"}]
+    prompt = format_prompt(built.tokenizer, history, continue_last=True)
+    assert prompt.endswith("<|im_start|>assistant\nThe quick")  # no end of turn: the model goes on
+    *_, more = stream_reply(built, history, GenerationSettings(temperature=0, max_new_tokens=8), prompt=prompt)
+    ids = built.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = built.model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert more == built.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def test_stop_event_ends_generation_early(tiny_llama):
     built = built_tiny(tiny_llama, (0, 6))
     stop = threading.Event()
     stop.set()
-    settings = GenerationSettings(temperature=0, max_new_tokens=200)
-    *_, reply = stream_reply(built, [{"role": "user", "content": "Hi"}], settings, stop)
+    *_, reply = stream_reply(built, HELLO, GenerationSettings(temperature=0, max_new_tokens=200), stop)
     assert len(built.tokenizer(reply)["input_ids"]) < 5
 
 
-def test_session_cache_keeps_one_model_per_session_and_frees_on_rebuild(tiny_llama):
-    sessions = SessionModels()
-    first, second = built_tiny(tiny_llama, (0, 6)), built_tiny(tiny_llama, (0, 3))
-    sessions.put("a", first)
-    sessions.put("b", built_tiny(tiny_llama, (0, 2)))
-    sessions.put("a", second)
-    assert sessions.get("a") is second and len(sessions) == 2
-    assert not hasattr(first, "model")  # the replaced build was freed
-    sessions.drop("b")
-    assert sessions.get("b") is None
+def test_stop_string_ends_the_reply_before_it(tiny_llama):
+    built = built_tiny(tiny_llama, (0, 6))
+    settings = GenerationSettings(temperature=1.0, max_new_tokens=40, seed=5)
+    *_, full = stream_reply(built, HELLO, settings)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3
+    *_, cut = stream_reply(built, HELLO, settings, stop_strings=[stop])
+    assert cut == full[: full.index(stop)]
 
 
-def test_build_that_cannot_fit_is_refused_with_the_numbers_before_loading(tiny_llama, monkeypatch):
-    import pytest
+def test_a_conversation_longer_than_the_window_is_refused_in_words(tiny_llama):
+    built = built_tiny(tiny_llama, (0, 6))
+    built.decoder.window = 16
+    built.decoder._shared = object()  # a GPU decoder's fixed window, simulated
+    with pytest.raises(UserError, match="16-token window this build holds; clear the chat"):
+        next(stream_reply(built, HELLO, GenerationSettings(max_new_tokens=64)))
 
-    from merger import runtime
-    from merger.errors import UserError
 
-    loaded = []
-    monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
-    monkeypatch.setattr("merger.assemble.load_parent_tensors", lambda *a, **k: loaded.append(1))
-    with pytest.raises(UserError, match=r"needs about .* on cpu .* but only 10\.00 MiB is free"):
-        built_tiny(tiny_llama, (0, 6))
-    assert not loaded
+def test_replies_streamed_side_by_side_equal_separate_runs(tiny_llama, tiny_llama_b):
+    from merger.chat import stream_side_by_side
+
+    merge, parent = built_tiny(tiny_llama, (0, 4), (2, 6)), built_tiny(tiny_llama_b, (0, 6))
+    settings = GenerationSettings(temperature=0.9, max_new_tokens=20, seed=11)
+    alone = [list(stream_reply(b, HELLO, settings))[-1] for b in (merge, parent)]
+    frames = list(stream_side_by_side([(merge, HELLO, {}), (parent, HELLO, {})], settings))
+    assert [frames[-1][0].text, frames[-1][1].text] == alone
+    assert alone[0] != alone[1]
+    assert all(f.stats.new_tokens > 0 for f in frames[-1])

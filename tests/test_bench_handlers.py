@@ -1,0 +1,137 @@
+"""The test bench's handlers below the page: continue a reply, edit and resend a message, the
+messages a visitor reads, and the ZeroGPU wrapping (a stand-in `spaces` package)."""
+
+import sys
+import threading
+import types
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+from merger import runtime
+from merger.chat import format_prompt, stream_reply
+from merger.plan import make_plan
+from merger.recipe import passthrough
+from ui import chat as bench
+
+GREEDY = (0.0, 0.9, 10, 0, 0.0, 1.0, 0)  # temperature, top-p, max new tokens, top-k, min-p, penalty, seed
+
+
+def no_progress(fraction, desc=None):
+    pass
+
+
+@pytest.fixture
+def visitor(tiny_llama):
+    request = SimpleNamespace(session_hash="bench-visitor")
+    plan = make_plan(passthrough((str(tiny_llama), 0, 4), (str(tiny_llama), 2, 6)))
+    built = bench.build_into(bench.slot(request), plan, no_progress)
+    yield request, built
+    bench.SESSIONS.drop_session("bench-visitor")
+
+
+def last_frame(frames):
+    *_, (history, speed) = frames
+    return history, speed
+
+
+def test_continue_appends_to_the_last_reply_what_the_model_writes_next(visitor):
+    request, built = visitor
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "The quick"}]
+    shown, speed = last_frame(bench.continue_reply(history, *GREEDY, request=request))
+    prompt = format_prompt(built.tokenizer, history, continue_last=True)
+    *_, more = stream_reply(built, history, bench.generation_settings(*GREEDY), prompt=prompt)
+    assert shown == [history[0], {"role": "assistant", "content": "The quick" + more}]
+    assert "tokens/s" in speed
+
+
+def test_continue_needs_a_reply_to_continue(visitor):
+    request, _ = visitor
+    with pytest.raises(gr.Error, match="no reply to continue"):
+        next(bench.continue_reply([{"role": "user", "content": "Hi"}], *GREEDY, request=request))
+
+
+def test_editing_a_message_resends_it_and_drops_what_came_after(visitor):
+    request, _ = visitor
+    history = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there"},
+        {"role": "user", "content": "Tell me a story"},
+        {"role": "assistant", "content": "Once upon a time"},
+    ]
+    edit = gr.EditData(None, {"index": 2, "value": "Tell me a joke", "previous_value": "Tell me a story"})
+    edited, _ = last_frame(bench.edit_and_resend(history, *GREEDY, edit=edit, request=request))
+    resent, _ = last_frame(bench.chat("Tell me a joke", history[:2], *GREEDY, request=request))
+    assert edited == resent and edited[2] == {"role": "user", "content": "Tell me a joke"} and len(edited) == 4
+
+
+def test_chat_before_any_build_says_to_build():
+    with pytest.raises(gr.Error, match="Build the merge first"):
+        next(bench.chat("Hi", [], *GREEDY, request=SimpleNamespace(session_hash="never-built")))
+
+
+def test_comparing_before_the_comparison_is_built_says_to_build_it(visitor):
+    request, _ = visitor
+    with pytest.raises(gr.Error, match="Build the comparison first"):
+        next(bench.compare_send("Hi", [], [], *GREEDY, request=request))
+
+
+def test_comparison_of_a_path_outside_the_allow_list_is_refused(visitor):
+    request, _ = visitor
+    with pytest.raises(gr.Error, match="absolute paths are not allowed here"):
+        bench.build_comparison("/etc", "", request, no_progress)
+
+
+def test_leaving_the_page_frees_both_of_the_visitors_models(visitor):
+    request, built = visitor
+    other = bench.build_into(bench.slot(request, bench.COMPARE), built.plan, no_progress)
+    bench.forget_session(request)
+    assert bench.SESSIONS.get("bench-visitor") is None and bench.SESSIONS.get("bench-visitor:compare") is None
+    assert built.model is None and other.model is None
+
+
+@pytest.fixture
+def zero_gpu(monkeypatch):
+    """A ZeroGPU Space, as far as our code can tell: the variable set and a `spaces` package whose
+    GPU decorator records the durations it is asked for."""
+    asked: list[int] = []
+
+    def gpu(duration):
+        def wrap(fn):
+            def run(*args, **kwargs):
+                asked.append(duration(*args, **kwargs) if callable(duration) else duration)
+                return fn(*args, **kwargs)
+
+            return run
+
+        return wrap
+
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
+    return asked
+
+
+def test_on_zero_gpu_a_reply_asks_for_gpu_time_sized_to_its_tokens(zero_gpu):
+    def handler(message, history, temperature, top_p, max_new_tokens, *rest, request=None):
+        return "reply"
+
+    wrapped = runtime.gpu_task(bench._chat_seconds)(handler)
+    assert wrapped("Hi", [], 0.7, 0.9, 400, 0, 0.0, 1.0, 0) == "reply"
+    assert zero_gpu == [runtime.reply_seconds(400)] and zero_gpu[0] == 15 + 400 // 20
+    assert runtime.best_device() == "cuda"  # emulated there: builds cost no GPU time
+    assert runtime.free_memory("cuda") == runtime.ZERO_GPU_DEFAULT_GB * 2**30
+
+
+def test_on_zero_gpu_replies_run_in_the_callers_thread_uncompiled(zero_gpu, tiny_llama):
+    built = runtime.build(make_plan(passthrough((str(tiny_llama), 0, 6))), device="cpu")
+    threads = threading.active_count()
+    *_, reply = stream_reply(built, [{"role": "user", "content": "Hi"}], bench.generation_settings(*GREEDY))
+    assert reply and not built.decoder.compiled and not built.decoder._threaded
+    assert threading.active_count() == threads  # a forked GPU worker has no thread of ours to hand work to
+
+
+def test_off_zero_gpu_the_handlers_are_the_functions_themselves(monkeypatch):
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    handler = lambda: None  # noqa: E731
+    assert runtime.gpu_task(60)(handler) is handler

@@ -1,0 +1,484 @@
+"""The test bench: building the session's merge, chatting with it (regenerate, continue, edit and
+resend, clear), in-character replies for the Roleplay tab, and a side-by-side comparison with a
+parent or a second recipe on the same prompt, settings and seed.
+
+Built models live in SESSIONS (merger.runtime.SessionModels), keyed by the browser session: its
+merge under the session id, its comparison model under `<id>:compare`, within one memory budget.
+Handlers that generate run inside `gpu_task` (ZeroGPU's `spaces.GPU` on such a Space).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from merger.cards import roleplay_prompt, stop_strings
+from merger.chat import GenerationSettings, ReplyStats, format_prompt, stream_reply, stream_side_by_side
+from merger.errors import UserError
+from merger.params import count
+from merger.plan import Plan, make_plan
+from merger.runtime import (
+    Built,
+    SessionModels,
+    as_it_is,
+    best_device,
+    build,
+    default_budget,
+    gpu_task,
+    needed_bytes,
+    prepare_for_chat,
+    reply_seconds,
+)
+from ui.models import model_info, plan_for
+from ui.roleplay import card_from_state
+
+SESSIONS = SessionModels()
+STOPS: dict[str, threading.Event] = {}
+COMPARE = "compare"
+SECOND_RECIPE = "__second_recipe__"  # the comparison target that is the YAML box, not a parent
+
+
+def session_id(request: gr.Request | None) -> str:
+    return (request.session_hash if request else None) or "local"
+
+
+def slot(request: gr.Request | None, name: str | None = None) -> str:
+    """The SESSIONS key of this session's merge, or of one of its other slots."""
+    session = session_id(request)
+    return session if name is None else f"{session}:{name}"
+
+
+# ---- building ---------------------------------------------------------------------------------
+
+
+def build_into(key: str, plan: Plan, progress: gr.Progress) -> Built:
+    """Build `plan` for chat under `key`: its previous model freed, room made within the budget
+    (least recently used models of others evicted), then assembled on the best device."""
+    device = best_device()
+    if SESSIONS.budget_bytes is None:  # known only once the device is: set by the first build
+        SESSIONS.budget_bytes = default_budget(device)
+    progress(0.0, desc="loading parent weights")
+    try:
+        with SESSIONS.room_for(key, needed_bytes(plan, device)):
+            built = prepare_for_chat(build(plan, device=device, progress=lambda f, d: progress(f, desc=d)))
+            SESSIONS.put(key, built)
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    return built
+
+
+def built_status(built: Built) -> str:
+    counts = count(built.plan)
+    devices = " + ".join(built.placement.devices) if built.placement else built.device
+    status = (
+        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {devices} in {built.seconds:.2f} s."
+    )
+    if built.decoder.compiled:
+        status += " The fast decode step is compiling now; the first reply waits for it."
+    return status
+
+
+def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
+    """Assemble the recipe on the best device (CUDA when present) for this session's chat."""
+    try:
+        plan = plan_for(recipe_yaml)
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    return built_status(build_into(slot(request), plan, progress)) + " Chat below."
+
+
+def built_for(request: gr.Request | None, name: str | None = None) -> Built:
+    """This session's model in a slot, or a message saying how to get one."""
+    key = slot(request, name)
+    built = SESSIONS.get(key)
+    if built is None:
+        notice = SESSIONS.notice(key)
+        if notice:
+            raise gr.Error(f"{notice[0].upper()}{notice[1:]}.")
+        raise gr.Error("Build the comparison first." if name else "Build the merge first: press Build.")
+    return built
+
+
+# ---- chat -------------------------------------------------------------------------------------
+
+
+def generation_settings(
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+) -> GenerationSettings:
+    """The settings panel's values, in the order of the settings inputs in the wiring."""
+    return GenerationSettings(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=int(top_k),
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_new_tokens=int(max_new_tokens),
+        seed=int(seed),
+    )
+
+
+def text_of(content: Any) -> str:
+    """Chatbot message content arrives as a string or a list of {'type': 'text', 'text': ...} blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return str(content or "")
+
+
+def turns_of(history: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
+
+
+def stream_turns(
+    request: gr.Request | None,
+    built: Built,
+    turns: list[dict[str, str]],
+    shown: list[dict[str, Any]],
+    settings: GenerationSettings,
+    *,
+    prefix: str = "",
+    **prompting: Any,
+) -> Iterator[tuple[list[dict[str, Any]], str]]:
+    """The conversation on screen (`shown`) plus the reply (after `prefix`) as it streams, then the
+    reply's speed. The session's Stop button ends it; a mistake (too long for the window) is said."""
+    stop = STOPS[session_id(request)] = threading.Event()
+    stats = ReplyStats()
+    reply = ""
+    try:
+        for reply in stream_reply(built, turns, settings, stop, stats, **prompting):
+            yield [*shown, {"role": "assistant", "content": prefix + reply}], ""
+    except UserError as exc:
+        raise gr.Error(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
+    yield [*shown, {"role": "assistant", "content": prefix + reply}], stats.summary()
+
+
+def _chat_seconds(message: str, history: list, temperature: float, top_p: float, max_new_tokens: int, *_, **__) -> int:
+    return reply_seconds(max_new_tokens)
+
+
+@gpu_task(_chat_seconds)
+def chat(
+    message: str,
+    history: list[dict[str, Any]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    request: gr.Request = None,
+):
+    """Stream the built model's reply; yields the conversation and the reply's speed after each piece."""
+    built = built_for(request)
+    if not (message or "").strip():
+        raise gr.Error("Type a message first.")
+    turns = [*turns_of(history), {"role": "user", "content": message}]
+    settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    yield from stream_turns(request, built, turns, turns, settings)
+
+
+def _history_seconds(history: list, temperature: float, top_p: float, max_new_tokens: int, *_, **__) -> int:
+    return reply_seconds(max_new_tokens)
+
+
+# gradio injects gr.Request and gr.EditData only into named parameters: these spell the settings out.
+@gpu_task(_history_seconds)
+def regenerate(
+    history: list[dict[str, Any]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int,
+    request: gr.Request,
+):
+    """Drop the last reply and answer the last user message again (with the settings on screen)."""
+    turns = list(history or [])
+    while turns and turns[-1]["role"] == "assistant":
+        turns.pop()
+    if not turns:
+        raise gr.Error("Nothing to regenerate yet.")
+    last = turns.pop()
+    settings = (temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    yield from chat(text_of(last["content"]), turns, *settings, request=request)
+
+
+@gpu_task(_history_seconds)
+def continue_reply(
+    history: list[dict[str, Any]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int,
+    request: gr.Request,
+):
+    """Carry on writing the last reply (cut short by the token limit, or by Stop) where it ended."""
+    built = built_for(request)
+    turns = turns_of(history)
+    if not turns or turns[-1]["role"] != "assistant":
+        raise gr.Error("There is no reply to continue yet.")
+    prompt = format_prompt(built.tokenizer, turns, continue_last=True)
+    settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    yield from stream_turns(request, built, turns, history[:-1], settings, prefix=turns[-1]["content"], prompt=prompt)
+
+
+@gpu_task(_history_seconds)
+def edit_and_resend(
+    history: list[dict[str, Any]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int,
+    edit: gr.EditData,
+    request: gr.Request,
+):
+    """A user message was edited in place: the conversation resumes from it, later turns dropped."""
+    index = edit.index if isinstance(edit.index, int) else edit.index[0]
+    settings = (temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    yield from chat(text_of(edit.value), list(history or [])[:index], *settings, request=request)
+
+
+def _roleplay_seconds(message: str, history: list, card: Any, user: str, t: float, p: float, n: int, *_, **__) -> int:
+    return reply_seconds(n)
+
+
+@gpu_task(_roleplay_seconds)
+def roleplay_chat(
+    message: str,
+    history: list[dict[str, Any]],
+    card_state: dict[str, Any] | None,
+    user: str,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int,
+    request: gr.Request,
+):
+    """One in-character reply, streamed: the card's prompt through the model's chat template (or a
+    transcript for base models), stopping where the model would speak for the user."""
+    card = card_from_state(card_state)
+    built = built_for(request)
+    user = (user or "").strip() or "User"
+    turns = turns_of(history)
+    if turns and turns[0]["role"] == "assistant":
+        turns = turns[1:]  # the greeting: roleplay_prompt puts it back as the opening turn
+    turns.append({"role": "user", "content": message})
+    prompt = roleplay_prompt(built.tokenizer, card, user, turns)
+    options = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    shown = [*(history or []), {"role": "user", "content": message}]
+    yield from stream_turns(request, built, turns, shown, options, prompt=prompt, stop_strings=stop_strings(user))
+
+
+def stop_chat(request: gr.Request) -> None:
+    event = STOPS.get(session_id(request))
+    if event is not None:
+        event.set()
+
+
+def forget_session(request: gr.Request) -> None:
+    """The visitor left: stop their reply and free their models."""
+    session = session_id(request)
+    event = STOPS.pop(session, None)
+    if event is not None:
+        event.set()
+    SESSIONS.drop_session(session)
+
+
+def stop_all_generation() -> None:
+    """Ask every reply in progress to end (before the server shuts down)."""
+    for event in list(STOPS.values()):
+        event.set()
+
+
+# ---- side by side -----------------------------------------------------------------------------
+
+
+def compare_targets(value: dict[str, Any]) -> gr.Dropdown:
+    """What the merge can be compared with: each parent in the stack as it is, or a second recipe."""
+    choices = [(f"parent: {m.get('label') or m['ref']}", m["ref"]) for m in value.get("models", [])]
+    choices.append(("a second recipe (YAML below)", SECOND_RECIPE))
+    return gr.Dropdown(choices=choices, value=choices[0][1])
+
+
+def build_comparison(
+    target: str | None, second_yaml: str, request: gr.Request, progress: gr.Progress = gr.Progress()
+) -> str:
+    """Build the comparison model for this session: a parent as it is, or the second recipe."""
+    try:
+        if target == SECOND_RECIPE:
+            if not (second_yaml or "").strip():
+                raise UserError("paste the second recipe's YAML first")
+            plan, what = plan_for(second_yaml), "the second recipe"
+        elif target:
+            plan, what = make_plan(as_it_is(target, model_info), model_info), target.removeprefix("bundled:")
+        else:
+            raise UserError("pick what to compare with")
+    except UserError as exc:
+        raise gr.Error(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
+    return f"**{what}**: {built_status(build_into(slot(request, COMPARE), plan, progress))}"
+
+
+def _compare_seconds(message: str, a: list, b: list, temperature: float, top_p: float, n: int, *_, **__) -> int:
+    return reply_seconds(n, replies=2)
+
+
+@gpu_task(_compare_seconds)
+def compare_send(
+    message: str,
+    merge_history: list[dict[str, Any]],
+    other_history: list[dict[str, Any]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int,
+    request: gr.Request,
+):
+    """The message, settings and seed sent to the merge and to the comparison model at once; both
+    replies stream next to each other, each under its own speed."""
+    if not (message or "").strip():
+        raise gr.Error("Type a message first.")
+    built = [built_for(request), built_for(request, COMPARE)]
+    settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
+    shown = [[*(h or []), {"role": "user", "content": message}] for h in (merge_history, other_history)]
+    requests = [(b, turns_of(s), {}) for b, s in zip(built, shown, strict=True)]
+    stop = STOPS[session_id(request)] = threading.Event()
+
+    def frame(replies, done: bool) -> tuple[list, list, str, str]:
+        chats = [
+            [*s, {"role": "assistant", "content": r.text or (f"⚠️ {r.error}" if r.error else "")}]
+            for s, r in zip(shown, replies, strict=True)
+        ]
+        speeds = [r.stats.summary() if done and not r.error else "" for r in replies]
+        return chats[0], chats[1], speeds[0], speeds[1]
+
+    replies = None
+    for replies in stream_side_by_side(requests, settings, stop):
+        yield frame(replies, done=False)
+    if replies is not None:
+        yield frame(replies, done=True)
+
+
+# ---- layout and wiring ------------------------------------------------------------------------
+
+
+def build_chat_tab() -> dict[str, Any]:
+    """The Chat tab's components, by name."""
+    chatbot = gr.Chatbot(
+        label="Chat with the merge (edit a message of yours to resend it)",
+        height=380,
+        elem_id="chatbot",
+        editable="user",
+    )
+    stats = gr.Markdown(elem_id="reply-stats")
+    with gr.Row():
+        message = gr.Textbox(placeholder="Say something to the merge…", show_label=False, scale=5, elem_id="chat-input")
+        send = gr.Button("Send", scale=1, elem_id="send-btn")
+        stop = gr.Button("Stop", scale=1, elem_id="stop-btn")
+        regenerate_btn = gr.Button("Regenerate", scale=1, elem_id="regen-btn")
+        more = gr.Button("Continue", scale=1, elem_id="continue-btn")
+        clear = gr.Button("Clear", scale=1, elem_id="clear-btn")
+    return {
+        "chatbot": chatbot,
+        "stats": stats,
+        "message": message,
+        "send": send,
+        "stop": stop,
+        "regenerate": regenerate_btn,
+        "continue": more,
+        "clear": clear,
+    }
+
+
+def build_compare_tab() -> dict[str, Any]:
+    """The Side by side tab's components, by name."""
+    gr.Markdown(
+        "Send one message to the merge and to a parent (or a second recipe) with the same settings and seed; "
+        "the replies stream next to each other."
+    )
+    with gr.Row():
+        # custom values too (API callers name a model): build_comparison resolves it under the web policy
+        target = gr.Dropdown(label="Compare the merge with", scale=3, elem_id="compare-target", allow_custom_value=True)
+        build_btn = gr.Button("Build comparison", scale=1, elem_id="compare-build")
+    with gr.Accordion("Second recipe (mergekit YAML)", open=False):
+        second = gr.Code(language="yaml", label="Used when 'a second recipe' is picked", interactive=True)
+    status = gr.Markdown(elem_id="compare-status")
+    with gr.Row():
+        with gr.Column():
+            merge_chat = gr.Chatbot(label="The merge", height=340, elem_id="compare-merge")
+            merge_stats = gr.Markdown(elem_id="compare-merge-stats")
+        with gr.Column():
+            other_chat = gr.Chatbot(label="Comparison", height=340, elem_id="compare-other")
+            other_stats = gr.Markdown(elem_id="compare-other-stats")
+    with gr.Row():
+        message = gr.Textbox(placeholder="One message to both…", show_label=False, scale=5, elem_id="compare-input")
+        send = gr.Button("Send to both", scale=1, elem_id="compare-send")
+        stop = gr.Button("Stop", scale=1)
+        clear = gr.Button("Clear", scale=1)
+    return {
+        "target": target,
+        "build": build_btn,
+        "second": second,
+        "status": status,
+        "merge_chat": merge_chat,
+        "merge_stats": merge_stats,
+        "other_chat": other_chat,
+        "other_stats": other_stats,
+        "message": message,
+        "send": send,
+        "stop": stop,
+        "clear": clear,
+    }
+
+
+def wire_chat_tab(tab: dict[str, Any], settings_inputs: list[Any]) -> None:
+    private = {"api_visibility": "private"}
+    outputs = [tab["chatbot"], tab["stats"]]
+    inputs = [tab["message"], tab["chatbot"], *settings_inputs]
+    send = tab["send"].click(chat, inputs, outputs, api_name="chat")
+    submit = tab["message"].submit(chat, inputs, outputs, **private)
+    for event in (send, submit):
+        event.then(lambda: "", outputs=tab["message"], **private)
+    tab["regenerate"].click(regenerate, [tab["chatbot"], *settings_inputs], outputs, **private)
+    tab["continue"].click(continue_reply, [tab["chatbot"], *settings_inputs], outputs, **private)
+    tab["chatbot"].edit(edit_and_resend, [tab["chatbot"], *settings_inputs], outputs, **private)
+    tab["stop"].click(stop_chat, **private)
+    tab["clear"].click(lambda: ([], ""), outputs=outputs, **private)
+
+
+def wire_compare_tab(tab: dict[str, Any], stack: gr.HTML, settings_inputs: list[Any]) -> None:
+    private = {"api_visibility": "private"}
+    stack.change(compare_targets, stack, tab["target"], **private)
+    tab["build"].click(build_comparison, [tab["target"], tab["second"]], tab["status"], api_name="build_comparison")
+    inputs = [tab["message"], tab["merge_chat"], tab["other_chat"], *settings_inputs]
+    outputs = [tab["merge_chat"], tab["other_chat"], tab["merge_stats"], tab["other_stats"]]
+    send = tab["send"].click(compare_send, inputs, outputs, api_name="compare")
+    submit = tab["message"].submit(compare_send, inputs, outputs, **private)
+    for event in (send, submit):
+        event.then(lambda: "", outputs=tab["message"], **private)
+    tab["stop"].click(stop_chat, **private)
+    tab["clear"].click(lambda: ([], [], "", ""), outputs=outputs, **private)
