@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -202,16 +202,106 @@ class FastGenerator:
 _DONE = object()
 
 
+@dataclass
+class _Job:
+    """One request on the decode loop: its tokens (or `call`'s result) go to `out`, then _DONE or
+    the exception."""
+
+    decoder: ModelDecoder | None
+    input_ids: torch.Tensor | None
+    options: dict[str, Any]
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    call: Callable[[], Any] | None = None
+    tokens: Iterator[int] | None = None  # None until it starts
+
+
+class DecodeLoop:
+    """The one thread that runs every threaded decoder's requests, a token at a time in turn.
+
+    One thread, because torch keeps its CUDA-graph trees in the thread-local state of the thread
+    that first used them: a compiled step replayed from a second thread fails (seen on the H200:
+    an AssertionError in cudagraph_trees.get_obj). Requests for different models interleave, so
+    side-by-side replies and several visitors stream together; requests for one model (one KV
+    cache) run one after another. A compile (the first token of a build's first request) holds
+    the loop until it is done.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the loop's thread (anything that compiles or replays CUDA graphs must) and
+        return its result; other requests wait while it runs."""
+        job = _Job(None, None, {}, call=fn)
+        self.submit(job)
+        result = job.out.get()
+        job.out.get()  # _DONE
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="decode-loop", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        waiting: list[_Job] = []
+        running: list[_Job] = []
+        while True:
+            try:
+                waiting.append(self._jobs.get(block=not (waiting or running)))
+                while True:
+                    waiting.append(self._jobs.get_nowait())
+            except queue.Empty:
+                pass
+            for job in list(waiting):  # start each model's oldest request once its previous one ended
+                if job.decoder is None or all(r.decoder is not job.decoder for r in running):
+                    waiting.remove(job)
+                    running.append(job)
+            for job in list(running):
+                if not self._advance(job):
+                    running.remove(job)
+
+    @staticmethod
+    def _advance(job: _Job) -> bool:
+        """One more token of `job`; False once it has ended."""
+        try:
+            if job.call is not None:
+                job.out.put(job.call())
+                raise StopIteration
+            if job.cancel.is_set() or job.decoder.closed:
+                raise StopIteration
+            if job.tokens is None:
+                job.tokens = job.decoder.tokens(job.input_ids, job.options)
+            job.out.put(next(job.tokens))
+            return True
+        except StopIteration:
+            pass
+        except Exception as exc:  # handed to the reader, who raises it
+            job.out.put(exc)
+        if job.tokens is not None:
+            job.tokens.close()
+        job.out.put(_DONE)
+        return False
+
+
+LOOP = DecodeLoop()
+
+
 class ModelDecoder:
     """Every generation of one built model.
 
     On a GPU it keeps one FastGenerator with a fixed window (the KV cache the placement budgeted),
-    compiled unless `compile` is False, and runs every request on a thread of its own: compiled
-    state and CUDA graphs belong to the thread that made them, so one thread runs them all, and a
-    request waits for the one before it (the first, for the compile). On the CPU each request gets
-    an uncompiled generator sized to it. With `threaded=False` (a ZeroGPU worker, a process forked
-    per call, where no thread of ours lives) requests run in the caller's thread. Each request
-    draws from its own seeded generator, so a reply does not depend on what else runs at the time.
+    compiled unless `compile` is False; on the CPU each request gets an uncompiled generator sized
+    to it. Requests run on the process's DecodeLoop; with `threaded=False` (a ZeroGPU worker: a
+    process forked per call, where no thread of ours lives) they run in the caller's thread. Each
+    request draws from its own seeded generator, so a reply does not depend on what else runs.
     """
 
     def __init__(self, model: nn.Module, *, window: int, threaded: bool = True, compile: bool | None = None) -> None:
@@ -220,10 +310,7 @@ class ModelDecoder:
         on_gpu = next(model.parameters()).device.type == "cuda"
         self._shared = FastGenerator(model, max_seq_len=window, compile=compile) if on_gpu else None
         self._threaded = threaded
-        self._jobs: queue.SimpleQueue[tuple[torch.Tensor, dict[str, Any], queue.SimpleQueue, threading.Event] | None]
-        self._jobs = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self.closed = False
 
     @property
     def compiled(self) -> bool:
@@ -238,13 +325,15 @@ class ModelDecoder:
         if not self.fits(input_ids.shape[-1], options["max_new_tokens"]):
             raise ValueError(f"prompt + new tokens exceed this build's {self.window:,}-token window")
         if not self._threaded:
-            yield from self._generate(input_ids, options, cancel)
+            for token in self.tokens(input_ids, options):
+                yield token
+                if cancel.is_set():
+                    return
             return
-        self._ensure_thread()
-        out: queue.SimpleQueue = queue.SimpleQueue()
-        self._jobs.put((input_ids, options, out, cancel))
+        job = _Job(self, input_ids, options, cancel=cancel)
+        LOOP.submit(job)
         try:
-            while (item := out.get()) is not _DONE:
+            while (item := job.out.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -253,40 +342,17 @@ class ModelDecoder:
 
     def warm_up(self, input_ids: torch.Tensor) -> None:
         """Queue a two-token generation, so the compile happens now rather than in the first reply."""
-        self._ensure_thread()
-        self._jobs.put((input_ids, {"max_new_tokens": 2}, queue.SimpleQueue(), threading.Event()))
+        LOOP.submit(_Job(self, input_ids, {"max_new_tokens": 2}))
 
-    def close(self) -> None:
-        """End the thread after the requests already queued; the decoder then lets go of the model."""
-        if self._thread is None:
-            self.model = self._shared = None
-        self._jobs.put(None)
-
-    def _generate(self, input_ids: torch.Tensor, options: dict[str, Any], cancel: threading.Event) -> Iterator[int]:
+    def tokens(self, input_ids: torch.Tensor, options: dict[str, Any]) -> Iterator[int]:
+        """The request's tokens, generated in the calling thread."""
         needed = input_ids.shape[-1] + options["max_new_tokens"]
         generator = self._shared or FastGenerator(self.model, max_seq_len=needed)
-        for token in generator.generate(input_ids, **options):
-            yield token
-            if cancel.is_set():
-                return
+        return generator.generate(input_ids, **options)
 
-    def _ensure_thread(self) -> None:
-        with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="decoder", daemon=True)
-                self._thread.start()
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            input_ids, options, out, cancel = job
-            try:
-                if not cancel.is_set():
-                    for token in self._generate(input_ids, options, cancel):
-                        out.put(token)
-            except Exception as exc:  # handed to the reader, who raises it
-                out.put(exc)
-            finally:
-                out.put(_DONE)
+    def close(self) -> None:
+        """Let go of the model; requests still queued or running end at their next token."""
+        self.closed = True
         self.model = self._shared = None
 
 
