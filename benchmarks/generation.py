@@ -278,10 +278,13 @@ def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bo
     token = ids[:, -1:].clone()  # [1, 1]
     position = torch.tensor([[ids.shape[1]]], device=ids.device)
     logits = []
-    for _ in range(2):  # the same token at the same position, twice: the same keys, values and logits?
-        if fast.compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        logits.append(fast._step(token, position).clone())
+    with torch.inference_mode():
+        for _ in range(2):  # the same prompt, then the same step, twice: bit for bit the same logits?
+            fast.cache.reset()
+            fast.model(input_ids=ids, past_key_values=fast.cache, use_cache=True, logits_to_keep=1)
+            if fast.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits.append(fast._step(token, position).clone())
     result["step_logits_bitwise_repeatable"] = torch.equal(*logits)
     stats = torch._dynamo.utils.counters
     result["dynamo_graphs_so_far"] = stats["stats"]["unique_graphs"]
