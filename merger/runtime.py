@@ -73,7 +73,7 @@ ZERO_GPU_DEFAULT_GB = 48  # a ZeroGPU Space's card (DESIGN.md); FRANKENMERGE_ZER
 def on_zero_gpu() -> bool:
     """A ZeroGPU Space: the GPU is attached only inside `spaces.GPU` calls (the `spaces` package reads
     the same variable; it is never set anywhere else)."""
-    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")  # as `spaces` reads it
 
 
 def gpu_task(duration: int | Callable[..., int]) -> Callable[[Callable], Callable]:
