@@ -27,13 +27,11 @@ from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
 from merger.runtime import plan_placement
 from merger.slim import slim_model
 from ui.chat import (
-    SESSIONS,
     build_chat_tab,
     build_compare_tab,
     build_model,
     forget_session,
     roleplay_chat,
-    stop_all_generation,
     wire_chat_tab,
     wire_compare_tab,
 )
@@ -45,7 +43,6 @@ from ui.roleplay import build_roleplay_tab, load_card
 from ui.stack import stack_widget
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
-__all__ = ["SESSIONS", "demo", "stop_all_generation"]  # what tests and benchmarks reach for
 
 
 def model_choices() -> list[str]:

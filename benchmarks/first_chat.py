@@ -20,6 +20,7 @@ from gradio_client import Client
 
 from app import demo
 from merger.recipe import passthrough
+from ui.chat import text_of
 
 SMOL = "bundled:smollm2-135m-instruct"
 
@@ -43,11 +44,12 @@ def main() -> None:
     start = time.perf_counter()
     job = client.submit("Hello! Who are you?", [], 0.0, 0.9, 64, api_name="/chat")
     first_piece_s = None
-    for update in job:
-        if first_piece_s is None and update and update[-1].get("content"):
+    for history, _speed in job:  # the conversation so far, and the reply's speed once it ends
+        if first_piece_s is None and history and text_of(history[-1]["content"]):
             first_piece_s = time.perf_counter() - start
     reply_s = time.perf_counter() - start
-    reply = job.outputs()[-1][-1]["content"]
+    history, speed = job.outputs()[-1]
+    reply = text_of(history[-1]["content"])
     demo.close()
     print(
         json.dumps(
@@ -59,6 +61,7 @@ def main() -> None:
                 "build_status": status,
                 "first_reply_piece_seconds": round(first_piece_s or reply_s, 2),
                 "first_reply_seconds": round(reply_s, 2),
+                "reply_speed": speed,
                 "reply": reply,
             },
             indent=2,

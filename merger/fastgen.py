@@ -322,8 +322,6 @@ class ModelDecoder:
     def stream(self, input_ids: torch.Tensor, *, cancel: threading.Event, **options: Any) -> Iterator[int]:
         """New token ids as they arrive (options as FastGenerator.generate's). Setting `cancel`, or
         closing the iterator, ends the generation after the token in flight."""
-        if not self.fits(input_ids.shape[-1], options["max_new_tokens"]):
-            raise ValueError(f"prompt + new tokens exceed this build's {self.window:,}-token window")
         if not self._threaded:
             for token in self.tokens(input_ids, options):
                 yield token

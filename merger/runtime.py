@@ -60,7 +60,7 @@ class Built:
             return self._decoder
 
     def close(self) -> None:
-        """Stop its decoder's thread and let go of the model."""
+        """Let go of the model (its decoder's requests end at their next token)."""
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None

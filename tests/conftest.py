@@ -58,8 +58,8 @@ def app_url() -> Iterator[str]:
     """The real app, served in-process on a free port for HTTP and browser tests."""
     import socket
 
-    import app
     from app import demo
+    from ui.chat import stop_all_generation
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,6 +70,6 @@ def app_url() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
-        app.stop_all_generation()
+        stop_all_generation()
         demo.close()
         time.sleep(1)  # let generation threads see the stop before the interpreter exits

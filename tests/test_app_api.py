@@ -3,9 +3,9 @@
 import pytest
 from gradio_client import Client
 
-import app
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from ui.chat import SESSIONS
 
 SMOL = "bundled:smollm2-135m-instruct"
 SPLICE = passthrough((SMOL, 0, 20), (SMOL, 10, 30)).to_yaml()
@@ -31,8 +31,8 @@ def test_two_sessions_build_and_chat_with_their_own_models(app_url):
     with pytest.raises(Exception, match="Build the merge first"):
         b.predict("Hello", [], 0.0, 0.9, 8, api_name="/chat")
     assert "6 layers" in b.predict(SHORT, api_name="/build")
-    assert app.SESSIONS.get(a.session_hash).model.config.num_hidden_layers == 40
-    assert app.SESSIONS.get(b.session_hash).model.config.num_hidden_layers == 6
+    assert SESSIONS.get(a.session_hash).model.config.num_hidden_layers == 40
+    assert SESSIONS.get(b.session_hash).model.config.num_hidden_layers == 6
     for client in (a, b):
         history, speed = client.predict("What is 2+2?", [], 0.0, 0.9, 12, api_name="/chat")
         assert history[-1]["role"] == "assistant"
@@ -121,7 +121,7 @@ def test_an_evicted_visitor_is_told_why_their_model_is_gone(app_url, monkeypatch
     from merger.runtime import needed_bytes
     from ui.models import plan_for
 
-    monkeypatch.setattr(app.SESSIONS, "budget_bytes", needed_bytes(plan_for(SHORT), "cpu"))
+    monkeypatch.setattr(SESSIONS, "budget_bytes", needed_bytes(plan_for(SHORT), "cpu"))
     first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
     first.predict(SHORT, api_name="/build")
     second.predict(SHORT, api_name="/build")  # only one fits: the first visitor's model goes
@@ -139,8 +139,8 @@ def test_eight_concurrent_visitors_each_chat_with_their_own_model_within_the_bud
 
     recipes = [passthrough((SMOL, 0, 2 + i)).to_yaml() for i in range(8)]
     budget = sum(needed_bytes(plan_for(r), "cpu") for r in recipes)
-    monkeypatch.setattr(app.SESSIONS, "budget_bytes", budget)
-    monkeypatch.setattr(app.SESSIONS, "peak_bytes", 0)
+    monkeypatch.setattr(SESSIONS, "budget_bytes", budget)
+    monkeypatch.setattr(SESSIONS, "peak_bytes", 0)
     settings = (0.0, 0.9, 8)
 
     def visit(recipe: str) -> tuple[str, int, str]:
@@ -148,7 +148,7 @@ def test_eight_concurrent_visitors_each_chat_with_their_own_model_within_the_bud
         counts = client.predict(recipe, api_name="/preview")
         client.predict(recipe, api_name="/build")
         history, _ = client.predict("Tell me about the sea.", [], *settings, api_name="/chat")
-        layers = app.SESSIONS.get(client.session_hash).model.config.num_hidden_layers
+        layers = SESSIONS.get(client.session_hash).model.config.num_hidden_layers
         assert layers == counts["num_layers"]
         return text(history[-1]), layers, client.session_hash
 
@@ -158,4 +158,4 @@ def test_eight_concurrent_visitors_each_chat_with_their_own_model_within_the_bud
     for recipe, (reply, _, _) in zip(recipes, results, strict=True):
         assert reply == expected_reply(recipe, "Tell me about the sea.", settings)
     assert len({session for *_, session in results}) == 8
-    assert app.SESSIONS.peak_bytes <= budget
+    assert SESSIONS.peak_bytes <= budget

@@ -39,7 +39,7 @@ def last_frame(frames):
 def test_continue_appends_to_the_last_reply_what_the_model_writes_next(visitor):
     request, built = visitor
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "The quick"}]
-    shown, speed = last_frame(bench.continue_reply(history, *GREEDY, request=request))
+    shown, speed = last_frame(bench.continue_reply(history, request, *GREEDY))
     prompt = format_prompt(built.tokenizer, history, continue_last=True)
     *_, more = stream_reply(built, history, bench.generation_settings(*GREEDY), prompt=prompt)
     assert shown == [history[0], {"role": "assistant", "content": "The quick" + more}]
@@ -49,7 +49,7 @@ def test_continue_appends_to_the_last_reply_what_the_model_writes_next(visitor):
 def test_continue_needs_a_reply_to_continue(visitor):
     request, _ = visitor
     with pytest.raises(gr.Error, match="no reply to continue"):
-        next(bench.continue_reply([{"role": "user", "content": "Hi"}], *GREEDY, request=request))
+        next(bench.continue_reply([{"role": "user", "content": "Hi"}], request, *GREEDY))
 
 
 def test_editing_a_message_resends_it_and_drops_what_came_after(visitor):
@@ -61,7 +61,7 @@ def test_editing_a_message_resends_it_and_drops_what_came_after(visitor):
         {"role": "assistant", "content": "Once upon a time"},
     ]
     edit = gr.EditData(None, {"index": 2, "value": "Tell me a joke", "previous_value": "Tell me a story"})
-    edited, _ = last_frame(bench.edit_and_resend(history, *GREEDY, edit=edit, request=request))
+    edited, _ = last_frame(bench.edit_and_resend(history, edit, request, *GREEDY))
     resent, _ = last_frame(bench.chat("Tell me a joke", history[:2], *GREEDY, request=request))
     assert edited == resent and edited[2] == {"role": "user", "content": "Tell me a joke"} and len(edited) == 4
 
@@ -116,7 +116,7 @@ def test_on_zero_gpu_a_reply_asks_for_gpu_time_sized_to_its_tokens(zero_gpu):
     def handler(message, history, temperature, top_p, max_new_tokens, *rest, request=None):
         return "reply"
 
-    wrapped = runtime.gpu_task(bench._chat_seconds)(handler)
+    wrapped = runtime.gpu_task(bench.settings_seconds(2))(handler)
     assert wrapped("Hi", [], 0.7, 0.9, 400, 0, 0.0, 1.0, 0) == "reply"
     assert zero_gpu == [runtime.reply_seconds(400)] and zero_gpu[0] == 15 + 400 // 20
     assert runtime.best_device() == "cuda"  # emulated there: builds cost no GPU time

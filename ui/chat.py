@@ -10,7 +10,7 @@ Handlers that generate run inside `gpu_task` (ZeroGPU's `spaces.GPU` on such a S
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
@@ -41,6 +41,12 @@ COMPARE = "compare"
 SECOND_RECIPE = "__second_recipe__"  # the comparison target that is the YAML box, not a parent
 
 
+def said(error: Exception | str) -> gr.Error:
+    """A message for the visitor as a sentence (our errors are worded as clauses)."""
+    text = str(error)
+    return gr.Error(f"{text[:1].upper()}{text[1:]}{'' if text.endswith('.') else '.'}")
+
+
 def session_id(request: gr.Request | None) -> str:
     return (request.session_hash if request else None) or "local"
 
@@ -66,7 +72,7 @@ def build_into(key: str, plan: Plan, progress: gr.Progress) -> Built:
             built = prepare_for_chat(build(plan, device=device, progress=lambda f, d: progress(f, desc=d)))
             SESSIONS.put(key, built)
     except UserError as exc:
-        raise gr.Error(str(exc)) from None
+        raise said(exc) from None
     return built
 
 
@@ -86,7 +92,7 @@ def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = g
     try:
         plan = plan_for(recipe_yaml)
     except UserError as exc:
-        raise gr.Error(str(exc)) from None
+        raise said(exc) from None
     return built_status(build_into(slot(request), plan, progress)) + " Chat below."
 
 
@@ -97,7 +103,7 @@ def built_for(request: gr.Request | None, name: str | None = None) -> Built:
     if built is None:
         notice = SESSIONS.notice(key)
         if notice:
-            raise gr.Error(f"{notice[0].upper()}{notice[1:]}.")
+            raise said(notice)
         raise gr.Error("Build the comparison first." if name else "Build the merge first: press Build.")
     return built
 
@@ -158,15 +164,17 @@ def stream_turns(
         for reply in stream_reply(built, turns, settings, stop, stats, **prompting):
             yield [*shown, {"role": "assistant", "content": prefix + reply}], ""
     except UserError as exc:
-        raise gr.Error(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
+        raise said(exc) from None
     yield [*shown, {"role": "assistant", "content": prefix + reply}], stats.summary()
 
 
-def _chat_seconds(message: str, history: list, temperature: float, top_p: float, max_new_tokens: int, *_, **__) -> int:
-    return reply_seconds(max_new_tokens)
+def settings_seconds(settings_at: int, replies: int = 1) -> Callable[..., int]:
+    """ZeroGPU's duration for a handler whose settings (temperature, top-p, max new tokens, ...)
+    start at positional argument `settings_at`: sized to the max new tokens asked for."""
+    return lambda *args, **_: reply_seconds(args[settings_at + 2], replies)
 
 
-@gpu_task(_chat_seconds)
+@gpu_task(settings_seconds(2))
 def chat(
     message: str,
     history: list[dict[str, Any]],
@@ -188,23 +196,10 @@ def chat(
     yield from stream_turns(request, built, turns, turns, settings)
 
 
-def _history_seconds(history: list, temperature: float, top_p: float, max_new_tokens: int, *_, **__) -> int:
-    return reply_seconds(max_new_tokens)
-
-
-# gradio injects gr.Request and gr.EditData only into named parameters: these spell the settings out.
-@gpu_task(_history_seconds)
-def regenerate(
-    history: list[dict[str, Any]],
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int,
-    request: gr.Request,
-):
+# The private handlers below take the settings panel's values as *settings: gradio puts gr.Request
+# and gr.EditData into the named parameters before them.
+@gpu_task(settings_seconds(2))
+def regenerate(history: list[dict[str, Any]], request: gr.Request, *settings: Any):
     """Drop the last reply and answer the last user message again (with the settings on screen)."""
     turns = list(history or [])
     while turns and turns[-1]["role"] == "assistant":
@@ -212,69 +207,36 @@ def regenerate(
     if not turns:
         raise gr.Error("Nothing to regenerate yet.")
     last = turns.pop()
-    settings = (temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
     yield from chat(text_of(last["content"]), turns, *settings, request=request)
 
 
-@gpu_task(_history_seconds)
-def continue_reply(
-    history: list[dict[str, Any]],
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int,
-    request: gr.Request,
-):
+@gpu_task(settings_seconds(2))
+def continue_reply(history: list[dict[str, Any]], request: gr.Request, *settings: Any):
     """Carry on writing the last reply (cut short by the token limit, or by Stop) where it ended."""
     built = built_for(request)
     turns = turns_of(history)
     if not turns or turns[-1]["role"] != "assistant":
         raise gr.Error("There is no reply to continue yet.")
     prompt = format_prompt(built.tokenizer, turns, continue_last=True)
-    settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
-    yield from stream_turns(request, built, turns, history[:-1], settings, prefix=turns[-1]["content"], prompt=prompt)
+    options = generation_settings(*settings)
+    yield from stream_turns(request, built, turns, history[:-1], options, prefix=turns[-1]["content"], prompt=prompt)
 
 
-@gpu_task(_history_seconds)
-def edit_and_resend(
-    history: list[dict[str, Any]],
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int,
-    edit: gr.EditData,
-    request: gr.Request,
-):
+@gpu_task(settings_seconds(3))
+def edit_and_resend(history: list[dict[str, Any]], edit: gr.EditData, request: gr.Request, *settings: Any):
     """A user message was edited in place: the conversation resumes from it, later turns dropped."""
     index = edit.index if isinstance(edit.index, int) else edit.index[0]
-    settings = (temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
     yield from chat(text_of(edit.value), list(history or [])[:index], *settings, request=request)
 
 
-def _roleplay_seconds(message: str, history: list, card: Any, user: str, t: float, p: float, n: int, *_, **__) -> int:
-    return reply_seconds(n)
-
-
-@gpu_task(_roleplay_seconds)
+@gpu_task(settings_seconds(5))
 def roleplay_chat(
     message: str,
     history: list[dict[str, Any]],
     card_state: dict[str, Any] | None,
     user: str,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int,
     request: gr.Request,
+    *settings: Any,
 ):
     """One in-character reply, streamed: the card's prompt through the model's chat template (or a
     transcript for base models), stopping where the model would speak for the user."""
@@ -286,8 +248,8 @@ def roleplay_chat(
         turns = turns[1:]  # the greeting: roleplay_prompt puts it back as the opening turn
     turns.append({"role": "user", "content": message})
     prompt = roleplay_prompt(built.tokenizer, card, user, turns)
-    options = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
     shown = [*(history or []), {"role": "user", "content": message}]
+    options = generation_settings(*settings)
     yield from stream_turns(request, built, turns, shown, options, prompt=prompt, stop_strings=stop_strings(user))
 
 
@@ -336,15 +298,11 @@ def build_comparison(
         else:
             raise UserError("pick what to compare with")
     except UserError as exc:
-        raise gr.Error(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
+        raise said(exc) from None
     return f"**{what}**: {built_status(build_into(slot(request, COMPARE), plan, progress))}"
 
 
-def _compare_seconds(message: str, a: list, b: list, temperature: float, top_p: float, n: int, *_, **__) -> int:
-    return reply_seconds(n, replies=2)
-
-
-@gpu_task(_compare_seconds)
+@gpu_task(settings_seconds(3, replies=2))
 def compare_send(
     message: str,
     merge_history: list[dict[str, Any]],
