@@ -47,3 +47,17 @@ def sweep(page: Page, col: int, first: int, last: int) -> None:
     page.mouse.down()
     page.mouse.move(b["x"] + b["width"] / 2, b["y"] + b["height"] / 2, steps=8)
     page.mouse.up()
+
+
+def build_default(page: Page, url: str, *, max_new_tokens: int | None = None) -> None:
+    """Open the page on its default stack (SmolLM2 as it is), optionally set max new tokens, press Build."""
+    page.goto(url)
+    page.get_by_test_id("cell-0-0").wait_for()
+    wait_for(lambda: "134,515,008" in page.locator("#preview").inner_text(), "the default stack")
+    if max_new_tokens is not None:
+        page.get_by_role("button", name="Generation settings").click()
+        tokens = page.locator("#max-new-tokens input[type=number]")
+        tokens.fill(str(max_new_tokens))
+        tokens.press("Enter")
+    page.locator("#build-btn").click()
+    wait_for(lambda: "Built 30 layers" in page.locator("#build-status").inner_text(), "the build", timeout=60)

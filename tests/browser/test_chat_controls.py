@@ -1,21 +1,13 @@
 """The chat tab's controls in the page: Regenerate answers again (the same seed, the same reply) and
 editing one of your messages resends it, dropping what came after."""
 
-from browserkit import wait_for
+from browserkit import build_default, wait_for
 
 BOT = "#chatbot .message.bot, #chatbot [data-testid='bot']"
 
 
 def test_regenerate_repeats_a_seeded_reply_and_an_edited_message_is_resent(app_url, page):
-    page.goto(app_url)
-    page.get_by_test_id("cell-0-0").wait_for()
-    wait_for(lambda: "134,515,008" in page.locator("#preview").inner_text(), "the default stack")
-    page.get_by_role("button", name="Generation settings").click()
-    tokens = page.locator("#max-new-tokens input[type=number]")
-    tokens.fill("24")
-    tokens.press("Enter")
-    page.locator("#build-btn").click()
-    wait_for(lambda: "Built 30 layers" in page.locator("#build-status").inner_text(), "the build", timeout=60)
+    build_default(page, app_url, max_new_tokens=24)
 
     stats = page.locator("#reply-stats")
     page.locator("#chat-input textarea").fill("Hi there")

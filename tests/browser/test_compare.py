@@ -1,19 +1,11 @@
 """Side by side in the page: the merge and a parent answer one message next to each other, each
 reply streamed with its own speed; then Continue extends the chat tab's reply."""
 
-from browserkit import wait_for
+from browserkit import build_default, wait_for
 
 
 def test_merge_and_parent_answer_side_by_side_and_a_reply_continues(app_url, page):
-    page.goto(app_url)
-    page.get_by_test_id("cell-0-0").wait_for()
-    wait_for(lambda: "134,515,008" in page.locator("#preview").inner_text(), "the default stack")
-    page.get_by_role("button", name="Generation settings").click()
-    tokens = page.locator("#max-new-tokens input[type=number]")
-    tokens.fill("24")
-    tokens.press("Enter")
-    page.locator("#build-btn").click()
-    wait_for(lambda: "Built 30 layers" in page.locator("#build-status").inner_text(), "the build", timeout=60)
+    build_default(page, app_url, max_new_tokens=24)
 
     page.get_by_role("tab", name="Side by side").click()
     target = page.locator("#compare-target input")

@@ -1,14 +1,10 @@
 """Roleplay in the page: a sample character's greeting opens the chat and the reply streams."""
 
-from browserkit import wait_for
+from browserkit import build_default, wait_for
 
 
 def test_sample_character_greets_and_answers_in_character(app_url, page):
-    page.goto(app_url)
-    page.get_by_test_id("cell-0-0").wait_for()
-    wait_for(lambda: "134,515,008" in page.locator("#preview").inner_text(), "the default stack")
-    page.locator("#build-btn").click()
-    wait_for(lambda: "Built 30 layers" in page.locator("#build-status").inner_text(), "the build", timeout=60)
+    build_default(page, app_url)
 
     page.get_by_role("tab", name="Roleplay").click()
     page.locator("#rp-user textarea").fill("Rin")
