@@ -10,7 +10,7 @@ memory-bandwidth bound (weight bytes one step reads / device copy bandwidth meas
 Stages run in order of importance and stop starting new ones when the time budget runs low; the
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
-    python benchmarks/generation.py [--budget-s 480] [--out DIR]
+    python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path fast_ ...]
     python benchmarks/generation.py --smoke   # the same stages on a tiny shape, on the CPU
 """
 
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from merger.assemble import assemble, parameter_bytes
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.fastgen import LOOP, FastGenerator, fuse_projections
+from merger.placement import DEFAULT_CONTEXT_TOKENS
 from merger.plan import make_plan
 from merger.recipe import passthrough
 from merger.runtime import Built, plan_placement, prepare_for_chat
@@ -61,18 +62,22 @@ LLAMA3_8B_SHAPE = dict(
 SMOKE_SHAPE = {**LLAMA3_8B_SHAPE, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128}
 SMOKE_SHAPE.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2)
 MERGE = ((0, 24), (16, 32))
-MAX_SEQ_LEN = 1024
+MAX_SEQ_LEN = DEFAULT_CONTEXT_TOKENS  # the window the page's builds hold, so both paths attend over the same cache
 PROMPT_LEN = 32  # decode-speed prompt
 TTFT_PROMPT_LEN = 512
 FAST_TOKENS = 256
 PLAIN_TOKENS = 64
 
 
+SETUP_STAGES = ("bandwidth", "write_weights", "build", "fuse")
+
+
 class Report:
-    def __init__(self, out: Path, budget_s: float) -> None:
+    def __init__(self, out: Path, budget_s: float, only: Sequence[str] = ()) -> None:
         self.data: dict[str, Any] = {}
         self.path = out / "generation.json"
         self.deadline = time.monotonic() + budget_s
+        self.only = tuple(only)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -81,7 +86,10 @@ class Report:
         self.path.write_text(json.dumps(self.data, indent=2))
 
     def stage(self, name: str, fn: Callable[[], Any], *, needs_s: float = 0.0) -> Any:
-        """Run one stage unless too little time is left; a failure is recorded, not fatal."""
+        """Run one stage unless too little time is left (or --only leaves it out); a failure is
+        recorded, not fatal."""
+        if self.only and name not in SETUP_STAGES and not name.startswith(self.only):
+            return None
         if self.left() < needs_s:
             self.data.setdefault("skipped", []).append(f"{name} (needs ~{needs_s:.0f} s, {self.left():.0f} s left)")
             self.save()
@@ -215,6 +223,12 @@ def words(n: int, seed: int) -> str:
     return " ".join(f"w{i}" for i in torch.randint(1000, 100000, (n,), generator=gen).tolist())
 
 
+def first_difference(a: list, b: list) -> int | None:
+    """Where two runs first part (None: they agree; a length if one is a prefix of the other)."""
+    ends = None if len(a) == len(b) else min(len(a), len(b))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), ends)
+
+
 def measure_chat_path(name: str, built: Built, bound: float) -> dict:
     """The page's path: a build prepared for chat (fused, step compiled in the background), replies
     through stream_reply; speeds as the reply's stats show them under each reply."""
@@ -239,7 +253,7 @@ def measure_chat_path(name: str, built: Built, bound: float) -> dict:
     result[f"first_text_ms_{TTFT_PROMPT_LEN}"] = round(statistics.median(ttft[1:]) * 1e3, 1)
     sampled = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1, seed=5)
     texts = [reply(words(PROMPT_LEN, 3), max_new_tokens=128, **sampled) for _ in range(2)]
-    result["sampling_reproducible"] = texts[0][0][-1] == texts[1][0][-1]
+    result["sampling_first_different_word"] = first_difference(texts[0][0][-1].split(), texts[1][0][-1].split())
     result["sampling_decode_tok_s"] = round(max(t[1].tokens_per_s for t in texts), 1)
     # the reader and the decode loop share the GIL: does a shorter switch interval let the loop queue
     # the next chunk sooner?
@@ -250,6 +264,42 @@ def measure_chat_path(name: str, built: Built, bound: float) -> dict:
     result["decode_tok_s_switch_interval_0_5ms"] = round(max(s.tokens_per_s for s in fine), 1)
     print(f"{name} chat path: {result}", flush=True)
     return result
+
+
+def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dict[str, Any]:
+    """Where a compiled decode step's time goes: host time to queue one step, device time per step
+    with steps queued back to back, and the kernels that take it (profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def run() -> tuple[float, float]:
+        token, position = ids[:, -1:].clone(), torch.tensor([[ids.shape[1]]], device=ids.device)
+        fast.cache.reset()
+        fast.model(input_ids=ids, past_key_values=fast.cache, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = time.perf_counter()
+        first.record()
+        for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()
+            fast._step(token, position).clone()
+            position += 1
+        queued = time.perf_counter() - start
+        last.record()
+        torch.cuda.synchronize()
+        return queued / steps * 1e3, first.elapsed_time(last) / steps
+
+    run()
+    host_ms, device_ms = run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    kernels = [(e.key, e.self_device_time_total / steps) for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernels.sort(key=lambda k: -k[1])
+    return {
+        "host_ms_to_queue_a_step": round(host_ms, 3),
+        "device_ms_per_step": round(device_ms, 3),
+        "kernel_ms_per_step": round(sum(us for _, us in kernels) / 1e3, 3),
+        "top_kernels_us_per_step": {name[:90]: round(us, 1) for name, us in kernels[:14]},
+    }
 
 
 def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bound: float, label: str) -> dict:
@@ -268,12 +318,11 @@ def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bo
     greedy = list(fast.generate(ids, max_new_tokens=32))
     with torch.inference_mode():
         plain = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
-    result["greedy_prefix_equal_to_generate"] = next(
-        (i for i, (a, b) in enumerate(zip(greedy, plain, strict=True)) if a != b), 32
-    )
+    result["greedy_first_token_unlike_generate"] = first_difference(greedy, plain)
     settings = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, seed=5)
     first = list(fast.generate(ids, max_new_tokens=64, **settings))
-    result["sampling_reproducible"] = first == list(fast.generate(ids, max_new_tokens=64, **settings))
+    again = list(fast.generate(ids, max_new_tokens=64, **settings))
+    result["sampling_first_different_token"] = first_difference(first, again)
     result["sampling_decode_tok_s"] = fast_decode(fast, ids, 128, **settings)["decode_tok_s"]
     token = ids[:, -1:].clone()  # [1, 1]
     position = torch.tensor([[ids.shape[1]]], device=ids.device)
@@ -286,6 +335,11 @@ def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bo
                 torch.compiler.cudagraph_mark_step_begin()
             logits.append(fast._step(token, position).clone())
     result["step_logits_bitwise_repeatable"] = torch.equal(*logits)
+    if fast.compiled:
+        try:
+            result["step_anatomy"] = step_anatomy(fast, ids)
+        except Exception as exc:  # a diagnosis: never worth the stage's other numbers
+            result["step_anatomy"] = repr(exc)
     stats = torch._dynamo.utils.counters
     result["dynamo_graphs_so_far"] = stats["stats"]["unique_graphs"]
     result["dynamo_graph_breaks_so_far"] = sum(stats["graph_break"].values())
@@ -298,13 +352,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script only")
+    parser.add_argument("--only", nargs="+", default=(), help="run only the stages whose names start so")
     args = parser.parse_args()
     import transformers
 
     device = "cpu" if args.smoke else "cuda"
     shape = SMOKE_SHAPE if args.smoke else LLAMA3_8B_SHAPE
     assert args.smoke or torch.cuda.is_available(), "needs a CUDA GPU (or --smoke)"
-    report = Report(args.out, args.budget_s)
+    report = Report(args.out, args.budget_s, args.only)
     data = report.data
     data["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     data["torch"], data["transformers"] = torch.__version__, transformers.__version__

@@ -5,7 +5,8 @@ A few structural choices instead of `generate()`'s machinery:
   the same tensor addresses;
 - the prompt runs eagerly (prefill); the one-token step is compiled with CUDA graphs on a GPU
   (`triton.cudagraphs`, i.e. mode="reduce-overhead", plus gpt-fast's coordinate-descent tuning,
-  which turns batch-1 matrix products into bandwidth-bound reductions);
+  which turns batch-1 matrix products into bandwidth-bound reductions), and its attention is
+  `merger.decode_attention`'s, which reads the cached keys and values once per step;
 - the next token is chosen on the device (greedy argmax or an exponential race), and the host reads
   tokens back only every `chunk` tokens, while the GPU already works on the next chunk: no sync per
   token, so the CPU stays ahead of the GPU. Stop tokens are checked on those reads.
@@ -29,7 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
 
+from merger.decode_attention import use_decode_attention
+
 CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's run-ahead, so read rarely
+# mode="reduce-overhead" is {"triton.cudagraphs": True}; torch.compile takes a mode or options, not both
+STEP_COMPILE: dict[str, Any] = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
 
 
 def static_cache(config, max_seq_len: int) -> Cache:
@@ -58,29 +63,33 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The next token [1] from logits [1, V], on their device and without a host sync.
-    Filters apply in the order temperature, top-k, top-p, min-p; temperature 0 is greedy."""
+    Filters apply in the order temperature, top-k (exactly k tokens), top-p, min-p; temperature 0
+    is greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # [1, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)  # [1, V]
+    candidates = None  # with top-k, the k token ids that `logits` now holds, most likely first
+    if 0 < top_k < logits.shape[-1]:
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # [1, k]: later steps see k, not V
+    probs = logits.softmax(dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # topk's values come sorted; otherwise sort the whole vocabulary
+        sorted_probs, order = (probs, None) if candidates is not None else probs.sort(dim=-1, descending=True)
         # Drop a token once the more likely ones already hold top_p (the most likely always stays).
         # CUDA's float cumsum is not deterministic (torch.use_deterministic_algorithms lists it), and
         # at the nucleus edge a last-bit change decides a draw: scan fixed-point integers, exact in
         # any order, so a seed always gives the same tokens.
-        fixed = (sorted_probs * 2.0**40).long()  # [1, V]
+        fixed = (sorted_probs * 2.0**40).long()
         drop = fixed.cumsum(dim=-1) - fixed >= round(top_p * 2.0**40)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = sorted_probs if order is None else torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     if min_p > 0.0:
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     # argmax(p / E), E ~ Exp(1), draws from p without torch.multinomial's host sync; the clamp
     # keeps a zero draw from turning a filtered token's 0/0 into a NaN that argmax would pick.
     race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
+    choice = (probs / race).argmax(dim=-1)  # [1]
+    return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
 
 
 @dataclass
@@ -110,10 +119,8 @@ class FastGenerator:
         self.cache = static_cache(model.config, max_seq_len)
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_one
         if self.compiled:
-            # mode="reduce-overhead" is {"triton.cudagraphs": True}; torch.compile takes a mode or options, not both
-            self._step = torch.compile(
-                self._forward_one, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-            )
+            use_decode_attention(model)  # the step reads each cached key and value once
+            self._step = torch.compile(self._forward_one, **STEP_COMPILE)
 
     def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits [1, V] for one token [1, 1] at position [1, 1]; writes its keys and values."""

@@ -112,3 +112,13 @@ def test_sample_keeps_to_the_top_k():
 def test_too_long_a_request_is_refused(tiny_fast):
     with pytest.raises(ValueError, match="max_seq_len"):
         next(tiny_fast.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=62))
+
+
+def test_sample_applies_top_p_within_the_top_k():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 2.8]])
+    gen = torch.Generator().manual_seed(0)
+    top3 = {int(sample(logits, temperature=1.0, top_k=3, generator=gen)) for _ in range(300)}
+    assert top3 == {1, 2, 4}
+    # among those three (p ~ 0.37, 0.33, 0.30) the first two already hold top_p = 0.6
+    nucleus = {int(sample(logits, temperature=1.0, top_k=3, top_p=0.6, generator=gen)) for _ in range(300)}
+    assert nucleus == {1, 2}

@@ -1,0 +1,154 @@
+"""What one decode step's attention costs against the KV window, for Llama-3-8B's attention shape.
+
+A static KV cache holds the whole window (4,096 positions on the page) and the step attends over
+all of it behind a mask. For each window this compiles, as the decode step is compiled (inductor,
+CUDA graphs), one graph that runs attention for one query token over 32 layers' caches, and
+prints the device time per layer of each way to compute it and the 32 layers' share of a step at
+the weights' bandwidth bound:
+- transformers_sdpa: transformers' SDPA function as it runs inside torch.compile (keys and values
+  repeated per query head, then the masked SDPA kernel);
+- grouped: merger.decode_attention.grouped_decode_attention (query heads grouped per key/value
+  head, no repeat, fp32 scores as one fused reduction);
+- grouped_matmul: the same grouping through bf16 matrix products (transformers' eager semantics);
+- sdpa_packed: the grouped query handed to the masked SDPA kernel (no repeat);
+- ideal: SDPA over only the positions in use, with no mask (a step's attention at best).
+
+    python benchmarks/decode_attention.py [--windows 1024 4096 8192] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from merger.decode_attention import grouped_decode_attention
+
+HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
+GROUPS = HEADS // KV_HEADS
+STEP_WEIGHT_BYTES = 15_009_849_344  # Llama-3-8B's weights read per step (benchmarks/generation.py)
+SCALE = HEAD_DIM**-0.5
+
+
+def transformers_sdpa(q, k, v, mask):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = SimpleNamespace(num_key_value_groups=GROUPS, is_causal=True, training=False)
+    return sdpa_attention_forward(module, q, k, v, mask, scaling=SCALE)[0].transpose(1, 2)  # [B, H, 1, D]
+
+
+def grouped(q, k, v, mask):
+    return grouped_decode_attention(q, k, v, mask, scaling=SCALE)
+
+
+def grouped_matmul(q, k, v, mask):
+    g = q.reshape(1, KV_HEADS, GROUPS, HEAD_DIM)
+    scores = torch.matmul(g, k.transpose(-1, -2)).float() * SCALE  # [1, KV, G, W]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
+    return torch.matmul(probs, v).reshape(1, HEADS, 1, HEAD_DIM)
+
+
+def sdpa_packed(q, k, v, mask):
+    g = q.reshape(1, KV_HEADS, GROUPS, HEAD_DIM)
+    return F.scaled_dot_product_attention(g, k, v, attn_mask=mask, scale=SCALE).reshape(1, HEADS, 1, HEAD_DIM)
+
+
+def ideal(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)  # k, v: the positions in use
+
+
+VARIANTS = {f.__name__: f for f in (transformers_sdpa, grouped, grouped_matmul, sdpa_packed, ideal)}
+
+
+def every_layer(attention):
+    """One graph: the step's attention over each layer's cache, as a decode step holds it."""
+
+    def step(q, keys, values, mask):
+        out = torch.zeros_like(q)
+        for k, v in zip(keys, values, strict=True):
+            out = out + attention(q, k, v, mask)
+        return out
+
+    return step
+
+
+def device_us(fn, *args, repeats: int = 50) -> float:
+    """Mean device microseconds per call over CUDA-graph replays queued back to back."""
+    for _ in range(3):  # warm-up, recording
+        torch.compiler.cudagraph_mark_step_begin()
+        fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        torch.compiler.cudagraph_mark_step_begin()
+        fn(*args)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / repeats
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB: far past the L2
+    dst = torch.empty_like(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        dst.copy_(src)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.nbytes * 10 / (start.elapsed_time(end) / 1e3)  # bytes read plus written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = parser.parse_args()
+    torch._dynamo.config.cache_size_limit = 64  # a graph per variant and window
+    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+    compiled = {name: torch.compile(every_layer(fn), options=options) for name, fn in VARIANTS.items()}
+    weights_us = STEP_WEIGHT_BYTES / copy_bandwidth() * 1e6
+    results = []
+    for window in args.windows:
+        used = window // 2
+        gen = torch.Generator(device="cuda").manual_seed(window)
+        q = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        shape = (1, KV_HEADS, window, HEAD_DIM)
+        keys = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(LAYERS)]
+        values = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(LAYERS)]
+        mask = torch.zeros(1, 1, 1, window, dtype=torch.bool, device="cuda")
+        mask[..., :used] = True
+        in_use = ([k[:, :, :used].contiguous() for k in keys], [v[:, :, :used].contiguous() for v in values])
+        reference = every_layer(ideal)(q, *in_use, None).float()
+        row = {"window": window, "positions_used": used}
+        for name, fn in compiled.items():
+            inputs = (q, *in_use, None) if name == "ideal" else (q, keys, values, mask)
+            row[f"{name}_max_abs_error"] = round((fn(*inputs).float() - reference).abs().max().item(), 4)
+            per_layer = device_us(fn, *inputs) / LAYERS
+            row[f"{name}_us_per_layer"] = round(per_layer, 2)
+            row[f"{name}_share_of_step"] = round(LAYERS * per_layer / weights_us, 3)
+        results.append(row)
+        print(row, flush=True)
+    summary = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "weights_step_us_at_bound": round(weights_us, 1),
+        "windows": results,
+    }
+    print(json.dumps(summary, indent=2))
+    (args.out / "decode_attention.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
