@@ -10,6 +10,9 @@ the weights' bandwidth bound:
 - grouped: merger.decode_attention.grouped_decode_attention (query heads grouped per key/value
   head, no repeat, fp32 scores as one fused reduction);
 - grouped_matmul: the same grouping through bf16 matrix products (transformers' eager semantics);
+- split: flash-decoding written in tensor ops (the window in 16 chunks attended in parallel);
+- flex: FlexAttention reading only the blocks up to the current position (flash-decoding, split
+  over the window, masked blocks skipped);
 - sdpa_packed: the grouped query handed to the masked SDPA kernel (no repeat);
 - ideal: SDPA over only the positions in use, with no mask (a step's attention at best).
 
@@ -56,6 +59,52 @@ def grouped_matmul(q, k, v, mask):
     return torch.matmul(probs, v).reshape(1, HEADS, 1, HEAD_DIM)
 
 
+def split(q, k, v, mask, splits: int = 16):
+    """Flash-decoding in tensor ops: the window cut into `splits` chunks attended in parallel, each
+    with its own running max and sum, then combined."""
+    window = k.shape[2]
+    chunk = window // splits
+    g = q.reshape(1, KV_HEADS, 1, GROUPS, 1, HEAD_DIM).float()
+    kc = k.reshape(1, KV_HEADS, splits, 1, chunk, HEAD_DIM).float()
+    scores = (g * kc).sum(-1) * SCALE  # [1, KV, S, G, C]
+    scores = scores.masked_fill(~mask.reshape(1, 1, splits, 1, chunk), float("-inf"))
+    top = scores.amax(-1, keepdim=True)  # [1, KV, S, G, 1]
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # a chunk wholly masked
+    p = (scores - top).exp()
+    total = p.sum(-1, keepdim=True)  # [1, KV, S, G, 1]
+    part = (p.unsqueeze(-1) * v.reshape(1, KV_HEADS, splits, 1, chunk, HEAD_DIM).float()).sum(-2)  # [1, KV, S, G, D]
+    weight = (top - top.amax(2, keepdim=True)).exp()  # [1, KV, S, G, 1]
+    out = (part * weight).sum(2) / (total * weight).sum(2)  # [1, KV, G, D]
+    return out.to(q.dtype).reshape(1, HEADS, 1, HEAD_DIM)
+
+
+FLEX_BLOCK = 128
+
+
+def flex(q, k, v, mask):
+    """FlexAttention over only the blocks up to the current position (read from the mask's last
+    True here; a decode step knows it from its position id): torch.compile lowers a one-token
+    query to its flash-decoding kernel, which splits the window and skips the masked blocks."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    window = k.shape[2]
+    blocks = window // FLEX_BLOCK
+    position = mask.reshape(-1).int().cumsum(0).amax().reshape(1) - 1  # [1]: the last position attended
+    last = position // FLEX_BLOCK
+    steps = torch.arange(blocks, device=k.device)
+    full = steps.clamp_max(blocks - 1).reshape(1, 1, 1, blocks).int()  # blocks before the last: no mask needed
+    block_mask = BlockMask.from_kv_blocks(
+        torch.ones(1, 1, 1, dtype=torch.int32, device=k.device),  # one partial block: the position's own
+        last.reshape(1, 1, 1, 1).expand(1, 1, 1, blocks).int().contiguous(),
+        last.reshape(1, 1, 1).int(),
+        full,
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= position[0],
+        seq_lengths=(1, window),
+    )
+    return flex_attention(q, k, v, block_mask=block_mask, scale=SCALE, enable_gqa=True)
+
+
 def sdpa_packed(q, k, v, mask):
     g = q.reshape(1, KV_HEADS, GROUPS, HEAD_DIM)
     return F.scaled_dot_product_attention(g, k, v, attn_mask=mask, scale=SCALE).reshape(1, HEADS, 1, HEAD_DIM)
@@ -65,7 +114,7 @@ def ideal(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)  # k, v: the positions in use
 
 
-VARIANTS = {f.__name__: f for f in (transformers_sdpa, grouped, grouped_matmul, sdpa_packed, ideal)}
+VARIANTS = {f.__name__: f for f in (transformers_sdpa, grouped, grouped_matmul, split, flex, sdpa_packed, ideal)}
 
 
 def every_layer(attention):
@@ -113,11 +162,12 @@ def copy_bandwidth() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # a graph per variant and window
     options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-    compiled = {name: torch.compile(every_layer(fn), options=options) for name, fn in VARIANTS.items()}
+    compiled = {name: torch.compile(every_layer(VARIANTS[name]), options=options) for name in args.variants}
     weights_us = STEP_WEIGHT_BYTES / copy_bandwidth() * 1e6
     results = []
     for window in args.windows:

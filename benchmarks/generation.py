@@ -271,6 +271,7 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
     with steps queued back to back, and the kernels that take it (profiled)."""
     from torch.profiler import ProfilerActivity, profile
 
+    @torch.inference_mode()  # the cache's tensors were made in inference mode
     def run() -> tuple[float, float]:
         token, position = ids[:, -1:].clone(), torch.tensor([[ids.shape[1]]], device=ids.device)
         fast.cache.reset()
@@ -426,6 +427,10 @@ def main() -> None:
         tokenizer = word_tokenizer(shape["vocab_size"])
         built = Built(plan, models[name], tokenizer, device, 0.0, placement=plan_placement(plan, device))
         data[name]["chat_path"] = measure_chat_path(name, built, bounds[name])
+        if built.decoder.compiled:  # on the loop's thread, which holds the step's CUDA graphs
+            anatomy = LOOP.call(lambda: step_anatomy(built.decoder._shared, ids))
+            data[name]["chat_path"]["step_anatomy"] = anatomy
+            print(f"{name} step anatomy: {anatomy}", flush=True)
         built.decoder.close()
 
     # in order of importance: the page's path on both is the point; the rest only if time is left
