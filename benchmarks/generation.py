@@ -11,6 +11,7 @@ Stages run in order of importance and stop starting new ones when the time budge
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
     python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path fast_ ...]
+                                    [--decode-attention grouped|flex]
     python benchmarks/generation.py --smoke   # the same stages on a tiny shape, on the CPU
 """
 
@@ -35,6 +36,7 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from merger import decode_attention
 from merger.assemble import assemble, parameter_bytes
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.fastgen import LOOP, FastGenerator, fuse_projections
@@ -354,6 +356,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script only")
     parser.add_argument("--only", nargs="+", default=(), help="run only the stages whose names start so")
+    parser.add_argument("--decode-attention", choices=("grouped", "flex"), default=decode_attention.DECODE_KERNEL)
     args = parser.parse_args()
     import transformers
 
@@ -362,6 +365,7 @@ def main() -> None:
     assert args.smoke or torch.cuda.is_available(), "needs a CUDA GPU (or --smoke)"
     report = Report(args.out, args.budget_s, args.only)
     data = report.data
+    decode_attention.DECODE_KERNEL = data["decode_attention"] = args.decode_attention
     data["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     data["torch"], data["transformers"] = torch.__version__, transformers.__version__
     data["shape"] = "tiny (smoke)" if args.smoke else "Llama-3-8B (random bf16 weights), batch 1"

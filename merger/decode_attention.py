@@ -3,18 +3,30 @@
 Inside torch.compile, transformers' SDPA path repeats every key/value head once per query head of
 its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writes and reads the
 whole cache window several times over; the masked kernel also parallelizes over heads only.
-`grouped_decode_attention` groups the query heads per key/value head instead and writes the step
-as two reductions (scores over the head dimension, output over the window) that inductor fuses
-with the fp32 casts, reading each cached key and value once. Everything else (prefill, eager
-calls, soft-capped or sink attention) goes to transformers' own SDPA function unchanged.
+Two replacements, chosen by `DECODE_KERNEL`:
+- "grouped" (the default, measured): the query heads grouped per key/value head, the step written
+  as two reductions (scores over the head dimension, output over the window) that inductor fuses
+  with the fp32 casts, reading each cached key and value once, but still the whole window;
+- "flex" (FRANKENMERGE_DECODE_ATTENTION=flex; not yet measured on a GPU): FlexAttention with a
+  block mask built from the step's position, which torch.compile lowers to its flash-decoding
+  kernel: the window split across the GPU, blocks past the position (or before a sliding window)
+  never read. Only for models whose masks are causal, or causal within a sliding window.
+Everything else (prefill, eager calls, soft-capped or sink attention) goes to transformers' own
+SDPA function unchanged.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
 
 IMPLEMENTATION = "frankenmerge_decode"  # the name models are switched to (attention and mask interfaces)
+DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "grouped")
+FLEX_BLOCK = 128  # FlexAttention's key/value block
+# model types whose decode mask is causal, or causal within the `sliding_window` transformers passes
+FLEX_MASK_KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def grouped_decode_attention(
@@ -37,6 +49,55 @@ def grouped_decode_attention(
     return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
+def decode_block_mask(position: torch.Tensor, window: int, sliding_window: int | None = None):
+    """FlexAttention's BlockMask for one query token at `position` ([1, 1], its cache slot) over a
+    cache of `window` slots (a multiple of FLEX_BLOCK): the slots up to it (the last
+    `sliding_window` of them, if given). Made of tensors, so a compiled step builds it per token."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    blocks = window // FLEX_BLOCK
+    pos = position.reshape(1)
+    lo = torch.zeros_like(pos) if sliding_window is None else (pos - sliding_window + 1).clamp_min(0)
+    first, last = lo // FLEX_BLOCK, pos // FLEX_BLOCK  # [1] each: the blocks holding the range's ends
+    steps = torch.arange(blocks, device=position.device)
+    # the two end blocks are partial (masked per slot); the blocks between them are read whole
+    partial_count = (1 + (last > first).int()).reshape(1, 1, 1)
+    partial = torch.where(steps == 0, first, last).reshape(1, 1, 1, blocks)
+    full_count = (last - first - 1).clamp_min(0).int().reshape(1, 1, 1)
+    full = (first + 1 + steps).clamp_max(blocks - 1).reshape(1, 1, 1, blocks)
+
+    def in_range(b, h, q_idx, kv_idx):
+        return (kv_idx <= pos[0]) & (kv_idx >= lo[0])
+
+    return BlockMask.from_kv_blocks(
+        partial_count.int(),
+        partial.int(),
+        full_count,
+        full.int(),
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=in_range,
+        seq_lengths=(1, window),
+    )
+
+
+def flex_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token [1, H, 1, D] at `position` over the static cache key/value
+    [1, KV, W, D], reading only the blocks `decode_block_mask` names. Returns [1, H, 1, D]."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = decode_block_mask(position, key.shape[2], sliding_window)
+    grouped = query.shape[1] != key.shape[1]
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=grouped)
+
+
 def decode_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -54,7 +115,19 @@ def decode_attention(
     plain = dropout == 0.0 and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias"))
     if query.shape[2] == 1 and plain and torch.compiler.is_compiling():
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = grouped_decode_attention(query, key, value, attention_mask, scaling=scale)
+        position = kwargs.get("position_ids")
+        flex = (
+            DECODE_KERNEL == "flex"
+            and getattr(module.config, "model_type", None) in FLEX_MASK_KNOWN
+            and position is not None
+            and query.shape[0] == 1
+            and key.shape[2] % FLEX_BLOCK == 0
+        )
+        if flex:
+            window = kwargs.get("sliding_window")
+            out = flex_decode_attention(query, key, value, position, scaling=scale, sliding_window=window)
+        else:
+            out = grouped_decode_attention(query, key, value, attention_mask, scaling=scale)
         return out.transpose(1, 2), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 

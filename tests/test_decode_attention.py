@@ -1,5 +1,5 @@
-"""The compiled step's grouped attention equals SDPA, and a model switched to it decodes the same
-greedy tokens as plain `generate()`."""
+"""The compiled step's attentions (grouped; FlexAttention over the positions in use) equal SDPA,
+and a model switched to either decodes the same greedy tokens as plain `generate()`."""
 
 import pytest
 import torch
@@ -28,8 +28,47 @@ def test_grouped_decode_attention_equals_sdpa(groups, mask_kind):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("position", "sliding_window"), [(0, None), (15, None), (16, None), (70, None), (70, 4), (70, 16), (63, 40)]
+)
+def test_flex_decode_attention_reads_the_positions_up_to_the_step(position, sliding_window, monkeypatch):
+    monkeypatch.setattr(decode_attention, "FLEX_BLOCK", 16)  # many blocks in a small window
+    gen = torch.Generator().manual_seed(position)
+    window = 128
+    query = torch.randn(1, 6, 1, 16, generator=gen)
+    key, value = torch.randn(2, 1, 2, window, 16, generator=gen)
+    slots = torch.arange(window)
+    attend = slots <= position
+    if sliding_window is not None:
+        attend &= slots > position - sliding_window
+    expected = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attend.reshape(1, 1, 1, window), scale=0.3, enable_gqa=True
+    )
+    got = decode_attention.flex_decode_attention(
+        query, key, value, torch.tensor([[position]]), scaling=0.3, sliding_window=sliding_window
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("position", "sliding_window"), [(0, None), (15, None), (16, None), (127, None), (70, 4), (70, 40), (31, 16)]
+)
+def test_decode_block_mask_reads_whole_blocks_only_inside_the_range(position, sliding_window, monkeypatch):
+    # the GPU kernel skips unnamed blocks and reads "full" ones unmasked; the CPU's flex_attention
+    # applies only the mask function, so the block lists are checked here
+    monkeypatch.setattr(decode_attention, "FLEX_BLOCK", 16)
+    mask = decode_attention.decode_block_mask(torch.tensor([[position]]), 128, sliding_window)
+    partial = set(mask.kv_indices[0, 0, 0, : int(mask.kv_num_blocks[0, 0, 0])].tolist())
+    full = set(mask.full_kv_indices[0, 0, 0, : int(mask.full_kv_num_blocks[0, 0, 0])].tolist())
+    lo = 0 if sliding_window is None else max(position - sliding_window + 1, 0)
+    needed = {slot // 16 for slot in range(lo, position + 1)}
+    assert not partial & full and partial | full == needed
+    assert all(lo <= block * 16 and block * 16 + 15 <= position for block in full)
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "flex"])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
-def test_compiled_step_with_grouped_attention_greedy_equals_generate(fixture, request, monkeypatch):
+def test_compiled_step_with_decode_attention_greedy_equals_generate(kernel, fixture, request, monkeypatch):
     ref = str(request.getfixturevalue(fixture))
     model = assemble(make_plan(passthrough((ref, 0, 4), (ref, 2, 6))))
     prompt = torch.tensor([list(range(3, 20))])  # past tiny_gemma's sliding window of 4
@@ -42,8 +81,11 @@ def test_compiled_step_with_grouped_attention_greedy_equals_generate(fixture, re
         return graph_module.forward
 
     monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": record})
-    fast = FastGenerator(model, max_seq_len=80, compile=True)
+    monkeypatch.setattr(decode_attention, "DECODE_KERNEL", kernel)
+    monkeypatch.setattr(decode_attention, "FLEX_BLOCK", 16)  # the 17..64 positions cross blocks
+    fast = FastGenerator(model, max_seq_len=128, compile=True)
     assert model.config.get_text_config(decoder=True)._attn_implementation == decode_attention.IMPLEMENTATION
     assert list(fast.generate(prompt, max_new_tokens=48)) == expected
     traced = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
     assert graphs and not any("scaled_dot_product_attention" in op for op in traced)
+    assert any("flex_attention" in op for op in traced) == (kernel == "flex")

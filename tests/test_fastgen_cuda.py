@@ -1,10 +1,11 @@
-"""On a CUDA GPU (skipped elsewhere; run on the lent H200): the compiled, fused step with grouped
-attention gives plain `generate()`'s greedy tokens, its logits repeat bit for bit, and a seed
-repeats a sampled reply."""
+"""On a CUDA GPU (skipped elsewhere; run on the lent H200): the compiled, fused step gives plain
+`generate()`'s greedy tokens with either decode attention, its logits repeat bit for bit, and a
+seed repeats a sampled reply."""
 
 import pytest
 import torch
 
+from merger import decode_attention
 from merger.assemble import assemble
 from merger.fastgen import FastGenerator, fuse_projections
 from merger.plan import make_plan
@@ -25,11 +26,6 @@ def compiled_splice(ref: str, dtype: str) -> FastGenerator:
 
 
 @pytest.fixture(scope="module")
-def fast_fp32(tiny_llama):
-    return compiled_splice(str(tiny_llama), "float32")
-
-
-@pytest.fixture(scope="module")
 def fast_bf16(tiny_llama):
     return compiled_splice(str(tiny_llama), "bfloat16")
 
@@ -38,11 +34,15 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
-def test_compiled_step_greedy_equals_generate_on_cuda(fast_fp32):
+@pytest.mark.parametrize("kernel", ["grouped", "flex"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_compiled_step_greedy_equals_generate_on_cuda(kernel, fixture, request, monkeypatch):
+    monkeypatch.setattr(decode_attention, "DECODE_KERNEL", kernel)  # read when the step is traced
+    fast = compiled_splice(str(request.getfixturevalue(fixture)), "float32")
     ids = torch.tensor([PROMPT], device="cuda")
     with torch.inference_mode():
-        expected = fast_fp32.model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
-    got = list(fast_fp32.generate(ids, max_new_tokens=64))
+        expected = fast.model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    got = list(fast.generate(ids, max_new_tokens=64))
     assert first_difference(got, expected[0, len(PROMPT) :].tolist()) is None
 
 
