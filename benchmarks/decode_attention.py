@@ -3,8 +3,9 @@
 A static KV cache holds the whole window (4,096 positions on the page) and the step attends over
 all of it behind a mask. For each window this compiles, as the decode step is compiled (inductor,
 CUDA graphs), one graph that runs attention for one query token over 32 layers' caches, and
-prints the device time per layer of each way to compute it and the 32 layers' share of a step at
-the weights' bandwidth bound:
+prints per layer the kernel time (profiled) and the wall time of each way to compute it, and the
+32 layers' kernel time as a share of a step at the weights' bandwidth bound (a first run printed
+event-timed figures far above the real step's profile, so kernel and wall time are now apart):
 - transformers_sdpa: transformers' SDPA function as it runs inside torch.compile (keys and values
   repeated per query head, then the masked SDPA kernel);
 - grouped: merger.decode_attention.grouped_decode_attention (query heads grouped per key/value
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger.decode_attention import grouped_decode_attention
+from merger.decode_attention import flex_decode_attention, grouped_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 GROUPS = HEADS // KV_HEADS
@@ -78,31 +80,11 @@ def split(q, k, v, mask, splits: int = 16):
     return out.to(q.dtype).reshape(1, HEADS, 1, HEAD_DIM)
 
 
-FLEX_BLOCK = 128
-
-
 def flex(q, k, v, mask):
-    """FlexAttention over only the blocks up to the current position (read from the mask's last
-    True here; a decode step knows it from its position id): torch.compile lowers a one-token
-    query to its flash-decoding kernel, which splits the window and skips the masked blocks."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    window = k.shape[2]
-    blocks = window // FLEX_BLOCK
-    position = mask.reshape(-1).int().cumsum(0).amax().reshape(1) - 1  # [1]: the last position attended
-    last = position // FLEX_BLOCK
-    steps = torch.arange(blocks, device=k.device)
-    full = steps.clamp_max(blocks - 1).reshape(1, 1, 1, blocks).int()  # blocks before the last: no mask needed
-    block_mask = BlockMask.from_kv_blocks(
-        torch.ones(1, 1, 1, dtype=torch.int32, device=k.device),  # one partial block: the position's own
-        last.reshape(1, 1, 1, 1).expand(1, 1, 1, blocks).int().contiguous(),
-        last.reshape(1, 1, 1).int(),
-        full,
-        BLOCK_SIZE=FLEX_BLOCK,
-        mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= position[0],
-        seq_lengths=(1, window),
-    )
-    return flex_attention(q, k, v, block_mask=block_mask, scale=SCALE, enable_gqa=True)
+    """merger.decode_attention.flex_decode_attention at the mask's last attended slot (a decode step
+    has it as its position id): FlexAttention's flash-decoding kernel over the blocks up to it."""
+    position = mask.reshape(-1).int().cumsum(0).amax().reshape(1, 1) - 1
+    return flex_decode_attention(q, k, v, position, scaling=SCALE)
 
 
 def sdpa_packed(q, k, v, mask):
@@ -129,20 +111,25 @@ def every_layer(attention):
     return step
 
 
-def device_us(fn, *args, repeats: int = 50) -> float:
-    """Mean device microseconds per call over CUDA-graph replays queued back to back."""
+def device_us(fn, *args, repeats: int = 20) -> tuple[float, float]:
+    """(kernel microseconds, wall microseconds) per call over CUDA-graph replays queued back to
+    back. Kernel time is the profiler's sum over the kernels that ran, so host overhead (a graph
+    that was not captured, launches from Python) shows in the wall time only."""
+    from torch.profiler import ProfilerActivity, profile
+
     for _ in range(3):  # warm-up, recording
         torch.compiler.cudagraph_mark_step_begin()
         fn(*args)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        torch.compiler.cudagraph_mark_step_begin()
-        fn(*args)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / repeats
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.compiler.cudagraph_mark_step_begin()
+            fn(*args)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = sum(e.self_device_time_total for e in prof.key_averages())
+    return kernels / repeats, wall * 1e6 / repeats
 
 
 def copy_bandwidth() -> float:
@@ -185,12 +172,14 @@ def main() -> None:
         for name, fn in compiled.items():
             inputs = (q, *in_use, None) if name == "ideal" else (q, keys, values, mask)
             row[f"{name}_max_abs_error"] = round((fn(*inputs).float() - reference).abs().max().item(), 4)
-            per_layer = device_us(fn, *inputs) / LAYERS
-            row[f"{name}_us_per_layer"] = round(per_layer, 2)
-            row[f"{name}_share_of_step"] = round(LAYERS * per_layer / weights_us, 3)
+            kernel_us, wall_us = device_us(fn, *inputs)
+            row[f"{name}_kernel_us_per_layer"] = round(kernel_us / LAYERS, 2)
+            row[f"{name}_wall_us_per_layer"] = round(wall_us / LAYERS, 2)
+            row[f"{name}_share_of_step"] = round(kernel_us / weights_us, 3)
         results.append(row)
         print(row, flush=True)
     summary = {
+        "cudagraph_skips": dict(torch._dynamo.utils.counters["inductor"]),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "weights_step_us_at_bound": round(weights_us, 1),
