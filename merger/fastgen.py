@@ -18,9 +18,11 @@ step launches fewer, larger kernels.
 
 from __future__ import annotations
 
+import logging
 import queue
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from merger.decode_attention import use_decode_attention
 
+log = logging.getLogger(__name__)
 CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's run-ahead, so read rarely
 # mode="reduce-overhead" is {"triton.cudagraphs": True}; torch.compile takes a mode or options, not both
 STEP_COMPILE: dict[str, Any] = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
@@ -106,7 +109,9 @@ class FastGenerator:
     defaults to True on CUDA; the first generation then compiles the step (tens of seconds for an
     8B model), later ones replay its CUDA graph. A model dispatched over several devices runs
     eagerly by default (torch.compile's CUDA graphs skip graphs that span devices, and compiling
-    over 100 layers takes minutes); each layer's cache lives on that layer's device.
+    over 100 layers takes minutes); each layer's cache lives on that layer's device. A step that
+    fails to compile (an architecture torch.compile cannot take) falls back to running eagerly:
+    slower, never broken; `compile_error` says why.
     """
 
     def __init__(self, model: nn.Module, *, max_seq_len: int, compile: bool | None = None) -> None:
@@ -117,7 +122,9 @@ class FastGenerator:
         self.compiled = self.device.type == "cuda" and not spread if compile is None else compile
         self.chunk = CUDA_CHUNK if self.device.type == "cuda" else 1
         self.cache = static_cache(model.config, max_seq_len)
+        self.compile_error: str | None = None
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_one
+        self._stepped = False  # a compiled step has run once: later failures are real errors
         if self.compiled:
             use_decode_attention(model)  # the step reads each cached key and value once
             self._step = torch.compile(self._forward_one, **STEP_COMPILE)
@@ -181,10 +188,7 @@ class FastGenerator:
             if done < max_new_tokens:  # queue the next chunk before waiting for the previous one
                 end = min(done + self.chunk, max_new_tokens)
                 for i in range(done, end):
-                    if self.compiled:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    # clone: the next replay overwrites the graph's output buffer
-                    logits = self._step(tokens[i - 1 : i].view(1, 1), position).clone()
+                    logits = self._run_step(tokens[i - 1 : i].view(1, 1), position)
                     position += 1
                     tokens[i : i + 1] = pick(logits)
                 ahead = self._to_host(tokens, host, done, end)
@@ -196,6 +200,23 @@ class FastGenerator:
                 if token in stops:
                     return
             pending = ahead
+
+    def _run_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self._step(token, position)
+        torch.compiler.cudagraph_mark_step_begin()
+        try:
+            logits = self._step(token, position).clone()  # clone: the next replay overwrites the graph's output
+        except Exception as exc:
+            if self._stepped:
+                raise
+            # the first compiled call failed (compiling, or its first run): the eager step rewrites the slot
+            self.compiled, self._step = False, self._forward_one
+            self.compile_error = "".join(traceback.format_exception_only(exc)).strip()
+            log.warning("decode step not compiled, running eagerly: %s", self.compile_error)
+            return self._forward_one(token, position)
+        self._stepped = True
+        return logits
 
     def _to_host(self, tokens: torch.Tensor, host: torch.Tensor, start: int, end: int) -> _Chunk:
         if host is tokens:

@@ -4,6 +4,7 @@ sampling is seeded; stop ids stop."""
 import pytest
 import torch
 
+import merger.fastgen as fastgen
 from merger.assemble import assemble, parameter_bytes
 from merger.fastgen import FastGenerator, fuse_projections, sample
 from merger.plan import make_plan
@@ -122,3 +123,17 @@ def test_sample_applies_top_p_within_the_top_k():
     # among those three (p ~ 0.37, 0.33, 0.30) the first two already hold top_p = 0.6
     nucleus = {int(sample(logits, temperature=1.0, top_k=3, top_p=0.6, generator=gen)) for _ in range(300)}
     assert nucleus == {1, 2}
+
+
+def test_step_that_fails_to_compile_runs_eagerly(tiny_llama, monkeypatch):
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("no kernel for this architecture")
+
+    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": failing_backend})
+    model = build(str(tiny_llama), (0, 4), (2, 6))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.inference_mode():
+        expected = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, 4:].tolist()
+    fast = FastGenerator(model, max_seq_len=64, compile=True)
+    assert list(fast.generate(ids, max_new_tokens=24)) == expected
+    assert not fast.compiled and "no kernel for this architecture" in fast.compile_error
