@@ -231,15 +231,20 @@ def first_difference(a: list, b: list) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), ends)
 
 
+def chat_reply(built: Built, prompt: str, **settings: Any) -> tuple[list[str], ReplyStats]:
+    """One reply through the page's path: the streamed texts and the stats shown under it."""
+    stats = ReplyStats()
+    history = [{"role": "user", "content": prompt}]
+    pieces = list(stream_reply(built, history, GenerationSettings(**settings), None, stats))
+    return pieces, stats
+
+
 def measure_chat_path(name: str, built: Built, bound: float) -> dict:
     """The page's path: a build prepared for chat (fused, step compiled in the background), replies
     through stream_reply; speeds as the reply's stats show them under each reply."""
 
     def reply(prompt: str, **settings: Any) -> tuple[list[str], ReplyStats]:
-        stats = ReplyStats()
-        history = [{"role": "user", "content": prompt}]
-        pieces = list(stream_reply(built, history, GenerationSettings(**settings), None, stats))
-        return pieces, stats
+        return chat_reply(built, prompt, **settings)
 
     start = time.perf_counter()
     prepare_for_chat(built)
@@ -435,12 +440,32 @@ def main() -> None:
             anatomy = LOOP.call(lambda: step_anatomy(built.decoder._shared, ids))
             data[name]["chat_path"]["step_anatomy"] = anatomy
             print(f"{name} step anatomy: {anatomy}", flush=True)
-        built.decoder.close()
+        prepared[name] = built
+
+    def alternating() -> None:
+        """Both prepared models' greedy replies in turn, three rounds: a drift of the device over the
+        run (clocks, heat) then touches both alike, unlike one model's stage after the other's."""
+        best = dict.fromkeys(prepared, 0.0)
+        for _ in range(3):
+            for name, built in prepared.items():
+                stats = chat_reply(built, words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=FAST_TOKENS)[1]
+                best[name] = max(best[name], stats.tokens_per_s)
+        for name, tok_s in best.items():
+            data[name]["chat_path"]["alternating_decode_tok_s"] = round(tok_s, 1)
+            data[name]["chat_path"]["alternating_fraction_of_bound"] = round(tok_s / bounds[name], 3)
+        if len(best) == 2:
+            data["alternating_merge_over_parent_x_32_40"] = round(best["merge"] / (best["parent"] * 0.8), 3)
+
+    prepared: dict[str, Built] = {}
 
     # in order of importance: the page's path on both is the point; the rest only if time is left
     report.stage("fuse", fuse_all)
     for name in models:
         report.stage(f"chat_path_{name}", lambda n=name: chat_path(n), needs_s=100)
+    if prepared:
+        report.stage("chat_path_alternating", alternating, needs_s=20)
+    for built in prepared.values():
+        built.decoder.close()
     for name in models:
         report.stage(f"generate_{name}", lambda n=name: plain(n), needs_s=30)
     # compiled steps replay CUDA graphs, which live in the thread that first made one: the decode loop's
