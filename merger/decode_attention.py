@@ -18,9 +18,13 @@ SDPA function unchanged.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 IMPLEMENTATION = "frankenmerge_decode"  # the name models are switched to (attention and mask interfaces)
 DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "grouped")
@@ -49,7 +53,7 @@ def grouped_decode_attention(
     return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
-def decode_block_mask(position: torch.Tensor, window: int, sliding_window: int | None = None):
+def decode_block_mask(position: torch.Tensor, window: int, sliding_window: int | None = None) -> BlockMask:
     """FlexAttention's BlockMask for one query token at `position` ([1, 1], its cache slot) over a
     cache of `window` slots (a multiple of FLEX_BLOCK): the slots up to it (the last
     `sliding_window` of them, if given). Made of tensors, so a compiled step builds it per token."""
@@ -108,8 +112,9 @@ def decode_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: the grouped form for a compiled one-token step,
-    transformers' SDPA function for everything else. Returns [B, T, H, D]."""
+    """transformers' attention-function signature: for a compiled one-token step the DECODE_KERNEL
+    form (flex only where its conditions hold, else grouped), transformers' SDPA function for
+    everything else. Returns [B, T, H, D]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     plain = dropout == 0.0 and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias"))
