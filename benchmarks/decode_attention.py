@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from generation import copy_bandwidth  # this folder is on the path when run as a script
+
 from merger.decode_attention import flex_decode_attention, grouped_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
@@ -132,20 +134,6 @@ def device_us(fn, *args, repeats: int = 20) -> tuple[float, float]:
     return kernels / repeats, wall * 1e6 / repeats
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB: far past the L2
-    dst = torch.empty_like(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        dst.copy_(src)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.nbytes * 10 / (start.elapsed_time(end) / 1e3)  # bytes read plus written
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -155,7 +143,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64  # a graph per variant and window
     options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
     compiled = {name: torch.compile(every_layer(VARIANTS[name]), options=options) for name in args.variants}
-    weights_us = STEP_WEIGHT_BYTES / copy_bandwidth() * 1e6
+    weights_us = STEP_WEIGHT_BYTES / copy_bandwidth("cuda", 1 << 30) * 1e6
     results = []
     for window in args.windows:
         used = window // 2

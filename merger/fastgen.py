@@ -178,9 +178,7 @@ class FastGenerator:
         host = tokens if self.device.type == "cpu" else torch.empty_like(tokens, device="cpu").pin_memory()
         position = torch.tensor([[length]], device=self.device)  # [1, 1]: where the next token goes
 
-        self.cache.reset()  # in place: the compiled step keeps its addresses
-        logits = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
-        tokens[0:1] = pick(logits[:, -1, :])
+        tokens[0:1] = pick(self.prefill(prompt))
         pending = self._to_host(tokens, host, 0, 1)  # the first token alone: time to first token
         done = 1
         while pending is not None:
@@ -188,7 +186,7 @@ class FastGenerator:
             if done < max_new_tokens:  # queue the next chunk before waiting for the previous one
                 end = min(done + self.chunk, max_new_tokens)
                 for i in range(done, end):
-                    logits = self._run_step(tokens[i - 1 : i].view(1, 1), position)
+                    logits = self.step(tokens[i - 1 : i].view(1, 1), position)
                     position += 1
                     tokens[i : i + 1] = pick(logits)
                 ahead = self._to_host(tokens, host, done, end)
@@ -201,7 +199,16 @@ class FastGenerator:
                     return
             pending = ahead
 
-    def _run_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Empty the cache (in place: the compiled step keeps its addresses), run the prompt [1, T]
+        eagerly into it; the last position's logits [1, V]."""
+        self.cache.reset()
+        out = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] for one token [1, 1] at `position` [1, 1] after the cache's contents; the
+        compiled step where there is one (falling back to the eager step if it fails to compile)."""
         if not self.compiled:
             return self._step(token, position)
         torch.compiler.cudagraph_mark_step_begin()
