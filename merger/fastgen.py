@@ -23,6 +23,8 @@ import queue
 import sys
 import threading
 import traceback
+import types
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,7 +129,7 @@ class FastGenerator:
         self._stepped = False  # a compiled step has run once: later failures are real errors
         if self.compiled:
             use_decode_attention(model)  # the step reads each cached key and value once
-            self._step = torch.compile(self._forward_one, **STEP_COMPILE)
+            self._step = torch.compile(types.MethodType(_step_code_for(model), self), **STEP_COMPILE)
 
     def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits [1, V] for one token [1, 1] at position [1, 1]; writes its keys and values."""
@@ -232,6 +234,38 @@ class FastGenerator:
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))  # the tokens' device, which need not be the current one
         return _Chunk(start, end, ready)
+
+
+# Dynamo keeps a function's compiled entries on its code object, keeps dead models' entries there,
+# and past `recompile_limit` (8) entries runs that code eagerly without a word: the ninth model
+# structure a long-lived app builds would decode at eager speed. So each structure gets its own
+# copy of the step's code: builds of one structure (other seams, the same depth and shapes) share
+# its compiled step, every new structure compiles, and a structure's entries are dropped once no
+# generator uses it.
+_STEP_CODES: weakref.WeakValueDictionary[str, types.FunctionType] = weakref.WeakValueDictionary()
+_STEP_CODES_LOCK = threading.Lock()
+
+
+def _step_code_for(model: nn.Module) -> types.FunctionType:
+    """`FastGenerator._forward_one` under a code object shared by the models of `model`'s structure."""
+    structure = f"{type(model).__qualname__} {next(model.parameters()).dtype} {model}"
+    with _STEP_CODES_LOCK:
+        step = _STEP_CODES.get(structure)
+        if step is None:
+            base = FastGenerator._forward_one
+            code = base.__code__.replace()  # a new code object, the same bytecode
+            step = types.FunctionType(code, base.__globals__, base.__name__, base.__defaults__, base.__closure__)
+            weakref.finalize(step, _drop_compiled, code)
+            _STEP_CODES[structure] = step
+        return step
+
+
+def _drop_compiled(code: types.CodeType) -> None:
+    """Free the compiled entries dynamo keeps on `code` (they hold the compiled graphs, and outlive
+    the function otherwise). A private torch function: where it is missing, they stay."""
+    reset = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
+    if reset is not None:
+        reset(code)
 
 
 _DONE = object()

@@ -1,6 +1,9 @@
 """The fast decode path gives plain `generate()`'s greedy tokens, before and after fusing projections;
 sampling is seeded; stop ids stop."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -137,3 +140,84 @@ def test_step_that_fails_to_compile_runs_eagerly(tiny_llama, monkeypatch):
     fast = FastGenerator(model, max_seq_len=64, compile=True)
     assert list(fast.generate(ids, max_new_tokens=24)) == expected
     assert not fast.compiled and "no kernel for this architecture" in fast.compile_error
+
+
+def tiny_llama_of_depth(layers: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        eos_token_id=None,  # generate() would refuse it before min_new_tokens, the fast path emit it
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the traced graph eagerly and counts graphs and calls."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self.calls = 0
+        self.compiled: list[weakref.ref] = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        backend = self
+
+        class Compiled:
+            def __call__(self, *args):
+                backend.calls += 1
+                return graph_module.forward(*args)
+
+        compiled = Compiled()
+        self.compiled.append(weakref.ref(compiled))
+        return compiled
+
+
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_every_model_structure_gets_a_compiled_step(monkeypatch):
+    # dynamo stops compiling one code object after 8 entries: a ninth depth would run eagerly
+    backend = CountingBackend()
+    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    ids = torch.tensor([[1, 5, 9]])
+    for layers in range(1, 12):
+        fast = FastGenerator(tiny_llama_of_depth(layers), max_seq_len=32, compile=True)
+        calls = backend.calls
+        assert list(fast.generate(ids, max_new_tokens=6)) == greedy(fast.model, ids, 6)
+        assert backend.calls - calls == 5, f"{layers} layers: steps did not run compiled"
+        del fast
+        gc.collect()
+    assert backend.graphs == 11
+
+
+def test_models_of_one_structure_share_a_compiled_step_with_their_own_weights(monkeypatch):
+    backend = CountingBackend()
+    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    ids = torch.tensor([[1, 5, 9]])
+    first, second = (FastGenerator(tiny_llama_of_depth(3, seed), max_seq_len=32, compile=True) for seed in (1, 2))
+    replies = [list(fast.generate(ids, max_new_tokens=8)) for fast in (first, second)]
+    assert replies == [greedy(first.model, ids, 8), greedy(second.model, ids, 8)]
+    assert replies[0] != replies[1] and backend.graphs == 1
+
+
+def test_compiled_step_is_freed_with_its_last_generator(monkeypatch):
+    backend = CountingBackend()
+    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    fast = FastGenerator(tiny_llama_of_depth(2, seed=3), max_seq_len=32, compile=True)
+    list(fast.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4))
+    assert backend.compiled and all(ref() is not None for ref in backend.compiled)
+    del fast
+    gc.collect()
+    assert all(ref() is None for ref in backend.compiled)
