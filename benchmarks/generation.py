@@ -78,6 +78,7 @@ SETUP_STAGES = ("bandwidth", "write_weights", "build", "fuse")
 class Report:
     def __init__(self, out: Path, budget_s: float, only: Sequence[str] = ()) -> None:
         self.data: dict[str, Any] = {}
+        out.mkdir(parents=True, exist_ok=True)
         self.path = out / "generation.json"
         self.deadline = time.monotonic() + budget_s
         self.only = tuple(only)
@@ -252,22 +253,35 @@ def measure_chat_path(name: str, built: Built, bound: float) -> dict:
     through stream_reply; speeds as the reply's stats show them under each reply."""
 
     reply = functools.partial(chat_reply, built)
+    seconds: dict[str, float] = {}  # wall time of each part: a recompile shows up as a slow part
+    lap = time.perf_counter()
+
+    def part(name: str) -> None:
+        nonlocal lap
+        seconds[name] = round(time.perf_counter() - lap, 1)
+        lap = time.perf_counter()
+
     start = time.perf_counter()
     prepare_for_chat(built)
     result: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 2), "compiled": built.decoder.compiled}
     reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)
     result["first_reply_after_build_s"] = round(time.perf_counter() - start, 1)  # the compile it waited for
+    part("prepare_and_first_reply")
     reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)  # records the CUDA graph
+    part("second_reply")
     greedy = [reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=FAST_TOKENS)[1] for _ in range(3)]
+    part("greedy_replies")
     best = max(greedy, key=lambda s: s.tokens_per_s)
     result.update(decode_tok_s=round(best.tokens_per_s, 1), new_tokens=best.new_tokens)
     result["fraction_of_bound"] = round(best.tokens_per_s / bound, 3)
     ttft = [reply(words(TTFT_PROMPT_LEN, 2), temperature=0.0, max_new_tokens=2)[1].first_text_s for _ in range(6)]
     result[f"first_text_ms_{TTFT_PROMPT_LEN}"] = round(statistics.median(ttft[1:]) * 1e3, 1)
+    part("first_text_replies")
     sampled = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1, seed=5)
     texts = [reply(words(PROMPT_LEN, 3), max_new_tokens=128, **sampled) for _ in range(2)]
     result["sampling_first_different_word"] = first_difference(texts[0][0][-1].split(), texts[1][0][-1].split())
     result["sampling_decode_tok_s"] = round(max(t[1].tokens_per_s for t in texts), 1)
+    part("sampled_replies")
     # the reader and the decode loop share the GIL: does a shorter switch interval let the loop queue
     # the next chunk sooner?
     interval = sys.getswitchinterval()
@@ -275,18 +289,33 @@ def measure_chat_path(name: str, built: Built, bound: float) -> dict:
     fine = [reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=FAST_TOKENS)[1] for _ in range(3)]
     sys.setswitchinterval(interval)
     result["decode_tok_s_switch_interval_0_5ms"] = round(max(s.tokens_per_s for s in fine), 1)
+    part("switch_interval_replies")
+    result["seconds"] = seconds
     print(f"{name} chat path: {result}", flush=True)
     return result
 
 
 def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dict[str, Any]:
-    """Where a compiled decode step's time goes: host time to queue one step, device time per step
-    with steps queued back to back, and the kernels that take it (profiled)."""
+    """Where a compiled decode step's time goes. Steps queued back to back by hand: host time to
+    queue one, device time per step (at the prompt's end and late in the window), the kernels that
+    take it. Then the real loop (`generate`, prefill included): wall time per token against its
+    kernels' time per token (the difference is time the GPU waited for the host), and the host-side
+    calls that take its time."""
     from torch.profiler import ProfilerActivity, profile
 
+    def kernels(prof, per: int) -> list[tuple[str, float]]:
+        found = [(e.key, e.self_device_time_total / per) for e in prof.key_averages() if e.self_device_time_total > 0]
+        return sorted(found, key=lambda k: -k[1])
+
+    # laid out as generate passes it (an inference tensor, [1, 1] over a 1-D buffer): else it recompiles
+    with torch.inference_mode():
+        token = ids[0, -1:].clone().view(1, 1)
+
     @torch.inference_mode()  # the cache's tensors were made in inference mode
-    def run() -> tuple[float, float]:
-        token, position = ids[:, -1:].clone(), torch.tensor([[ids.shape[1]]], device=ids.device)
+    def run(at: int = ids.shape[1]) -> tuple[float, float]:
+        """Steps from cache slot `at` on (the slots between the prompt and it hold zeros: the
+        kernels do the same work as over a real long context)."""
+        position = torch.tensor([[at]], device=ids.device)
         fast.prefill(ids)
         torch.cuda.synchronize()
         first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -300,17 +329,42 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
         torch.cuda.synchronize()
         return queued / steps * 1e3, first.elapsed_time(last) / steps
 
+    @torch.inference_mode()
+    def loop() -> float:
+        start = time.perf_counter()
+        list(fast.generate(ids, max_new_tokens=FAST_TOKENS))
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / FAST_TOKENS * 1e3
+
     run()
     host_ms, device_ms = run()
+    late = fast.max_seq_len * 3 // 4  # a long chat: attention that reads only the slots in use costs more here
+    _, late_device_ms = run(late)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
-    kernels = [(e.key, e.self_device_time_total / steps) for e in prof.key_averages() if e.self_device_time_total > 0]
-    kernels.sort(key=lambda k: -k[1])
+    step_kernels = kernels(prof, steps)
+    loop()
+    loop_ms = loop()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loop()
+    loop_kernels = kernels(prof, FAST_TOKENS)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        loop()
+    host_calls = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
     return {
         "host_ms_to_queue_a_step": round(host_ms, 3),
         "device_ms_per_step": round(device_ms, 3),
-        "kernel_ms_per_step": round(sum(us for _, us in kernels) / 1e3, 3),
-        "top_kernels_us_per_step": {name[:90]: round(us, 1) for name, us in kernels[:14]},
+        f"device_ms_per_step_from_slot_{late}": round(late_device_ms, 3),
+        "kernel_ms_per_step": round(sum(us for _, us in step_kernels) / 1e3, 3),
+        "top_kernels_us_per_step": {name[:90]: round(us, 1) for name, us in step_kernels[:14]},
+        "loop_wall_ms_per_token": round(loop_ms, 3),
+        "loop_kernel_ms_per_token": round(sum(us for _, us in loop_kernels) / 1e3, 3),
+        "loop_top_kernels_us_per_token": {name[:90]: round(us, 1) for name, us in loop_kernels[:14]},
+        "loop_host_calls_us_per_token": {
+            e.key[:60]: [round(e.self_cpu_time_total / FAST_TOKENS, 1), round(e.count / FAST_TOKENS, 2)]
+            for e in host_calls
+        },
+        "cudagraph_skips": torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0),
     }
 
 
