@@ -18,6 +18,7 @@ step launches fewer, larger kernels.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import sys
@@ -127,9 +128,13 @@ class FastGenerator:
         self.compile_error: str | None = None
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_one
         self._stepped = False  # a compiled step has run once: later failures are real errors
+        # True when an earlier model of this structure compiled the step: the first reply does not wait
+        self.reuses_compiled_step = False
         if self.compiled:
             use_decode_attention(model)  # the step reads each cached key and value once
-            self._step = torch.compile(types.MethodType(_step_code_for(model), self), **STEP_COMPILE)
+            self._step_code = _step_code_for(model)
+            self.reuses_compiled_step = self._step_code.compiled_once
+            self._step = torch.compile(types.MethodType(self._step_code, self), **STEP_COMPILE)
 
     def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits [1, V] for one token [1, 1] at position [1, 1]; writes its keys and values."""
@@ -224,7 +229,8 @@ class FastGenerator:
             self.compile_error = "".join(traceback.format_exception_only(exc)).strip()
             log.warning("decode step not compiled, running eagerly: %s", self.compile_error)
             return self._forward_one(token, position)
-        self._stepped = True
+        if not self._stepped:
+            self._stepped = self._step_code.compiled_once = True
         return logits
 
     def _to_host(self, tokens: torch.Tensor, host: torch.Tensor, start: int, end: int) -> _Chunk:
@@ -247,14 +253,21 @@ _STEP_CODES_LOCK = threading.Lock()
 
 
 def _step_code_for(model: nn.Module) -> types.FunctionType:
-    """`FastGenerator._forward_one` under a code object shared by the models of `model`'s structure."""
-    structure = f"{type(model).__qualname__} {next(model.parameters()).dtype} {model}"
+    """`FastGenerator._forward_one` under a code object shared by the models of `model`'s structure:
+    its class, dtype and device, its config (the values its forward branches on) and its module tree
+    (depth, fused projections, shapes); not its name or weights, which the compiled step takes as
+    inputs. `compiled_once` tells whether a compiled step of it has run."""
+    parameter = next(model.parameters())
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    config_text = json.dumps(config, sort_keys=True, default=str)
+    structure = f"{type(model).__qualname__} {parameter.dtype} {parameter.device} {config_text} {model}"
     with _STEP_CODES_LOCK:
         step = _STEP_CODES.get(structure)
         if step is None:
             base = FastGenerator._forward_one
             code = base.__code__.replace()  # a new code object, the same bytecode
             step = types.FunctionType(code, base.__globals__, base.__name__, base.__defaults__, base.__closure__)
+            step.compiled_once = False
             weakref.finalize(step, _drop_compiled, code)
             _STEP_CODES[structure] = step
         return step
@@ -384,6 +397,11 @@ class ModelDecoder:
     @property
     def compiled(self) -> bool:
         return self._shared is not None and self._shared.compiled
+
+    @property
+    def reuses_compiled_step(self) -> bool:
+        """An earlier build of this structure compiled the step: no compile before the first reply."""
+        return self._shared is not None and self._shared.reuses_compiled_step
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         return self._shared is None or prompt_tokens + max_new_tokens <= self.window

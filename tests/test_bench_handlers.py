@@ -135,3 +135,22 @@ def test_off_zero_gpu_the_handlers_are_the_functions_themselves(monkeypatch):
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
     handler = lambda: None  # noqa: E731
     assert runtime.gpu_task(60)(handler) is handler
+
+
+@pytest.mark.parametrize(
+    ("compiled", "reuses", "expected"),
+    [
+        (True, False, "compiling now; the first reply waits for it"),
+        (True, True, "compiled for an earlier build of this shape: no wait"),
+        (False, False, None),
+    ],
+)
+def test_build_status_says_whether_the_first_reply_waits_for_a_compile(visitor, compiled, reuses, expected):
+    _, built = visitor
+    decoder = SimpleNamespace(compiled=compiled, reuses_compiled_step=reuses)
+    status = bench.built_status(SimpleNamespace(**{**vars(built), "decoder": decoder}))
+    assert status.startswith("Built 8 layers")
+    if expected is None:
+        assert "compil" not in status
+    else:
+        assert expected in status

@@ -194,6 +194,7 @@ def test_every_model_structure_gets_a_compiled_step(monkeypatch):
     ids = torch.tensor([[1, 5, 9]])
     for layers in range(1, 12):
         fast = FastGenerator(tiny_llama_of_depth(layers), max_seq_len=32, compile=True)
+        assert not fast.reuses_compiled_step
         calls = backend.calls
         assert list(fast.generate(ids, max_new_tokens=6)) == greedy(fast.model, ids, 6)
         assert backend.calls - calls == 5, f"{layers} layers: steps did not run compiled"
@@ -206,10 +207,14 @@ def test_models_of_one_structure_share_a_compiled_step_with_their_own_weights(mo
     backend = CountingBackend()
     monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
-    first, second = (FastGenerator(tiny_llama_of_depth(3, seed), max_seq_len=32, compile=True) for seed in (1, 2))
-    replies = [list(fast.generate(ids, max_new_tokens=8)) for fast in (first, second)]
-    assert replies == [greedy(first.model, ids, 8), greedy(second.model, ids, 8)]
+    first = FastGenerator(tiny_llama_of_depth(3, seed=1), max_seq_len=32, compile=True)
+    replies = [list(first.generate(ids, max_new_tokens=8))]
+    second = FastGenerator(tiny_llama_of_depth(3, seed=2), max_seq_len=32, compile=True)
+    replies.append(list(second.generate(ids, max_new_tokens=8)))
+    replies.append(list(first.generate(ids, max_new_tokens=8)))  # both alive, in turn
+    assert replies == [greedy(first.model, ids, 8), greedy(second.model, ids, 8), greedy(first.model, ids, 8)]
     assert replies[0] != replies[1] and backend.graphs == 1
+    assert not first.reuses_compiled_step and second.reuses_compiled_step
 
 
 def test_compiled_step_is_freed_with_its_last_generator(monkeypatch):

@@ -82,7 +82,9 @@ def built_status(built: Built) -> str:
     status = (
         f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {devices} in {built.seconds:.2f} s."
     )
-    if built.decoder.compiled:
+    if built.decoder.reuses_compiled_step:
+        status += " Its fast decode step was compiled for an earlier build of this shape: no wait."
+    elif built.decoder.compiled:
         status += " The fast decode step is compiling now; the first reply waits for it."
     return status
 
