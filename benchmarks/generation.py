@@ -6,7 +6,8 @@ reports as JSON, for both: tokens/s of the page's chat path (merger.chat.stream_
 prepared by merger.runtime.prepare_for_chat: fused projections, the step compiled on the decoder's
 own thread, text decoded as it streams), of plain `generate()` and of FastGenerator called directly
 (unfused, then fused), time to first text for a 512-token prompt, and each speed against the
-memory-bandwidth bound (weight bytes one step reads / device copy bandwidth measured in this run).
+memory-bandwidth bound (weight bytes one step reads / device copy bandwidth measured in this run);
+then a second merge of the same shape with its seam moved (does its first reply reuse the step?).
 Stages run in order of importance and stop starting new ones when the time budget runs low; the
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
@@ -65,6 +66,7 @@ LLAMA3_8B_SHAPE = dict(
 SMOKE_SHAPE = {**LLAMA3_8B_SHAPE, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128}
 SMOKE_SHAPE.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2)
 MERGE = ((0, 24), (16, 32))
+RESEAMED = ((0, 20), (12, 32))  # the merge's shape (40 layers, 8 repeated) with its seam moved
 MAX_SEQ_LEN = DEFAULT_CONTEXT_TOKENS  # the window the page's builds hold, so both paths attend over the same cache
 PROMPT_LEN = 32  # decode-speed prompt
 TTFT_PROMPT_LEN = 512
@@ -511,6 +513,18 @@ def main() -> None:
         if len(best) == 2:
             data["alternating_merge_over_parent_x_32_40"] = merge_over_expected(best["merge"], best["parent"])
 
+    def reseamed() -> None:
+        """A merge of the first one's shape with its seam moved, as a visitor trying seams builds
+        it: does its first reply reuse the compiled step, and at what speed does it run?"""
+        plan = make_plan(passthrough(*[(ref, a, b) for a, b in RESEAMED]))
+        model = assemble(plan, device=device, dtype="bfloat16")
+        model.generation_config.pad_token_id = shape["eos_token_id"]
+        tokenizer = word_tokenizer(shape["vocab_size"])
+        built = Built(plan, model, tokenizer, device, 0.0, placement=plan_placement(plan, device))
+        result = measure_chat_path("reseamed merge", built, bounds["merge"])
+        data["merge"]["chat_path_reseamed"] = {**result, "reuses_compiled_step": built.decoder.reuses_compiled_step}
+        built.decoder.close()
+
     prepared: dict[str, Built] = {}
 
     # in order of importance: the page's path on both is the point; the rest only if time is left
@@ -519,6 +533,8 @@ def main() -> None:
         report.stage(f"chat_path_{name}", lambda n=name: chat_path(n), needs_s=100)
     if prepared:
         report.stage("chat_path_alternating", alternating, needs_s=20)
+    if "merge" in prepared:
+        report.stage("chat_path_reseamed", reseamed, needs_s=60)
     for built in prepared.values():
         built.decoder.close()
     for name in models:
