@@ -4,13 +4,15 @@ Inside torch.compile, transformers' SDPA path repeats every key/value head once 
 its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writes and reads the
 whole cache window several times over; the masked kernel also parallelizes over heads only.
 Two replacements, chosen by `DECODE_KERNEL`:
-- "grouped" (the default, measured): the query heads grouped per key/value head, the step written
-  as two reductions (scores over the head dimension, output over the window) that inductor fuses
-  with the fp32 casts, reading each cached key and value once, but still the whole window;
-- "flex" (FRANKENMERGE_DECODE_ATTENTION=flex; not yet measured on a GPU): FlexAttention with a
-  block mask built from the step's position, which torch.compile lowers to its flash-decoding
-  kernel: the window split across the GPU, blocks past the position (or before a sliding window)
-  never read. Only for models whose masks are causal, or causal within a sliding window.
+- "grouped" (the default): the query heads grouped per key/value head, the step written as two
+  reductions (scores over the head dimension, output over the window) that inductor fuses with the
+  fp32 casts, reading each cached key and value once, but still the whole window;
+- "flex" (FRANKENMERGE_DECODE_ATTENTION=flex): FlexAttention with a block mask built from the
+  step's position, which torch.compile lowers to its flash-decoding kernel: the window split across
+  the GPU, blocks past the position (or before a sliding window) never read. Only for models whose
+  masks are causal, or causal within a sliding window. On the H200 (README) it made a plain 8B
+  faster and its merge slower than "grouped", and its compile about a minute longer, so it is not
+  the default.
 Everything else (prefill, eager calls, soft-capped or sink attention) goes to transformers' own
 SDPA function unchanged.
 """
