@@ -297,6 +297,15 @@ def measure_chat_path(name: str, built: Built, bound: float) -> dict:
     return result
 
 
+def step_inputs(ids: torch.Tensor, at: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's last token and the cache slot after it (or `at`), laid out as `generate` passes
+    them to the step (inference tensors, the token [1, 1] over a 1-D buffer): any other layout
+    recompiles the step, minutes for an 8B."""
+    with torch.inference_mode():
+        position = torch.tensor([[ids.shape[1] if at is None else at]], device=ids.device)
+        return ids[0, -1:].clone().view(1, 1), position
+
+
 def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dict[str, Any]:
     """Where a compiled decode step's time goes. Steps queued back to back by hand: host time to
     queue one, device time per step (at the prompt's end and late in the window), the kernels that
@@ -309,15 +318,11 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
         found = [(e.key, e.self_device_time_total / per) for e in prof.key_averages() if e.self_device_time_total > 0]
         return sorted(found, key=lambda k: -k[1])
 
-    # laid out as generate passes it (an inference tensor, [1, 1] over a 1-D buffer): else it recompiles
-    with torch.inference_mode():
-        token = ids[0, -1:].clone().view(1, 1)
-
     @torch.inference_mode()  # the cache's tensors were made in inference mode
-    def run(at: int = ids.shape[1]) -> tuple[float, float]:
+    def run(at: int | None = None) -> tuple[float, float]:
         """Steps from cache slot `at` on (the slots between the prompt and it hold zeros: the
         kernels do the same work as over a real long context)."""
-        position = torch.tensor([[at]], device=ids.device)
+        token, position = step_inputs(ids, at)
         fast.prefill(ids)
         torch.cuda.synchronize()
         first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -392,8 +397,7 @@ def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bo
     again = list(fast.generate(ids, max_new_tokens=64, **settings))
     result["sampling_first_different_token"] = first_difference(first, again)
     result["sampling_decode_tok_s"] = fast_decode(fast, ids, 128, **settings)["decode_tok_s"]
-    token = ids[:, -1:].clone()  # [1, 1]
-    position = torch.tensor([[ids.shape[1]]], device=ids.device)
+    token, position = step_inputs(ids)
     logits = []
     with torch.inference_mode():
         for _ in range(2):  # the same prompt, then the same step, twice: bit for bit the same logits?
