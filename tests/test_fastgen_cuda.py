@@ -1,6 +1,6 @@
 """On a CUDA GPU (skipped elsewhere; run on the lent H200): the compiled, fused step gives plain
-`generate()`'s greedy tokens with either decode attention, its logits repeat bit for bit, and a
-seed repeats a sampled reply."""
+`generate()`'s greedy tokens with either decode attention, also for two models of one structure
+sharing a compiled step, its logits repeat bit for bit, and a seed repeats a sampled reply."""
 
 import pytest
 import torch
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPT = [1, 5, 9, 13, 17, 21, 25, 29]
 
 
-def compiled_splice(ref: str, dtype: str) -> FastGenerator:
-    model = assemble(make_plan(passthrough((ref, 0, 4), (ref, 2, 6))), device="cuda", dtype=dtype)
+def compiled_splice(ref: str, dtype: str, ranges=((0, 4), (2, 6))) -> FastGenerator:
+    model = assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges])), device="cuda", dtype=dtype)
     model.generation_config.pad_token_id = 0
     fuse_projections(model)
     fast = FastGenerator(model, max_seq_len=256)
@@ -44,6 +44,24 @@ def test_compiled_step_greedy_equals_generate_on_cuda(kernel, fixture, request, 
         expected = fast.model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
     got = list(fast.generate(ids, max_new_tokens=64))
     assert first_difference(got, expected[0, len(PROMPT) :].tolist()) is None
+
+
+def test_models_of_one_structure_sharing_a_compiled_step_each_decode_their_own_weights(tiny_llama):
+    # the second build reuses the first one's compiled code: its CUDA graph must read its own weights
+    ids = torch.tensor([PROMPT], device="cuda")
+    first = compiled_splice(str(tiny_llama), "float32", ((0, 4), (2, 6)))
+    list(first.generate(ids, max_new_tokens=4))
+    second = compiled_splice(str(tiny_llama), "float32", ((0, 3), (1, 6)))  # 8 layers, other seams
+    assert second.reuses_compiled_step
+    with torch.inference_mode():
+        expected = [
+            fast.model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(PROMPT) :].tolist()
+            for fast in (first, second)
+        ]
+    assert expected[0] != expected[1]
+    for _ in range(2):  # in turn, as a side-by-side comparison runs them
+        for fast, tokens in zip((first, second), expected, strict=True):
+            assert first_difference(list(fast.generate(ids, max_new_tokens=32)), tokens) is None
 
 
 def test_compiled_step_logits_repeat_bit_for_bit(fast_bf16):
