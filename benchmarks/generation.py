@@ -43,7 +43,7 @@ from merger.assemble import assemble, parameter_bytes
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.fastgen import LOOP, FastGenerator, fuse_projections
 from merger.placement import DEFAULT_CONTEXT_TOKENS
-from merger.plan import make_plan
+from merger.plan import Plan, make_plan
 from merger.recipe import passthrough
 from merger.runtime import Built, plan_placement, prepare_for_chat
 
@@ -65,6 +65,7 @@ LLAMA3_8B_SHAPE = dict(
 # --smoke: every stage on the CPU in seconds, to check the script before spending GPU time
 SMOKE_SHAPE = {**LLAMA3_8B_SHAPE, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128}
 SMOKE_SHAPE.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2)
+PARENT = ((0, 32),)
 MERGE = ((0, 24), (16, 32))
 RESEAMED = ((0, 20), (12, 32))  # the merge's shape (40 layers, 8 repeated) with its seam moved
 MAX_SEQ_LEN = DEFAULT_CONTEXT_TOKENS  # the window the page's builds hold, so both paths attend over the same cache
@@ -447,14 +448,22 @@ def main() -> None:
     ref = str(tmp / "parent")
     report.stage("write_weights", lambda: write_parent(Path(ref), shape, device))
     models: dict[str, Any] = {}
+    ranges = {"parent": PARENT, "merge": MERGE}
+
+    def splice(layer_ranges: Sequence[tuple[int, int]]) -> Plan:
+        return make_plan(passthrough(*[(ref, a, b) for a, b in layer_ranges]))
+
+    def as_built(plan: Plan, model) -> Built:
+        """A build as the page holds it, for the chat path."""
+        tokenizer = word_tokenizer(shape["vocab_size"])
+        return Built(plan, model, tokenizer, device, 0.0, placement=plan_placement(plan, device))
 
     def build_parent() -> Any:
-        return assemble(make_plan(passthrough((ref, 0, 32))), device=device, dtype="bfloat16")
+        return assemble(splice(PARENT), device=device, dtype="bfloat16")
 
     def build() -> None:
         models["parent"] = build_parent()
-        merge_plan = make_plan(passthrough(*[(ref, a, b) for a, b in MERGE]))
-        models["merge"] = assemble(merge_plan, device=device, dtype="bfloat16")
+        models["merge"] = assemble(splice(MERGE), device=device, dtype="bfloat16")
         merge = models["merge"].model.layers
         same = merge[24].mlp.up_proj.weight.data_ptr() == merge[16].mlp.up_proj.weight.data_ptr()
         data["merge_shares_repeated_layers"] = same
@@ -492,10 +501,7 @@ def main() -> None:
         data[name]["generate_static_tok_s"] = round(tok_s, 1)
 
     def chat_path(name: str) -> None:
-        recipe = passthrough((ref, 0, 32)) if name == "parent" else passthrough(*[(ref, a, b) for a, b in MERGE])
-        plan = make_plan(recipe)
-        tokenizer = word_tokenizer(shape["vocab_size"])
-        built = Built(plan, models[name], tokenizer, device, 0.0, placement=plan_placement(plan, device))
+        built = as_built(splice(ranges[name]), models[name])
         data[name]["chat_path"] = measure_chat_path(name, built, bounds[name])
         if built.decoder.compiled:  # on the loop's thread, which holds the step's CUDA graphs
             anatomy = LOOP.call(lambda: step_anatomy(built.decoder._shared, ids))
@@ -520,11 +526,10 @@ def main() -> None:
     def reseamed() -> None:
         """A merge of the first one's shape with its seam moved, as a visitor trying seams builds
         it: does its first reply reuse the compiled step, and at what speed does it run?"""
-        plan = make_plan(passthrough(*[(ref, a, b) for a, b in RESEAMED]))
+        plan = splice(RESEAMED)
         model = assemble(plan, device=device, dtype="bfloat16")
         model.generation_config.pad_token_id = shape["eos_token_id"]
-        tokenizer = word_tokenizer(shape["vocab_size"])
-        built = Built(plan, model, tokenizer, device, 0.0, placement=plan_placement(plan, device))
+        built = as_built(plan, model)
         result = measure_chat_path("reseamed merge", built, bounds["merge"])
         data["merge"]["chat_path_reseamed"] = {**result, "reuses_compiled_step": built.decoder.reuses_compiled_step}
         built.decoder.close()

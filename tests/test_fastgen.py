@@ -13,6 +13,8 @@ from merger.fastgen import FastGenerator, fuse_projections, sample
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
+from tiny import tiny_model
+
 
 def build(ref: str, *ranges: tuple[int, int]):
     return assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges])))
@@ -143,20 +145,8 @@ def test_step_that_fails_to_compile_runs_eagerly(tiny_llama, monkeypatch):
 
 
 def tiny_llama_of_depth(layers: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        eos_token_id=None,  # generate() would refuse it before min_new_tokens, the fast path emit it
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    # no EOS: generate() would refuse it before min_new_tokens, the fast path emit it
+    return tiny_model("llama", layers, seed, vocab_size=97, eos_token_id=None, pad_token_id=0)
 
 
 class CountingBackend:

@@ -33,14 +33,14 @@ def tiny_tokenizer(chat: bool):
     return fast
 
 
-def make_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0, chat: bool = True) -> Path:
-    """Save a random model of `arch` with `layers` decoder layers (float32, tied embeddings) to `path`."""
+def tiny_model(arch: str = "llama", layers: int = 6, seed: int = 0, **config):
+    """A random model of `arch` with `layers` decoder layers (float32, tied embeddings), in memory;
+    `config` adds to or overrides the shared settings (vocabulary size, special token ids)."""
     import torch
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-    tokenizer = tiny_tokenizer(chat)
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=320,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
@@ -49,23 +49,36 @@ def make_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0, c
         head_dim=16,
         max_position_embeddings=256,
         tie_word_embeddings=True,
+    )
+    common.update(config)
+    if arch == "llama":
+        settings = LlamaConfig(**common)
+    elif arch == "gemma3":
+        # a 6-layer pattern like the real model's (5 sliding, 1 full) and a small window,
+        # so seams off the pattern change masks and RoPE
+        settings = Gemma3TextConfig(**common, sliding_window=4, query_pre_attn_scalar=16)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(settings)
+    with torch.no_grad():  # random init gives near-zero norms; spread them so layers matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def make_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0, chat: bool = True) -> Path:
+    """Save a random model of `arch` with `layers` decoder layers (float32, tied embeddings) to `path`."""
+    tokenizer = tiny_tokenizer(chat)
+    model = tiny_model(
+        arch,
+        layers,
+        seed,
+        vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "gemma3":
-        # a 6-layer pattern like the real model's (5 sliding, 1 full) and a small window,
-        # so seams off the pattern change masks and RoPE
-        config = Gemma3TextConfig(**common, sliding_window=4, query_pre_attn_scalar=16)
-    else:
-        raise ValueError(arch)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # random init gives near-zero norms; spread them so layers matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
