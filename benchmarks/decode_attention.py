@@ -8,10 +8,11 @@ prints per layer the kernel time (profiled) and the wall time of each way to com
 event-timed figures far above the real step's profile, so kernel and wall time are now apart):
 - transformers_sdpa: transformers' SDPA function as it runs inside torch.compile (keys and values
   repeated per query head, then the masked SDPA kernel);
-- grouped: merger.decode_attention.grouped_decode_attention (query heads grouped per key/value
-  head, no repeat, fp32 scores as one fused reduction);
+- grouped: merger.decode_attention.grouped_decode_attention over the window in one piece (query
+  heads grouped per key/value head, no repeat, fp32 scores as one fused reduction);
 - grouped_matmul: the same grouping through bf16 matrix products (transformers' eager semantics);
-- split: flash-decoding written in tensor ops (the window in 16 chunks attended in parallel);
+- split8, split32, split128: the same with the window cut into that many chunks attended in
+  parallel, then combined (flash-decoding in tensor ops; the product's default is DECODE_SPLITS);
 - flex: FlexAttention reading only the blocks up to the current position (flash-decoding, split
   over the window, masked blocks skipped);
 - sdpa_packed: the grouped query handed to the masked SDPA kernel (no repeat);
@@ -52,8 +53,18 @@ def transformers_sdpa(q, k, v, mask):
     return sdpa_attention_forward(module, q, k, v, mask, scaling=SCALE)[0].transpose(1, 2)  # [B, H, 1, D]
 
 
-def grouped(q, k, v, mask):
-    return grouped_decode_attention(q, k, v, mask, scaling=SCALE)
+def grouped(q, k, v, mask, splits: int = 1):
+    return grouped_decode_attention(q, k, v, mask, scaling=SCALE, splits=splits)
+
+
+def split(splits: int):
+    """grouped_decode_attention with the window in `splits` chunks (flash-decoding in tensor ops)."""
+
+    def attention(q, k, v, mask):
+        return grouped(q, k, v, mask, splits)
+
+    attention.__name__ = f"split{splits}"
+    return attention
 
 
 def grouped_matmul(q, k, v, mask):
@@ -61,25 +72,6 @@ def grouped_matmul(q, k, v, mask):
     scores = torch.matmul(g, k.transpose(-1, -2)).float() * SCALE  # [1, KV, G, W]
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
     return torch.matmul(probs, v).reshape(1, HEADS, 1, HEAD_DIM)
-
-
-def split(q, k, v, mask, splits: int = 16):
-    """Flash-decoding in tensor ops: the window cut into `splits` chunks attended in parallel, each
-    with its own running max and sum, then combined."""
-    window = k.shape[2]
-    chunk = window // splits
-    g = q.reshape(1, KV_HEADS, 1, GROUPS, 1, HEAD_DIM).float()
-    kc = k.reshape(1, KV_HEADS, splits, 1, chunk, HEAD_DIM).float()
-    scores = (g * kc).sum(-1) * SCALE  # [1, KV, S, G, C]
-    scores = scores.masked_fill(~mask.reshape(1, 1, splits, 1, chunk), float("-inf"))
-    top = scores.amax(-1, keepdim=True)  # [1, KV, S, G, 1]
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # a chunk wholly masked
-    p = (scores - top).exp()
-    total = p.sum(-1, keepdim=True)  # [1, KV, S, G, 1]
-    part = (p.unsqueeze(-1) * v.reshape(1, KV_HEADS, splits, 1, chunk, HEAD_DIM).float()).sum(-2)  # [1, KV, S, G, D]
-    weight = (top - top.amax(2, keepdim=True)).exp()  # [1, KV, S, G, 1]
-    out = (part * weight).sum(2) / (total * weight).sum(2)  # [1, KV, G, D]
-    return out.to(q.dtype).reshape(1, HEADS, 1, HEAD_DIM)
 
 
 def flex(q, k, v, mask):
@@ -98,7 +90,10 @@ def ideal(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)  # k, v: the positions in use
 
 
-VARIANTS = {f.__name__: f for f in (transformers_sdpa, grouped, grouped_matmul, split, flex, sdpa_packed, ideal)}
+VARIANTS = {
+    f.__name__: f
+    for f in (transformers_sdpa, grouped, grouped_matmul, split(8), split(32), split(128), flex, sdpa_packed, ideal)
+}
 
 
 def every_layer(attention):

@@ -30,28 +30,45 @@ if TYPE_CHECKING:
 
 IMPLEMENTATION = "frankenmerge_decode"  # the name models are switched to (attention and mask interfaces)
 DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "grouped")
+DECODE_SPLITS = 32  # "grouped" cuts the window into this many chunks: one row of 4 heads is too little work
 FLEX_BLOCK = 128  # FlexAttention's key/value block
 # model types whose decode mask is causal, or causal within the `sliding_window` transformers passes
 FLEX_MASK_KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def grouped_decode_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scaling: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per head: query [B, H, 1, D] over key/value [B, KV, W, D]
     (H a multiple of KV), `mask` [B, 1, 1, W] bool (True: attend) or additive float, or None.
-    Scores and softmax in fp32; returns [B, H, 1, D] in the query's dtype."""
+    The window is cut into `splits` chunks (default DECODE_SPLITS; one if that does not divide W)
+    attended in parallel, each with its own max and sum, then combined (flash-decoding). Scores and softmax in fp32;
+    returns [B, H, 1, D] in the query's dtype."""
     batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float()  # [B, KV, G, 1, D]
+    kv_heads, window = key.shape[1], key.shape[2]
+    splits = DECODE_SPLITS if splits is None else splits
+    splits = splits if window % splits == 0 else 1  # (math.gcd would break torch.compile's graph)
+    chunk = window // splits
+    grouped = query.reshape(batch, kv_heads, 1, heads // kv_heads, 1, dim).float()  # [B, KV, 1, G, 1, D]
+    keys = key.reshape(batch, kv_heads, splits, 1, chunk, dim).float()  # [B, KV, S, 1, C, D]
     # a product summed over D rather than a matmul: inductor fuses the casts into one reduction
-    scores = (grouped * key.unsqueeze(2).float()).sum(-1) * scaling  # [B, KV, G, W]
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    elif mask is not None:
-        scores = scores + mask.float()
-    probs = scores.softmax(dim=-1)  # [B, KV, G, W]
-    out = (probs.unsqueeze(-1) * value.unsqueeze(2).float()).sum(-2)  # [B, KV, G, D]
+    scores = (grouped * keys).sum(-1) * scaling  # [B, KV, S, G, C]
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], 1, splits, 1, chunk)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    top = scores.amax(-1, keepdim=True)  # [B, KV, S, G, 1]; -inf for a chunk wholly masked
+    probs = (scores - top.nan_to_num(neginf=0.0)).exp()  # a masked chunk's are all 0, not NaN
+    total = probs.sum(-1, keepdim=True)  # [B, KV, S, G, 1]
+    values = value.reshape(batch, kv_heads, splits, 1, chunk, dim).float()
+    part = (probs.unsqueeze(-1) * values).sum(-2)  # [B, KV, S, G, D]
+    weight = (top - top.amax(2, keepdim=True)).exp()  # each chunk's share; 0 for a masked one
+    out = (part * weight).sum(2) / (total * weight).sum(2)  # [B, KV, G, D]
     return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
