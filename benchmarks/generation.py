@@ -433,6 +433,7 @@ def main() -> None:
     report = Report(args.out, args.budget_s, args.only)
     data = report.data
     decode_attention.DECODE_KERNEL = data["decode_attention"] = args.decode_attention
+    data["decode_splits"] = decode_attention.DECODE_SPLITS
     data["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     data["torch"], data["transformers"] = torch.__version__, transformers.__version__
     data["shape"] = "tiny (smoke)" if args.smoke else "Llama-3-8B (random bf16 weights), batch 1"
