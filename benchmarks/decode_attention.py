@@ -15,6 +15,7 @@ event-timed figures far above the real step's profile, so kernel and wall time a
   parallel, then combined (flash-decoding in tensor ops; the product's default is DECODE_SPLITS);
 - flex: FlexAttention reading only the blocks up to the current position (flash-decoding, split
   over the window, masked blocks skipped);
+- triton: merger.decode_kernel's flash-decoding kernel, reading only the slots up to the position;
 - sdpa_packed: the grouped query handed to the masked SDPA kernel (no repeat);
 - ideal: SDPA over only the positions in use, with no mask (a step's attention at best).
 
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generation import copy_bandwidth  # this folder is on the path when run as a script
 
-from merger.decode_attention import flex_decode_attention, grouped_decode_attention
+from merger.decode_attention import flex_decode_attention, grouped_decode_attention, triton_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 GROUPS = HEADS // KV_HEADS
@@ -74,11 +75,21 @@ def grouped_matmul(q, k, v, mask):
     return torch.matmul(probs, v).reshape(1, HEADS, 1, HEAD_DIM)
 
 
+def last_attended(mask):
+    """The slot of the mask's last attended position, as a decode step has it for its position id."""
+    return mask.reshape(-1).int().cumsum(0).amax().reshape(1, 1) - 1
+
+
 def flex(q, k, v, mask):
-    """merger.decode_attention.flex_decode_attention at the mask's last attended slot (a decode step
-    has it as its position id): FlexAttention's flash-decoding kernel over the blocks up to it."""
-    position = mask.reshape(-1).int().cumsum(0).amax().reshape(1, 1) - 1
-    return flex_decode_attention(q, k, v, position, scaling=SCALE)
+    """merger.decode_attention.flex_decode_attention: FlexAttention's flash-decoding kernel over the
+    blocks up to the position."""
+    return flex_decode_attention(q, k, v, last_attended(mask), scaling=SCALE)
+
+
+def triton(q, k, v, mask):
+    """merger.decode_attention.triton_decode_attention: merger.decode_kernel over the slots up to
+    the position."""
+    return triton_decode_attention(q, k, v, last_attended(mask), scaling=SCALE)
 
 
 def sdpa_packed(q, k, v, mask):
@@ -92,7 +103,18 @@ def ideal(q, k, v, mask):
 
 VARIANTS = {
     f.__name__: f
-    for f in (transformers_sdpa, grouped, grouped_matmul, split(8), split(32), split(128), flex, sdpa_packed, ideal)
+    for f in (
+        transformers_sdpa,
+        grouped,
+        grouped_matmul,
+        split(8),
+        split(32),
+        split(128),
+        flex,
+        triton,
+        sdpa_packed,
+        ideal,
+    )
 }
 
 

@@ -3,16 +3,19 @@
 Inside torch.compile, transformers' SDPA path repeats every key/value head once per query head of
 its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writes and reads the
 whole cache window several times over; the masked kernel also parallelizes over heads only.
-Two replacements, chosen by `DECODE_KERNEL`:
-- "grouped" (the default): the query heads grouped per key/value head, the step written as two
-  reductions (scores over the head dimension, output over the window) that inductor fuses with the
-  fp32 casts, reading each cached key and value once, but still the whole window;
-- "flex" (FRANKENMERGE_DECODE_ATTENTION=flex): FlexAttention with a block mask built from the
-  step's position, which torch.compile lowers to its flash-decoding kernel: the window split across
-  the GPU, blocks past the position (or before a sliding window) never read. Only for models whose
-  masks are causal, or causal within a sliding window. On the H200 (README) it made a plain 8B
-  faster and its merge slower than "grouped", and its compile about a minute longer, so it is not
-  the default.
+Three replacements, chosen by `DECODE_KERNEL` (FRANKENMERGE_DECODE_ATTENTION):
+- "grouped" (the default): the query heads grouped per key/value head, written as reductions that
+  inductor fuses with the fp32 casts: each cached key and value read once, but the whole window
+  every step. With DECODE_SPLITS > 1 the window is cut into that many chunks attended in parallel,
+  then combined (flash-decoding in tensor ops); on the H200, 32 chunks made a plain 8B faster and
+  its merge slower than one piece, and the compile 40 s longer (README), so one piece it is;
+- "flex": FlexAttention with a block mask built from the step's position, which torch.compile
+  lowers to its flash-decoding kernel: blocks past the position (or before a sliding window) never
+  read. On the H200 (README) it made a plain 8B faster and its merge slower than "grouped" in one
+  piece, and its compile about a minute longer;
+- "triton" (CUDA only): `merger.decode_kernel`'s flash-decoding kernel, which reads only the slots
+  up to the position, with the chunks combined as "grouped" combines its own. Not yet run on a GPU.
+"flex" and "triton" only for models whose masks are causal, or causal within a sliding window.
 Everything else (prefill, eager calls, soft-capped or sink attention) goes to transformers' own
 SDPA function unchanged.
 """
@@ -30,10 +33,11 @@ if TYPE_CHECKING:
 
 IMPLEMENTATION = "frankenmerge_decode"  # the name models are switched to (attention and mask interfaces)
 DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "grouped")
-DECODE_SPLITS = 32  # "grouped" cuts the window into this many chunks: one row of 4 heads is too little work
+DECODE_SPLITS = 1  # chunks of the window "grouped" attends in parallel (benchmarks/generation.py --decode-splits)
 FLEX_BLOCK = 128  # FlexAttention's key/value block
-# model types whose decode mask is causal, or causal within the `sliding_window` transformers passes
-FLEX_MASK_KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# model types whose decode mask is causal, or causal within the `sliding_window` transformers passes:
+# the step's position alone says which slots it attends
+POSITIONAL_MASK_KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def grouped_decode_attention(
@@ -67,9 +71,15 @@ def grouped_decode_attention(
     total = probs.sum(-1, keepdim=True)  # [B, KV, S, G, 1]
     values = value.reshape(batch, kv_heads, splits, 1, chunk, dim).float()
     part = (probs.unsqueeze(-1) * values).sum(-2)  # [B, KV, S, G, D]
+    return combine_chunks(top, total, part).to(query.dtype).reshape(batch, heads, 1, dim)
+
+
+def combine_chunks(top: torch.Tensor, total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Attention from its chunks (dimension 2): each chunk's max score `top` and exp-sum `total`
+    [B, KV, S, G, 1] and values weighted by exp(score - top) `part` [B, KV, S, G, D], a chunk
+    wholly masked having top -inf. Returns [B, KV, G, D] in fp32."""
     weight = (top - top.amax(2, keepdim=True)).exp()  # each chunk's share; 0 for a masked one
-    out = (part * weight).sum(2) / (total * weight).sum(2)  # [B, KV, G, D]
-    return out.to(query.dtype).reshape(batch, heads, 1, dim)
+    return (part * weight).sum(2) / (total * weight).sum(2)
 
 
 def decode_block_mask(position: torch.Tensor, window: int, sliding_window: int | None = None) -> BlockMask:
@@ -121,6 +131,24 @@ def flex_decode_attention(
     return flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=grouped)
 
 
+def triton_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token [1, H, 1, D] at `position` over the static cache key/value
+    [1, KV, W, D] through `merger.decode_kernel` (only the slots attended are read). Returns
+    [1, H, 1, D]."""
+    from merger.decode_kernel import chunk_attention
+
+    chunks = chunk_attention(query, key, value, position, scaling=scaling, sliding_window=sliding_window)
+    return combine_chunks(*chunks).to(query.dtype).reshape(query.shape)
+
+
 def decode_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -139,17 +167,16 @@ def decode_attention(
     plain = dropout == 0.0 and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias"))
     if query.shape[2] == 1 and plain and torch.compiler.is_compiling():
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        position = kwargs.get("position_ids")
-        flex = (
-            DECODE_KERNEL == "flex"
-            and getattr(module.config, "model_type", None) in FLEX_MASK_KNOWN
+        position, window = kwargs.get("position_ids"), kwargs.get("sliding_window")
+        positional = (
+            getattr(module.config, "model_type", None) in POSITIONAL_MASK_KNOWN
             and position is not None
             and query.shape[0] == 1
-            and key.shape[2] % FLEX_BLOCK == 0
         )
-        if flex:
-            window = kwargs.get("sliding_window")
+        if DECODE_KERNEL == "flex" and positional and key.shape[2] % FLEX_BLOCK == 0:
             out = flex_decode_attention(query, key, value, position, scaling=scale, sliding_window=window)
+        elif DECODE_KERNEL == "triton" and positional and query.is_cuda:
+            out = triton_decode_attention(query, key, value, position, scaling=scale, sliding_window=window)
         else:
             out = grouped_decode_attention(query, key, value, attention_mask, scaling=scale)
         return out.transpose(1, 2), None

@@ -3,12 +3,19 @@ test session. The bundled models' real cache is reused, so their conversion runs
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (tests/test_decode_kernel.py) run in Triton's interpreter, on CPU tensors. Set
+    # before anything imports triton (torch._dynamo does), since @triton.jit reads it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -1,5 +1,5 @@
 """On a CUDA GPU (skipped elsewhere; run on the lent H200): the compiled, fused step gives plain
-`generate()`'s greedy tokens with either decode attention, also for two models of one structure
+`generate()`'s greedy tokens with each decode attention, also for two models of one structure
 sharing a compiled step, its logits repeat bit for bit, and a seed repeats a sampled reply."""
 
 import pytest
@@ -34,7 +34,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "flex"])
+@pytest.mark.parametrize("kernel", ["grouped", "flex", "triton"])
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
 def test_compiled_step_greedy_equals_generate_on_cuda(kernel, fixture, request, monkeypatch):
     monkeypatch.setattr(decode_attention, "DECODE_KERNEL", kernel)  # read when the step is traced

@@ -1,0 +1,80 @@
+"""merger.decode_kernel's Triton flash-decoding kernel equals SDPA over the attended slots. Without a
+GPU it runs in Triton's interpreter on CPU tensors (conftest.py turns it on)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from merger import decode_attention
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    ("groups", "dim", "window", "position", "sliding_window"),
+    [
+        (4, 128, 512, 0, None),  # the first slot alone: every other chunk empty
+        (4, 128, 512, 255, None),  # the last slot of the first chunk
+        (4, 128, 512, 256, None),  # the first slot of the second
+        (4, 128, 512, 511, None),  # the whole window
+        (1, 64, 300, 299, None),  # no grouping; a window that is no multiple of the chunk
+        (3, 48, 700, 600, None),  # a group and a head size that are no powers of two
+        (2, 256, 512, 400, 64),  # Gemma's head size and a sliding window inside one chunk
+        (2, 256, 1024, 700, 512),  # a sliding window across chunks
+    ],
+)
+def test_triton_decode_attention_equals_sdpa_over_the_attended_slots(groups, dim, window, position, sliding_window):
+    gen = torch.Generator().manual_seed(position)
+    kv_heads = 2
+    query = torch.randn(1, kv_heads * groups, 1, dim, generator=gen)
+    key, value = torch.randn(2, 1, kv_heads, window, dim, generator=gen)
+    slots = torch.arange(window)
+    attend = slots <= position
+    if sliding_window is not None:
+        attend &= slots > position - sliding_window
+    expected = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attend.reshape(1, 1, 1, window), scale=0.3, enable_gqa=True
+    )
+    for cached in (key, value):  # a value read outside the range would turn the output to NaN
+        cached[..., ~attend, :] = float("nan")
+    got = decode_attention.triton_decode_attention(
+        query.to(DEVICE),
+        key.to(DEVICE),
+        value.to(DEVICE),
+        torch.tensor([[position]], device=DEVICE),
+        scaling=0.3,
+        sliding_window=sliding_window,
+    )
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_decode_attention_reads_a_strided_cache():
+    # the static cache hands each layer its own [1, KV, W, D] tensor; a view with other strides too
+    gen = torch.Generator().manual_seed(7)
+    query = torch.randn(1, 8, 1, 64, generator=gen)
+    stacked = torch.randn(1, 64, 2, 2, 256, generator=gen)  # [1, D, K/V, KV, W]: nothing contiguous
+    key, value = stacked[:, :, 0].permute(0, 2, 3, 1), stacked[:, :, 1].permute(0, 2, 3, 1)
+    attend = (torch.arange(256) <= 100).reshape(1, 1, 1, 256)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=attend, scale=0.125, enable_gqa=True)
+    got = decode_attention.triton_decode_attention(
+        query.to(DEVICE), key.to(DEVICE), value.to(DEVICE), torch.tensor([[100]], device=DEVICE), scaling=0.125
+    )
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_decode_attention_on_a_bf16_cache_as_the_page_holds_it():
+    # Llama-3-8B's attention shape; the kernel computes in fp32 and rounds once at the end
+    gen = torch.Generator().manual_seed(11)
+    query = torch.randn(1, 32, 1, 128, generator=gen).bfloat16()
+    key, value = torch.randn(2, 1, 8, 1024, 128, generator=gen).bfloat16()
+    attend = (torch.arange(1024) <= 700).reshape(1, 1, 1, 1024)
+    expected = F.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=attend, scale=128**-0.5, enable_gqa=True
+    )
+    got = decode_attention.triton_decode_attention(
+        query.to(DEVICE), key.to(DEVICE), value.to(DEVICE), torch.tensor([[700]], device=DEVICE), scaling=128**-0.5
+    )
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.cpu(), expected.bfloat16())
