@@ -15,7 +15,8 @@ event-timed figures far above the real step's profile, so kernel and wall time a
   parallel, then combined (flash-decoding in tensor ops; the product's default is DECODE_SPLITS);
 - flex: FlexAttention reading only the blocks up to the current position (flash-decoding, split
   over the window, masked blocks skipped);
-- triton: merger.decode_kernel's flash-decoding kernel, reading only the slots up to the position;
+- triton64, triton256: merger.decode_kernel's flash-decoding kernel, reading only the slots up to
+  the position, with that many slots per program (the product's CHUNK is 64);
 - sdpa_packed: the grouped query handed to the masked SDPA kernel (no repeat);
 - ideal: SDPA over only the positions in use, with no mask (a step's attention at best).
 
@@ -86,10 +87,15 @@ def flex(q, k, v, mask):
     return flex_decode_attention(q, k, v, last_attended(mask), scaling=SCALE)
 
 
-def triton(q, k, v, mask):
-    """merger.decode_attention.triton_decode_attention: merger.decode_kernel over the slots up to
-    the position."""
-    return triton_decode_attention(q, k, v, last_attended(mask), scaling=SCALE)
+def triton(chunk: int):
+    """merger.decode_attention.triton_decode_attention with `chunk` slots per program:
+    merger.decode_kernel over the slots up to the position."""
+
+    def attention(q, k, v, mask):
+        return triton_decode_attention(q, k, v, last_attended(mask), scaling=SCALE, chunk=chunk)
+
+    attention.__name__ = f"triton{chunk}"
+    return attention
 
 
 def sdpa_packed(q, k, v, mask):

@@ -139,13 +139,16 @@ def triton_decode_attention(
     *,
     scaling: float,
     sliding_window: int | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token [1, H, 1, D] at `position` over the static cache key/value
-    [1, KV, W, D] through `merger.decode_kernel` (only the slots attended are read). Returns
-    [1, H, 1, D]."""
-    from merger.decode_kernel import chunk_attention
+    [1, KV, W, D] through `merger.decode_kernel` (only the slots attended are read; `chunk` slots
+    per program, by default its CHUNK). Returns [1, H, 1, D]."""
+    from merger import decode_kernel
 
-    chunks = chunk_attention(query, key, value, position, scaling=scaling, sliding_window=sliding_window)
+    chunks = decode_kernel.chunk_attention(
+        query, key, value, position, scaling=scaling, sliding_window=sliding_window, chunk=chunk or decode_kernel.CHUNK
+    )
     return combine_chunks(*chunks).to(query.dtype).reshape(query.shape)
 
 

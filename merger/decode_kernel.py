@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 256  # window slots per program: 4,096 slots x 8 key/value heads make 128 programs
+# window slots per program: a chat of a few hundred tokens still spreads over many programs, each
+# waiting on its loads only twice (4,096 slots x 8 key/value heads make 512 programs)
+CHUNK = 64
 BLOCK = 32  # slots per loop iteration
 
 
@@ -100,16 +102,17 @@ def chunk_attention(
     *,
     scaling: float,
     sliding_window: int | None = None,
+    chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-chunk attention of one query token [1, H, 1, D] at `position` (its cache slot, [1, 1])
     over key/value [1, KV, W, D], for `merger.decode_attention.combine_chunks`: each chunk's max
     score and exp-sum [1, KV, S, G, 1] and weighted values [1, KV, S, G, D] (fp32, G = H / KV,
-    S = ceil(W / CHUNK); a chunk outside the attended slots has max -inf, sum 0 and values 0)."""
+    S = ceil(W / `chunk`); a chunk outside the attended slots has max -inf, sum 0 and values 0)."""
     _, heads, _, dim = query.shape
     kv_heads, window = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     gp, dp = max(16, triton.next_power_of_2(groups)), max(16, triton.next_power_of_2(dim))
-    chunks = triton.cdiv(window, CHUNK)
+    chunks = triton.cdiv(window, chunk)
     top = torch.empty(kv_heads, chunks, groups, device=query.device, dtype=torch.float32)
     total = torch.empty_like(top)
     part = torch.empty(kv_heads, chunks, groups, dim, device=query.device, dtype=torch.float32)
@@ -135,7 +138,7 @@ def chunk_attention(
         dim=dim,
         GP=gp,
         DP=dp,
-        CHUNK=CHUNK,
+        CHUNK=chunk,
         BLOCK=BLOCK,
     )
     return top[None, ..., None], total[None, ..., None], part[None]

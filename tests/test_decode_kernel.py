@@ -13,19 +13,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize(
-    ("groups", "dim", "window", "position", "sliding_window"),
+    ("groups", "dim", "window", "position", "sliding_window", "chunk"),
     [
-        (4, 128, 512, 0, None),  # the first slot alone: every other chunk empty
-        (4, 128, 512, 255, None),  # the last slot of the first chunk
-        (4, 128, 512, 256, None),  # the first slot of the second
-        (4, 128, 512, 511, None),  # the whole window
-        (1, 64, 300, 299, None),  # no grouping; a window that is no multiple of the chunk
-        (3, 48, 700, 600, None),  # a group and a head size that are no powers of two
-        (2, 256, 512, 400, 64),  # Gemma's head size and a sliding window inside one chunk
-        (2, 256, 1024, 700, 512),  # a sliding window across chunks
+        (4, 128, 512, 0, None, 64),  # the first slot alone: every other chunk empty
+        (4, 128, 512, 63, None, 64),  # the last slot of the first chunk
+        (4, 128, 512, 64, None, 64),  # the first slot of the second
+        (4, 128, 512, 511, None, 64),  # the whole window
+        (4, 128, 512, 300, None, 256),  # fewer, longer chunks
+        (1, 64, 300, 299, None, 48),  # no grouping; a chunk of 1.5 blocks; the window no multiple of it
+        (3, 48, 700, 600, None, 64),  # a group and a head size that are no powers of two
+        (2, 256, 512, 400, 20, 64),  # Gemma's head size and a sliding window inside one chunk
+        (2, 256, 1024, 700, 512, 64),  # a sliding window across chunks
     ],
 )
-def test_triton_decode_attention_equals_sdpa_over_the_attended_slots(groups, dim, window, position, sliding_window):
+def test_triton_decode_attention_equals_sdpa_over_the_attended_slots(
+    groups, dim, window, position, sliding_window, chunk
+):
     gen = torch.Generator().manual_seed(position)
     kv_heads = 2
     query = torch.randn(1, kv_heads * groups, 1, dim, generator=gen)
@@ -46,6 +49,7 @@ def test_triton_decode_attention_equals_sdpa_over_the_attended_slots(groups, dim
         torch.tensor([[position]], device=DEVICE),
         scaling=0.3,
         sliding_window=sliding_window,
+        chunk=chunk,
     )
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
 
