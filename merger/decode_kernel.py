@@ -12,8 +12,6 @@ Imported only where Triton is (torch's CUDA builds ship it); with TRITON_INTERPR
 on CPU tensors, which the tests use.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
@@ -94,29 +92,27 @@ def _chunk_attention(
     tl.store(part_out + row[:, None] * dim + d[None, :], part, mask=(g[:, None] < groups) & (d[None, :] < dim))
 
 
-def chunk_attention(
+@torch.library.triton_op("frankenmerge::decode_chunks", mutates_args=())
+def decode_chunks(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     position: torch.Tensor,
-    *,
     scaling: float,
-    sliding_window: int | None = None,
-    chunk: int = CHUNK,
+    sliding_window: int,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-chunk attention of one query token [1, H, 1, D] at `position` (its cache slot, [1, 1])
-    over key/value [1, KV, W, D], for `merger.decode_attention.combine_chunks`: each chunk's max
-    score and exp-sum [1, KV, S, G, 1] and weighted values [1, KV, S, G, D] (fp32, G = H / KV,
-    S = ceil(W / `chunk`); a chunk outside the attended slots has max -inf, sum 0 and values 0)."""
+    """`chunk_attention`'s op (sliding_window 0: none): each chunk's max [KV, S, G], exp-sum
+    [KV, S, G] and weighted values [KV, S, G, D]. A custom op, so torch.compile puts it in the step's
+    graph as one call whose kernel inductor then launches itself."""
     _, heads, _, dim = query.shape
     kv_heads, window = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    gp, dp = max(16, triton.next_power_of_2(groups)), max(16, triton.next_power_of_2(dim))
     chunks = triton.cdiv(window, chunk)
     top = torch.empty(kv_heads, chunks, groups, device=query.device, dtype=torch.float32)
     total = torch.empty_like(top)
     part = torch.empty(kv_heads, chunks, groups, dim, device=query.device, dtype=torch.float32)
-    _chunk_attention[(kv_heads, chunks)](
+    torch.library.wrap_triton(_chunk_attention)[(kv_heads, chunks)](
         query,
         key,
         value,
@@ -133,12 +129,32 @@ def chunk_attention(
         value.stride(2),
         value.stride(3),
         scaling,
-        sliding_window or 0,
+        sliding_window,
         groups=groups,
         dim=dim,
-        GP=gp,
-        DP=dp,
+        GP=max(16, triton.next_power_of_2(groups)),
+        DP=max(16, triton.next_power_of_2(dim)),
         CHUNK=chunk,
         BLOCK=BLOCK,
+    )
+    return top, total, part
+
+
+def chunk_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    scaling: float,
+    sliding_window: int | None = None,
+    chunk: int = CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-chunk attention of one query token [1, H, 1, D] at `position` (its cache slot, [1, 1])
+    over key/value [1, KV, W, D], for `merger.decode_attention.combine_chunks`: each chunk's max
+    score and exp-sum [1, KV, S, G, 1] and weighted values [1, KV, S, G, D] (fp32, G = H / KV,
+    S = ceil(W / `chunk`); a chunk outside the attended slots has max -inf, sum 0 and values 0)."""
+    top, total, part = torch.ops.frankenmerge.decode_chunks(
+        query, key, value, position, scaling, sliding_window or 0, chunk
     )
     return top[None, ..., None], total[None, ..., None], part[None]

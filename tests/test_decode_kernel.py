@@ -1,6 +1,11 @@
 """merger.decode_kernel's Triton flash-decoding kernel equals SDPA over the attended slots. Without a
 GPU it runs in Triton's interpreter on CPU tensors (conftest.py turns it on)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +15,7 @@ from merger import decode_attention
 pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -82,3 +88,29 @@ def test_triton_decode_attention_on_a_bf16_cache_as_the_page_holds_it():
     )
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.cpu(), expected.bfloat16())
+
+
+TRACE_SCRIPT = r"""
+import torch
+from merger import decode_attention
+
+graphs = []
+
+def backend(graph_module, example_inputs):
+    graphs.append(graph_module)
+    return lambda *args: (torch.zeros(1, 8, 1, 64),)  # traced, not run: no GPU here
+
+step = torch.compile(decode_attention.triton_decode_attention, backend=backend, fullgraph=True)
+step(torch.randn(1, 8, 1, 64), *torch.randn(2, 1, 2, 256, 64), torch.tensor([[100]]), scaling=0.125)
+print(len(graphs), *sorted({str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}), sep="\n")
+"""
+
+
+def test_torch_compile_traces_the_triton_attention_as_one_op_in_one_graph():
+    # a graph break at the kernel would split the compiled decode step. Dynamo cannot trace through
+    # Triton's interpreter (which conftest.py turns on), so this runs in a process without it.
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    graphs, *ops = run.stdout.splitlines()
+    assert graphs == "1" and "frankenmerge.decode_chunks" in ops
