@@ -52,8 +52,8 @@ def grouped_decode_attention(
     """Attention of one query token per head: query [B, H, 1, D] over key/value [B, KV, W, D]
     (H a multiple of KV), `mask` [B, 1, 1, W] bool (True: attend) or additive float, or None.
     The window is cut into `splits` chunks (default DECODE_SPLITS; one if that does not divide W)
-    attended in parallel, each with its own max and sum, then combined (flash-decoding). Scores and softmax in fp32;
-    returns [B, H, 1, D] in the query's dtype."""
+    attended in parallel, each with its own max and sum, then combined (flash-decoding). Scores and
+    softmax in fp32; returns [B, H, 1, D] in the query's dtype."""
     batch, heads, _, dim = query.shape
     kv_heads, window = key.shape[1], key.shape[2]
     splits = DECODE_SPLITS if splits is None else splits
@@ -163,8 +163,8 @@ def decode_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: for a compiled one-token step the DECODE_KERNEL
-    form (flex only where its conditions hold, else grouped), transformers' SDPA function for
-    everything else. Returns [B, T, H, D]."""
+    form (flex or triton only where their conditions hold, else grouped), transformers' SDPA
+    function for everything else. Returns [B, T, H, D]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     plain = dropout == 0.0 and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias"))
