@@ -12,7 +12,7 @@ event-timed figures far above the real step's profile, so kernel and wall time a
   heads grouped per key/value head, no repeat, fp32 scores as one fused reduction);
 - grouped_matmul: the same grouping through bf16 matrix products (transformers' eager semantics);
 - split8, split32, split128: the same with the window cut into that many chunks attended in
-  parallel, then combined (flash-decoding in tensor ops; the product's default is DECODE_SPLITS);
+  parallel, then combined (flash-decoding in tensor ops; the product's DECODE_SPLITS is 1);
 - flex: FlexAttention reading only the blocks up to the current position (flash-decoding, split
   over the window, masked blocks skipped);
 - triton64, triton256: merger.decode_kernel's flash-decoding kernel, reading only the slots up to
@@ -117,7 +117,8 @@ VARIANTS = {
         split(32),
         split(128),
         flex,
-        triton,
+        triton(64),
+        triton(256),
         sdpa_packed,
         ideal,
     )
