@@ -1,6 +1,9 @@
 """The compiled step's attentions (grouped; FlexAttention over the positions in use) equal SDPA,
 and a model switched to either decodes the same greedy tokens as plain `generate()`."""
 
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,3 +94,17 @@ def test_compiled_step_with_decode_attention_greedy_equals_generate(kernel, fixt
     traced = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
     assert graphs and not any("scaled_dot_product_attention" in op for op in traced)
     assert any("flex_attention" in op for op in traced) == (kernel == "flex")
+
+
+def test_every_attention_the_benchmark_times_equals_sdpa_over_the_slots_in_use(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    bench = importlib.import_module("decode_attention")  # benchmarks/decode_attention.py, as run
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(1, bench.HEADS, 1, bench.HEAD_DIM, generator=gen)
+    key, value = torch.randn(2, 1, bench.KV_HEADS, 256, bench.HEAD_DIM, generator=gen)
+    mask = (torch.arange(256) < 100).reshape(1, 1, 1, 256)
+    expected = bench.ideal(query, key[:, :, :100], value[:, :, :100], None)
+    for name, attention in bench.VARIANTS.items():
+        if name == "ideal":  # the reference: it takes only the slots in use
+            continue
+        torch.testing.assert_close(attention(query, key, value, mask), expected, rtol=1e-5, atol=1e-5, msg=name)
