@@ -8,11 +8,11 @@ prints per layer the kernel time (profiled) and the wall time of each way to com
 event-timed figures far above the real step's profile, so kernel and wall time are now apart):
 - transformers_sdpa: transformers' SDPA function as it runs inside torch.compile (keys and values
   repeated per query head, then the masked SDPA kernel);
-- grouped: merger.decode_attention.grouped_decode_attention over the window in one piece (query
-  heads grouped per key/value head, no repeat, fp32 scores as one fused reduction);
+- grouped: merger.decode_attention.grouped_decode_attention (query heads grouped per key/value
+  head, no repeat, fp32 scores as one fused reduction);
 - grouped_matmul: the same grouping through bf16 matrix products (transformers' eager semantics);
 - split8, split32, split128: the same with the window cut into that many chunks attended in
-  parallel, then combined (flash-decoding in tensor ops; the product's DECODE_SPLITS is 1);
+  parallel, then combined (flash-decoding in tensor ops);
 - flex: FlexAttention reading only the blocks up to the current position (flash-decoding, split
   over the window, masked blocks skipped);
 - triton64, triton256: merger.decode_kernel's flash-decoding kernel, reading only the slots up to
@@ -40,7 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generation import copy_bandwidth  # this folder is on the path when run as a script
 
-from merger.decode_attention import flex_decode_attention, grouped_decode_attention, triton_decode_attention
+from merger.decode_attention import (
+    combine_chunks,
+    flex_decode_attention,
+    grouped_decode_attention,
+    triton_decode_attention,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 GROUPS = HEADS // KV_HEADS
@@ -55,15 +60,26 @@ def transformers_sdpa(q, k, v, mask):
     return sdpa_attention_forward(module, q, k, v, mask, scaling=SCALE)[0].transpose(1, 2)  # [B, H, 1, D]
 
 
-def grouped(q, k, v, mask, splits: int = 1):
-    return grouped_decode_attention(q, k, v, mask, scaling=SCALE, splits=splits)
+def grouped(q, k, v, mask):
+    return grouped_decode_attention(q, k, v, mask, scaling=SCALE)
 
 
 def split(splits: int):
-    """grouped_decode_attention with the window in `splits` chunks (flash-decoding in tensor ops)."""
+    """Flash-decoding in tensor ops: the window cut into `splits` chunks attended in parallel, each
+    with its own max and sum (grouped per key/value head, fp32), then combined as the Triton
+    kernel's chunks are (merger.decode_attention.combine_chunks)."""
 
     def attention(q, k, v, mask):
-        return grouped(q, k, v, mask, splits)
+        chunk = k.shape[2] // splits
+        g = q.reshape(1, KV_HEADS, 1, GROUPS, 1, HEAD_DIM).float()
+        scores = (g * k.reshape(1, KV_HEADS, splits, 1, chunk, HEAD_DIM).float()).sum(-1) * SCALE  # [1, KV, S, G, C]
+        scores = scores.masked_fill(~mask.reshape(1, 1, splits, 1, chunk), float("-inf"))
+        top = scores.amax(-1, keepdim=True)  # [1, KV, S, G, 1]; -inf for a chunk wholly masked
+        probs = (scores - top.nan_to_num(neginf=0.0)).exp()  # a masked chunk's are all 0, not NaN
+        values = v.reshape(1, KV_HEADS, splits, 1, chunk, HEAD_DIM).float()
+        part = (probs.unsqueeze(-1) * values).sum(-2)  # [1, KV, S, G, D]
+        out = combine_chunks(top, probs.sum(-1, keepdim=True), part)  # [1, KV, G, D]
+        return out.to(q.dtype).reshape(1, HEADS, 1, HEAD_DIM)
 
     attention.__name__ = f"split{splits}"
     return attention

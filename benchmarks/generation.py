@@ -12,7 +12,7 @@ Stages run in order of importance and stop starting new ones when the time budge
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
     python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path fast_ ...]
-                                    [--decode-attention grouped|flex|triton] [--decode-splits N]
+                                    [--decode-attention grouped|flex|triton]
     python benchmarks/generation.py --smoke   # the same stages on a tiny shape, on the CPU
 """
 
@@ -423,7 +423,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script only")
     parser.add_argument("--only", nargs="+", default=(), help="run only the stages whose names start so")
-    parser.add_argument("--decode-splits", type=int, default=decode_attention.DECODE_SPLITS)
     parser.add_argument(
         "--decode-attention", choices=("grouped", "flex", "triton"), default=decode_attention.DECODE_KERNEL
     )
@@ -436,7 +435,6 @@ def main() -> None:
     report = Report(args.out, args.budget_s, args.only)
     data = report.data
     decode_attention.DECODE_KERNEL = data["decode_attention"] = args.decode_attention
-    decode_attention.DECODE_SPLITS = data["decode_splits"] = args.decode_splits
     data["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     data["torch"], data["transformers"] = torch.__version__, transformers.__version__
     data["shape"] = "tiny (smoke)" if args.smoke else "Llama-3-8B (random bf16 weights), batch 1"

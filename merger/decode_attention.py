@@ -4,17 +4,18 @@ Inside torch.compile, transformers' SDPA path repeats every key/value head once 
 its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writes and reads the
 whole cache window several times over; the masked kernel also parallelizes over heads only.
 Three replacements, chosen by `DECODE_KERNEL` (FRANKENMERGE_DECODE_ATTENTION):
-- "grouped" (the default): the query heads grouped per key/value head, written as reductions that
-  inductor fuses with the fp32 casts: each cached key and value read once, but the whole window
-  every step. With DECODE_SPLITS > 1 the window is cut into that many chunks attended in parallel,
-  then combined (flash-decoding in tensor ops); on the H200, 32 chunks made a plain 8B faster and
-  its merge slower than one piece, and the compile 40 s longer (README), so one piece it is;
+- "grouped" (the default): the query heads grouped per key/value head, the step written as two
+  reductions (scores over the head dimension, output over the window) that inductor fuses with the
+  fp32 casts, reading each cached key and value once, but still the whole window. Cut into chunks
+  attended in parallel and combined (`combine_chunks`; benchmarks/decode_attention.py's split
+  variants), it made a plain 8B faster and its merge slower on the H200, and the compile 40 s
+  longer (README);
 - "flex": FlexAttention with a block mask built from the step's position, which torch.compile
   lowers to its flash-decoding kernel: blocks past the position (or before a sliding window) never
   read. On the H200 (README) it made a plain 8B faster and its merge slower than "grouped" in one
   piece, and its compile about a minute longer;
 - "triton" (CUDA only): `merger.decode_kernel`'s flash-decoding kernel, which reads only the slots
-  up to the position, with the chunks combined as "grouped" combines its own. Not yet run on a GPU.
+  up to the position, its chunks combined by `combine_chunks`. Not yet run on a GPU.
 "flex" and "triton" only for models whose masks are causal, or causal within a sliding window.
 Everything else (prefill, eager calls, soft-capped or sink attention) goes to transformers' own
 SDPA function unchanged.
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 IMPLEMENTATION = "frankenmerge_decode"  # the name models are switched to (attention and mask interfaces)
 DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "grouped")
-DECODE_SPLITS = 1  # chunks of the window "grouped" attends in parallel (benchmarks/generation.py --decode-splits)
 FLEX_BLOCK = 128  # FlexAttention's key/value block
 # model types whose decode mask is causal, or causal within the `sliding_window` transformers passes:
 # the step's position alone says which slots it attends
@@ -41,37 +41,23 @@ POSITIONAL_MASK_KNOWN = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def grouped_decode_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    *,
-    scaling: float,
-    splits: int | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *, scaling: float
 ) -> torch.Tensor:
     """Attention of one query token per head: query [B, H, 1, D] over key/value [B, KV, W, D]
     (H a multiple of KV), `mask` [B, 1, 1, W] bool (True: attend) or additive float, or None.
-    The window is cut into `splits` chunks (default DECODE_SPLITS; one if that does not divide W)
-    attended in parallel, each with its own max and sum, then combined (flash-decoding). Scores and
-    softmax in fp32; returns [B, H, 1, D] in the query's dtype."""
+    Scores and softmax in fp32; returns [B, H, 1, D] in the query's dtype."""
     batch, heads, _, dim = query.shape
-    kv_heads, window = key.shape[1], key.shape[2]
-    splits = DECODE_SPLITS if splits is None else splits
-    splits = splits if window % splits == 0 else 1  # (math.gcd would break torch.compile's graph)
-    chunk = window // splits
-    grouped = query.reshape(batch, kv_heads, 1, heads // kv_heads, 1, dim).float()  # [B, KV, 1, G, 1, D]
-    keys = key.reshape(batch, kv_heads, splits, 1, chunk, dim).float()  # [B, KV, S, 1, C, D]
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float()  # [B, KV, G, 1, D]
     # a product summed over D rather than a matmul: inductor fuses the casts into one reduction
-    scores = (grouped * keys).sum(-1) * scaling  # [B, KV, S, G, C]
-    if mask is not None:
-        mask = mask.reshape(mask.shape[0], 1, splits, 1, chunk)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    top = scores.amax(-1, keepdim=True)  # [B, KV, S, G, 1]; -inf for a chunk wholly masked
-    probs = (scores - top.nan_to_num(neginf=0.0)).exp()  # a masked chunk's are all 0, not NaN
-    total = probs.sum(-1, keepdim=True)  # [B, KV, S, G, 1]
-    values = value.reshape(batch, kv_heads, splits, 1, chunk, dim).float()
-    part = (probs.unsqueeze(-1) * values).sum(-2)  # [B, KV, S, G, D]
-    return combine_chunks(top, total, part).to(query.dtype).reshape(batch, heads, 1, dim)
+    scores = (grouped * key.unsqueeze(2).float()).sum(-1) * scaling  # [B, KV, G, W]
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask.float()
+    probs = scores.softmax(dim=-1)  # [B, KV, G, W]
+    out = (probs.unsqueeze(-1) * value.unsqueeze(2).float()).sum(-2)  # [B, KV, G, D]
+    return out.to(query.dtype).reshape(batch, heads, 1, dim)
 
 
 def combine_chunks(top: torch.Tensor, total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
