@@ -23,10 +23,12 @@ import logging
 import queue
 import sys
 import threading
+import time
 import traceback
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +222,8 @@ class FastGenerator:
             return self._step(token, position)
         torch.compiler.cudagraph_mark_step_begin()
         try:
-            logits = self._step(token, position).clone()  # clone: the next replay overwrites the graph's output
+            with _compiling(not self._stepped and not self.reuses_compiled_step):
+                logits = self._step(token, position).clone()  # clone: the next replay overwrites the graph's output
         except Exception as exc:
             if self._stepped:
                 raise
@@ -240,6 +243,30 @@ class FastGenerator:
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))  # the tokens' device, which need not be the current one
         return _Chunk(start, end, ready)
+
+
+_compile_started: float | None = None  # time.monotonic() when the step compiling now began
+
+
+def compiling_for() -> float | None:
+    """Seconds the decode step being compiled now has taken so far, or None when none is. Every
+    request on the decode loop waits for it (DecodeLoop), so a reply can say what it waits for."""
+    started = _compile_started
+    return None if started is None else time.monotonic() - started
+
+
+@contextmanager
+def _compiling(compiles: bool) -> Iterator[None]:
+    """Mark the block as the compile of a step when `compiles` (a structure's first compiled call)."""
+    global _compile_started
+    if not compiles:
+        yield
+        return
+    _compile_started = time.monotonic()
+    try:
+        yield
+    finally:
+        _compile_started = None
 
 
 # Dynamo keeps a function's compiled entries on its code object, keeps dead models' entries there,

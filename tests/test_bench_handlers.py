@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from merger import runtime
+from merger import fastgen, runtime
 from merger.chat import format_prompt, stream_reply
 from merger.plan import make_plan
 from merger.recipe import passthrough
@@ -154,3 +154,17 @@ def test_build_status_says_whether_the_first_reply_waits_for_a_compile(visitor, 
         assert "compil" not in status
     else:
         assert expected in status
+
+
+def test_a_reply_queued_behind_a_compile_says_what_it_waits_for(visitor, monkeypatch):
+    request, built = visitor
+    monkeypatch.setattr(fastgen, "compiling_for", lambda: 42.4)
+    first_history, first_note = next(bench.chat("Hello", [], *GREEDY, request=request))
+    assert first_history[-1] == {"role": "assistant", "content": ""}
+    assert "compiling a fresh build's decode step (42 s so far" in first_note
+    bench.build_into(bench.slot(request, bench.COMPARE), built.plan, no_progress)
+    *_, merge_note, other_note = next(bench.compare_send("Hello", [], [], *GREEDY, request=request))
+    assert merge_note == other_note == first_note
+    monkeypatch.setattr(fastgen, "compiling_for", lambda: None)
+    first_history, first_note = next(bench.chat("Hello", [], *GREEDY, request=request))
+    assert first_note == "" and first_history[-1]["content"]  # straight to the reply

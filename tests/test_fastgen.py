@@ -216,3 +216,24 @@ def test_compiled_step_is_freed_with_its_last_generator(monkeypatch):
     del fast
     gc.collect()
     assert all(ref() is None for ref in backend.compiled)
+
+
+def test_compiling_for_counts_while_a_structure_first_compiles_and_only_then(monkeypatch):
+    # every request on the decode loop waits behind a compile: replies say so while it lasts
+    seen = []
+
+    def backend(graph_module, example_inputs):
+        seen.append(fastgen.compiling_for())  # called while the first step compiles
+        return graph_module.forward
+
+    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    ids = torch.tensor([[1, 5, 9]])
+    first = FastGenerator(tiny_llama_of_depth(2, seed=4), max_seq_len=32, compile=True)
+    assert fastgen.compiling_for() is None
+    list(first.generate(ids, max_new_tokens=4))
+    assert len(seen) == 1 and seen[0] is not None and seen[0] >= 0
+    assert fastgen.compiling_for() is None
+    second = FastGenerator(tiny_llama_of_depth(2, seed=5), max_seq_len=32, compile=True)  # the same structure
+    seen.clear()
+    list(second.generate(ids, max_new_tokens=4))
+    assert second.reuses_compiled_step and seen == [] and fastgen.compiling_for() is None

@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 
 from merger.cards import roleplay_prompt, stop_strings
-from merger.chat import GenerationSettings, ReplyStats, format_prompt, stream_reply, stream_side_by_side
+from merger.chat import GenerationSettings, ReplyStats, SideReply, format_prompt, stream_reply, stream_side_by_side
 from merger.errors import UserError
 from merger.params import count
 from merger.plan import Plan, make_plan
@@ -147,6 +147,20 @@ def turns_of(history: list[dict[str, Any]] | None) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
 
 
+def gpu_wait_note() -> str:
+    """What a reply waits for before its first token, when the GPU's decode loop is compiling a
+    fresh build's step (every reply waits for that); "" when it is not."""
+    from merger.fastgen import compiling_for
+
+    seconds = compiling_for()
+    if seconds is None:
+        return ""
+    return (
+        f"Waiting for the GPU: it is compiling a fresh build's decode step ({seconds:.0f} s so far; "
+        "about 90 s for an 8B model on an H200). Replies start when it is done."
+    )
+
+
 def stream_turns(
     request: gr.Request | None,
     built: Built,
@@ -158,10 +172,13 @@ def stream_turns(
     **prompting: Any,
 ) -> Iterator[tuple[list[dict[str, Any]], str]]:
     """The conversation on screen (`shown`) plus the reply (after `prefix`) as it streams, then the
-    reply's speed. The session's Stop button ends it; a mistake (too long for the window) is said."""
+    reply's speed; first, if the GPU is compiling, what the reply waits for. The session's Stop
+    button ends it; a mistake (too long for the window) is said."""
     stop = STOPS[session_id(request)] = threading.Event()
     stats = ReplyStats()
     reply = ""
+    if note := gpu_wait_note():
+        yield [*shown, {"role": "assistant", "content": prefix}], note
     try:
         for reply in stream_reply(built, turns, settings, stop, stats, **prompting):
             yield [*shown, {"role": "assistant", "content": prefix + reply}], ""
@@ -319,7 +336,8 @@ def compare_send(
     request: gr.Request,
 ):
     """The message, settings and seed sent to the merge and to the comparison model at once; both
-    replies stream next to each other, each under its own speed."""
+    replies stream next to each other, each under its own speed (first, if the GPU is compiling,
+    what they wait for)."""
     if not (message or "").strip():
         raise gr.Error("Type a message first.")
     built = [built_for(request), built_for(request, COMPARE)]
@@ -336,6 +354,9 @@ def compare_send(
         speeds = [r.stats.summary() if done and not r.error else "" for r in replies]
         return chats[0], chats[1], speeds[0], speeds[1]
 
+    if note := gpu_wait_note():
+        chats = frame([SideReply(), SideReply()], done=False)[:2]
+        yield *chats, note, note
     replies = None
     for replies in stream_side_by_side(requests, settings, stop):
         yield frame(replies, done=False)
