@@ -106,11 +106,50 @@ print(len(graphs), *sorted({str(n.target) for n in graphs[0].graph.nodes if n.op
 """
 
 
-def test_torch_compile_traces_the_triton_attention_as_one_op_in_one_graph():
-    # a graph break at the kernel would split the compiled decode step. Dynamo cannot trace through
-    # Triton's interpreter (which conftest.py turns on), so this runs in a process without it.
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
+def without_interpreter(script: str) -> list[str]:
+    """`script`'s printed lines, run in a process without Triton's interpreter (which conftest.py
+    turns on, and which neither torch.compile nor Triton's compiler can take)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    graphs, *ops = run.stdout.splitlines()
+    return run.stdout.splitlines()
+
+
+def test_torch_compile_traces_the_triton_attention_as_one_op_in_one_graph():
+    # a graph break at the kernel would split the compiled decode step
+    graphs, *ops = without_interpreter(TRACE_SCRIPT)
     assert graphs == "1" and "frankenmerge.decode_chunks" in ops
+
+
+COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from merger.decode_kernel import BLOCK, CHUNK, _chunk_attention
+
+names = _chunk_attention.arg_names
+for dtype, groups, dim in [("bf16", 4, 128), ("fp32", 2, 16), ("bf16", 2, 256), ("fp16", 3, 48)]:
+    padded = {"GP": max(16, triton.next_power_of_2(groups)), "DP": max(16, triton.next_power_of_2(dim))}
+    constants = {"groups": groups, "dim": dim, **padded, "CHUNK": CHUNK, "BLOCK": BLOCK}
+    pointers = {"query": dtype, "keys": dtype, "values": dtype, "position": "i64"} | dict.fromkeys(
+        ("top_out", "total_out", "part_out"), "fp32"
+    )
+    signature = {
+        n: "constexpr" if n in constants else f"*{pointers[n]}" if n in pointers else "fp32" if n == "scale" else "i32"
+        for n in names
+    }
+    source = ASTSource(_chunk_attention, signature, {(names.index(k),): v for k, v in constants.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    print(dtype, groups, dim, "cubin" in kernel.asm)
+"""
+
+
+def test_the_kernel_compiles_for_hopper_gpus_in_every_dtype_and_shape_the_page_meets():
+    # the interpreter runs what the compiler may refuse (types that differ between branches, dot
+    # shapes): Triton's own compiler builds it for sm_90 (the H200) here, without a GPU
+    assert without_interpreter(COMPILE_SCRIPT) == [
+        "bf16 4 128 True",
+        "fp32 2 16 True",
+        "bf16 2 256 True",
+        "fp16 3 48 True",
+    ]
