@@ -44,7 +44,7 @@ def _chunk_attention(
     groups: tl.constexpr,
     dim: tl.constexpr,
     GP: tl.constexpr,  # groups padded to a power of two of at least 16 (tl.dot's smallest side)
-    DP: tl.constexpr,  # dim padded to a power of two
+    DP: tl.constexpr,  # dim padded to a power of two of at least 16
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
