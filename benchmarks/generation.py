@@ -12,7 +12,7 @@ Stages run in order of importance and stop starting new ones when the time budge
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
     python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path fast_ ...]
-                                    [--decode-attention grouped|flex|triton]
+                                    [--decode-attention grouped|flex|triton] [--step-options JSON]
     python benchmarks/generation.py --smoke   # the same stages on a tiny shape, on the CPU
 """
 
@@ -38,7 +38,7 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger import decode_attention
+from merger import decode_attention, fastgen
 from merger.assemble import assemble, parameter_bytes
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.fastgen import LOOP, FastGenerator, fuse_projections
@@ -426,6 +426,12 @@ def main() -> None:
     parser.add_argument(
         "--decode-attention", choices=("grouped", "flex", "triton"), default=decode_attention.DECODE_KERNEL
     )
+    parser.add_argument(
+        "--step-options",
+        type=json.loads,
+        default=fastgen.STEP_COMPILE["options"],
+        help="inductor options for the compiled step, as JSON (e.g. '{\"triton.cudagraphs\": true}': no tuning)",
+    )
     args = parser.parse_args()
     import transformers
 
@@ -435,6 +441,8 @@ def main() -> None:
     report = Report(args.out, args.budget_s, args.only)
     data = report.data
     decode_attention.DECODE_KERNEL = data["decode_attention"] = args.decode_attention
+    fastgen.STEP_COMPILE = {"options": args.step_options}
+    data["step_options"] = args.step_options
     data["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     data["torch"], data["transformers"] = torch.__version__, transformers.__version__
     data["shape"] = "tiny (smoke)" if args.smoke else "Llama-3-8B (random bf16 weights), batch 1"
