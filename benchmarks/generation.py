@@ -468,12 +468,17 @@ def main() -> None:
         tokenizer = word_tokenizer(shape["vocab_size"])
         return Built(plan, model, tokenizer, device, 0.0, placement=plan_placement(plan, device))
 
+    def assemble_bf16(plan: Plan) -> Any:
+        model = assemble(plan, device=device, dtype="bfloat16")
+        model.generation_config.pad_token_id = shape["eos_token_id"]  # generate() asks for one
+        return model
+
     def build_parent() -> Any:
-        return assemble(splice(PARENT), device=device, dtype="bfloat16")
+        return assemble_bf16(splice(PARENT))
 
     def build() -> None:
         models["parent"] = build_parent()
-        models["merge"] = assemble(splice(MERGE), device=device, dtype="bfloat16")
+        models["merge"] = assemble_bf16(splice(MERGE))
         merge = models["merge"].model.layers
         same = merge[24].mlp.up_proj.weight.data_ptr() == merge[16].mlp.up_proj.weight.data_ptr()
         data["merge_shares_repeated_layers"] = same
@@ -484,7 +489,6 @@ def main() -> None:
     long_ids = torch.randint(0, shape["vocab_size"], (1, TTFT_PROMPT_LEN), device=device)
     bounds = {}
     for name, model in models.items():
-        model.generation_config.pad_token_id = shape["eos_token_id"]
         per_token = weight_bytes_per_token(model)
         bounds[name] = bandwidth / per_token
         data[name] = {"weight_bytes_per_token": per_token, "bound_tok_s": round(bounds[name], 1)}
@@ -537,9 +541,7 @@ def main() -> None:
         """A merge of the first one's shape with its seam moved, as a visitor trying seams builds
         it: does its first reply reuse the compiled step, and at what speed does it run?"""
         plan = splice(RESEAMED)
-        model = assemble(plan, device=device, dtype="bfloat16")
-        model.generation_config.pad_token_id = shape["eos_token_id"]
-        built = as_built(plan, model)
+        built = as_built(plan, assemble_bf16(plan))
         result = measure_chat_path("reseamed merge", built, bounds["merge"])
         data["merge"]["chat_path_reseamed"] = {**result, "reuses_compiled_step": built.decoder.reuses_compiled_step}
         built.decoder.close()

@@ -132,10 +132,11 @@ def triton_decode_attention(
     per program, by default its CHUNK). Returns [1, H, 1, D]."""
     from merger import decode_kernel
 
-    chunks = decode_kernel.chunk_attention(
-        query, key, value, position, scaling=scaling, sliding_window=sliding_window, chunk=chunk or decode_kernel.CHUNK
+    top, total, part = decode_kernel.decode_chunks(
+        query, key, value, position, scaling, sliding_window or 0, chunk or decode_kernel.CHUNK
     )
-    return combine_chunks(*chunks).to(query.dtype).reshape(query.shape)
+    out = combine_chunks(top[None, ..., None], total[None, ..., None], part[None])  # [1, KV, G, D]
+    return out.to(query.dtype).reshape(query.shape)
 
 
 def decode_attention(

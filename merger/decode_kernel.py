@@ -102,9 +102,12 @@ def decode_chunks(
     sliding_window: int,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`chunk_attention`'s op (sliding_window 0: none): each chunk's max [KV, S, G], exp-sum
-    [KV, S, G] and weighted values [KV, S, G, D]. A custom op, so torch.compile puts it in the step's
-    graph as one call whose kernel inductor then launches itself."""
+    """Per-chunk attention of one query token [1, H, 1, D] at `position` (its cache slot, [1, 1])
+    over key/value [1, KV, W, D], `chunk` slots per program, sliding_window 0 for none: each chunk's
+    max score and exp-sum [KV, S, G] and values weighted by exp(score - max) [KV, S, G, D] (fp32,
+    G = H / KV, S = ceil(W / chunk); a chunk outside the attended slots has max -inf, sum 0 and
+    values 0). A custom op, so torch.compile puts it in the step's graph as one call whose kernel
+    inductor then launches itself."""
     _, heads, _, dim = query.shape
     kv_heads, window = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -138,23 +141,3 @@ def decode_chunks(
         BLOCK=BLOCK,
     )
     return top, total, part
-
-
-def chunk_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    position: torch.Tensor,
-    *,
-    scaling: float,
-    sliding_window: int | None = None,
-    chunk: int = CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-chunk attention of one query token [1, H, 1, D] at `position` (its cache slot, [1, 1])
-    over key/value [1, KV, W, D], for `merger.decode_attention.combine_chunks`: each chunk's max
-    score and exp-sum [1, KV, S, G, 1] and weighted values [1, KV, S, G, D] (fp32, G = H / KV,
-    S = ceil(W / `chunk`); a chunk outside the attended slots has max -inf, sum 0 and values 0)."""
-    top, total, part = torch.ops.frankenmerge.decode_chunks(
-        query, key, value, position, scaling, sliding_window or 0, chunk
-    )
-    return top[None, ..., None], total[None, ..., None], part[None]

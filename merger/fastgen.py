@@ -221,19 +221,22 @@ class FastGenerator:
         if not self.compiled:
             return self._step(token, position)
         torch.compiler.cudagraph_mark_step_begin()
+        if self._stepped:
+            return self._step(token, position).clone()  # clone: the next replay overwrites the graph's output
+        return self._first_step(token, position)
+
+    def _first_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The first compiled call: it compiles (unless a model of this structure already did) and
+        records; if that fails, the eager step rewrites the slot and runs from then on."""
         try:
-            with _compiling(not self._stepped and not self.reuses_compiled_step):
-                logits = self._step(token, position).clone()  # clone: the next replay overwrites the graph's output
+            with _compiling(not self.reuses_compiled_step):
+                logits = self._step(token, position).clone()
         except Exception as exc:
-            if self._stepped:
-                raise
-            # the first compiled call failed (compiling, or its first run): the eager step rewrites the slot
             self.compiled, self._step = False, self._forward_one
             self.compile_error = "".join(traceback.format_exception_only(exc)).strip()
             log.warning("decode step not compiled, running eagerly: %s", self.compile_error)
             return self._forward_one(token, position)
-        if not self._stepped:
-            self._stepped = self._step_code.compiled_once = True
+        self._stepped = self._step_code.compiled_once = True
         return logits
 
     def _to_host(self, tokens: torch.Tensor, host: torch.Tensor, start: int, end: int) -> _Chunk:

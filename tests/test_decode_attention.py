@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_reference import attended_slots, sdpa_over
 
 import merger.decode_attention as decode_attention
 import merger.fastgen as fastgen
@@ -40,13 +41,7 @@ def test_flex_decode_attention_reads_the_positions_up_to_the_step(position, slid
     window = 128
     query = torch.randn(1, 6, 1, 16, generator=gen)
     key, value = torch.randn(2, 1, 2, window, 16, generator=gen)
-    slots = torch.arange(window)
-    attend = slots <= position
-    if sliding_window is not None:
-        attend &= slots > position - sliding_window
-    expected = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attend.reshape(1, 1, 1, window), scale=0.3, enable_gqa=True
-    )
+    expected = sdpa_over(query, key, value, attended_slots(window, position, sliding_window), 0.3)
     got = decode_attention.flex_decode_attention(
         query, key, value, torch.tensor([[position]]), scaling=0.3, sliding_window=sliding_window
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from attention_reference import attended_slots, sdpa_over
 
 from merger import decode_attention
 
@@ -39,13 +39,8 @@ def test_triton_decode_attention_equals_sdpa_over_the_attended_slots(
     kv_heads = 2
     query = torch.randn(1, kv_heads * groups, 1, dim, generator=gen)
     key, value = torch.randn(2, 1, kv_heads, window, dim, generator=gen)
-    slots = torch.arange(window)
-    attend = slots <= position
-    if sliding_window is not None:
-        attend &= slots > position - sliding_window
-    expected = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attend.reshape(1, 1, 1, window), scale=0.3, enable_gqa=True
-    )
+    attend = attended_slots(window, position, sliding_window)
+    expected = sdpa_over(query, key, value, attend, 0.3)
     for cached in (key, value):  # a value read outside the range would turn the output to NaN
         cached[..., ~attend, :] = float("nan")
     got = decode_attention.triton_decode_attention(
@@ -66,8 +61,7 @@ def test_triton_decode_attention_reads_a_strided_cache():
     query = torch.randn(1, 8, 1, 64, generator=gen)
     stacked = torch.randn(1, 64, 2, 2, 256, generator=gen)  # [1, D, K/V, KV, W]: nothing contiguous
     key, value = stacked[:, :, 0].permute(0, 2, 3, 1), stacked[:, :, 1].permute(0, 2, 3, 1)
-    attend = (torch.arange(256) <= 100).reshape(1, 1, 1, 256)
-    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=attend, scale=0.125, enable_gqa=True)
+    expected = sdpa_over(query, key, value, attended_slots(256, 100), 0.125)
     got = decode_attention.triton_decode_attention(
         query.to(DEVICE), key.to(DEVICE), value.to(DEVICE), torch.tensor([[100]], device=DEVICE), scaling=0.125
     )
@@ -79,10 +73,7 @@ def test_triton_decode_attention_on_a_bf16_cache_as_the_page_holds_it():
     gen = torch.Generator().manual_seed(11)
     query = torch.randn(1, 32, 1, 128, generator=gen).bfloat16()
     key, value = torch.randn(2, 1, 8, 1024, 128, generator=gen).bfloat16()
-    attend = (torch.arange(1024) <= 700).reshape(1, 1, 1, 1024)
-    expected = F.scaled_dot_product_attention(
-        query.float(), key.float(), value.float(), attn_mask=attend, scale=128**-0.5, enable_gqa=True
-    )
+    expected = sdpa_over(query.float(), key.float(), value.float(), attended_slots(1024, 700), 128**-0.5)
     got = decode_attention.triton_decode_attention(
         query.to(DEVICE), key.to(DEVICE), value.to(DEVICE), torch.tensor([[700]], device=DEVICE), scaling=128**-0.5
     )
@@ -118,7 +109,7 @@ def without_interpreter(script: str) -> list[str]:
 def test_torch_compile_traces_the_triton_attention_as_one_op_in_one_graph():
     # a graph break at the kernel would split the compiled decode step
     graphs, *ops = without_interpreter(TRACE_SCRIPT)
-    assert graphs == "1" and "frankenmerge.decode_chunks" in ops
+    assert graphs == "1" and any(op.startswith("frankenmerge.decode_chunks") for op in ops)
 
 
 COMPILE_SCRIPT = r"""
