@@ -52,6 +52,9 @@ def _chunk_attention(
     chunk = tl.program_id(1)
     chunks = tl.num_programs(1)
     pos = tl.load(position).to(tl.int32)
+    # inductor passes a float that fp32 cannot hold exactly (128 ** -0.5) as fp64, which would make
+    # the scores fp64 and the values' dot refuse them
+    scale = tl.cast(scale, tl.float32)
     lo = tl.where(sliding_window > 0, tl.maximum(pos - sliding_window + 1, 0), 0)
     start = tl.maximum(chunk * CHUNK, lo)
     end = tl.minimum(chunk * CHUNK + CHUNK, pos + 1)

@@ -119,14 +119,16 @@ from triton.compiler import ASTSource
 from merger.decode_kernel import BLOCK, CHUNK, _chunk_attention
 
 names = _chunk_attention.arg_names
-for dtype, groups, dim in [("bf16", 4, 128), ("fp32", 2, 16), ("bf16", 2, 256), ("fp16", 3, 48)]:
+# inductor types the scale fp64 when fp32 cannot hold it exactly (128 ** -0.5), fp32 otherwise
+shapes = [("bf16", 4, 128, "fp64"), ("fp32", 2, 16, "fp32"), ("bf16", 2, 256, "fp64"), ("fp16", 3, 48, "fp32")]
+for dtype, groups, dim, scale in shapes:
     padded = {"GP": max(16, triton.next_power_of_2(groups)), "DP": max(16, triton.next_power_of_2(dim))}
     constants = {"groups": groups, "dim": dim, **padded, "CHUNK": CHUNK, "BLOCK": BLOCK}
     pointers = {"query": dtype, "keys": dtype, "values": dtype, "position": "i64"} | dict.fromkeys(
         ("top_out", "total_out", "part_out"), "fp32"
     )
     signature = {
-        n: "constexpr" if n in constants else f"*{pointers[n]}" if n in pointers else "fp32" if n == "scale" else "i32"
+        n: "constexpr" if n in constants else f"*{pointers[n]}" if n in pointers else scale if n == "scale" else "i32"
         for n in names
     }
     source = ASTSource(_chunk_attention, signature, {(names.index(k),): v for k, v in constants.items()})
