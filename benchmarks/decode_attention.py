@@ -46,6 +46,7 @@ from merger.decode_attention import (
     grouped_decode_attention,
     triton_decode_attention,
 )
+from merger.fastgen import STEP_COMPILE
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 GROUPS = HEADS // KV_HEADS
@@ -181,8 +182,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # a graph per variant and window
-    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-    compiled = {name: torch.compile(every_layer(VARIANTS[name]), options=options) for name in args.variants}
+    compiled = {name: torch.compile(every_layer(VARIANTS[name]), **STEP_COMPILE) for name in args.variants}
     weights_us = STEP_WEIGHT_BYTES / copy_bandwidth("cuda", 1 << 30) * 1e6
     summary = {
         "device": torch.cuda.get_device_name(),

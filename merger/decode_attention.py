@@ -4,18 +4,18 @@ Inside torch.compile, transformers' SDPA path repeats every key/value head once 
 its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writes and reads the
 whole cache window several times over; the masked kernel also parallelizes over heads only.
 Three replacements, chosen by `DECODE_KERNEL` (FRANKENMERGE_DECODE_ATTENTION):
-- "grouped" (the default): the query heads grouped per key/value head, the step written as two
-  reductions (scores over the head dimension, output over the window) that inductor fuses with the
-  fp32 casts, reading each cached key and value once, but still the whole window. Cut into chunks
-  attended in parallel and combined (`combine_chunks`; benchmarks/decode_attention.py's split
-  variants), it made a plain 8B faster and its merge slower on the H200, and the compile 40 s
-  longer (README);
+- "triton" (the default; CUDA only): `merger.decode_kernel`'s flash-decoding kernel, which reads
+  only the slots up to the position, its chunks combined by `combine_chunks`. On the H200 it gave
+  the fastest plain 8B measured, and the smallest gap between a merge and its parent (README);
+- "grouped" (on the CPU, and where "triton" cannot serve): the query heads grouped per key/value
+  head, the step written as two reductions (scores over the head dimension, output over the
+  window) that inductor fuses with the fp32 casts, reading each cached key and value once, but the
+  whole window. Cut into chunks attended in parallel and combined (benchmarks/decode_attention.py's
+  split variants), it made a plain 8B faster and its merge slower, and the compile 40 s longer;
 - "flex": FlexAttention with a block mask built from the step's position, which torch.compile
   lowers to its flash-decoding kernel: blocks past the position (or before a sliding window) never
-  read. On the H200 (README) it made a plain 8B faster and its merge slower than "grouped" in one
-  piece, and its compile about a minute longer;
-- "triton" (CUDA only): `merger.decode_kernel`'s flash-decoding kernel, which reads only the slots
-  up to the position, its chunks combined by `combine_chunks`. Not yet run on a GPU.
+  read. It made a plain 8B faster and its merge slower than "grouped", and its compile about a
+  minute longer.
 "flex" and "triton" only for models whose masks are causal, or causal within a sliding window.
 Everything else (prefill, eager calls, soft-capped or sink attention) goes to transformers' own
 SDPA function unchanged.
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 IMPLEMENTATION = "frankenmerge_decode"  # the name models are switched to (attention and mask interfaces)
-DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "grouped")
+DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "triton")
 FLEX_BLOCK = 128  # FlexAttention's key/value block
 # model types whose decode mask is causal, or causal within the `sliding_window` transformers passes:
 # the step's position alone says which slots it attends

@@ -6,11 +6,13 @@ step, or (FlexAttention) build a block mask per layer. Here each program takes o
 and one chunk of the window: it loads that head's group of query heads once, walks its chunk's
 slots up to the position in blocks (a loop bound read from the device, so a CUDA graph replays it
 at any position), and leaves its running max, sum and weighted values for the chunks to be combined
-in tensor ops. Scores, softmax and sums in fp32, as in `grouped_decode_attention`.
+in tensor ops. Dots in the cache's dtype on tensor cores; scores, softmax and sums in fp32.
 
 Imported only where Triton is (torch's CUDA builds ship it); with TRITON_INTERPRET=1 it also runs
 on CPU tensors, which the tests use.
 """
+
+import os
 
 import torch
 import triton
@@ -47,6 +49,7 @@ def _chunk_attention(
     DP: tl.constexpr,  # dim padded to a power of two of at least 16
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     head = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -65,7 +68,9 @@ def _chunk_attention(
         query + head * groups * stride_qh + g[:, None] * stride_qh + d[None, :] * stride_qd,
         mask=(g[:, None] < groups) & (d[None, :] < dim),
         other=0.0,
-    ).to(tl.float32)  # [GP, DP]
+    )  # [GP, DP]
+    if INTERPRETED:  # Triton's interpreter computes bf16 dots wrongly: there every dot is in fp32
+        q = q.to(tl.float32)
     top = tl.full([GP], float("-inf"), tl.float32)
     total = tl.zeros([GP], tl.float32)
     part = tl.zeros([GP, DP], tl.float32)
@@ -79,15 +84,18 @@ def _chunk_attention(
         v = tl.load(
             values + head * stride_vh + n[:, None] * stride_vn + d[None, :] * stride_vd, mask=load_mask, other=0.0
         )
-        # fp32 dots, "ieee": no tf32 rounding (a bf16 dot would be as exact, but Triton's interpreter,
-        # which the CPU tests run, computes bf16 dots wrongly)
-        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale  # [GP, BLOCK]
+        if INTERPRETED:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        # dots in the cache's dtype, summed in fp32 (a bf16 cache's products are exact in fp32, and its
+        # dots run on tensor cores); "ieee": an fp32 cache's dots without tf32 rounding
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [GP, BLOCK]
         scores = tl.where(inside[None, :], scores, float("-inf"))
         new_top = tl.maximum(top, tl.max(scores, 1))
         shrink = tl.exp(top - new_top)  # 0 on the first block (top = -inf)
         p = tl.exp(scores - new_top[:, None])
         total = total * shrink + tl.sum(p, 1)
-        part = part * shrink[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        # the weights rounded to the values' dtype, as transformers' eager attention and SDPA's kernels do
+        part = part * shrink[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         top = new_top
     row = (head * chunks + chunk) * groups + g  # [GP]: only the first `groups` are real
     tl.store(top_out + row, top, mask=g < groups)
@@ -142,5 +150,6 @@ def decode_chunks(
         DP=max(16, triton.next_power_of_2(dim)),
         CHUNK=chunk,
         BLOCK=BLOCK,
+        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1",
     )
     return top, total, part

@@ -4,9 +4,8 @@ A few structural choices instead of `generate()`'s machinery:
 - one static KV cache, allocated once per generator and reset in place, so every decode step sees
   the same tensor addresses;
 - the prompt runs eagerly (prefill); the one-token step is compiled with CUDA graphs on a GPU
-  (`triton.cudagraphs`, i.e. mode="reduce-overhead", plus gpt-fast's coordinate-descent tuning,
-  which turns batch-1 matrix products into bandwidth-bound reductions), and its attention is
-  `merger.decode_attention`'s, which reads the cached keys and values once per step;
+  (`triton.cudagraphs`, i.e. mode="reduce-overhead"), and its attention is
+  `merger.decode_attention`'s, which reads only the cached keys and values in use;
 - the next token is chosen on the device (greedy argmax or an exponential race), and the host reads
   tokens back only every `chunk` tokens, while the GPU already works on the next chunk: no sync per
   token, so the CPU stays ahead of the GPU. Stop tokens are checked on those reads.
@@ -41,8 +40,10 @@ from merger.decode_attention import use_decode_attention
 
 log = logging.getLogger(__name__)
 CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's run-ahead, so read rarely
-# mode="reduce-overhead" is {"triton.cudagraphs": True}; torch.compile takes a mode or options, not both
-STEP_COMPILE: dict[str, Any] = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+# mode="reduce-overhead". Without gpt-fast's coordinate-descent tuning, which turns batch-1 matrix
+# products into inductor reductions: cuBLAS's kernels read the weights faster on the H200, and the
+# first compile takes 42 s instead of 104 (README, 2026-12-02 runs c and d)
+STEP_COMPILE: dict[str, Any] = {"options": {"triton.cudagraphs": True}}
 
 
 def static_cache(config, max_seq_len: int) -> Cache:

@@ -123,7 +123,7 @@ names = _chunk_attention.arg_names
 shapes = [("bf16", 4, 128, "fp64"), ("fp32", 2, 16, "fp32"), ("bf16", 2, 256, "fp64"), ("fp16", 3, 48, "fp32")]
 for dtype, groups, dim, scale in shapes:
     padded = {"GP": max(16, triton.next_power_of_2(groups)), "DP": max(16, triton.next_power_of_2(dim))}
-    constants = {"groups": groups, "dim": dim, **padded, "CHUNK": CHUNK, "BLOCK": BLOCK}
+    constants = {"groups": groups, "dim": dim, **padded, "CHUNK": CHUNK, "BLOCK": BLOCK, "INTERPRETED": False}
     pointers = {"query": dtype, "keys": dtype, "values": dtype, "position": "i64"} | dict.fromkeys(
         ("top_out", "total_out", "part_out"), "fp32"
     )
