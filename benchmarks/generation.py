@@ -281,18 +281,10 @@ def measure_chat_path(name: str, built: Built, bound: float) -> dict:
     result[f"first_text_ms_{TTFT_PROMPT_LEN}"] = round(statistics.median(ttft[1:]) * 1e3, 1)
     part("first_text_replies")
     sampled = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1, seed=5)
-    texts = [reply(words(PROMPT_LEN, 3), max_new_tokens=128, **sampled) for _ in range(2)]
+    texts = [reply(words(PROMPT_LEN, 3), max_new_tokens=FAST_TOKENS, **sampled) for _ in range(2)]
     result["sampling_first_different_word"] = first_difference(texts[0][0][-1].split(), texts[1][0][-1].split())
     result["sampling_decode_tok_s"] = round(max(t[1].tokens_per_s for t in texts), 1)
     part("sampled_replies")
-    # the reader and the decode loop share the GIL: does a shorter switch interval let the loop queue
-    # the next chunk sooner?
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    fine = [reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=FAST_TOKENS)[1] for _ in range(3)]
-    sys.setswitchinterval(interval)
-    result["decode_tok_s_switch_interval_0_5ms"] = round(max(s.tokens_per_s for s in fine), 1)
-    part("switch_interval_replies")
     result["seconds"] = seconds
     print(f"{name} chat path: {result}", flush=True)
     return result
