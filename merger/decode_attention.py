@@ -4,7 +4,7 @@ Inside torch.compile, transformers' SDPA path repeats every key/value head once 
 its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writes and reads the
 whole cache window several times over; the masked kernel also parallelizes over heads only.
 Three replacements, chosen by `DECODE_KERNEL` (FRANKENMERGE_DECODE_ATTENTION):
-- "triton" (the default; CUDA only): `merger.decode_kernel`'s flash-decoding kernel, which reads
+- "triton" (the default; CUDA GPUs from Ampere on): `merger.decode_kernel`'s flash-decoding kernel, which reads
   only the slots up to the position, its chunks combined by `combine_chunks`. On the H200 it gave
   the fastest plain 8B measured, and the smallest gap between a merge and its parent (README);
 - "grouped" (on the CPU, and where "triton" cannot serve): the query heads grouped per key/value
@@ -139,6 +139,12 @@ def triton_decode_attention(
     return out.to(query.dtype).reshape(query.shape)
 
 
+def has_tensor_core_dots(device: torch.device) -> bool:
+    """A CUDA GPU whose tensor cores take the kernel's bf16 dots: compute capability 8.0 or later
+    (Ampere on; a T4 Space's 7.5 is not)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def decode_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -165,7 +171,7 @@ def decode_attention(
         )
         if DECODE_KERNEL == "flex" and positional and key.shape[2] % FLEX_BLOCK == 0:
             out = flex_decode_attention(query, key, value, position, scaling=scale, sliding_window=window)
-        elif DECODE_KERNEL == "triton" and positional and query.is_cuda:
+        elif DECODE_KERNEL == "triton" and positional and has_tensor_core_dots(query.device):
             out = triton_decode_attention(query, key, value, position, scaling=scale, sliding_window=window)
         else:
             out = grouped_decode_attention(query, key, value, attention_mask, scaling=scale)

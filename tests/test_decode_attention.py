@@ -101,3 +101,10 @@ def test_every_attention_the_benchmark_times_equals_sdpa_over_the_slots_in_use(m
         if name == "ideal":  # the reference: it takes only the slots in use
             continue
         torch.testing.assert_close(attention(query, key, value, mask), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("capability", "served"), [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_the_triton_attention_serves_only_gpus_with_bf16_tensor_core_dots(capability, served, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert decode_attention.has_tensor_core_dots(torch.device("cuda", 0)) == served
+    assert not decode_attention.has_tensor_core_dots(torch.device("cpu"))
