@@ -4,9 +4,10 @@ Inside torch.compile, transformers' SDPA path repeats every key/value head once 
 its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writes and reads the
 whole cache window several times over; the masked kernel also parallelizes over heads only.
 Three replacements, chosen by `DECODE_KERNEL` (FRANKENMERGE_DECODE_ATTENTION):
-- "triton" (the default; CUDA GPUs from Ampere on): `merger.decode_kernel`'s flash-decoding kernel, which reads
-  only the slots up to the position, its chunks combined by `combine_chunks`. On the H200 it gave
-  the fastest plain 8B measured, and the smallest gap between a merge and its parent (README);
+- "triton" (the default; CUDA GPUs from Ampere on): `merger.decode_kernel`'s flash-decoding
+  kernel, which reads only the slots up to the position, its chunks combined by `combine_chunks`.
+  On the H200 it gave the fastest plain 8B measured, and the smallest gap between a merge and its
+  parent (README);
 - "grouped" (on the CPU, and where "triton" cannot serve): the query heads grouped per key/value
   head, the step written as two reductions (scores over the head dimension, output over the
   window) that inductor fuses with the fp32 casts, reading each cached key and value once, but the

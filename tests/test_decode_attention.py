@@ -1,5 +1,7 @@
-"""The compiled step's attentions (grouped; FlexAttention over the positions in use) equal SDPA,
-and a model switched to either decodes the same greedy tokens as plain `generate()`."""
+"""The compiled step's attentions (grouped; FlexAttention over the positions in use) and every
+variant the attention benchmark times equal SDPA, a model switched to grouped or flex decodes the
+same greedy tokens as plain `generate()`, and the Triton attention serves only GPUs that can run it
+(its own tests: test_decode_kernel.py)."""
 
 import importlib
 from pathlib import Path
