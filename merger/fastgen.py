@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
 
 from merger.decode_attention import use_decode_attention
+
+if TYPE_CHECKING:
+    from merger.aot_step import AotStep
 
 log = logging.getLogger(__name__)
 CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's run-ahead, so read rarely
@@ -52,6 +55,17 @@ def static_cache(config, max_seq_len: int) -> Cache:
     counter, which a compiled step would guard on and recompile for."""
     layers = config.get_text_config(decoder=True).num_hidden_layers
     return Cache(layers=[StaticLayer(max_cache_len=max_seq_len) for _ in range(layers)])
+
+
+def allocated_static_cache(model: nn.Module, max_seq_len: int) -> Cache:
+    """`static_cache`, its tensors allocated now (zeros) on the model's device and in its dtype,
+    rather than by the first prefill: a step compiled ahead of time takes them as inputs."""
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    parameter = next(model.parameters())
+    cache = static_cache(model.config, max_seq_len)
+    cache.early_initialization(1, config.num_key_value_heads, head_dim, parameter.dtype, parameter.device)
+    return cache
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -118,18 +132,28 @@ class FastGenerator:
     over 100 layers takes minutes); each layer's cache lives on that layer's device. A step that
     fails to compile (an architecture torch.compile cannot take) falls back to running eagerly:
     slower, never broken; `compile_error` says why.
+
+    With `aot_step` (`merger.aot_step`: where torch.compile is forbidden) the step is that package,
+    loaded with this model's weights, and nothing compiles here; a package that fails to load also
+    leaves the step eager.
     """
 
-    def __init__(self, model: nn.Module, *, max_seq_len: int, compile: bool | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, max_seq_len: int, compile: bool | None = None, aot_step: AotStep | None = None
+    ) -> None:
         self.model = model
         self.max_seq_len = max_seq_len
         self.device = next(model.parameters()).device
         spread = len({p.device for p in model.parameters()}) > 1  # dispatched over several devices
-        self.compiled = self.device.type == "cuda" and not spread if compile is None else compile
+        by_default = self.device.type == "cuda" and not spread
+        self.compiled = aot_step is None and (by_default if compile is None else compile)
         self.chunk = CUDA_CHUNK if self.device.type == "cuda" else 1
         self.cache = static_cache(model.config, max_seq_len)
         self.compile_error: str | None = None
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_one
+        self.ahead_of_time = False  # the step is a package compiled ahead of time
+        if aot_step is not None:
+            self._bind(aot_step)
         self._stepped = False  # a compiled step has run once: later failures are real errors
         # True when an earlier model of this structure compiled the step: the first reply does not wait
         self.reuses_compiled_step = False
@@ -138,6 +162,16 @@ class FastGenerator:
             self._step_code = _step_code_for(model)
             self.reuses_compiled_step = self._step_code.compiled_once
             self._step = torch.compile(types.MethodType(self._step_code, self), **STEP_COMPILE)
+
+    def _bind(self, aot_step: AotStep) -> None:
+        self.cache = allocated_static_cache(self.model, self.max_seq_len)  # the package takes its tensors
+        try:
+            self._step = aot_step.bind(self.model, self.cache)
+        except Exception as exc:
+            self.compile_error = "".join(traceback.format_exception_only(exc)).strip()
+            log.warning("decode step compiled ahead of time did not load, running eagerly: %s", self.compile_error)
+            return
+        self.ahead_of_time = True
 
     def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits [1, V] for one token [1, 1] at position [1, 1]; writes its keys and values."""
@@ -283,15 +317,20 @@ _STEP_CODES: weakref.WeakValueDictionary[str, types.FunctionType] = weakref.Weak
 _STEP_CODES_LOCK = threading.Lock()
 
 
-def _step_code_for(model: nn.Module) -> types.FunctionType:
-    """`FastGenerator._forward_one` under a code object shared by the models of `model`'s structure:
-    its class, dtype and device, its config (the values its forward branches on) and its module tree
-    (depth, fused projections, shapes); not its name or weights, which the compiled step takes as
-    inputs. `compiled_once` tells whether a compiled step of it has run."""
+def model_structure(model: nn.Module) -> str:
+    """What a compiled step of `model` depends on: its class, dtype and device, its config (the
+    values its forward branches on) and its module tree (depth, fused projections, shapes); not its
+    name or weights, which the step takes as inputs."""
     parameter = next(model.parameters())
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
     config_text = json.dumps(config, sort_keys=True, default=str)
-    structure = f"{type(model).__qualname__} {parameter.dtype} {parameter.device} {config_text} {model}"
+    return f"{type(model).__qualname__} {parameter.dtype} {parameter.device} {config_text} {model}"
+
+
+def _step_code_for(model: nn.Module) -> types.FunctionType:
+    """`FastGenerator._forward_one` under a code object shared by the models of `model`'s structure
+    (`model_structure`). `compiled_once` tells whether a compiled step of it has run."""
+    structure = model_structure(model)
     with _STEP_CODES_LOCK:
         step = _STEP_CODES.get(structure)
         if step is None:
@@ -411,17 +450,26 @@ class ModelDecoder:
     """Every generation of one built model.
 
     On a GPU it keeps one FastGenerator with a fixed window (the KV cache the placement budgeted),
-    compiled unless `compile` is False; on the CPU each request gets an uncompiled generator sized
-    to it. Requests run on the process's DecodeLoop; with `threaded=False` (a ZeroGPU worker: a
-    process forked per call, where no thread of ours lives) they run in the caller's thread. Each
-    request draws from its own seeded generator, so a reply does not depend on what else runs.
+    compiled unless `compile` is False, or running `aot_step` (compiled ahead of time); on the CPU
+    each request gets an uncompiled generator sized to it. Requests run on the process's
+    DecodeLoop; with `threaded=False` (a ZeroGPU worker: a process forked per call, where no thread
+    of ours lives) they run in the caller's thread. Each request draws from its own seeded
+    generator, so a reply does not depend on what else runs.
     """
 
-    def __init__(self, model: nn.Module, *, window: int, threaded: bool = True, compile: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        window: int,
+        threaded: bool = True,
+        compile: bool | None = None,
+        aot_step: AotStep | None = None,
+    ) -> None:
         self.model = model
         self.window = window
         on_gpu = next(model.parameters()).device.type == "cuda"
-        self._shared = FastGenerator(model, max_seq_len=window, compile=compile) if on_gpu else None
+        self._shared = FastGenerator(model, max_seq_len=window, compile=compile, aot_step=aot_step) if on_gpu else None
         self._threaded = threaded
         self.closed = False
 

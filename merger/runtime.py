@@ -23,6 +23,7 @@ from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, passthrough
 
 if TYPE_CHECKING:
+    from merger.aot_step import AotStep
     from merger.fastgen import ModelDecoder
     from merger.placement import Placement
 
@@ -38,6 +39,7 @@ class Built:
     seconds: float
     built_at: float = field(default_factory=time.time)
     placement: Placement | None = None
+    aot_step: AotStep | None = None  # on ZeroGPU: its structure's decode step compiled ahead of time
     _decoder: ModelDecoder | None = field(default=None, repr=False)
 
     @property
@@ -46,17 +48,24 @@ class Built:
         return self.placement.needed_bytes if self.placement is not None else 0
 
     @property
+    def window(self) -> int:
+        """The tokens of context its KV cache holds (as placed)."""
+        from merger.placement import DEFAULT_CONTEXT_TOKENS
+
+        return self.placement.context_tokens if self.placement else DEFAULT_CONTEXT_TOKENS
+
+    @property
     def decoder(self) -> ModelDecoder:
         """The model's fast decoder (made on first use; `prepare_for_chat` makes it at build time)."""
         with _decoder_lock:
             if self._decoder is None:
                 from merger.fastgen import ModelDecoder
-                from merger.placement import DEFAULT_CONTEXT_TOKENS
 
-                window = self.placement.context_tokens if self.placement else DEFAULT_CONTEXT_TOKENS
                 zero = on_zero_gpu()  # no torch.compile there, and each GPU call runs in a forked process
                 compile = False if zero else None
-                self._decoder = ModelDecoder(self.model, window=window, threaded=not zero, compile=compile)
+                self._decoder = ModelDecoder(
+                    self.model, window=self.window, threaded=not zero, compile=compile, aot_step=self.aot_step
+                )
             return self._decoder
 
     def close(self) -> None:

@@ -1,0 +1,100 @@
+"""The one-token decode step compiled ahead of time (AOTInductor), for ZeroGPU Spaces: they forbid
+`torch.compile` in their GPU calls, and each call runs in a forked worker that keeps nothing a
+compile would leave behind. A package compiled in one GPU call is plain bytes, which a later call
+loads and runs.
+
+Two choices make it work for our builds:
+- the static cache's tensors are the step's inputs, written in place. As the exported module's
+  buffers instead, AOTInductor does not carry their updates from one call to the next (tried on
+  torch 2.13: the logits went wrong from the third token);
+- the package leaves the weights out, and each build's own tensors are loaded into it without a
+  copy (`user_managed`). Duplicated layers stay one tensor, and one package serves every build of
+  a structure (the same depth and shapes, other seams or weights).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+# the package holds the step's code and kernels; each build's weights are loaded into it
+WEIGHTLESS = {"aot_inductor.package_constants_in_so": False}
+
+
+class _CacheStep(nn.Module):
+    """The decode step as a function of the cache's tensors, for torch.export: logits [1, V] for
+    one token [1, 1] at position [1, 1], each layer's keys, values and length written in place."""
+
+    def __init__(self, model: nn.Module, cache: Cache) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(
+        self,
+        token: torch.Tensor,
+        position: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        lengths: list[torch.Tensor],
+    ) -> torch.Tensor:
+        for layer, k, v, n in zip(self.cache.layers, keys, values, lengths, strict=True):
+            layer.keys, layer.values, layer.cumulative_length = k, v, n
+        out = self.model(input_ids=token, position_ids=position, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1, :]
+
+
+def cache_tensors(cache: Cache) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's keys, values and length counter (the cache must be allocated: after a prefill)."""
+    layers = cache.layers
+    return [la.keys for la in layers], [la.values for la in layers], [la.cumulative_length for la in layers]
+
+
+def weights_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under each of its names (a duplicated layer's tensors under both
+    depths' names), as the exported step's constants are named."""
+    tensors = dict(model.named_parameters(prefix="model", remove_duplicate=False))
+    tensors.update(model.named_buffers(prefix="model", remove_duplicate=False))
+    return tensors
+
+
+class AotStep:
+    """A structure's decode step compiled ahead of time: the package's bytes, without weights.
+    Pickles as bytes (a ZeroGPU call returns it); `bind` loads it for one model and cache."""
+
+    def __init__(self, package: bytes) -> None:
+        self.package = package
+
+    def bind(self, model: nn.Module, cache: Cache) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The step of `model` over `cache` (allocated): (token [1, 1], position [1, 1]) -> logits [1, V]."""
+        runner = torch._inductor.aoti_load_package(io.BytesIO(self.package))
+        tensors = weights_by_name(model)
+        runner.load_constants(
+            {name: tensors[name] for name in runner.get_constant_fqns()}, check_full_update=True, user_managed=True
+        )
+        keys, values, lengths = cache_tensors(cache)
+        return lambda token, position: runner(token, position, keys, values, lengths)
+
+
+def compile_step(model: nn.Module, window: int, compile_exported: Callable | None = None) -> AotStep:
+    """Export `model`'s one-token step over a static cache of `window` slots and compile it ahead of
+    time; `compile_exported` (ExportedProgram -> package bytes) replaces AOTInductor's own packaging
+    (a Space's `spaces.aoti_compile`)."""
+    from merger.decode_attention import use_decode_attention
+    from merger.fastgen import allocated_static_cache
+
+    use_decode_attention(model)  # the step reads each cached key and value once; prefill keeps SDPA
+    cache = allocated_static_cache(model, window)  # its own: the export swaps the layers' tensors
+    device = next(model.parameters()).device
+    example = (torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, dtype=torch.long, device=device))
+    with torch.no_grad():
+        exported = torch.export.export(_CacheStep(model, cache), (*example, *cache_tensors(cache)), strict=False)
+    if compile_exported is not None:
+        return AotStep(compile_exported(exported))
+    buffer = io.BytesIO()
+    torch._inductor.aoti_compile_and_package(exported, package_path=buffer, inductor_configs=dict(WEIGHTLESS))
+    return AotStep(buffer.getvalue())

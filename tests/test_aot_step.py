@@ -1,0 +1,74 @@
+"""The decode step compiled ahead of time (for ZeroGPU Spaces) gives plain `generate()`'s greedy
+tokens; its package leaves the weights out, so one package serves every build of a structure with
+that build's own weights, and it survives pickling (a ZeroGPU call returns it)."""
+
+import pickle
+
+import pytest
+import torch
+
+from merger.aot_step import AotStep, compile_step
+from merger.assemble import assemble
+from merger.fastgen import FastGenerator
+from merger.plan import make_plan
+from merger.recipe import passthrough
+
+from tiny import tiny_model
+
+WINDOW = 48
+PROMPT = torch.tensor([[1, 5, 9, 14]])
+
+
+def duplicating_merge(tmp_path, seed: int):
+    """[0,3)+[1,4) of a random 4-layer Llama: 6 layers, layers 1-2 repeated with shared tensors."""
+    folder = tmp_path / f"parent-{seed}"
+    tiny_model("llama", 4, seed, vocab_size=97, eos_token_id=None, pad_token_id=0).save_pretrained(folder)
+    return assemble(make_plan(passthrough((str(folder), 0, 3), (str(folder), 1, 4))))
+
+
+def greedy(model, new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, PROMPT.shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """One merge and its step compiled ahead of time (tens of seconds on the CPU: once per file)."""
+    model = duplicating_merge(tmp_path_factory.mktemp("aot"), seed=1)
+    return model, compile_step(model, WINDOW)
+
+
+def test_step_compiled_ahead_of_time_gives_generates_greedy_tokens(compiled):
+    model, step = compiled
+    fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=step)
+    assert fast.ahead_of_time and not fast.compiled
+    assert list(fast.generate(PROMPT, max_new_tokens=40)) == greedy(model, 40)
+    assert list(fast.generate(PROMPT, max_new_tokens=40)) == greedy(model, 40)  # the cache reset in place
+
+
+def test_one_package_serves_each_build_of_the_structure_with_its_own_weights(compiled, tmp_path):
+    model, step = compiled
+    other = duplicating_merge(tmp_path, seed=2)  # the same structure, other weights
+    returned = pickle.loads(pickle.dumps(step))  # as a ZeroGPU call hands it back
+    assert isinstance(returned, AotStep)
+    replies = [
+        list(FastGenerator(m, max_seq_len=WINDOW, aot_step=returned).generate(PROMPT, max_new_tokens=24))
+        for m in (other, model)
+    ]
+    assert replies == [greedy(other, 24), greedy(model, 24)] and replies[0] != replies[1]
+
+
+def test_duplicated_layers_stay_one_tensor_in_the_bound_step(compiled):
+    model, step = compiled
+    layers = model.model.layers
+    assert layers[1].mlp.up_proj.weight.data_ptr() == layers[3].mlp.up_proj.weight.data_ptr()
+    FastGenerator(model, max_seq_len=WINDOW, aot_step=step)
+    assert layers[1].mlp.up_proj.weight.data_ptr() == layers[3].mlp.up_proj.weight.data_ptr()
+
+
+def test_a_package_that_fails_to_load_leaves_the_step_eager(compiled):
+    model, _ = compiled
+    fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=AotStep(b"not a package"))
+    assert not fast.ahead_of_time and fast.compile_error
+    assert list(fast.generate(PROMPT, max_new_tokens=12)) == greedy(model, 12)
