@@ -8,9 +8,12 @@ keyed by the browser session (its chat model and its comparison model), within a
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 import time
+import traceback
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from merger.fastgen import ModelDecoder
     from merger.placement import Placement
 
+log = logging.getLogger(__name__)
 _decoder_lock = threading.Lock()
 
 
@@ -40,6 +44,7 @@ class Built:
     built_at: float = field(default_factory=time.time)
     placement: Placement | None = None
     aot_step: AotStep | None = None  # on ZeroGPU: its structure's decode step compiled ahead of time
+    aot_error: str | None = None  # on ZeroGPU: why it has none
     _decoder: ModelDecoder | None = field(default=None, repr=False)
 
     @property
@@ -98,8 +103,8 @@ def gpu_task(duration: int | Callable[..., int]) -> Callable[[Callable], Callabl
 
 
 def reply_seconds(max_new_tokens: int, replies: int = 1) -> int:
-    """GPU seconds to ask ZeroGPU for: moving the weights on, then `replies` eager decodes at a
-    pessimistic 20 tokens/s (ZeroGPU forbids the compiled step)."""
+    """GPU seconds to ask ZeroGPU for: moving the weights on, then `replies` decodes at a
+    pessimistic 20 tokens/s (eager, should the build have no step compiled ahead of time)."""
     return min(300, 15 + replies * int(max_new_tokens) // 20)
 
 
@@ -178,9 +183,12 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
 def prepare_for_chat(built: Built) -> Built:
     """Make the build's decoder now. On a GPU, fuse q/k/v and gate/up first (fewer, larger kernels
     per step; repeated layers stay shared) and compile the decode step in the background, so the
-    first reply does not pay for it."""
+    first reply does not pay for it. On ZeroGPU nothing: each GPU call's worker makes its own
+    decoder (`attach_aot_step` gives it a step compiled ahead of time)."""
+    if on_zero_gpu():
+        return built
     split = built.placement is not None and built.placement.is_split
-    if built.device.startswith("cuda") and not split and not on_zero_gpu():
+    if built.device.startswith("cuda") and not split:
         from merger.fastgen import fuse_projections
 
         fuse_projections(built.model)
@@ -188,6 +196,33 @@ def prepare_for_chat(built: Built) -> Built:
     if decoder.compiled:
         decoder.warm_up(built.tokenizer("Hello", return_tensors="pt")["input_ids"])
     return built
+
+
+AOT_COMPILE_SECONDS = 300  # ZeroGPU time asked for exporting and compiling one structure's step
+_AOT_STEPS: weakref.WeakValueDictionary[str, AotStep] = weakref.WeakValueDictionary()  # by structure
+_AOT_LOCK = threading.Lock()  # one compile at a time: builds of one structure wait for the first
+
+
+def attach_aot_step(built: Built, compile_on_gpu: Callable[[], AotStep]) -> None:
+    """On ZeroGPU: give the build its structure's decode step compiled ahead of time (`aot_step`),
+    compiling it with `compile_on_gpu` (a GPU call) unless a live build of the structure already
+    did; if that fails, `aot_error` says why and replies run eagerly."""
+    from merger.decode_attention import use_decode_attention
+    from merger.fastgen import model_structure
+
+    use_decode_attention(built.model)  # as `compile_step` does: its attention is part of the structure
+    structure = f"{built.window} {model_structure(built.model)}"
+    with _AOT_LOCK:
+        step = _AOT_STEPS.get(structure)
+        if step is None:
+            try:
+                step = compile_on_gpu()
+            except Exception as exc:
+                built.aot_error = "".join(traceback.format_exception_only(exc)).strip()
+                log.warning("decode step not compiled ahead of time, replies run eagerly: %s", built.aot_error)
+                return
+            _AOT_STEPS[structure] = step
+    built.aot_step = step
 
 
 def build_for_chat(recipe: Recipe | None, *, model_ref: str | None = None, device: str | None = None) -> Built:

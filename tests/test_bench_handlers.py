@@ -1,6 +1,7 @@
 """The test bench's handlers below the page: continue a reply, edit and resend a message, the
 messages a visitor reads, and the ZeroGPU wrapping (a stand-in `spaces` package)."""
 
+import io
 import sys
 import threading
 import types
@@ -129,6 +130,53 @@ def test_on_zero_gpu_replies_run_in_the_callers_thread_uncompiled(zero_gpu, tiny
     *_, reply = stream_reply(built, [{"role": "user", "content": "Hi"}], bench.generation_settings(*GREEDY))
     assert reply and not built.decoder.compiled and not built.decoder._threaded
     assert threading.active_count() == threads  # a forked GPU worker has no thread of ours to hand work to
+
+
+@pytest.fixture
+def spaces_compiler(zero_gpu, monkeypatch):
+    """The stand-in `spaces` with an AOT compiler that records the programs it is given, and builds
+    on the CPU (a ZeroGPU Space builds on its emulated CUDA device)."""
+    programs = []
+
+    def aoti_compile(program):
+        programs.append(program)
+        return SimpleNamespace(archive_file=io.BytesIO(f"package {len(programs)}".encode()))
+
+    sys.modules["spaces"].aoti_compile = aoti_compile
+    monkeypatch.setattr(bench, "best_device", lambda: "cpu")
+    return programs
+
+
+def test_on_zero_gpu_a_build_gets_a_decode_step_compiled_ahead_of_time_once_per_structure(spaces_compiler, tiny_llama):
+    ref = str(tiny_llama)
+    first = bench.build_into("zero-a", make_plan(passthrough((ref, 0, 4), (ref, 2, 6))), no_progress)
+    again = bench.build_into("zero-b", make_plan(passthrough((ref, 0, 5), (ref, 3, 6))), no_progress)  # other seams
+    deeper = bench.build_into("zero-c", make_plan(passthrough((ref, 0, 6), (ref, 2, 6))), no_progress)
+    try:
+        assert [type(p).__name__ for p in spaces_compiler] == ["ExportedProgram", "ExportedProgram"]
+        assert first.aot_step.package == b"package 1" and again.aot_step is first.aot_step
+        assert deeper.aot_step.package == b"package 2"
+        assert first._decoder is None  # made in each GPU call's worker, never in the main process
+        assert "compiled ahead of time" in bench.built_status(first)
+    finally:
+        for key in ("zero-a", "zero-b", "zero-c"):
+            bench.SESSIONS.drop_session(key)
+
+
+def test_on_zero_gpu_a_step_that_fails_to_compile_leaves_replies_eager_and_says_so(spaces_compiler, tiny_llama):
+    def refuse(program):
+        raise RuntimeError("no AOT for this one")
+
+    sys.modules["spaces"].aoti_compile = refuse
+    ref = str(tiny_llama)
+    built = bench.build_into("zero-d", make_plan(passthrough((ref, 1, 6))), no_progress)
+    try:
+        assert built.aot_step is None and "no AOT for this one" in built.aot_error
+        assert "replies run slower" in bench.built_status(built)
+        *_, reply = stream_reply(built, [{"role": "user", "content": "Hi"}], bench.generation_settings(*GREEDY))
+        assert reply
+    finally:
+        bench.SESSIONS.drop_session("zero-d")
 
 
 def test_off_zero_gpu_the_handlers_are_the_functions_themselves(monkeypatch):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -21,19 +21,25 @@ from merger.errors import UserError
 from merger.params import count
 from merger.plan import Plan, make_plan
 from merger.runtime import (
+    AOT_COMPILE_SECONDS,
     Built,
     SessionModels,
     as_it_is,
+    attach_aot_step,
     best_device,
     build,
     default_budget,
     gpu_task,
     needed_bytes,
+    on_zero_gpu,
     prepare_for_chat,
     reply_seconds,
 )
 from ui.models import model_info, plan_for
 from ui.roleplay import card_from_state
+
+if TYPE_CHECKING:
+    from merger.aot_step import AotStep
 
 SESSIONS = SessionModels()
 STOPS: dict[str, threading.Event] = {}
@@ -73,7 +79,24 @@ def build_into(key: str, plan: Plan, progress: gr.Progress) -> Built:
             SESSIONS.put(key, built)
     except UserError as exc:
         raise said(exc) from None
+    if on_zero_gpu():  # after SESSIONS.put: the GPU call's worker finds the build there
+        progress(0.9, desc="compiling the fast decode step ahead of time (once per model shape)")
+        attach_aot_step(built, lambda: compile_decode_step(key))
     return built
+
+
+@gpu_task(AOT_COMPILE_SECONDS)
+def compile_decode_step(key: str) -> AotStep:
+    """On ZeroGPU, in a GPU call: the decode step of the build under `key`, compiled ahead of time
+    by the Space's own compiler (torch.compile is forbidden there); the package comes back as bytes."""
+    import spaces
+
+    from merger.aot_step import compile_step
+
+    built = SESSIONS.get(key)
+    if built is None:
+        raise UserError("the build was freed before its decode step compiled")
+    return compile_step(built.model, built.window, lambda program: spaces.aoti_compile(program).archive_file.getvalue())
 
 
 def built_status(built: Built) -> str:
@@ -82,7 +105,12 @@ def built_status(built: Built) -> str:
     status = (
         f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {devices} in {built.seconds:.2f} s."
     )
-    if built.decoder.reuses_compiled_step:
+    if on_zero_gpu():  # no decoder here: each GPU call's worker makes its own
+        if built.aot_step is not None:
+            status += " Its fast decode step is compiled ahead of time."
+        elif built.aot_error:
+            status += f" Its decode step could not be compiled ahead of time ({built.aot_error}): replies run slower."
+    elif built.decoder.reuses_compiled_step:
         status += " Its fast decode step was compiled for an earlier build of this shape: no wait."
     elif built.decoder.compiled:
         status += " The fast decode step is compiling now; the first reply waits for it."
