@@ -7,11 +7,12 @@ prepared by merger.runtime.prepare_for_chat: fused projections, the step compile
 own thread, text decoded as it streams), of plain `generate()` and of FastGenerator called directly
 (unfused, then fused), time to first text for a 512-token prompt, and each speed against the
 memory-bandwidth bound (weight bytes one step reads / device copy bandwidth measured in this run);
-then a second merge of the same shape with its seam moved (does its first reply reuse the step?).
+then a second merge of the same shape with its seam moved (does its first reply reuse the step?),
+and the step as a ZeroGPU Space runs it (`aot_`: unfused, compiled ahead of time by merger.aot_step).
 Stages run in order of importance and stop starting new ones when the time budget runs low; the
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
-    python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path fast_ ...]
+    python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path aot fast_ ...]
                                     [--decode-attention grouped|flex|triton] [--step-options JSON]
     python benchmarks/generation.py --smoke   # the same stages on a tiny shape, on the CPU
 """
@@ -39,6 +40,7 @@ from transformers import LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from merger import decode_attention, fastgen
+from merger.aot_step import compile_step
 from merger.assemble import assemble, parameter_bytes
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.fastgen import LOOP, FastGenerator, fuse_projections
@@ -251,9 +253,11 @@ def chat_reply(built: Built, prompt: str, **settings: Any) -> tuple[list[str], R
     return pieces, stats
 
 
-def measure_chat_path(name: str, built: Built, bound: float) -> dict:
-    """The page's path: a build prepared for chat (fused, step compiled in the background), replies
-    through stream_reply; speeds as the reply's stats show them under each reply."""
+def measure_chat_path(
+    name: str, built: Built, bound: float, prepare: Callable[[Built], Any] = prepare_for_chat
+) -> dict:
+    """The page's path: a build prepared for chat (`prepare`: fused, step compiled in the
+    background), replies through stream_reply; speeds as the reply's stats show them under each reply."""
 
     reply = functools.partial(chat_reply, built)
     seconds: dict[str, float] = {}  # wall time of each part: a recompile shows up as a slow part
@@ -265,7 +269,7 @@ def measure_chat_path(name: str, built: Built, bound: float) -> dict:
         lap = time.perf_counter()
 
     start = time.perf_counter()
-    prepare_for_chat(built)
+    prepare(built)
     result: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 2), "compiled": built.decoder.compiled}
     reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)
     result["first_reply_after_build_s"] = round(time.perf_counter() - start, 1)  # the compile it waited for
@@ -538,6 +542,25 @@ def main() -> None:
         data["merge"]["chat_path_reseamed"] = {**result, "reuses_compiled_step": built.decoder.reuses_compiled_step}
         built.decoder.close()
 
+    def ahead_of_time(name: str) -> None:
+        """The step as a ZeroGPU Space runs it: a fresh (unfused) build, its step exported and
+        compiled ahead of time (timed), then loaded with its weights (in prepare_s) and replying."""
+        plan = splice(ranges[name])
+        built = as_built(plan, assemble_bf16(plan))
+        start = time.perf_counter()
+        built.aot_step = compile_step(built.model, built.window)
+        compile_s = round(time.perf_counter() - start, 1)
+        result = measure_chat_path(f"{name} ahead of time", built, bounds[name], prepare=lambda b: b.decoder)
+        shared = built.decoder._shared
+        data[name]["aot"] = {
+            **result,
+            "compile_s": compile_s,
+            "package_mb": round(len(built.aot_step.package) / 1e6, 1),
+            "ahead_of_time": shared is not None and shared.ahead_of_time,
+            "load_error": shared and shared.compile_error,
+        }
+        built.decoder.close()
+
     prepared: dict[str, Built] = {}
 
     # in order of importance: the page's path on both is the point; the rest only if time is left
@@ -550,6 +573,8 @@ def main() -> None:
         report.stage("chat_path_reseamed", reseamed, needs_s=60)
     for built in prepared.values():
         built.decoder.close()
+    for name in models:
+        report.stage(f"aot_{name}", lambda n=name: ahead_of_time(n), needs_s=150)
     for name in models:
         report.stage(f"generate_{name}", lambda n=name: plain(n), needs_s=30)
     # compiled steps replay CUDA graphs, which live in the thread that first made one: the decode loop's

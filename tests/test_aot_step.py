@@ -72,3 +72,15 @@ def test_a_package_that_fails_to_load_leaves_the_step_eager(compiled):
     fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=AotStep(b"not a package"))
     assert not fast.ahead_of_time and fast.compile_error
     assert list(fast.generate(PROMPT, max_new_tokens=12)) == greedy(model, 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_compiled_ahead_of_time_gives_generates_greedy_tokens_on_cuda(tmp_path, dtype):
+    model = duplicating_merge(tmp_path, seed=3).to("cuda", dtype)
+    fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=compile_step(model, WINDOW))
+    assert fast.ahead_of_time, fast.compile_error
+    prompt = PROMPT.to("cuda")
+    with torch.inference_mode():
+        expected = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 4:].tolist()
+    assert list(fast.generate(prompt, max_new_tokens=32)) == expected
