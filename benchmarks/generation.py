@@ -7,7 +7,7 @@ prepared by merger.runtime.prepare_for_chat: fused projections, the step compile
 own thread, text decoded as it streams), of plain `generate()` and of FastGenerator called directly
 (unfused, then fused), time to first text for a 512-token prompt, and each speed against the
 memory-bandwidth bound (weight bytes one step reads / device copy bandwidth measured in this run);
-then a second merge of the same shape with its seam moved (does its first reply reuse the step?),
+then a second merge of the same depth with its seam moved (its first reply's wait, its speed),
 and the step as a ZeroGPU Space runs it (`aot_`: unfused, compiled ahead of time by merger.aot_step).
 Stages run in order of importance and stop starting new ones when the time budget runs low; the
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
@@ -69,7 +69,7 @@ SMOKE_SHAPE = {**LLAMA3_8B_SHAPE, "vocab_size": 512, "hidden_size": 64, "interme
 SMOKE_SHAPE.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2)
 PARENT = ((0, 32),)
 MERGE = ((0, 24), (16, 32))
-RESEAMED = ((0, 20), (12, 32))  # the merge's shape (40 layers, 8 repeated) with its seam moved
+RESEAMED = ((0, 20), (12, 32))  # the merge's depth (40 layers, 8 repeated) with its seam moved
 MAX_SEQ_LEN = DEFAULT_CONTEXT_TOKENS  # the window the page's builds hold, so both paths attend over the same cache
 PROMPT_LEN = 32  # decode-speed prompt
 TTFT_PROMPT_LEN = 512
@@ -534,8 +534,9 @@ def main() -> None:
             data["alternating_merge_over_parent_x_32_40"] = merge_over_expected(best["merge"], best["parent"])
 
     def reseamed() -> None:
-        """A merge of the first one's shape with its seam moved, as a visitor trying seams builds
-        it: does its first reply reuse the compiled step, and at what speed does it run?"""
+        """A merge of the first one's depth with its seam moved, as a visitor trying seams builds it:
+        other layers repeat, so it is another structure with its own compile (2026-12-02 run f,
+        before structures told repeats apart: it reused the step's code, and recompiled, 74 s)."""
         plan = splice(RESEAMED)
         built = as_built(plan, assemble_bf16(plan))
         result = measure_chat_path("reseamed merge", built, bounds["merge"])

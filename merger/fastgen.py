@@ -319,12 +319,32 @@ _STEP_CODES_LOCK = threading.Lock()
 
 def model_structure(model: nn.Module) -> str:
     """What a compiled step of `model` depends on: its class, dtype and device, its config (the
-    values its forward branches on) and its module tree (depth, fused projections, shapes); not its
-    name or weights, which the step takes as inputs."""
+    values its forward branches on), its module tree (depth, fused projections, shapes) and which
+    of its tensors are one (duplicated layers, a tied head); not its name or weights, which the
+    step takes as inputs."""
     parameter = next(model.parameters())
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
     config_text = json.dumps(config, sort_keys=True, default=str)
-    return f"{type(model).__qualname__} {parameter.dtype} {parameter.device} {config_text} {model}"
+    shared = " ".join(shared_tensors(model))
+    return f"{type(model).__qualname__} {parameter.dtype} {parameter.device} {config_text} {model} shared: {shared}"
+
+
+def shared_tensors(model: nn.Module) -> list[str]:
+    """ "name=first_name" for each parameter or buffer that is an earlier one's tensor. A compiled
+    step takes such a tensor as one input: a step compiled where layers 24-31 repeat 16-23 would
+    read the wrong weights for a merge that repeats other layers (and dynamo recompiles for it)."""
+    first: dict[tuple[int, tuple[int, ...]], str] = {}
+    shared = []
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape))  # the shape tells a fused matrix from its first part
+        if key in first:
+            shared.append(f"{name}={first[key]}")
+        else:
+            first[key] = name
+    return shared
 
 
 def _step_code_for(model: nn.Module) -> types.FunctionType:

@@ -147,15 +147,19 @@ def spaces_compiler(zero_gpu, monkeypatch):
     return programs
 
 
-def test_on_zero_gpu_a_build_gets_a_decode_step_compiled_ahead_of_time_once_per_structure(spaces_compiler, tiny_llama):
-    ref = str(tiny_llama)
-    first = bench.build_into("zero-a", make_plan(passthrough((ref, 0, 4), (ref, 2, 6))), no_progress)
-    again = bench.build_into("zero-b", make_plan(passthrough((ref, 0, 5), (ref, 3, 6))), no_progress)  # other seams
-    deeper = bench.build_into("zero-c", make_plan(passthrough((ref, 0, 6), (ref, 2, 6))), no_progress)
+def test_on_zero_gpu_a_build_gets_a_decode_step_compiled_ahead_of_time_once_per_structure(
+    spaces_compiler, tiny_llama, tiny_llama_b
+):
+    def merge(key, ref, *ranges):
+        return bench.build_into(key, make_plan(passthrough(*[(str(ref), a, b) for a, b in ranges])), no_progress)
+
+    first = merge("zero-a", tiny_llama, (0, 4), (2, 6))
+    again = merge("zero-b", tiny_llama_b, (0, 4), (2, 6))  # the same structure, other weights
+    reseamed = merge("zero-c", tiny_llama, (0, 5), (3, 6))  # the same depth, other layers repeated
     try:
         assert [type(p).__name__ for p in spaces_compiler] == ["ExportedProgram", "ExportedProgram"]
         assert first.aot_step.package == b"package 1" and again.aot_step is first.aot_step
-        assert deeper.aot_step.package == b"package 2"
+        assert reseamed.aot_step.package == b"package 2"
         assert first._decoder is None  # made in each GPU call's worker, never in the main process
         assert "compiled ahead of time" in bench.built_status(first)
     finally:

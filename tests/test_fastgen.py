@@ -207,6 +207,18 @@ def test_models_of_one_structure_share_a_compiled_step_with_their_own_weights(mo
     assert not first.reuses_compiled_step and second.reuses_compiled_step
 
 
+def test_merges_of_one_depth_repeating_other_layers_get_their_own_compiled_step(tiny_llama, monkeypatch):
+    # a step compiled where layers 4-5 repeat 2-3 takes them as one input: it cannot serve 5-6 repeating 3-4
+    backend = CountingBackend()
+    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    ids = torch.tensor([[1, 5, 9]])
+    for ranges in (((0, 4), (2, 6)), ((0, 5), (3, 6))):
+        fast = FastGenerator(build(str(tiny_llama), *ranges), max_seq_len=32, compile=True)
+        assert not fast.reuses_compiled_step
+        assert list(fast.generate(ids, max_new_tokens=6)) == greedy(fast.model, ids, 6)
+    assert backend.graphs == 2
+
+
 def test_compiled_step_is_freed_with_its_last_generator(monkeypatch):
     backend = CountingBackend()
     monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
