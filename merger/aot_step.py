@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-# the package holds the step's code and kernels; each build's weights are loaded into it
-WEIGHTLESS = {"aot_inductor.package_constants_in_so": False}
+# The package holds the step's code and kernels; each build's weights are loaded into it. The
+# weights go to a separate artifact that is left out: kept in neither the shared library nor the
+# package (as `spaces.aoti_compile` does). With the weights merely left out of the library, a
+# CUDA package crashed its loader (H200, torch 2.11: a segfault in AOTIModelPackageLoader).
+WEIGHTLESS: dict[str, Any] = {
+    "aot_inductor.package": True,
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.package_constants_on_disk_format": "pickle_weights",
+    "always_keep_tensor_constants": True,
+}
 
 
 class _CacheStep(nn.Module):
@@ -93,8 +102,15 @@ def compile_step(model: nn.Module, window: int, compile_exported: Callable | Non
     example = (torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, dtype=torch.long, device=device))
     with torch.no_grad():
         exported = torch.export.export(_CacheStep(model, cache), (*example, *cache_tensors(cache)), strict=False)
-    if compile_exported is not None:
-        return AotStep(compile_exported(exported))
+    return AotStep((compile_exported or package_without_weights)(exported))
+
+
+def package_without_weights(exported: torch.export.ExportedProgram) -> bytes:
+    """AOTInductor's package of `exported`, its weights left out (WEIGHTLESS)."""
+    from torch._inductor.package import package_aoti
+
+    args, kwargs = exported.example_inputs
+    artifacts = torch._inductor.aot_compile(exported.module(), args, kwargs, options=dict(WEIGHTLESS))
     buffer = io.BytesIO()
-    torch._inductor.aoti_compile_and_package(exported, package_path=buffer, inductor_configs=dict(WEIGHTLESS))
-    return AotStep(buffer.getvalue())
+    package_aoti(buffer, [file for file in artifacts if isinstance(file, str)])  # not the Weights
+    return buffer.getvalue()
