@@ -199,6 +199,14 @@ def prepare_for_chat(built: Built) -> Built:
 
 
 AOT_COMPILE_SECONDS = 300  # ZeroGPU time asked for exporting and compiling one structure's step
+
+
+def zero_gpu_aot() -> bool:
+    """Compile builds' decode steps ahead of time on ZeroGPU: opt-in (FRANKENMERGE_ZERO_GPU_AOT=1)
+    until a CUDA package loads. On the H200 (torch 2.11) loading one crashed the process (README)."""
+    return on_zero_gpu() and os.environ.get("FRANKENMERGE_ZERO_GPU_AOT", "") == "1"
+
+
 _AOT_STEPS: weakref.WeakValueDictionary[str, AotStep] = weakref.WeakValueDictionary()  # by structure
 _AOT_LOCK = threading.Lock()  # one compile at a time: builds of one structure wait for the first
 

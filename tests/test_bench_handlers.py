@@ -134,8 +134,8 @@ def test_on_zero_gpu_replies_run_in_the_callers_thread_uncompiled(zero_gpu, tiny
 
 @pytest.fixture
 def spaces_compiler(zero_gpu, monkeypatch):
-    """The stand-in `spaces` with an AOT compiler that records the programs it is given, and builds
-    on the CPU (a ZeroGPU Space builds on its emulated CUDA device)."""
+    """The stand-in `spaces` with an AOT compiler that records the programs it is given, the opt-in
+    to use it set, and builds on the CPU (a ZeroGPU Space builds on its emulated CUDA device)."""
     programs = []
 
     def aoti_compile(program):
@@ -143,6 +143,7 @@ def spaces_compiler(zero_gpu, monkeypatch):
         return SimpleNamespace(archive_file=io.BytesIO(f"package {len(programs)}".encode()))
 
     sys.modules["spaces"].aoti_compile = aoti_compile
+    monkeypatch.setenv("FRANKENMERGE_ZERO_GPU_AOT", "1")
     monkeypatch.setattr(bench, "best_device", lambda: "cpu")
     return programs
 

@@ -34,6 +34,7 @@ from merger.runtime import (
     on_zero_gpu,
     prepare_for_chat,
     reply_seconds,
+    zero_gpu_aot,
 )
 from ui.models import model_info, plan_for
 from ui.roleplay import card_from_state
@@ -79,7 +80,7 @@ def build_into(key: str, plan: Plan, progress: gr.Progress) -> Built:
             SESSIONS.put(key, built)
     except UserError as exc:
         raise said(exc) from None
-    if on_zero_gpu():  # after SESSIONS.put: the GPU call's worker finds the build there
+    if zero_gpu_aot():  # after SESSIONS.put: the GPU call's worker finds the build there
         progress(0.9, desc="compiling the fast decode step ahead of time (once per model shape)")
         attach_aot_step(built, lambda: compile_decode_step(key))
     return built
