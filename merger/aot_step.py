@@ -9,7 +9,9 @@ Two choices make it work for our builds:
   torch 2.13: the logits went wrong from the third token);
 - the package leaves the weights out, and each build's own tensors are loaded into it without a
   copy (`user_managed`). Duplicated layers stay one tensor, and one package serves every build of
-  a structure (the same depth and shapes, other seams or weights).
+  a structure (`merger.fastgen.model_structure`: the same depth, shapes and repeated layers).
+On the CPU it gives `generate()`'s greedy tokens (tests/test_aot_step.py). On the H200 (torch 2.11)
+loading a CUDA package crashed the process, so ZeroGPU uses it only on request (README).
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 # The package holds the step's code and kernels; each build's weights are loaded into it. The
-# weights go to a separate artifact that is left out: kept in neither the shared library nor the
-# package (as `spaces.aoti_compile` does). With the weights merely left out of the library, a
-# CUDA package crashed its loader (H200, torch 2.11: a segfault in AOTIModelPackageLoader).
+# weights go to a separate artifact that is left out, as `spaces.aoti_compile` does (torch 2.10 on).
 WEIGHTLESS: dict[str, Any] = {
     "aot_inductor.package": True,
     "aot_inductor.package_constants_in_so": False,
@@ -58,7 +58,7 @@ class _CacheStep(nn.Module):
 
 
 def cache_tensors(cache: Cache) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Each layer's keys, values and length counter (the cache must be allocated: after a prefill)."""
+    """Each layer's keys, values and length counter (of an allocated cache)."""
     layers = cache.layers
     return [la.keys for la in layers], [la.values for la in layers], [la.cumulative_length for la in layers]
 

@@ -330,7 +330,7 @@ def model_structure(model: nn.Module) -> str:
 
 
 def shared_tensors(model: nn.Module) -> list[str]:
-    """ "name=first_name" for each parameter or buffer that is an earlier one's tensor. A compiled
+    """Each parameter or buffer that is an earlier one's tensor, as "name=first_name". A compiled
     step takes such a tensor as one input: a step compiled where layers 24-31 repeat 16-23 would
     read the wrong weights for a merge that repeats other layers (and dynamo recompiles for it)."""
     first: dict[tuple[int, tuple[int, ...]], str] = {}
