@@ -969,8 +969,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id, path, blob, start, end = stream
         pos = start
         for chunk in blob.chunks(start, end):
-            self.wfile.write(chunk)
+            # counted before it is sent: a client that has read the last chunk may look at once
             self.server.hub._count((repo_id, path), blob, pos, len(chunk))
+            self.wfile.write(chunk)
             pos += len(chunk)
 
 
