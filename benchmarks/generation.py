@@ -536,7 +536,8 @@ def main() -> None:
     def reseamed() -> None:
         """A merge of the first one's depth with its seam moved, as a visitor trying seams builds it:
         other layers repeat, so it is another structure with its own compile (2026-12-02 run f,
-        before structures told repeats apart: it reused the step's code, and recompiled, 74 s)."""
+        before structures told repeats apart: it shared the step's code, yet its first reply waited
+        73.9 s, a compile's length)."""
         plan = splice(RESEAMED)
         built = as_built(plan, assemble_bf16(plan))
         result = measure_chat_path("reseamed merge", built, bounds["merge"])

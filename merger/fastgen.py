@@ -148,7 +148,10 @@ class FastGenerator:
         by_default = self.device.type == "cuda" and not spread
         self.compiled = aot_step is None and (by_default if compile is None else compile)
         self.chunk = CUDA_CHUNK if self.device.type == "cuda" else 1
-        self.cache = static_cache(model.config, max_seq_len)
+        # a step compiled ahead of time takes the cache's tensors as inputs: allocated now
+        self.cache = (
+            static_cache(model.config, max_seq_len) if aot_step is None else allocated_static_cache(model, max_seq_len)
+        )
         self.compile_error: str | None = None
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_one
         self.ahead_of_time = False  # the step is a package compiled ahead of time
@@ -164,7 +167,6 @@ class FastGenerator:
             self._step = torch.compile(types.MethodType(self._step_code, self), **STEP_COMPILE)
 
     def _bind(self, aot_step: AotStep) -> None:
-        self.cache = allocated_static_cache(self.model, self.max_seq_len)  # the package takes its tensors
         try:
             self._step = aot_step.bind(self.model, self.cache)
         except Exception as exc:

@@ -63,12 +63,16 @@ def test_one_package_serves_each_build_of_the_structure_with_its_own_weights(com
     assert replies == [greedy(other, 24), greedy(model, 24)] and replies[0] != replies[1]
 
 
-def test_duplicated_layers_stay_one_tensor_in_the_bound_step(compiled):
-    model, step = compiled
-    layers = model.model.layers
-    assert layers[1].mlp.up_proj.weight.data_ptr() == layers[3].mlp.up_proj.weight.data_ptr()
-    FastGenerator(model, max_seq_len=WINDOW, aot_step=step)
-    assert layers[1].mlp.up_proj.weight.data_ptr() == layers[3].mlp.up_proj.weight.data_ptr()
+def test_bound_step_reads_the_builds_own_tensors_without_a_copy(compiled, tmp_path):
+    _, step = compiled
+    model = duplicating_merge(tmp_path, seed=4)  # its own: this test changes its weights
+    fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=step)
+    before = greedy(model, 24)
+    with torch.no_grad():  # after binding, in place: layer 3 repeats layer 1, so it changes too
+        model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
+    after = greedy(model, 24)
+    assert after != before
+    assert list(fast.generate(PROMPT, max_new_tokens=24)) == after  # a copy would still give `before`
 
 
 def test_a_package_that_fails_to_load_leaves_the_step_eager(compiled):

@@ -186,7 +186,7 @@ def gpu_wait_note() -> str:
         return ""
     return (
         f"Waiting for the GPU: it is compiling a fresh build's decode step ({seconds:.0f} s so far; "
-        "42-72 s for an 8B model on an H200). Replies start when it is done."
+        "42-74 s for an 8B model on an H200). Replies start when it is done."
     )
 
 
