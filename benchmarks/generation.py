@@ -604,7 +604,8 @@ def main() -> None:
             ),
         }
     report.save()
-    # last, after the goals are saved: on the H200 (torch 2.11) loading the package crashed the process
+    # last, after the goals are saved: on the H200 (torch 2.11) the load check refuses the package
+    # (AOTInductor's loader crashes there), which the stage records as its error
     for name in models:
         report.stage(f"aot_{name}", lambda n=name: ahead_of_time(n), needs_s=150)
     shutil.rmtree(tmp)

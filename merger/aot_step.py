@@ -11,13 +11,19 @@ Two choices make it work for our builds:
   copy (`user_managed`). Duplicated layers stay one tensor, and one package serves every build of
   a structure (`merger.fastgen.model_structure`: the same depth, shapes and repeated layers).
 On the CPU it gives `generate()`'s greedy tokens (tests/test_aot_step.py). On the H200 (torch 2.11)
-loading a CUDA package crashed the process, so ZeroGPU uses it only on request (README).
+AOTInductor's loader crashes the process on any CUDA package, torch's own included (README), so a
+new package is first loaded in a fresh process (`check_loads`), and ZeroGPU uses it only on request.
 """
 
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +38,16 @@ WEIGHTLESS: dict[str, Any] = {
     "aot_inductor.package_constants_on_disk_format": "pickle_weights",
     "always_keep_tensor_constants": True,
 }
+
+
+# Loading a package in a fresh process first: where AOTInductor's loader crashes (a segfault, not an
+# exception) only that process dies, not the app or the GPU worker that serves replies.
+LOAD_PACKAGE = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+LOAD_CHECK_SECONDS = 180
+
+
+class AotLoadError(RuntimeError):
+    """A package that AOTInductor's loader refused, or crashed on, in a fresh process."""
 
 
 class _CacheStep(nn.Module):
@@ -89,10 +105,32 @@ class AotStep:
         return lambda token, position: runner(token, position, keys, values, lengths)
 
 
+def check_loads(package: bytes) -> None:
+    """Raise AotLoadError unless a fresh process loads `package` (on this machine's device)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "step.pt2"
+        path.write_bytes(package)
+        try:
+            run = subprocess.run(
+                [sys.executable, "-c", LOAD_PACKAGE, str(path)],
+                capture_output=True,
+                text=True,
+                timeout=LOAD_CHECK_SECONDS,
+            )
+        except subprocess.TimeoutExpired:
+            raise AotLoadError(f"loading the package took over {LOAD_CHECK_SECONDS} s") from None
+    if run.returncode < 0:
+        crash = signal.Signals(-run.returncode).name
+        raise AotLoadError(f"AOTInductor's loader crashed ({crash}) on torch {torch.__version__}")
+    if run.returncode:
+        last = run.stderr.strip().splitlines()[-1:] or [f"exit status {run.returncode}"]
+        raise AotLoadError(f"AOTInductor's loader failed: {last[0][:300]}")
+
+
 def compile_step(model: nn.Module, window: int, compile_exported: Callable | None = None) -> AotStep:
     """Export `model`'s one-token step over a static cache of `window` slots and compile it ahead of
     time; `compile_exported` (ExportedProgram -> package bytes) replaces AOTInductor's own packaging
-    (a Space's `spaces.aoti_compile`)."""
+    (a Space's `spaces.aoti_compile`). Raises AotLoadError for a package this machine cannot load."""
     from merger.decode_attention import use_decode_attention
     from merger.fastgen import allocated_static_cache
 
@@ -102,7 +140,9 @@ def compile_step(model: nn.Module, window: int, compile_exported: Callable | Non
     example = (torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, dtype=torch.long, device=device))
     with torch.no_grad():
         exported = torch.export.export(_CacheStep(model, cache), (*example, *cache_tensors(cache)), strict=False)
-    return AotStep((compile_exported or package_without_weights)(exported))
+    package = (compile_exported or package_without_weights)(exported)
+    check_loads(package)
+    return AotStep(package)
 
 
 def package_without_weights(exported: torch.export.ExportedProgram) -> bytes:

@@ -203,7 +203,7 @@ AOT_COMPILE_SECONDS = 300  # ZeroGPU time asked for exporting and compiling one 
 
 def zero_gpu_aot() -> bool:
     """Compile builds' decode steps ahead of time on ZeroGPU: opt-in (FRANKENMERGE_ZERO_GPU_AOT=1)
-    until a CUDA package loads. On the H200 (torch 2.11) loading one crashed the process (README)."""
+    until a CUDA package loads: on the H200 (torch 2.11) AOTInductor's loader crashed on every one (README)."""
     return on_zero_gpu() and os.environ.get("FRANKENMERGE_ZERO_GPU_AOT", "") == "1"
 
 
