@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from merger import fastgen, runtime
+from merger import aot_step, fastgen, runtime
 from merger.chat import format_prompt, stream_reply
 from merger.plan import make_plan
 from merger.recipe import passthrough
@@ -134,8 +134,9 @@ def test_on_zero_gpu_replies_run_in_the_callers_thread_uncompiled(zero_gpu, tiny
 
 @pytest.fixture
 def spaces_compiler(zero_gpu, monkeypatch):
-    """The stand-in `spaces` with an AOT compiler that records the programs it is given, the opt-in
-    to use it set, and builds on the CPU (a ZeroGPU Space builds on its emulated CUDA device)."""
+    """The stand-in `spaces` with an AOT compiler that records the programs it is given, a load
+    check that passes its packages, the opt-in to use it set, and builds on the CPU (a ZeroGPU
+    Space builds on its emulated CUDA device)."""
     programs = []
 
     def aoti_compile(program):
@@ -143,6 +144,7 @@ def spaces_compiler(zero_gpu, monkeypatch):
         return SimpleNamespace(archive_file=io.BytesIO(f"package {len(programs)}".encode()))
 
     sys.modules["spaces"].aoti_compile = aoti_compile
+    monkeypatch.setattr(aot_step, "LOAD_PACKAGE", "pass")
     monkeypatch.setenv("FRANKENMERGE_ZERO_GPU_AOT", "1")
     monkeypatch.setattr(bench, "best_device", lambda: "cpu")
     return programs
@@ -168,15 +170,29 @@ def test_on_zero_gpu_a_build_gets_a_decode_step_compiled_ahead_of_time_once_per_
             bench.SESSIONS.drop_session(key)
 
 
-def test_on_zero_gpu_a_step_that_fails_to_compile_leaves_replies_eager_and_says_so(spaces_compiler, tiny_llama):
+def refuse_to_compile(monkeypatch):
     def refuse(program):
         raise RuntimeError("no AOT for this one")
 
-    sys.modules["spaces"].aoti_compile = refuse
+    monkeypatch.setattr(sys.modules["spaces"], "aoti_compile", refuse)
+
+
+def crash_the_loader(monkeypatch):  # as AOTInductor's loader does on the H200 (torch 2.11)
+    monkeypatch.setattr(aot_step, "LOAD_PACKAGE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [(refuse_to_compile, "no AOT for this one"), (crash_the_loader, "loader crashed (SIGSEGV)")],
+)
+def test_on_zero_gpu_a_step_that_fails_to_compile_or_load_leaves_replies_eager_and_says_why(
+    spaces_compiler, tiny_llama, monkeypatch, failure, reason
+):
+    failure(monkeypatch)
     ref = str(tiny_llama)
     built = bench.build_into("zero-d", make_plan(passthrough((ref, 1, 6))), no_progress)
     try:
-        assert built.aot_step is None and "no AOT for this one" in built.aot_error
+        assert built.aot_step is None and reason in built.aot_error
         assert "replies run slower" in bench.built_status(built)
         *_, reply = stream_reply(built, [{"role": "user", "content": "Hi"}], bench.generation_settings(*GREEDY))
         assert reply
