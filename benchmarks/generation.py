@@ -8,11 +8,13 @@ own thread, text decoded as it streams), of plain `generate()` and of FastGenera
 (unfused, then fused), time to first text for a 512-token prompt, and each speed against the
 memory-bandwidth bound (weight bytes one step reads / device copy bandwidth measured in this run);
 then a second merge of the same depth with its seam moved (its first reply's wait, its speed),
-and the step as a ZeroGPU Space runs it (`aot_`: unfused, compiled ahead of time by merger.aot_step).
+and the step as a ZeroGPU Space runs it: unfused and uncompiled, its eager step captured in a CUDA
+graph against the same step left eager (`zero_gpu_`), and compiled ahead of time by merger.aot_step
+(`aot_`).
 Stages run in order of importance and stop starting new ones when the time budget runs low; the
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
-    python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path aot fast_ ...]
+    python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path zero_gpu aot ...]
                                     [--decode-attention grouped|flex|triton] [--step-options JSON]
     python benchmarks/generation.py --smoke   # the same stages on a tiny shape, on the CPU
 """
@@ -43,7 +45,7 @@ from merger import decode_attention, fastgen
 from merger.aot_step import compile_step
 from merger.assemble import assemble, parameter_bytes
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
-from merger.fastgen import LOOP, FastGenerator, fuse_projections
+from merger.fastgen import LOOP, FastGenerator, ModelDecoder, fuse_projections
 from merger.placement import DEFAULT_CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
 from merger.recipe import passthrough
@@ -544,6 +546,24 @@ def main() -> None:
         data["merge"]["chat_path_reseamed"] = {**result, "reuses_compiled_step": built.decoder.reuses_compiled_step}
         built.decoder.close()
 
+    def zero_gpu(name: str) -> None:
+        """The step as a ZeroGPU worker runs it without AOT: a fresh (unfused) build, uncompiled,
+        in the caller's thread; its eager step captured in a CUDA graph, then left eager."""
+        plan = splice(ranges[name])
+        built = as_built(plan, assemble_bf16(plan))
+        runs = {}
+        for way in ("graphed", "eager"):
+            built._decoder = ModelDecoder(built.model, window=built.window, threaded=False, compile=False)
+            fast = built._decoder._shared  # None on the CPU (--smoke): eager there
+            if fast is not None:
+                fast.graphed = fast.graphed and way == "graphed"
+            runs[way] = measure_chat_path(f"{name} on ZeroGPU, {way}", built, bounds[name], prepare=lambda b: b.decoder)
+            runs[way]["graphed_at_end"] = fast is not None and fast.graphed
+            runs[way]["capture_error"] = fast and fast.compile_error
+        runs["graphed_over_eager"] = round(runs["graphed"]["decode_tok_s"] / runs["eager"]["decode_tok_s"], 2)
+        data[name]["zero_gpu"] = runs
+        built.decoder.close()
+
     def ahead_of_time(name: str) -> None:
         """The step as a ZeroGPU Space runs it: a fresh (unfused) build, its step exported and
         compiled ahead of time (timed), then loaded with its weights (in prepare_s) and replying."""
@@ -604,6 +624,8 @@ def main() -> None:
             ),
         }
     report.save()
+    for name in models:
+        report.stage(f"zero_gpu_{name}", lambda n=name: zero_gpu(n), needs_s=120)
     # last, after the goals are saved: on the H200 (torch 2.11) the load check refuses the package
     # (AOTInductor's loader crashes there), which the stage records as its error
     for name in models:

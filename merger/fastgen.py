@@ -5,7 +5,9 @@ A few structural choices instead of `generate()`'s machinery:
   the same tensor addresses;
 - the prompt runs eagerly (prefill); the one-token step is compiled with CUDA graphs on a GPU
   (`triton.cudagraphs`, i.e. mode="reduce-overhead"), and its attention is
-  `merger.decode_attention`'s, which reads only the cached keys and values in use;
+  `merger.decode_attention`'s, which reads only the cached keys and values in use. Where it is
+  not compiled (a ZeroGPU worker forbids torch.compile), the eager step is captured in a CUDA graph
+  of its own and replayed: one launch per token instead of hundreds;
 - the next token is chosen on the device (greedy argmax or an exponential race), and the host reads
   tokens back only every `chunk` tokens, while the GPU already works on the next chunk: no sync per
   token, so the CPU stays ahead of the GPU. Stop tokens are checked on those reads.
@@ -122,6 +124,22 @@ class _Chunk:
     ready: torch.cuda.Event | None  # None on the CPU: already there
 
 
+@dataclass
+class _CapturedStep:
+    """An eager decode step captured in a CUDA graph: its inputs, and the output each replay writes."""
+
+    graph: torch.cuda.CUDAGraph
+    token: torch.Tensor
+    position: torch.Tensor
+    logits: torch.Tensor
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites it
+
+
 class FastGenerator:
     """Batch-1 streaming generation over one model with a static cache of `max_seq_len` positions.
 
@@ -135,7 +153,9 @@ class FastGenerator:
 
     With `aot_step` (`merger.aot_step`: where torch.compile is forbidden) the step is that package,
     loaded with this model's weights, and nothing compiles here; a package that fails to load also
-    leaves the step eager.
+    leaves the step eager. On one GPU an eager step is `graphed`: its first call runs it, then
+    captures it in a CUDA graph that later calls replay (if capture fails, it stays eager and
+    `compile_error` says why; setting `graphed` False before the first step keeps it eager).
     """
 
     def __init__(
@@ -160,6 +180,9 @@ class FastGenerator:
         self._stepped = False  # a compiled step has run once: later failures are real errors
         # True when an earlier model of this structure compiled the step: the first reply does not wait
         self.reuses_compiled_step = False
+        self.graphed = by_default and not self.compiled and not self.ahead_of_time
+        if self.graphed:
+            use_decode_attention(model)  # as compiled: a graph of fixed shapes reading only the keys in use
         if self.compiled:
             use_decode_attention(model)  # the step reads each cached key and value once
             self._step_code = _step_code_for(model)
@@ -255,6 +278,8 @@ class FastGenerator:
     def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits [1, V] for one token [1, 1] at `position` [1, 1] after the cache's contents; the
         compiled step where there is one (falling back to the eager step if it fails to compile)."""
+        if self.graphed and not isinstance(self._step, _CapturedStep):
+            return self._capture(token, position)
         if not self.compiled:
             return self._step(token, position)
         torch.compiler.cudagraph_mark_step_begin()
@@ -274,6 +299,30 @@ class FastGenerator:
             log.warning("decode step not compiled, running eagerly: %s", self.compile_error)
             return self._forward_one(token, position)
         self._stepped = self._step_code.compiled_once = True
+        return logits
+
+    def _capture(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The first graphed step: run for real on a side stream (which also warms up cuBLAS and the
+        attention kernel there), then captured in a CUDA graph on that stream."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        inputs = token.clone(), position.clone()  # the graph's inputs: each replay copies into them
+        with torch.cuda.stream(side):
+            logits = self._forward_one(*inputs)
+        logits.record_stream(current)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # records the step, runs nothing; thread_local: other threads may use the GPU meanwhile
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                output = self._forward_one(*inputs)
+        except Exception as exc:  # a host sync or a host-to-device copy inside the step
+            self.graphed = False
+            self.compile_error = "".join(traceback.format_exception_only(exc)).strip()
+            log.warning("decode step not captured in a CUDA graph, running eagerly: %s", self.compile_error)
+            return logits
+        self._step = _CapturedStep(graph, *inputs, output)
         return logits
 
     def _to_host(self, tokens: torch.Tensor, host: torch.Tensor, start: int, end: int) -> _Chunk:

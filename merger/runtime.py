@@ -104,7 +104,7 @@ def gpu_task(duration: int | Callable[..., int]) -> Callable[[Callable], Callabl
 
 def reply_seconds(max_new_tokens: int, replies: int = 1) -> int:
     """GPU seconds to ask ZeroGPU for: moving the weights on, then `replies` decodes at a
-    pessimistic 20 tokens/s (eager, should the build have no step compiled ahead of time)."""
+    pessimistic 20 tokens/s (an 8B step left eager: should its capture in a CUDA graph fail)."""
     return min(300, 15 + replies * int(max_new_tokens) // 20)
 
 

@@ -1,13 +1,14 @@
 """On a CUDA GPU (skipped elsewhere; run on the lent H200): the compiled, fused step gives plain
 `generate()`'s greedy tokens with each decode attention, also for two models of one structure
-sharing a compiled step, its logits repeat bit for bit, and a seed repeats a sampled reply."""
+sharing a compiled step, its logits repeat bit for bit, and a seed repeats a sampled reply; the
+uncompiled step (a ZeroGPU worker's) captured in a CUDA graph gives them too."""
 
 import pytest
 import torch
 
 from merger import decode_attention
 from merger.assemble import assemble
-from merger.fastgen import FastGenerator, fuse_projections
+from merger.fastgen import FastGenerator, _CapturedStep, fuse_projections
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
@@ -44,6 +45,39 @@ def test_compiled_step_greedy_equals_generate_on_cuda(kernel, fixture, request, 
         expected = fast.model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
     got = list(fast.generate(ids, max_new_tokens=64))
     assert first_difference(got, expected[0, len(PROMPT) :].tolist()) is None
+
+
+def uncompiled_splice(ref: str, dtype: str, graphed: bool = True) -> FastGenerator:
+    """An unfused, uncompiled [0,4)+[2,6), as a ZeroGPU worker decodes it."""
+    model = assemble(make_plan(passthrough((ref, 0, 4), (ref, 2, 6))), device="cuda", dtype=dtype)
+    model.generation_config.pad_token_id = 0
+    fast = FastGenerator(model, max_seq_len=256, compile=False)
+    assert fast.graphed and not fast.compiled
+    fast.graphed = graphed
+    return fast
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "triton"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_uncompiled_step_captured_in_a_cuda_graph_gives_generates_greedy_tokens(kernel, fixture, request, monkeypatch):
+    monkeypatch.setattr(decode_attention, "DECODE_KERNEL", kernel)
+    fast = uncompiled_splice(str(request.getfixturevalue(fixture)), "float32")
+    ids = torch.tensor([PROMPT], device="cuda")
+    with torch.inference_mode():
+        expected = fast.model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, len(PROMPT) :]
+    for _ in range(2):  # the second generation replays the graph from its first step on
+        got = list(fast.generate(ids, max_new_tokens=64))
+        assert isinstance(fast._step, _CapturedStep), fast.compile_error
+        assert first_difference(got, expected.tolist()) is None
+
+
+def test_bf16_step_captured_in_a_cuda_graph_gives_the_eager_steps_tokens_bit_for_bit(tiny_llama):
+    graphed, eager = (uncompiled_splice(str(tiny_llama), "bfloat16", graphed=g) for g in (True, False))
+    ids = torch.tensor([PROMPT], device="cuda")
+    expected = list(eager.generate(ids, max_new_tokens=128))
+    assert list(graphed.generate(ids, max_new_tokens=128)) == expected
+    assert isinstance(graphed._step, _CapturedStep), graphed.compile_error
+    assert list(graphed.generate(ids, max_new_tokens=128)) == expected
 
 
 def test_models_of_one_structure_sharing_a_compiled_step_each_decode_their_own_weights(tiny_llama):
