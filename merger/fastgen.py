@@ -181,10 +181,9 @@ class FastGenerator:
         # True when an earlier model of this structure compiled the step: the first reply does not wait
         self.reuses_compiled_step = False
         self.graphed = by_default and not self.compiled and not self.ahead_of_time
-        if self.graphed:
-            use_decode_attention(model)  # as compiled: a graph of fixed shapes reading only the keys in use
-        if self.compiled:
+        if self.compiled or self.graphed:
             use_decode_attention(model)  # the step reads each cached key and value once
+        if self.compiled:
             self._step_code = _step_code_for(model)
             self.reuses_compiled_step = self._step_code.compiled_once
             self._step = torch.compile(types.MethodType(self._step_code, self), **STEP_COMPILE)
@@ -277,7 +276,8 @@ class FastGenerator:
 
     def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits [1, V] for one token [1, 1] at `position` [1, 1] after the cache's contents; the
-        compiled step where there is one (falling back to the eager step if it fails to compile)."""
+        compiled step where there is one (falling back to the eager step if it fails to compile),
+        else the eager step, replayed from a CUDA graph when `graphed`."""
         if self.graphed and not isinstance(self._step, _CapturedStep):
             return self._capture(token, position)
         if not self.compiled:
