@@ -7,7 +7,9 @@ keyed by the browser session (its chat model and its comparison model), within a
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
 import logging
 import os
 import threading
@@ -90,16 +92,92 @@ def on_zero_gpu() -> bool:
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")  # as `spaces` reads it
 
 
+class StaleWorker(RuntimeError):
+    """A ZeroGPU worker forked before the latest change to the built models: it would answer from its
+    copy of them (an older build under the visitor's key, or none)."""
+
+
+class ChangeCount:
+    """How many times the built models this process holds have changed (a build held or freed, a
+    step attached): a ZeroGPU worker, forked from this process, holds them as they were then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def bump(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+HELD_CHANGES = ChangeCount()
+
+
 def gpu_task(duration: int | Callable[..., int]) -> Callable[[Callable], Callable]:
     """`spaces.GPU(duration=...)` on a ZeroGPU Space: the call gets the GPU for at most `duration`
     seconds (or what the callable says for the call's arguments), and tensors made on ZeroGPU's
     emulated CUDA device outside it (the session's build) are moved onto it. Elsewhere: the
-    function unchanged."""
+    function unchanged.
+
+    spaces runs a call in a forked worker and reuses a handler's worker for its next call while the
+    GPU stays idle; a reused worker has not seen builds made since its fork. So each call carries
+    HELD_CHANGES' count: a worker whose own count differs raises StaleWorker, which makes spaces
+    drop it, and the call is made once more, in a fresh fork."""
     if not on_zero_gpu():
         return lambda fn: fn
     import spaces
 
-    return spaces.GPU(duration=duration)
+    sized = (lambda changes, *args, **kwargs: duration(*args, **kwargs)) if callable(duration) else duration
+
+    def wrap(fn: Callable) -> Callable:
+        if inspect.isgeneratorfunction(fn):
+
+            def current_stream(changes: int, *args: Any, **kwargs: Any) -> Iterator[Any]:
+                _refuse_if_stale(changes)
+                yield from fn(*args, **kwargs)
+
+            on_gpu = spaces.GPU(duration=sized)(current_stream)
+
+            @functools.wraps(fn)
+            def stream_handler(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                try:
+                    yield from on_gpu(HELD_CHANGES.count, *args, **kwargs)
+                except Exception as exc:  # a stale worker raises before its first item
+                    if not is_stale(exc):
+                        raise
+                    yield from on_gpu(HELD_CHANGES.count, *args, **kwargs)
+
+            return stream_handler
+
+        def current(changes: int, *args: Any, **kwargs: Any) -> Any:
+            _refuse_if_stale(changes)
+            return fn(*args, **kwargs)
+
+        on_gpu = spaces.GPU(duration=sized)(current)
+
+        @functools.wraps(fn)
+        def handler(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return on_gpu(HELD_CHANGES.count, *args, **kwargs)
+            except Exception as exc:
+                if not is_stale(exc):
+                    raise
+                return on_gpu(HELD_CHANGES.count, *args, **kwargs)
+
+        return handler
+
+    return wrap
+
+
+def _refuse_if_stale(changes: int) -> None:
+    if changes != HELD_CHANGES.count:
+        raise StaleWorker(f"this worker holds the built models of {HELD_CHANGES.count} changes, not {changes}")
+
+
+def is_stale(exc: BaseException) -> bool:
+    """`exc` says a worker was stale: as raised, or as spaces (0.51) hands back an exception that is
+    not a gr.Error: a gr.Error whose message is the exception's class name."""
+    return isinstance(exc, StaleWorker) or getattr(exc, "message", None) == StaleWorker.__name__
 
 
 def reply_seconds(max_new_tokens: int, replies: int = 1) -> int:
@@ -231,6 +309,7 @@ def attach_aot_step(built: Built, compile_on_gpu: Callable[[], AotStep]) -> None
                 return
             _AOT_STEPS[structure] = step
     built.aot_step = step
+    HELD_CHANGES.bump()  # workers forked before hold the build without its step
 
 
 def build_for_chat(recipe: Recipe | None, *, model_ref: str | None = None, device: str | None = None) -> Built:
@@ -322,6 +401,8 @@ class SessionModels:
                 evicted.append(built)
             self._reserved[key] = nbytes
             self.peak_bytes = max(self.peak_bytes, self._used())
+        if evicted:
+            HELD_CHANGES.bump()
         for built in evicted:
             _free(built)
         try:
@@ -339,6 +420,7 @@ class SessionModels:
             self._notices.pop(key, None)
             self.peak_bytes = max(self.peak_bytes, self._used())
             self._changed.notify_all()
+        HELD_CHANGES.bump()
         if old is not None:
             _free(old)
 
@@ -347,6 +429,7 @@ class SessionModels:
             old = self._models.pop(key, None)
             self._changed.notify_all()
         if old is not None:
+            HELD_CHANGES.bump()
             _free(old)
 
     def drop_session(self, session: str) -> None:
