@@ -45,6 +45,7 @@ from merger import decode_attention, fastgen
 from merger.aot_step import compile_step
 from merger.assemble import assemble, parameter_bytes
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
+from merger.errors import exception_line
 from merger.fastgen import LOOP, FastGenerator, ModelDecoder, fuse_projections
 from merger.placement import DEFAULT_CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
@@ -109,7 +110,7 @@ class Report:
         try:
             result = fn()
         except Exception as exc:  # keep the other stages' numbers
-            self.data.setdefault("errors", {})[name] = "".join(traceback.format_exception_only(exc)).strip()
+            self.data.setdefault("errors", {})[name] = exception_line(exc)
             traceback.print_exc()
             result = None
         self.data.setdefault("stage_seconds", {})[name] = round(time.monotonic() - start, 1)

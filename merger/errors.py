@@ -1,6 +1,13 @@
 """Error classes. A `UserError` is a mistake in what the user gave us (exit code 2, one plain
 sentence); anything else escaping to the CLI is our own failure (exit code 1)."""
 
+import traceback
+
+
+def exception_line(exc: BaseException) -> str:
+    """`exc` as its type and message (what a fallback logs and a status shows), no traceback."""
+    return "".join(traceback.format_exception_only(exc)).strip()
+
 
 class UserError(ValueError):
     """A problem with the user's input, worded for the user."""

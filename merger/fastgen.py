@@ -25,7 +25,6 @@ import queue
 import sys
 import threading
 import time
-import traceback
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +38,7 @@ from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
 
 from merger.decode_attention import use_decode_attention
+from merger.errors import exception_line
 
 if TYPE_CHECKING:
     from merger.aot_step import AotStep
@@ -192,8 +192,8 @@ class FastGenerator:
         try:
             self._step = aot_step.bind(self.model, self.cache)
         except Exception as exc:
-            self.compile_error = "".join(traceback.format_exception_only(exc)).strip()
-            log.warning("decode step compiled ahead of time did not load, running eagerly: %s", self.compile_error)
+            self.compile_error = exception_line(exc)
+            log.warning("decode step compiled ahead of time did not load, running without it: %s", self.compile_error)
             return
         self.ahead_of_time = True
 
@@ -295,7 +295,7 @@ class FastGenerator:
                 logits = self._step(token, position).clone()
         except Exception as exc:
             self.compiled, self._step = False, self._forward_one
-            self.compile_error = "".join(traceback.format_exception_only(exc)).strip()
+            self.compile_error = exception_line(exc)
             log.warning("decode step not compiled, running eagerly: %s", self.compile_error)
             return self._forward_one(token, position)
         self._stepped = self._step_code.compiled_once = True
@@ -319,7 +319,7 @@ class FastGenerator:
                 output = self._forward_one(*inputs)
         except Exception as exc:  # a host sync or a host-to-device copy inside the step
             self.graphed = False
-            self.compile_error = "".join(traceback.format_exception_only(exc)).strip()
+            self.compile_error = exception_line(exc)
             log.warning("decode step not captured in a CUDA graph, running eagerly: %s", self.compile_error)
             return logits
         self._step = _CapturedStep(graph, *inputs, output)

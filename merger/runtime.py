@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import traceback
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from merger.errors import PlacementError
+from merger.errors import PlacementError, exception_line
 from merger.params import human_bytes
 from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, passthrough
@@ -292,7 +291,7 @@ _AOT_LOCK = threading.Lock()  # one compile at a time: builds of one structure w
 def attach_aot_step(built: Built, compile_on_gpu: Callable[[], AotStep]) -> None:
     """On ZeroGPU: give the build its structure's decode step compiled ahead of time (`aot_step`),
     compiling it with `compile_on_gpu` (a GPU call) unless a live build of the structure already
-    did; if that fails, `aot_error` says why and replies run eagerly."""
+    did; if that fails, `aot_error` says why and replies run without it (replaying a CUDA graph)."""
     from merger.decode_attention import use_decode_attention
     from merger.fastgen import model_structure
 
@@ -304,8 +303,8 @@ def attach_aot_step(built: Built, compile_on_gpu: Callable[[], AotStep]) -> None
             try:
                 step = compile_on_gpu()
             except Exception as exc:
-                built.aot_error = "".join(traceback.format_exception_only(exc)).strip()
-                log.warning("decode step not compiled ahead of time, replies run eagerly: %s", built.aot_error)
+                built.aot_error = exception_line(exc)
+                log.warning("decode step not compiled ahead of time, replies run without it: %s", built.aot_error)
                 return
             _AOT_STEPS[structure] = step
     built.aot_step = step
