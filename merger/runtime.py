@@ -7,9 +7,8 @@ keyed by the browser session (its chat model and its comparison model), within a
 
 from __future__ import annotations
 
-import functools
 import gc
-import inspect
+import itertools
 import logging
 import os
 import threading
@@ -21,10 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from merger.container import memory_available, memory_total
 from merger.errors import PlacementError, exception_line
 from merger.params import human_bytes
 from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, passthrough
+from merger.zero_gpu import on_zero_gpu
 
 if TYPE_CHECKING:
     from merger.aot_step import AotStep
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _decoder_lock = threading.Lock()
+_VERSIONS = itertools.count(1)
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Built:
     placement: Placement | None = None
     aot_step: AotStep | None = None  # on ZeroGPU: its structure's decode step compiled ahead of time
     aot_error: str | None = None  # on ZeroGPU: why it has none
+    # changes whenever what a GPU worker must hold of this build changes (made, given its AOT step)
+    version: int = field(default_factory=lambda: next(_VERSIONS))
     _decoder: ModelDecoder | None = field(default=None, repr=False)
 
     @property
@@ -85,117 +89,21 @@ class Built:
 ZERO_GPU_DEFAULT_GB = 48  # a ZeroGPU Space's card (DESIGN.md); FRANKENMERGE_ZERO_GPU_GB overrides
 
 
-def on_zero_gpu() -> bool:
-    """A ZeroGPU Space: the GPU is attached only inside `spaces.GPU` calls (the `spaces` package reads
-    the same variable; it is never set anywhere else)."""
-    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")  # as `spaces` reads it
-
-
-class StaleWorker(RuntimeError):
-    """A ZeroGPU worker forked before the latest change to the built models: it would answer from its
-    copy of them (an older build under the visitor's key, or none)."""
-
-
-class ChangeCount:
-    """How many times the built models this process holds have changed (a build held or freed, a
-    step attached): a ZeroGPU worker, forked from this process, holds them as they were then."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def bump(self) -> None:
-        with self._lock:
-            self.count += 1
-
-
-HELD_CHANGES = ChangeCount()
-
-
-def gpu_task(duration: int | Callable[..., int]) -> Callable[[Callable], Callable]:
-    """`spaces.GPU(duration=...)` on a ZeroGPU Space: the call gets the GPU for at most `duration`
-    seconds (or what the callable says for the call's arguments), and tensors made on ZeroGPU's
-    emulated CUDA device outside it (the session's build) are moved onto it. Elsewhere: the
-    function unchanged.
-
-    spaces runs a call in a forked worker and reuses a handler's worker for its next call while the
-    GPU stays idle; a reused worker has not seen builds made since its fork. So each call carries
-    HELD_CHANGES' count: a worker whose own count differs raises StaleWorker, which makes spaces
-    drop it, and the call is made once more, in a fresh fork."""
-    if not on_zero_gpu():
-        return lambda fn: fn
-    import spaces
-
-    sized = (lambda changes, *args, **kwargs: duration(*args, **kwargs)) if callable(duration) else duration
-
-    def wrap(fn: Callable) -> Callable:
-        if inspect.isgeneratorfunction(fn):
-
-            def current_stream(changes: int, *args: Any, **kwargs: Any) -> Iterator[Any]:
-                _refuse_if_stale(changes)
-                yield from fn(*args, **kwargs)
-
-            on_gpu = spaces.GPU(duration=sized)(current_stream)
-
-            @functools.wraps(fn)
-            def stream_handler(*args: Any, **kwargs: Any) -> Iterator[Any]:
-                try:
-                    yield from on_gpu(HELD_CHANGES.count, *args, **kwargs)
-                except Exception as exc:  # a stale worker raises before its first item
-                    if not is_stale(exc):
-                        raise
-                    yield from on_gpu(HELD_CHANGES.count, *args, **kwargs)
-
-            return stream_handler
-
-        def current(changes: int, *args: Any, **kwargs: Any) -> Any:
-            _refuse_if_stale(changes)
-            return fn(*args, **kwargs)
-
-        on_gpu = spaces.GPU(duration=sized)(current)
-
-        @functools.wraps(fn)
-        def handler(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return on_gpu(HELD_CHANGES.count, *args, **kwargs)
-            except Exception as exc:
-                if not is_stale(exc):
-                    raise
-                return on_gpu(HELD_CHANGES.count, *args, **kwargs)
-
-        return handler
-
-    return wrap
-
-
-def _refuse_if_stale(changes: int) -> None:
-    if changes != HELD_CHANGES.count:
-        raise StaleWorker(f"this worker holds the built models of {HELD_CHANGES.count} changes, not {changes}")
-
-
-def is_stale(exc: BaseException) -> bool:
-    """`exc` says a worker was stale: as raised, or as spaces (0.51) hands back an exception that is
-    not a gr.Error: a gr.Error whose message is the exception's class name."""
-    return isinstance(exc, StaleWorker) or getattr(exc, "message", None) == StaleWorker.__name__
-
-
-def reply_seconds(max_new_tokens: int, replies: int = 1) -> int:
-    """GPU seconds to ask ZeroGPU for: moving the weights on, then `replies` decodes at a
-    pessimistic 20 tokens/s (an 8B step left eager: should its capture in a CUDA graph fail)."""
-    return min(300, 15 + replies * int(max_new_tokens) // 20)
-
-
 def best_device() -> str:
+    """Where builds are assembled: CUDA when present; the CPU on ZeroGPU, whose GPU exists only inside
+    GPU calls (each call moves the builds it uses onto it: `merger.zero_gpu`)."""
     if on_zero_gpu():
-        return "cuda"  # emulated outside spaces.GPU calls: builds there cost no GPU time
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_dtype(plan: Plan, device: str) -> str:
-    """bfloat16 on CUDA (half the memory, full speed); the recipe's dtype on the CPU."""
-    return "bfloat16" if device == "cuda" and plan.recipe.dtype is None else plan.dtype
+    """bfloat16 on CUDA (half the memory, full speed), and on ZeroGPU, whose builds wait on the CPU
+    for a GPU call; the recipe's dtype on the CPU."""
+    on_gpu = device == "cuda" or on_zero_gpu()
+    return "bfloat16" if on_gpu and plan.recipe.dtype is None else plan.dtype
 
 
 def free_memory(device: str) -> int:
@@ -206,9 +114,7 @@ def free_memory(device: str) -> int:
         import torch
 
         return torch.cuda.mem_get_info(torch.device(device))[0]
-    import psutil
-
-    return psutil.virtual_memory().available
+    return memory_available()
 
 
 def device_memory(kind: str) -> list[tuple[str, int]]:
@@ -235,7 +141,7 @@ def load_tokenizer(plan: Plan):
     from transformers import AutoTokenizer
 
     source = plan.tokenizer_model
-    if source.tokenizer_dir is None:
+    if source.tokenizer_dir is None or not source.tokenizer_dir.is_dir():  # the Hub cache may have evicted it
         from merger.hub import download_weights
 
         source = download_weights(source)
@@ -248,6 +154,10 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
     device = device or best_device()
     dtype = build_dtype(plan, device)
     placement = plan_placement(plan, device)  # before any weight is read
+    if on_zero_gpu():  # held on the CPU, run on the card inside GPU calls: it must fit both
+        from merger.placement import place
+
+        place(plan, dtype=dtype, devices=[("cuda", free_memory("cuda"))])
     start = time.perf_counter()
     model = assemble(plan, device=placement.input_device, dtype=dtype, progress=progress, placement=placement)
     tokenizer = load_tokenizer(plan)
@@ -308,7 +218,7 @@ def attach_aot_step(built: Built, compile_on_gpu: Callable[[], AotStep]) -> None
                 return
             _AOT_STEPS[structure] = step
     built.aot_step = step
-    HELD_CHANGES.bump()  # workers forked before hold the build without its step
+    built.version = next(_VERSIONS)  # workers forked before hold the build without its step
 
 
 def build_for_chat(recipe: Recipe | None, *, model_ref: str | None = None, device: str | None = None) -> Built:
@@ -334,18 +244,14 @@ def needed_bytes(plan: Plan, device: str | None = None) -> int:
 
 def default_budget(device: str) -> int:
     """The memory all built models together may hold: FRANKENMERGE_MEMORY_BUDGET_GB, else 90% of the
-    GPUs' memory on CUDA or half the machine's memory on the CPU."""
+    GPUs' memory on CUDA or half the container's memory (its limit, not the host's) on the CPU."""
     if env := os.environ.get("FRANKENMERGE_MEMORY_BUDGET_GB"):
         return int(float(env) * 2**30)
-    if device == "cuda" and on_zero_gpu():
-        return int(0.9 * free_memory(device))
     if device == "cuda":
         import torch
 
         return int(0.9 * sum(torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count())))
-    import psutil
-
-    return psutil.virtual_memory().total // 2
+    return memory_total() // 2
 
 
 class SessionModels:
@@ -400,8 +306,6 @@ class SessionModels:
                 evicted.append(built)
             self._reserved[key] = nbytes
             self.peak_bytes = max(self.peak_bytes, self._used())
-        if evicted:
-            HELD_CHANGES.bump()
         for built in evicted:
             _free(built)
         try:
@@ -419,7 +323,6 @@ class SessionModels:
             self._notices.pop(key, None)
             self.peak_bytes = max(self.peak_bytes, self._used())
             self._changed.notify_all()
-        HELD_CHANGES.bump()
         if old is not None:
             _free(old)
 
@@ -428,7 +331,6 @@ class SessionModels:
             old = self._models.pop(key, None)
             self._changed.notify_all()
         if old is not None:
-            HELD_CHANGES.bump()
             _free(old)
 
     def drop_session(self, session: str) -> None:

@@ -61,17 +61,28 @@ def tiny_gemma(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def space_app(tiny_llama, tiny_gemma):
+    """The app as a ZeroGPU Space runs it (tests/spacekit.py), in its own process, on tiny models
+    published under the Space's model ids."""
+    from spacekit import GATED_MODEL, SPACE_MODEL, start_space_app, stop_space_app
+
+    app = start_space_app({SPACE_MODEL: tiny_llama, GATED_MODEL: tiny_gemma})
+    yield app
+    stop_space_app(app)
+
+
+@pytest.fixture(scope="session")
 def app_url() -> Iterator[str]:
     """The real app, served in-process on a free port for HTTP and browser tests."""
     import socket
 
-    from app import demo
+    from app import QUEUE_OPTIONS, demo
     from ui.chat import stop_all_generation
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.queue(default_concurrency_limit=4).launch(
+    demo.queue(**QUEUE_OPTIONS).launch(
         prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True
     )
     try:

@@ -11,6 +11,7 @@ import gradio as gr
 import pytest
 
 from merger import aot_step, fastgen, runtime
+from merger import zero_gpu as zero_gpu_module
 from merger.chat import format_prompt, stream_reply
 from merger.plan import make_plan
 from merger.recipe import passthrough
@@ -81,7 +82,7 @@ def test_comparing_before_the_comparison_is_built_says_to_build_it(visitor):
 def test_comparison_of_a_path_outside_the_allow_list_is_refused(visitor):
     request, _ = visitor
     with pytest.raises(gr.Error, match="absolute paths are not allowed here"):
-        bench.build_comparison("/etc", "", request, no_progress)
+        bench.build_comparison("/etc", "", request, progress=no_progress)
 
 
 def test_leaving_the_page_frees_both_of_the_visitors_models(visitor):
@@ -114,14 +115,23 @@ def zero_gpu(monkeypatch):
 
 
 def test_on_zero_gpu_a_reply_asks_for_gpu_time_sized_to_its_tokens(zero_gpu):
-    def handler(message, history, temperature, top_p, max_new_tokens, *rest, request=None):
-        return "reply"
+    def frames(key, version, turns, shown, settings, prefix, prompting):
+        yield "reply"
 
-    wrapped = runtime.gpu_task(bench.settings_seconds(2))(handler)
-    assert wrapped("Hi", [], 0.7, 0.9, 400, 0, 0.0, 1.0, 0) == "reply"
-    assert zero_gpu == [runtime.reply_seconds(400)] and zero_gpu[0] == 15 + 400 // 20
-    assert runtime.best_device() == "cuda"  # emulated there: builds cost no GPU time
+    wrapped = zero_gpu_module.gpu_task(bench.reply_call_seconds)(frames)
+    settings = bench.generation_settings(0.7, 0.9, 400)
+    assert list(wrapped("visitor", 1, [], [], settings, "", {})) == ["reply"]
+    assert zero_gpu == [zero_gpu_module.reply_seconds(400)] and zero_gpu[0] == 15 + 400 // 20
+    assert runtime.best_device() == "cpu"  # the GPU exists only inside GPU calls: builds wait on the CPU
     assert runtime.free_memory("cuda") == runtime.ZERO_GPU_DEFAULT_GB * 2**30
+
+
+@pytest.mark.parametrize(("factor", "longest"), [(1.0, 117), (1.5, 80)])
+def test_on_zero_gpu_no_reply_asks_for_more_than_an_anonymous_visitors_daily_quota(monkeypatch, factor, longest):
+    monkeypatch.setattr(zero_gpu_module, "duration_factor", lambda: factor)
+    assert zero_gpu_module.reply_seconds(200) == 25  # the page's default reply: well inside
+    assert zero_gpu_module.reply_seconds(1024, replies=2) == longest  # two of the longest, side by side
+    assert longest * factor <= 120  # spaces multiplies by the factor before asking
 
 
 def test_on_zero_gpu_replies_run_in_the_callers_thread_uncompiled(zero_gpu, tiny_llama):
@@ -135,8 +145,7 @@ def test_on_zero_gpu_replies_run_in_the_callers_thread_uncompiled(zero_gpu, tiny
 @pytest.fixture
 def spaces_compiler(zero_gpu, monkeypatch):
     """The stand-in `spaces` with an AOT compiler that records the programs it is given, a load
-    check that passes its packages, the opt-in to use it set, and builds on the CPU (a ZeroGPU
-    Space builds on its emulated CUDA device)."""
+    check that passes its packages, and the opt-in to use it set."""
     programs = []
 
     def aoti_compile(program):
@@ -146,7 +155,6 @@ def spaces_compiler(zero_gpu, monkeypatch):
     sys.modules["spaces"].aoti_compile = aoti_compile
     monkeypatch.setattr(aot_step, "LOAD_PACKAGE", "pass")
     monkeypatch.setenv("FRANKENMERGE_ZERO_GPU_AOT", "1")
-    monkeypatch.setattr(bench, "best_device", lambda: "cpu")
     return programs
 
 
@@ -203,7 +211,7 @@ def test_on_zero_gpu_a_step_that_fails_to_compile_or_load_leaves_replies_eager_a
 def test_off_zero_gpu_the_handlers_are_the_functions_themselves(monkeypatch):
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
     handler = lambda: None  # noqa: E731
-    assert runtime.gpu_task(60)(handler) is handler
+    assert zero_gpu_module.gpu_task(60)(handler) is handler
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,16 @@ parent or a second recipe on the same prompt, settings and seed.
 
 Built models live in SESSIONS (merger.runtime.SessionModels), keyed by the browser session: its
 merge under the session id, its comparison model under `<id>:compare`, within one memory budget.
-Handlers that generate run inside `gpu_task` (ZeroGPU's `spaces.GPU` on such a Space).
+Handlers check what they can refuse here, then stream from a generating function run inside
+`gpu_task` (ZeroGPU's `spaces.GPU` on such a Space, in a forked worker), which names the builds it
+reads by key and version; the session's Stop closes that stream from here.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -29,14 +32,12 @@ from merger.runtime import (
     best_device,
     build,
     default_budget,
-    gpu_task,
     needed_bytes,
-    on_zero_gpu,
     prepare_for_chat,
-    reply_seconds,
     zero_gpu_aot,
 )
-from ui.models import model_info, plan_for
+from merger.zero_gpu import gpu_task, held_build, on_zero_gpu, reply_seconds
+from ui.models import as_visitor, model_info, plan_for
 from ui.roleplay import card_from_state
 
 if TYPE_CHECKING:
@@ -82,21 +83,19 @@ def build_into(key: str, plan: Plan, progress: gr.Progress) -> Built:
         raise said(exc) from None
     if zero_gpu_aot():  # after SESSIONS.put: the GPU call's worker finds the build there
         progress(0.9, desc="compiling the fast decode step ahead of time (once per model shape)")
-        attach_aot_step(built, lambda: compile_decode_step(key))
+        attach_aot_step(built, lambda: compile_decode_step(key, built.version))
     return built
 
 
 @gpu_task(AOT_COMPILE_SECONDS)
-def compile_decode_step(key: str) -> AotStep:
+def compile_decode_step(key: str, version: int) -> AotStep:
     """On ZeroGPU, in a GPU call: the decode step of the build under `key`, compiled ahead of time
     by the Space's own compiler (torch.compile is forbidden there); the package comes back as bytes."""
     import spaces
 
     from merger.aot_step import compile_step
 
-    built = SESSIONS.get(key)
-    if built is None:
-        raise UserError("the build was freed before its decode step compiled")
+    built = held_build(SESSIONS, key, version)
     return compile_step(built.model, built.window, lambda program: spaces.aoti_compile(program).archive_file.getvalue())
 
 
@@ -118,7 +117,13 @@ def built_status(built: Built) -> str:
     return status
 
 
-def build_model(recipe_yaml: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
+@as_visitor
+def build_model(
+    recipe_yaml: str,
+    request: gr.Request,
+    oauth_token: gr.OAuthToken | None = None,
+    progress: gr.Progress = gr.Progress(),
+) -> str:
     """Assemble the recipe on the best device (CUDA when present) for this session's chat."""
     try:
         plan = plan_for(recipe_yaml)
@@ -192,7 +197,6 @@ def gpu_wait_note() -> str:
 
 def stream_turns(
     request: gr.Request | None,
-    built: Built,
     turns: list[dict[str, str]],
     shown: list[dict[str, Any]],
     settings: GenerationSettings,
@@ -200,29 +204,68 @@ def stream_turns(
     prefix: str = "",
     **prompting: Any,
 ) -> Iterator[tuple[list[dict[str, Any]], str]]:
-    """The conversation on screen (`shown`) plus the reply (after `prefix`) as it streams, then the
-    reply's speed; first, if the GPU is compiling, what the reply waits for. The session's Stop
-    button ends it; a mistake (too long for the window) is said."""
+    """The conversation on screen (`shown`) plus the session's model's reply (after `prefix`) as it
+    streams, then the reply's speed; the session's Stop button ends it."""
+    key = slot(request)
+    frames = reply_frames(key, built_for(request).version, turns, shown, settings, prefix, prompting)
+    yield from until_stopped(frames, stop_event(request))
+
+
+def until_stopped(frames: Iterator[tuple[Any, Any]], stop: threading.Event) -> Iterator[Any]:
+    """The outputs of a GPU call's frames ((outputs, outputs if stopped here) each) until the visitor
+    presses Stop: then the last frame's stopped outputs (the speed so far), and the call is closed,
+    which ends its generation (in a ZeroGPU worker, at spaces' next item)."""
+    with closing(frames):
+        for outputs, if_stopped in frames:
+            if stop.is_set():
+                yield if_stopped
+                return
+            yield outputs
+
+
+def stop_event(request: gr.Request | None) -> threading.Event:
+    """A fresh Stop for the session's next reply (kept in this process: a GPU worker cannot see it)."""
     stop = STOPS[session_id(request)] = threading.Event()
+    return stop
+
+
+def reply_call_seconds(key: str, version: int, turns, shown, settings: GenerationSettings, *_: Any) -> int:
+    """ZeroGPU's duration for `reply_frames`: sized to the max new tokens asked for."""
+    return reply_seconds(settings.max_new_tokens)
+
+
+@gpu_task(reply_call_seconds)
+def reply_frames(
+    key: str,
+    version: int,
+    turns: list[dict[str, str]],
+    shown: list[dict[str, Any]],
+    settings: GenerationSettings,
+    prefix: str,
+    prompting: dict[str, Any],
+) -> Iterator[tuple[tuple[list[dict[str, Any]], str], tuple[list[dict[str, Any]], str]]]:
+    """In a GPU call: the reply of the build under `key` as it streams, each frame (the conversation
+    with the reply so far and what shows under it, the same with the speed so far); first, if the
+    GPU is compiling, what the reply waits for. A mistake (too long for the window) is said."""
+    built = held_build(SESSIONS, key, version)
     stats = ReplyStats()
-    reply = ""
+
+    def frame(reply: str, note: str) -> tuple[tuple[list[dict[str, Any]], str], tuple[list[dict[str, Any]], str]]:
+        conversation = [*shown, {"role": "assistant", "content": prefix + reply}]
+        return (conversation, note), (conversation, stats.summary())
+
     if note := gpu_wait_note():
-        yield [*shown, {"role": "assistant", "content": prefix}], note
+        yield frame("", note)
+    reply = ""
     try:
-        for reply in stream_reply(built, turns, settings, stop, stats, **prompting):
-            yield [*shown, {"role": "assistant", "content": prefix + reply}], ""
+        with closing(stream_reply(built, turns, settings, None, stats, **prompting)) as pieces:
+            for reply in pieces:
+                yield frame(reply, "")
     except UserError as exc:
         raise said(exc) from None
-    yield [*shown, {"role": "assistant", "content": prefix + reply}], stats.summary()
+    yield frame(reply, stats.summary())
 
 
-def settings_seconds(settings_at: int, replies: int = 1) -> Callable[..., int]:
-    """ZeroGPU's duration for a handler whose settings (temperature, top-p, max new tokens, ...)
-    start at positional argument `settings_at`: sized to the max new tokens asked for."""
-    return lambda *args, **_: reply_seconds(args[settings_at + 2], replies)
-
-
-@gpu_task(settings_seconds(2))
 def chat(
     message: str,
     history: list[dict[str, Any]],
@@ -236,17 +279,16 @@ def chat(
     request: gr.Request = None,
 ):
     """Stream the built model's reply; yields the conversation and the reply's speed after each piece."""
-    built = built_for(request)
+    built_for(request)  # refused here, before any GPU time is asked for
     if not (message or "").strip():
         raise gr.Error("Type a message first.")
     turns = [*turns_of(history), {"role": "user", "content": message}]
     settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
-    yield from stream_turns(request, built, turns, turns, settings)
+    yield from stream_turns(request, turns, turns, settings)
 
 
 # The private handlers below take the settings panel's values as *settings: gradio puts gr.Request
 # and gr.EditData into the named parameters before them.
-@gpu_task(settings_seconds(2))
 def regenerate(history: list[dict[str, Any]], request: gr.Request, *settings: Any):
     """Drop the last reply and answer the last user message again (with the settings on screen)."""
     turns = list(history or [])
@@ -258,7 +300,6 @@ def regenerate(history: list[dict[str, Any]], request: gr.Request, *settings: An
     yield from chat(text_of(last["content"]), turns, *settings, request=request)
 
 
-@gpu_task(settings_seconds(2))
 def continue_reply(history: list[dict[str, Any]], request: gr.Request, *settings: Any):
     """Carry on writing the last reply (cut short by the token limit, or by Stop) where it ended."""
     built = built_for(request)
@@ -267,17 +308,15 @@ def continue_reply(history: list[dict[str, Any]], request: gr.Request, *settings
         raise gr.Error("There is no reply to continue yet.")
     prompt = format_prompt(built.tokenizer, turns, continue_last=True)
     options = generation_settings(*settings)
-    yield from stream_turns(request, built, turns, history[:-1], options, prefix=turns[-1]["content"], prompt=prompt)
+    yield from stream_turns(request, turns, history[:-1], options, prefix=turns[-1]["content"], prompt=prompt)
 
 
-@gpu_task(settings_seconds(3))
 def edit_and_resend(history: list[dict[str, Any]], edit: gr.EditData, request: gr.Request, *settings: Any):
     """A user message was edited in place: the conversation resumes from it, later turns dropped."""
     index = edit.index if isinstance(edit.index, int) else edit.index[0]
     yield from chat(text_of(edit.value), list(history or [])[:index], *settings, request=request)
 
 
-@gpu_task(settings_seconds(5))
 def roleplay_chat(
     message: str,
     history: list[dict[str, Any]],
@@ -298,7 +337,7 @@ def roleplay_chat(
     prompt = roleplay_prompt(built.tokenizer, card, user, turns)
     shown = [*(history or []), {"role": "user", "content": message}]
     options = generation_settings(*settings)
-    yield from stream_turns(request, built, turns, shown, options, prompt=prompt, stop_strings=stop_strings(user))
+    yield from stream_turns(request, turns, shown, options, prompt=prompt, stop_strings=stop_strings(user))
 
 
 def stop_chat(request: gr.Request) -> None:
@@ -332,8 +371,13 @@ def compare_targets(value: dict[str, Any]) -> gr.Dropdown:
     return gr.Dropdown(choices=choices, value=choices[0][1])
 
 
+@as_visitor
 def build_comparison(
-    target: str | None, second_yaml: str, request: gr.Request, progress: gr.Progress = gr.Progress()
+    target: str | None,
+    second_yaml: str,
+    request: gr.Request,
+    oauth_token: gr.OAuthToken | None = None,
+    progress: gr.Progress = gr.Progress(),
 ) -> str:
     """Build the comparison model for this session: a parent as it is, or the second recipe."""
     try:
@@ -350,7 +394,6 @@ def build_comparison(
     return f"**{what}**: {built_status(build_into(slot(request, COMPARE), plan, progress))}"
 
 
-@gpu_task(settings_seconds(3, replies=2))
 def compare_send(
     message: str,
     merge_history: list[dict[str, Any]],
@@ -369,26 +412,42 @@ def compare_send(
     what they wait for)."""
     if not (message or "").strip():
         raise gr.Error("Type a message first.")
-    built = [built_for(request), built_for(request, COMPARE)]
+    held = tuple((slot(request, name), built_for(request, name).version) for name in (None, COMPARE))
     settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
     shown = [[*(h or []), {"role": "user", "content": message}] for h in (merge_history, other_history)]
-    requests = [(b, turns_of(s), {}) for b, s in zip(built, shown, strict=True)]
-    stop = STOPS[session_id(request)] = threading.Event()
+    yield from until_stopped(side_by_side_frames(held, shown, settings), stop_event(request))
 
-    def frame(replies, done: bool) -> tuple[list, list, str, str]:
+
+def side_by_side_seconds(held: tuple[tuple[str, int], ...], shown, settings: GenerationSettings) -> int:
+    """ZeroGPU's duration for `side_by_side_frames`: one reply of the max new tokens per column."""
+    return reply_seconds(settings.max_new_tokens, replies=len(held))
+
+
+@gpu_task(side_by_side_seconds)
+def side_by_side_frames(
+    held: tuple[tuple[str, int], ...], shown: list[list[dict[str, Any]]], settings: GenerationSettings
+) -> Iterator[tuple[tuple, tuple]]:
+    """In a GPU call: the replies of the builds `held` ((key, version) each) to the same turns,
+    streamed next to each other; each frame as `reply_frames`' (both columns and their speeds)."""
+    built = [held_build(SESSIONS, key, version) for key, version in held]
+    requests = [(b, turns_of(s), {}) for b, s in zip(built, shown, strict=True)]
+
+    def frame(replies, done: bool) -> tuple[tuple, tuple]:
         chats = [
             [*s, {"role": "assistant", "content": r.text or (f"⚠️ {r.error}" if r.error else "")}]
             for s, r in zip(shown, replies, strict=True)
         ]
-        speeds = [r.stats.summary() if done and not r.error else "" for r in replies]
-        return chats[0], chats[1], speeds[0], speeds[1]
+        speeds = [r.stats.summary() if not r.error else "" for r in replies]
+        shown_speeds = speeds if done else ["", ""]
+        return (*chats, *shown_speeds), (*chats, *speeds)
 
     if note := gpu_wait_note():
-        chats = frame([SideReply(), SideReply()], done=False)[:2]
-        yield *chats, note, note
+        chats = frame([SideReply(), SideReply()], done=False)[0][:2]
+        yield (*chats, note, note), (*chats, note, note)
     replies = None
-    for replies in stream_side_by_side(requests, settings, stop):
-        yield frame(replies, done=False)
+    with closing(stream_side_by_side(requests, settings)) as frames:
+        for replies in frames:
+            yield frame(replies, done=False)
     if replies is not None:
         yield frame(replies, done=True)
 
@@ -476,7 +535,7 @@ def wire_chat_tab(tab: dict[str, Any], settings_inputs: list[Any]) -> None:
     tab["regenerate"].click(regenerate, [tab["chatbot"], *settings_inputs], outputs, **private)
     tab["continue"].click(continue_reply, [tab["chatbot"], *settings_inputs], outputs, **private)
     tab["chatbot"].edit(edit_and_resend, [tab["chatbot"], *settings_inputs], outputs, **private)
-    tab["stop"].click(stop_chat, **private)
+    tab["stop"].click(stop_chat, api_name="stop")
     tab["clear"].click(lambda: ([], ""), outputs=outputs, **private)
 
 

@@ -1,0 +1,122 @@
+"""The app as a ZeroGPU Space runs it (tests/spacekit.py): the real `spaces` package forks a worker
+per GPU call and talks to a stand-in device API; Gradio runs handlers in its worker threads, where
+spaces' CUDA emulation does not reach; only what a Space installs can be imported."""
+
+import time
+import zipfile
+
+import pytest
+from gradio_client import Client
+
+from merger.recipe import passthrough
+
+from spacekit import GATED_MODEL, GATED_READER_TOKEN, OPERATOR_TOKEN, SPACE_MODEL
+
+SPLICE = passthrough((SPACE_MODEL, 0, 4), (SPACE_MODEL, 2, 6)).to_yaml()
+SHORT = passthrough((SPACE_MODEL, 0, 3)).to_yaml()
+GATED = passthrough((GATED_MODEL, 0, 12)).to_yaml()
+GREEDY = (0.0, 0.9)  # temperature, top-p; then max new tokens
+ANONYMOUS_QUOTA_SECONDS = 120  # ZeroGPU's daily GPU time for a visitor who is not signed in
+
+
+def visitor(app, **kwargs) -> Client:
+    return Client(app.url, verbose=False, **kwargs)
+
+
+def test_a_build_in_a_gradio_worker_thread_succeeds_without_spending_gpu_time(space_app):
+    before = space_app.device.count("/schedule")
+    assert "Built 8 layers" in visitor(space_app).predict(SPLICE, api_name="/build")
+    assert space_app.device.count("/schedule") == before  # built on the CPU, outside any GPU call
+
+
+def test_chatting_before_building_is_refused_without_asking_for_a_gpu(space_app):
+    before = space_app.device.count("/schedule")
+    with pytest.raises(Exception, match="Build the merge first"):
+        visitor(space_app).predict("Hello", [], *GREEDY, 8, api_name="/chat")
+    assert space_app.device.count("/schedule") == before
+
+
+def test_a_reply_streams_from_a_gpu_call_sized_for_an_anonymous_visitors_quota(space_app):
+    client = visitor(space_app)
+    client.predict(SHORT, api_name="/build")
+    history, speed = client.predict("Hello", [], *GREEDY, 200, api_name="/chat")  # the page's default length
+    assert history[-1]["role"] == "assistant" and history[-1]["content"]
+    assert "tokens/s" in speed
+    # what spaces asked the device API for: the duration times the GPU's factor (1.5 here)
+    assert space_app.device.schedules[-1] <= ANONYMOUS_QUOTA_SECONDS
+
+
+def streamed(job, frames: int = 2, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(job.outputs()) < frames:
+        assert not job.done(), f"the reply ended before {frames} frames: {job.outputs()}"
+        assert time.monotonic() < deadline, "no streamed frames"
+        time.sleep(0.05)
+
+
+def test_stop_ends_a_reply_running_in_a_gpu_worker(space_app):
+    client = visitor(space_app)
+    client.predict(SHORT, api_name="/build")
+    job = client.submit("Tell me a long story", [], *GREEDY, 1024, api_name="/chat")
+    streamed(job)
+    failed = space_app.device.failed_releases  # a stale worker's refusal, if any, came before the first frame
+    client.predict(api_name="/stop")
+    history, speed = job.result(timeout=60)
+    tokens = int(speed.split(" tokens")[0].rsplit("· ", 1)[1])
+    assert 0 < tokens < 1024 and history[-1]["content"]
+    assert space_app.device.failed_releases == failed  # the worker ended the call cleanly
+
+
+def test_side_by_side_streams_both_replies_in_one_gpu_call_within_the_quota(space_app):
+    client = visitor(space_app)
+    client.predict(SPLICE, api_name="/build")
+    assert "Built 6 layers" in client.predict(SPACE_MODEL, "", api_name="/build_comparison")
+    before = space_app.device.count("/schedule")
+    job = client.submit("Hello", [], [], *GREEDY, 1024, 0, 0.0, 1.0, 0, api_name="/compare")
+    streamed(job)
+    client.predict(api_name="/stop")  # the longest replies the page allows: no need to wait for them
+    merge, other, merge_speed, other_speed = job.result(timeout=60)
+    assert merge[-1]["content"] and other[-1]["content"]
+    assert "tokens/s" in merge_speed and "tokens/s" in other_speed
+    assert space_app.device.count("/schedule") == before + 1
+    assert space_app.device.schedules[-1] <= ANONYMOUS_QUOTA_SECONDS  # two 1024-token replies, times 1.5
+
+
+def test_one_visitors_build_does_not_retire_another_visitors_gpu_worker(space_app):
+    alice, bob = visitor(space_app), visitor(space_app)
+    alice.predict(SHORT, api_name="/build")
+    alice.predict("Hi", [], *GREEDY, 4, api_name="/chat")
+    forks = space_app.device.count("/allow")  # each fresh worker asks the device API once
+    bob.predict(SPLICE, api_name="/build")
+    alice.predict("Hi again", [], *GREEDY, 4, api_name="/chat")
+    assert space_app.device.count("/allow") == forks  # Alice's worker still holds her build: reused
+    alice.predict(SPLICE, api_name="/build")
+    alice.predict("And now?", [], *GREEDY, 4, api_name="/chat")
+    assert space_app.device.count("/allow") == forks + 1  # her rebuild: that worker refused, a fresh one answered
+
+
+def test_export_and_slim_work_without_signing_in_and_publishing_asks_for_a_sign_in(space_app):
+    client = visitor(space_app)
+    # the page's token box is hidden on a Space: it sends no value
+    status, archive = client.predict(SHORT, "bfloat16", "", False, None, api_name="/export")
+    assert "Download it below" in status
+    with zipfile.ZipFile(archive) as z:
+        assert {"config.json", "model.safetensors"} <= set(z.namelist())
+    with pytest.raises(Exception, match=r"[Ss]ign in with Hugging Face"):
+        client.predict(SHORT, "bfloat16", "my-merge", False, None, api_name="/export")
+    status, archive = client.predict(SPACE_MODEL, "", False, None, api_name="/slim")
+    assert "Nothing to remove" in status and archive is None
+
+
+def test_a_gated_model_opens_with_the_visitors_sign_in_and_for_no_one_else(space_app):
+    with pytest.raises(Exception, match="is gated"):
+        visitor(space_app).predict(GATED, api_name="/preview")  # not with the Space's own token either
+    signed_in = visitor(space_app, oauth_token=GATED_READER_TOKEN)
+    assert signed_in.predict(GATED, api_name="/preview")["num_layers"] == 12
+    assert "Built 12 layers" in signed_in.predict(GATED, api_name="/build")
+    with pytest.raises(Exception, match="is gated"):
+        visitor(space_app).predict(GATED, api_name="/preview")  # the signed-in visitor's answer is theirs
+    log = space_app.log()
+    assert GATED_READER_TOKEN not in log and OPERATOR_TOKEN not in log
+    users = {r.user for r in space_app.hub.requests if GATED_MODEL in r.path}
+    assert users <= {None, "visitor"}  # the Space's token was never sent
