@@ -11,6 +11,7 @@ import gc
 import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 import weakref
@@ -72,7 +73,7 @@ class Built:
                 from merger.fastgen import ModelDecoder
 
                 zero = on_zero_gpu()  # no torch.compile there, and each GPU call runs in a forked process
-                compile = False if zero else None
+                compile = False if zero or compile_unavailable() else None
                 self._decoder = ModelDecoder(
                     self.model, window=self.window, threaded=not zero, compile=compile, aot_step=self.aot_step
                 )
@@ -84,6 +85,15 @@ class Built:
             self._decoder.close()
             self._decoder = None
         self.model = None
+
+
+def compile_unavailable() -> str | None:
+    """Why the decode step cannot be compiled here (None: it can). torch.compile builds its GPU
+    kernels' launchers with a C compiler at run time, which a Space's image may lack (packages.txt
+    asks for one); without it a GPU's step runs eagerly, captured in a CUDA graph."""
+    if any(shutil.which(cc) for cc in (os.environ.get("CC"), "cc", "gcc", "clang") if cc):
+        return None
+    return "no C compiler on this machine, which torch.compile needs"
 
 
 ZERO_GPU_DEFAULT_GB = 48  # a ZeroGPU Space's card (DESIGN.md); FRANKENMERGE_ZERO_GPU_GB overrides

@@ -245,3 +245,16 @@ def test_a_reply_queued_behind_a_compile_says_what_it_waits_for(visitor, monkeyp
     monkeypatch.setattr(fastgen, "compiling_for", lambda: None)
     first_history, first_note = next(bench.chat("Hello", [], *GREEDY, request=request))
     assert first_note == "" and first_history[-1]["content"]  # straight to the reply
+
+
+def test_without_a_c_compiler_a_gpu_build_replays_a_cuda_graph_and_says_why(visitor, monkeypatch):
+    _, built = visitor
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)  # a Space image without gcc
+    made = []
+    monkeypatch.setattr(fastgen, "ModelDecoder", lambda model, **options: made.append(options) or SimpleNamespace())
+    on_gpu = runtime.Built(plan=built.plan, model=built.model, tokenizer=None, device="cuda", seconds=0.1)
+    assert on_gpu.decoder is not None and made[-1]["compile"] is False
+    status = bench.built_status(on_gpu)
+    assert "runs uncompiled (no C compiler on this machine, which torch.compile needs)" in status
+    assert "replay a CUDA graph" in status

@@ -31,6 +31,7 @@ from merger.runtime import (
     attach_aot_step,
     best_device,
     build,
+    compile_unavailable,
     default_budget,
     needed_bytes,
     prepare_for_chat,
@@ -106,10 +107,13 @@ def built_status(built: Built) -> str:
         f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {devices} in {built.seconds:.2f} s."
     )
     if on_zero_gpu():  # no decoder here: each GPU call's worker makes its own
+        status += " Replies run on the GPU ZeroGPU lends each of them."
         if built.aot_step is not None:
             status += " Its fast decode step is compiled ahead of time."
         elif built.aot_error:
             status += f" Its decode step could not be compiled ahead of time ({built.aot_error}): replies run slower."
+    elif built.device.startswith("cuda") and (why := compile_unavailable()):
+        status += f" Its decode step runs uncompiled ({why}): replies replay a CUDA graph instead."
     elif built.decoder.reuses_compiled_step:
         status += " Its fast decode step was compiled for an earlier build of this shape: no wait."
     elif built.decoder.compiled:
