@@ -26,9 +26,10 @@ from merger.hub import current_token, push_folder
 from merger.params import count, human_bytes, human_params
 from merger.plan import make_plan
 from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
-from merger.runtime import plan_placement
+from merger.runtime import free_memory, plan_placement
 from merger.slim import slim_model
 from merger.space import DEFAULT_HUB_MODEL, HUB_MODELS, on_space
+from merger.zero_gpu import on_zero_gpu
 from ui.chat import (
     build_chat_tab,
     build_compare_tab,
@@ -98,9 +99,12 @@ def placement_preview(value: dict[str, Any], oauth_token: gr.OAuthToken | None =
     except UserError:
         return ""  # the preview already says what is wrong
     try:
-        return placement_markdown(plan_placement(plan))
+        text = placement_markdown(plan_placement(plan))
     except PlacementError as exc:
         return refusal_markdown(str(exc))
+    if on_zero_gpu():  # held there between replies; each reply runs on the card ZeroGPU lends it
+        text += f"; replies run on ZeroGPU's {human_bytes(free_memory('cuda'))} GPU"
+    return text
 
 
 @as_visitor
@@ -353,8 +357,9 @@ def build_demo() -> gr.Blocks:
                 allow_custom_value=True,
                 label="Model (bundled, allowed folder, or Hub id owner/name)",
                 scale=4,
+                elem_id="model-ref",
             )
-            add_btn = gr.Button("Add model column", scale=1)
+            add_btn = gr.Button("Add model column", scale=1, elem_id="add-model-btn")
         model_msg = gr.Markdown(elem_id="model-msg")
         stack = stack_widget({"models": [], "slices": []})
         preview_md = gr.Markdown(elem_id="preview")

@@ -140,11 +140,15 @@ def device_memory(kind: str) -> list[tuple[str, int]]:
 
 def plan_placement(plan: Plan, device: str | None = None) -> Placement:
     """Where a build of `plan` on `device` (cpu|cuda) would go, from the plan's sizes and the free
-    memory now; raises PlacementError, with the numbers, when it cannot fit."""
+    memory now; raises PlacementError, with the numbers, when it cannot fit. On ZeroGPU a build is
+    held on the CPU and runs on the card inside GPU calls: it must fit both."""
     from merger.placement import place
 
     device = device or best_device()
-    return place(plan, dtype=build_dtype(plan, device), devices=device_memory(device))
+    dtype = build_dtype(plan, device)
+    if on_zero_gpu():
+        place(plan, dtype=dtype, devices=[("cuda", free_memory("cuda"))])
+    return place(plan, dtype=dtype, devices=device_memory(device))
 
 
 def load_tokenizer(plan: Plan):
@@ -164,10 +168,6 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
     device = device or best_device()
     dtype = build_dtype(plan, device)
     placement = plan_placement(plan, device)  # before any weight is read
-    if on_zero_gpu():  # held on the CPU, run on the card inside GPU calls: it must fit both
-        from merger.placement import place
-
-        place(plan, dtype=dtype, devices=[("cuda", free_memory("cuda"))])
     start = time.perf_counter()
     model = assemble(plan, device=placement.input_device, dtype=dtype, progress=progress, placement=placement)
     tokenizer = load_tokenizer(plan)

@@ -61,12 +61,12 @@ def tiny_gemma(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def space_app(tiny_llama, tiny_gemma):
+def space_app(tiny_llama, tiny_llama_b, tiny_gemma):
     """The app as a ZeroGPU Space runs it (tests/spacekit.py), in its own process, on tiny models
     published under the Space's model ids."""
-    from spacekit import GATED_MODEL, SPACE_MODEL, start_space_app, stop_space_app
+    from spacekit import GATED_MODEL, SECOND_MODEL, SPACE_MODEL, start_space_app, stop_space_app
 
-    app = start_space_app({SPACE_MODEL: tiny_llama, GATED_MODEL: tiny_gemma})
+    app = start_space_app({SPACE_MODEL: tiny_llama, SECOND_MODEL: tiny_llama_b, GATED_MODEL: tiny_gemma})
     yield app
     stop_space_app(app)
 
@@ -82,9 +82,7 @@ def app_url() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.queue(**QUEUE_OPTIONS).launch(
-        prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True
-    )
+    demo.queue(**QUEUE_OPTIONS).launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

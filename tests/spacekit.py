@@ -23,6 +23,7 @@ from hubserver import FakeHub, start_hub
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the page's default on a Space
+SECOND_MODEL = "HuggingFaceTB/SmolLM2-360M-Instruct"  # another of the page's known-good models
 GATED_MODEL = "google/gemma-3-270m"
 GATED_READER_TOKEN = "hf_visitor_with_access"
 # The Space's own token (a secret its operator set): it may read the gated model, but a visitor's
