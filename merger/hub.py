@@ -3,7 +3,8 @@ weights only when a build needs them. Tests point `HF_ENDPOINT` at a local fake 
 
 Every call here runs with the token `hub_token` names for the current request: the web app's
 visitor's sign-in, or False (no token at all: never the server's own login, which a Space's
-secrets may hold); the CLI sets none, so huggingface_hub uses the user's saved login. A Hub that
+secrets may hold, and on a Space never by default either); the CLI sets none, so huggingface_hub
+uses the user's saved login. A Hub that
 does not answer (a connection error, or nothing within FRANKENMERGE_HUB_TIMEOUT_S) is one sentence.
 """
 
@@ -31,6 +32,7 @@ from huggingface_hub.errors import (
 from merger.catalog import PICKLE_SUFFIXES, TOKENIZER_FILES, ModelInfo, check_supported
 from merger.errors import HubUnavailableError, ModelRefError, UnsafeCheckpointError, UserError
 from merger.safetensors_files import TensorMeta, read_header
+from merger.space import on_space
 
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 HUB_TIMEOUT_SECONDS = float(os.environ.get("FRANKENMERGE_HUB_TIMEOUT_S", "10"))
@@ -51,7 +53,10 @@ def hub_token(token: str | bool | None) -> Iterator[None]:
 
 
 def current_token() -> str | bool | None:
-    return _TOKEN.get()
+    """The token Hub calls use now. On a Space nothing falls back to the Space's own login: what no
+    visitor's sign-in names runs with no token at all."""
+    token = _TOKEN.get()
+    return False if token is None and on_space() else token
 
 
 @contextmanager

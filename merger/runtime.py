@@ -110,10 +110,14 @@ def best_device() -> str:
 
 
 def build_dtype(plan: Plan, device: str) -> str:
-    """bfloat16 on CUDA (half the memory, full speed), and on ZeroGPU, whose builds wait on the CPU
-    for a GPU call; the recipe's dtype on the CPU."""
-    on_gpu = device == "cuda" or on_zero_gpu()
-    return "bfloat16" if on_gpu and plan.recipe.dtype is None else plan.dtype
+    """bfloat16 on CUDA (half the memory, full speed); the recipe's dtype on the CPU."""
+    return "bfloat16" if device == "cuda" and plan.recipe.dtype is None else plan.dtype
+
+
+def chat_dtype(plan: Plan, device: str) -> str:
+    """The dtype a build for chat is made in: on ZeroGPU the GPU's, where its replies run, though
+    it waits on the CPU between them."""
+    return build_dtype(plan, "cuda" if on_zero_gpu() else device)
 
 
 def free_memory(device: str) -> int:
@@ -145,7 +149,7 @@ def plan_placement(plan: Plan, device: str | None = None) -> Placement:
     from merger.placement import place
 
     device = device or best_device()
-    dtype = build_dtype(plan, device)
+    dtype = chat_dtype(plan, device)
     if on_zero_gpu():
         place(plan, dtype=dtype, devices=[("cuda", free_memory("cuda"))])
     return place(plan, dtype=dtype, devices=device_memory(device))
@@ -166,7 +170,7 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
     from merger.assemble import assemble
 
     device = device or best_device()
-    dtype = build_dtype(plan, device)
+    dtype = chat_dtype(plan, device)
     placement = plan_placement(plan, device)  # before any weight is read
     start = time.perf_counter()
     model = assemble(plan, device=placement.input_device, dtype=dtype, progress=progress, placement=placement)
@@ -249,7 +253,7 @@ def needed_bytes(plan: Plan, device: str | None = None) -> int:
     from merger.placement import place
 
     device = device or best_device()
-    return place(plan, dtype=build_dtype(plan, device), devices=[(device, 1 << 62)]).needed_bytes
+    return place(plan, dtype=chat_dtype(plan, device), devices=[(device, 1 << 62)]).needed_bytes
 
 
 def default_budget(device: str) -> int:

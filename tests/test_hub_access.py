@@ -15,7 +15,7 @@ import pytest
 from merger import hub as hub_module
 from merger.catalog import ModelInfo
 from merger.errors import HubUnavailableError
-from merger.hub import download_weights, hub_token, push_folder, read_hub
+from merger.hub import current_token, download_weights, hub_token, push_folder, read_hub
 from merger.recipe import passthrough
 from ui import models
 
@@ -99,3 +99,12 @@ def test_gated_metadata_read_with_one_visitors_token_is_served_to_no_one_else(hu
     for someone_else in ("hf_bob", False):
         with hub_token(someone_else), pytest.raises(Exception, match="is gated"):
             models.model_info("org/gated")
+
+
+def test_on_a_space_no_hub_call_falls_back_to_the_spaces_own_token(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "org/space")
+    assert current_token() is False  # e.g. the Lens, which names no visitor: no token, not HF_TOKEN
+    with hub_token("hf_visitor"):
+        assert current_token() == "hf_visitor"
+    monkeypatch.delenv("SPACE_ID")
+    assert current_token() is None  # locally: the machine's own saved login
