@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from merger.errors import UserError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -111,13 +113,19 @@ def is_stale(exc: BaseException) -> bool:
 
 
 def held_build(sessions: SessionModels, key: str, version: int) -> Built:
-    """Inside a GPU call: the build under `key` at `version`, on the call's device. Raises StaleWorker
-    when this process holds another version (or none): a reused ZeroGPU worker forked before it."""
+    """Inside a GPU call: the build under `key` at `version`, on the call's device. In a ZeroGPU
+    worker that holds another version (or none) of it, raises StaleWorker: it was forked before.
+    In the server's own process (no ZeroGPU) the build may have gone since the handler looked (a
+    new build, or room made for another visitor's): that is said (UserError)."""
     built = sessions.get(key)
+    if not on_zero_gpu():
+        if built is None:
+            raise UserError("your model was unloaded while the reply started: press Build again")
+        return built
     if built is None or built.version != version:
         held = "none" if built is None else f"version {built.version}"
         raise StaleWorker(f"this worker holds {held} of the build, not version {version}")
-    return _CALL_COPIES.on_call_device(key, built) if on_zero_gpu() else built
+    return _CALL_COPIES.on_call_device(key, built)
 
 
 class CallCopies:

@@ -251,7 +251,10 @@ def reply_frames(
     """In a GPU call: the reply of the build under `key` as it streams, each frame (the conversation
     with the reply so far and what shows under it, the same with the speed so far); first, if the
     GPU is compiling, what the reply waits for. A mistake (too long for the window) is said."""
-    built = held_build(SESSIONS, key, version)
+    try:
+        built = held_build(SESSIONS, key, version)
+    except UserError as exc:
+        raise said(exc) from None
     stats = ReplyStats()
 
     def frame(reply: str, note: str) -> tuple[tuple[list[dict[str, Any]], str], tuple[list[dict[str, Any]], str]]:
@@ -433,7 +436,10 @@ def side_by_side_frames(
 ) -> Iterator[tuple[tuple, tuple]]:
     """In a GPU call: the replies of the builds `held` ((key, version) each) to the same turns,
     streamed next to each other; each frame as `reply_frames`' (both columns and their speeds)."""
-    built = [held_build(SESSIONS, key, version) for key, version in held]
+    try:
+        built = [held_build(SESSIONS, key, version) for key, version in held]
+    except UserError as exc:
+        raise said(exc) from None
     requests = [(b, turns_of(s), {}) for b, s in zip(built, shown, strict=True)]
 
     def frame(replies, done: bool) -> tuple[tuple, tuple]:
