@@ -146,7 +146,8 @@ class CallCopies:
             if copy_ is not None and copy_.version == built.version:
                 self._copies.move_to_end(key)
                 return copy_
-            self._copies.pop(key, None)
+            if (stale := self._copies.pop(key, None)) is not None:
+                stale.close()
             # spaces has undone its emulation in the worker: this is the GPU the call holds (none when
             # ZeroGPU is reproduced on a CPU machine)
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -90,8 +91,6 @@ def visitor(oauth_token: gr.OAuthToken | None, pasted: str | None = None) -> Ite
 def as_visitor(handler: Callable[..., Any]) -> Callable[..., Any]:
     """A handler that takes `oauth_token: gr.OAuthToken | None` (Gradio passes the visitor's sign-in)
     and does its Hub work as that visitor."""
-    import inspect
-
     signature = inspect.signature(handler)
 
     @functools.wraps(handler)
