@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -158,8 +159,12 @@ def start_space_app(models: dict[str, Path]) -> SpaceApp:
     env = space_env(device, hub, workdir, port)
     log_path = workdir / "app.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "space_app.py")], env=env, stdout=log, stderr=subprocess.STDOUT
+        process = subprocess.Popen(  # a session of its own: stopping it stops spaces' forked workers too
+            [sys.executable, str(ROOT / "tests" / "space_app.py")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     app = SpaceApp(f"http://127.0.0.1:{port}/", device, hub, process, log_path, env)
     deadline = time.monotonic() + 120
@@ -179,11 +184,21 @@ def start_space_app(models: dict[str, Path]) -> SpaceApp:
 
 
 def stop_space_app(app: SpaceApp) -> None:
-    app.process.terminate()
+    """Stop the app and every process it forked (spaces' GPU workers outlive a terminated parent)."""
+    os.killpg(app.process.pid, signal.SIGTERM)
     try:
         app.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        app.process.kill()
+        os.killpg(app.process.pid, signal.SIGKILL)
         app.process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(app.process.pid, 0)  # a forked worker still in the group
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(app.process.pid, signal.SIGKILL)
     app.device.shutdown()
     app.hub.shutdown()
