@@ -50,10 +50,12 @@ def check_fits(model: ModelInfo) -> None:
 def trim_hub_cache(*, keep: str) -> list[str]:
     """Mark `keep` (a repo id) as just used, then evict the least recently used other models until
     the Hub cache fits the budget; returns the repo ids evicted."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     budget = hub_cache_budget()
-    cache = scan_cache_dir()
+    # the folder snapshot_download writes to (it reads the constant at each call; scan_cache_dir's
+    # default is a copy taken at import)
+    cache = scan_cache_dir(constants.HF_HUB_CACHE)
     repos = [r for r in cache.repos if r.repo_type == "model"]
     for repo in repos:
         if repo.repo_id == keep:
