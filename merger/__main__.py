@@ -10,8 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+from merger.catalog import LocalPolicy, resolver_for
 from merger.errors import UserError
 from merger.recipe import DTYPES, Recipe, recipe_from_yaml
+
+# The user's own machine: a model reference may name any folder (the web app's policy does not).
+RESOLVE = resolver_for(LocalPolicy.any_path())
 
 
 def load_recipe(path: str) -> Recipe:
@@ -26,7 +30,7 @@ def cmd_params(args: argparse.Namespace) -> None:
     from merger.params import count
     from merger.plan import make_plan
 
-    counts = count(make_plan(load_recipe(args.recipe)))
+    counts = count(make_plan(load_recipe(args.recipe), RESOLVE))
     if args.json:
         print(json.dumps(counts.as_dict(), indent=2))
     else:
@@ -52,7 +56,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)
     if args.dtype:
         recipe = recipe.model_copy(update={"dtype": args.dtype})
-    plan = make_plan(recipe)
+    plan = make_plan(recipe, RESOLVE)
     result = export_plan(
         plan, Path(args.out_dir), shard_size=parse_size(args.shard_size), progress=_print_progress, device=args.device
     )
@@ -78,7 +82,7 @@ def _print_progress(done: int, total: int) -> None:
 def cmd_slim(args: argparse.Namespace) -> None:
     from merger.slim import slim_model
 
-    result = slim_model(args.model, Path(args.out_dir))
+    result = slim_model(args.model, Path(args.out_dir), resolver=RESOLVE)
     found = result.redundancy
     if result.path is None:
         print(f"nothing to remove from {found.model}: {found.reason}; wrote nothing")
@@ -101,7 +105,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read card '{args.card}': {exc.strerror}") from None
     ref = args.recipe_or_model
     recipe = load_recipe(ref) if ref.endswith((".yml", ".yaml")) else None
-    built = build_for_chat(recipe, model_ref=None if recipe else ref, device=args.device)
+    built = build_for_chat(recipe, resolver=RESOLVE, model_ref=None if recipe else ref, device=args.device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed)
     history: list[dict[str, str]] = []
     prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
@@ -120,16 +124,23 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from merger.catalog import resolve
     from merger.lens import CALIBRATION_TEXT, analyze, read_text
-    from merger.recipe import passthrough
+    from merger.runtime import as_it_is
 
     ref = args.model_ref
     is_recipe = ref.endswith((".yml", ".yaml"))
-    recipe = load_recipe(ref) if is_recipe else passthrough((ref, 0, resolve(ref).num_layers))
+    recipe = load_recipe(ref) if is_recipe else as_it_is(ref, RESOLVE)
     text_path = Path(args.text) if args.text else CALIBRATION_TEXT
     text = read_text(text_path)
-    result = analyze(recipe, text=text, source=str(text_path), name=ref, max_tokens=args.max_tokens, device=args.device)
+    result = analyze(
+        recipe,
+        resolver=RESOLVE,
+        text=text,
+        source=str(text_path),
+        name=ref,
+        max_tokens=args.max_tokens,
+        device=args.device,
+    )
     try:
         Path(args.out).write_text(json.dumps(result))
     except OSError as exc:

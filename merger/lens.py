@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from merger.catalog import Resolver
 from merger.errors import UserError
 from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, Slice, Source, passthrough
@@ -415,8 +416,9 @@ def load_parents(plan: Plan, *, device: str, dtype: str) -> dict[str, torch.nn.M
     """Each parent as it is (all its layers in order), built like the merge."""
     from merger.assemble import assemble
 
+    known = plan.models.__getitem__  # the plan's models, already resolved under its caller's policy
     return {
-        ref: assemble(make_plan(passthrough((ref, 0, info.num_layers))), device=device, dtype=dtype)
+        ref: assemble(make_plan(passthrough((ref, 0, info.num_layers)), known), device=device, dtype=dtype)
         for ref, info in plan.models.items()
         if any(m == ref for m, _ in plan.layer_sources) or ref == plan.recipe.primary_model
     }
@@ -565,6 +567,7 @@ def duplication_drift(
     chunks: TokenChunks,
     blocks: Sequence[tuple[int, int]],
     *,
+    resolver: Resolver,
     batch_size: int = 2,
     progress: Progress | None = None,
 ) -> dict[tuple[int, int], Drift]:
@@ -591,7 +594,7 @@ def duplication_drift(
     for i, a in enumerate(starts):
         if progress:
             progress(i / len(starts), f"blocks starting at layer {a}")
-        tail = assemble(make_plan(passthrough((model_ref, a, L))), device=device.type, dtype=dtype)
+        tail = assemble(make_plan(passthrough((model_ref, a, L)), resolver), device=device.type, dtype=dtype)
         for b in sorted(b for s, b in blocks if s == a):
             dist = torch.zeros(L - a + 1, dtype=torch.float64)  # tail point j vs parent point a + j
             with torch.inference_mode(), ResidualRecorder(tail) as tail_rec:
@@ -619,11 +622,11 @@ class Suggestions:
     lens: Lens
 
 
-def load_model(ref: str, *, device: str | None = None) -> Any:
+def load_model(ref: str, *, resolver: Resolver, device: str | None = None) -> Any:
     """A model as it is (merger.runtime.Built: model, tokenizer, device)."""
     from merger.runtime import as_it_is, build
 
-    return build(make_plan(as_it_is(ref)), device=device)
+    return build(make_plan(as_it_is(ref, resolver), resolver), device=device)
 
 
 def chunks_for(
@@ -643,6 +646,7 @@ def chunks_for(
 def suggest_duplications(
     model_ref: str,
     *,
+    resolver: Resolver,
     calibration: str | None = None,
     heldout: str | None = None,
     top_k: int = 5,
@@ -669,7 +673,7 @@ def suggest_duplications(
     from merger.runtime import build_dtype
 
     report = progress or (lambda fraction, message: None)
-    parent = load_model(model_ref, device=device)
+    parent = load_model(model_ref, resolver=resolver, device=device)
     if lens is None:
         calib = chunks_for(
             parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=max_tokens, max_length=max_length
@@ -684,7 +688,7 @@ def suggest_duplications(
         )
         blocks = [(s.start, s.end) for s in ranked]
         drift = duplication_drift(
-            model_ref, parent.model, sample, blocks, progress=lambda f, m: report(0.2 + 0.3 * f, m)
+            model_ref, parent.model, sample, blocks, resolver=resolver, progress=lambda f, m: report(0.2 + 0.3 * f, m)
         )
         ranked = sorted(
             (replace(s, drift=drift[(s.start, s.end)].output) for s in ranked),
@@ -695,7 +699,7 @@ def suggest_duplications(
     confirmed = []
     for i, s in enumerate(ranked[:top_k]):
         report(0.5 + 0.5 * i / max(top_k, 1), f"perplexity of duplicating {s.label}")
-        plan = make_plan(duplication_recipe(model_ref, L, s.start, s.end))
+        plan = make_plan(duplication_recipe(model_ref, L, s.start, s.end), resolver)
         model = assemble(plan, device=parent.device, dtype=build_dtype(plan, parent.device))
         confirmed.append(replace(s, perplexity=perplexity(model, held)))
         del model
@@ -716,6 +720,7 @@ def recurrence_sweep(
     start: int,
     end: int,
     *,
+    resolver: Resolver,
     max_repeats: int = 8,
     lens: Lens | None = None,
     calibration: str | None = None,
@@ -730,7 +735,7 @@ def recurrence_sweep(
     from merger.assemble import assemble
     from merger.runtime import build_dtype
 
-    parent = load_model(model_ref, device=device)
+    parent = load_model(model_ref, resolver=resolver, device=device)
     if lens is None:
         lens = capture(
             parent.model,
@@ -745,7 +750,7 @@ def recurrence_sweep(
     for k in range(1, max_repeats + 1):
         if progress:
             progress((k - 1) / max_repeats, f"block {start}-{end} x{k}")
-        plan = make_plan(recurrence_recipe(model_ref, L, start, end, k))
+        plan = make_plan(recurrence_recipe(model_ref, L, start, end, k), resolver)
         model = assemble(plan, device=parent.device, dtype=build_dtype(plan, parent.device))
         predicted = sum(predict_seams(plan.layer_sources, lens, model_ref))
         points.append(RecurrencePoint(k, plan.num_layers, predicted, perplexity(model, held)))
@@ -760,6 +765,7 @@ def recurrence_sweep(
 def analyze(
     recipe: Recipe,
     *,
+    resolver: Resolver,
     text: str,
     source: str,
     name: str | None = None,
@@ -772,7 +778,7 @@ def analyze(
     recipe with seams, also its seam scores against its parents on the same text."""
     from merger.runtime import build
 
-    plan = make_plan(recipe)
+    plan = make_plan(recipe, resolver)
     built = build(plan, device=device)
     chunks = tokenize(built.tokenizer, text, max_length=max_length, max_tokens=max_tokens, source=source)
     label = name or recipe.primary_model

@@ -5,11 +5,10 @@ parameters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from merger.catalog import ModelInfo, resolve
+from merger.catalog import ModelInfo, Resolver
 from merger.errors import RecipeError
 from merger.method_specs import METHODS
 from merger.recipe import DTYPES, Recipe, Slice, resolve_parameter
@@ -84,10 +83,9 @@ class Plan:
         ]
 
 
-Resolver = Callable[[str], ModelInfo]
-
-
-def make_plan(recipe: Recipe, resolver: Resolver = resolve) -> Plan:
+def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:
+    """The plan of `recipe`, its model references read by `resolver` (which carries the caller's
+    policy for local folders: there is no default)."""
     models = {ref: resolver(ref) for ref in recipe.models}
     primary = models[recipe.primary_model]
     slices = recipe.as_slices({ref: info.num_layers for ref, info in models.items()})

@@ -13,11 +13,15 @@ from merger.plan import make_plan
 from merger.recipe import passthrough
 from merger.runtime import build, prepare_for_chat
 
+from refs import ANY_PATH
+
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
 def built_tiny(path, *ranges):
-    return prepare_for_chat(build(make_plan(passthrough(*[(str(path), a, b) for a, b in ranges])), device="cpu"))
+    return prepare_for_chat(
+        build(make_plan(passthrough(*[(str(path), a, b) for a, b in ranges]), ANY_PATH), device="cpu")
+    )
 
 
 def test_chat_uses_the_template_and_streams_growing_text(tiny_llama):

@@ -11,6 +11,8 @@ import torch
 from merger.__main__ import main
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -93,7 +95,7 @@ def test_build_writes_a_folder_transformers_loads_with_the_in_memory_logits(tmp_
     out_dir = tmp_path / "merged"
     assert main(["build", str(recipe), str(out_dir)]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    built = assemble(make_plan(passthrough((ref, 0, 4), (ref, 1, 6))))
+    built = assemble(make_plan(passthrough((ref, 0, 4), (ref, 1, 6)), ANY_PATH))
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, built(ids).logits)

@@ -20,6 +20,8 @@ from merger.export import export_plan
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -73,7 +75,7 @@ def assert_export_holds_the_parents_bytes(out: Path, plan) -> None:
 def test_export_from_a_sharded_parent_copies_every_tensor_byte_for_byte(tmp_path, sharded_parent):
     ref = str(sharded_parent)
     assert len(list(sharded_parent.glob("*.safetensors"))) > 2
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 1, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 1, 6)), ANY_PATH)
     out = export_plan(plan, tmp_path / "merged", shard_size=100_000).path
     assert len(list(out.glob("*.safetensors"))) > 1
     assert_export_holds_the_parents_bytes(out, plan)
@@ -88,7 +90,7 @@ def test_export_falls_back_to_read_write_when_the_kernel_refuses_copy_file_range
 
     monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
     ref = str(sharded_parent)
-    plan = make_plan(passthrough((ref, 2, 6), (ref, 0, 3)))
+    plan = make_plan(passthrough((ref, 2, 6), (ref, 0, 3)), ANY_PATH)
     out = export_plan(plan, tmp_path / "merged").path
     assert len(calls) <= 1  # refused once, then the copier stops asking
     assert_export_holds_the_parents_bytes(out, plan)

@@ -13,11 +13,12 @@ from merger.fastgen import FastGenerator, fuse_projections, sample
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
 from tiny import tiny_model
 
 
 def build(ref: str, *ranges: tuple[int, int]):
-    return assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges])))
+    return assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges]), ANY_PATH))
 
 
 def eos_ids(model) -> list[int]:

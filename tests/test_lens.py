@@ -40,6 +40,8 @@ from merger.plots import (
 from merger.recipe import passthrough
 from merger.runtime import load_tokenizer
 
+from refs import ANY_PATH
+
 ROOT = Path(__file__).parent.parent
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Frankenmerges stack layers of transformer models. "
@@ -68,7 +70,7 @@ CHUNKS = random_chunks([40, 40, 40, 23])  # an odd tail chunk, and batches of 2 
 
 
 def build(ref, *ranges):
-    return assemble(make_plan(passthrough(*((ref, a, b) for a, b in ranges))))
+    return assemble(make_plan(passthrough(*((ref, a, b) for a, b in ranges)), ANY_PATH))
 
 
 def naive_points(model, chunks: TokenChunks) -> torch.Tensor:
@@ -91,7 +93,7 @@ def naive_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma"])
 def test_capture_matches_naive_distances_cosines_and_block_influence(arch, request):
     ref = str(request.getfixturevalue(arch))
-    model = build(ref, (0, make_plan(passthrough((ref, 0, 1))).models[ref].num_layers))
+    model = build(ref, (0, make_plan(passthrough((ref, 0, 1)), ANY_PATH).models[ref].num_layers))
     lens = capture(model, CHUNKS, name=ref, batch_size=2)
     points = naive_points(model, CHUNKS)
     L = points.shape[0] - 1
@@ -111,7 +113,7 @@ def test_capture_matches_naive_distances_cosines_and_block_influence(arch, reque
 @pytest.mark.parametrize("ranges", [[(0, 6)], [(0, 2), (2, 6)]])
 def test_seam_free_recipe_scores_exactly_zero_at_every_depth(tiny_llama, ranges):
     ref = str(tiny_llama)
-    scores = score_seams(make_plan(passthrough(*((ref, a, b) for a, b in ranges))), CHUNKS, batch_size=3)
+    scores = score_seams(make_plan(passthrough(*((ref, a, b) for a, b in ranges)), ANY_PATH), CHUNKS, batch_size=3)
     assert scores.seams == ()
     assert scores.predicted == (0.0,) * 6
     assert scores.measured == (0.0,) * 6
@@ -128,7 +130,7 @@ def test_seam_free_recipe_scores_exactly_zero_at_every_depth(tiny_llama, ranges)
 )
 def test_seam_scores_match_naive_distances_between_merge_and_parents(parents, slices, seam, request):
     refs = [str(request.getfixturevalue(p)) for p in parents]
-    plan = make_plan(passthrough(*((refs[i], a, b) for i, a, b in slices)))
+    plan = make_plan(passthrough(*((refs[i], a, b) for i, a, b in slices)), ANY_PATH)
     scores = score_seams(plan, CHUNKS, batch_size=2)
     parent_points = {ref: naive_points(build(ref, (0, plan.models[ref].num_layers)), CHUNKS) for ref in refs}
     merged_points = naive_points(assemble(plan), CHUNKS)
@@ -215,7 +217,7 @@ def test_tokenize_puts_the_tokenizer_prefix_on_every_chunk():
 def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplexity(tiny_llama):
     ref = str(tiny_llama)
     result = suggest_duplications(
-        ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3, rank_by="predicted"
+        ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3, rank_by="predicted", resolver=ANY_PATH
     )
     lens = result.lens
     assert [(s.start, s.end) for s in result.ranked] == [(s.start, s.end) for s in rank_duplications(lens, max_size=3)]
@@ -226,12 +228,12 @@ def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplex
         assert s.predicted == float(lens.angular_distance[s.end, s.start])
     assert [s.predicted for s in result.ranked] == sorted(s.predicted for s in result.ranked)
 
-    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     assert result.heldout_tokens == held.num_tokens
     assert result.parent_perplexity == perplexity(build(ref, (0, 6)), held)
     assert [(s.start, s.end) for s in result.confirmed] == [(s.start, s.end) for s in result.ranked[:3]]
     for s in result.confirmed:
-        plan = make_plan(duplication_recipe(ref, 6, s.start, s.end))
+        plan = make_plan(duplication_recipe(ref, 6, s.start, s.end), ANY_PATH)
         assert plan.layer_sources == [(ref, i) for i in [*range(s.end), *range(s.start, 6)]]
         assert s.perplexity == perplexity(assemble(plan), held) != result.parent_perplexity
 
@@ -239,11 +241,11 @@ def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplex
 @pytest.mark.parametrize(("arch", "blocks"), [("tiny_llama", [(2, 4), (1, 4), (4, 6)]), ("tiny_gemma", [(4, 8)])])
 def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(arch, blocks, request):
     ref = str(request.getfixturevalue(arch))
-    L = make_plan(passthrough((ref, 0, 1))).models[ref].num_layers
+    L = make_plan(passthrough((ref, 0, 1)), ANY_PATH).models[ref].num_layers
     parent = build(ref, (0, L))
-    drift = duplication_drift(ref, parent, CHUNKS, blocks, batch_size=2)
+    drift = duplication_drift(ref, parent, CHUNKS, blocks, batch_size=2, resolver=ANY_PATH)
     for a, b in blocks:  # the tail shortcut against the real merge, run in lockstep with the parent
-        plan = make_plan(duplication_recipe(ref, L, a, b))
+        plan = make_plan(duplication_recipe(ref, L, a, b), ANY_PATH)
         scores = score_seams(plan, CHUNKS, parents={ref: parent}, batch_size=2)
         assert drift[(a, b)].seam == pytest.approx(scores.measured[b], abs=1e-9)
         assert drift[(a, b)].mean == pytest.approx(sum(scores.measured[b:]) / (L - a), abs=1e-9)
@@ -253,29 +255,33 @@ def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(a
 def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama):
     ref = str(tiny_llama)
     result = suggest_duplications(
-        ref, calibration=TEXT, heldout=HELDOUT, top_k=2, max_size=3, rank_by="drift", drift_tokens=60
+        ref, calibration=TEXT, heldout=HELDOUT, top_k=2, max_size=3, rank_by="drift", drift_tokens=60, resolver=ANY_PATH
     )
-    sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT, max_tokens=60)
-    drift = duplication_drift(ref, build(ref, (0, 6)), sample, [(s.start, s.end) for s in result.ranked])
+    sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT, max_tokens=60)
+    drift = duplication_drift(
+        ref, build(ref, (0, 6)), sample, [(s.start, s.end) for s in result.ranked], resolver=ANY_PATH
+    )
     assert [s.drift for s in result.ranked] == sorted(drift[(s.start, s.end)].output for s in result.ranked)
-    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     for s in result.confirmed:
-        assert s.perplexity == perplexity(assemble(make_plan(duplication_recipe(ref, 6, s.start, s.end))), held)
+        assert s.perplexity == perplexity(
+            assemble(make_plan(duplication_recipe(ref, 6, s.start, s.end), ANY_PATH)), held
+        )
 
 
 def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_llama):
     ref = str(tiny_llama)
     parent = build(ref, (0, 6))
-    lens = capture(parent, tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT), name=ref)
-    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT)
-    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    lens = capture(parent, tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT), name=ref)
+    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH)
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     seam = float(lens.angular_distance[4, 2])
     assert [p.repeats for p in points] == [1, 2, 3] and [p.num_layers for p in points] == [6, 8, 10]
     assert [p.predicted for p in points] == pytest.approx([0.0, seam, 2 * seam], abs=1e-12)
     assert points[0].perplexity == perplexity(parent, held)
     recipe = recurrence_recipe(ref, 6, 2, 4, 3)
     assert recipe.slices[1].repeat == 2
-    assert points[2].perplexity == perplexity(assemble(make_plan(recipe)), held)
+    assert points[2].perplexity == perplexity(assemble(make_plan(recipe, ANY_PATH)), held)
 
 
 def test_analyze_cli_writes_the_contract_fields(tiny_llama, tmp_path, capsys):
@@ -284,7 +290,7 @@ def test_analyze_cli_writes_the_contract_fields(tiny_llama, tmp_path, capsys):
     text.write_text(TEXT)
     assert main(["analyze", ref, "--text", str(text), "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    chunks = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT)
+    chunks = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT)
     lens = capture(build(ref, (0, 6)), chunks)
     assert data["num_layers"] == 6 and data["tokens"] == chunks.num_tokens and data["text"] == str(text)
     assert len(data["angular_distance"]) == 7 and all(len(row) == 7 for row in data["angular_distance"])
@@ -317,7 +323,7 @@ def test_analyze_user_mistakes_exit_2_with_one_sentence(tiny_llama, tmp_path, ca
 
 def test_figures_carry_exact_values_and_mark_the_recipe(tiny_llama):
     ref = str(tiny_llama)
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     scores = score_seams(plan, CHUNKS)
     lens = scores.lens.lens(ref)
     heat = angular_distance_figure(lens, recipe=plan.recipe)
