@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from merger.catalog import TOKENIZER_FILES, ModelInfo
 from merger.errors import UserError
+from merger.method_specs import PASSTHROUGH
 from merger.params import count, human_params
 from merger.plan import Blend, Plan, TensorSource
 from merger.safetensors_files import DTYPE_SIZES, TORCH_NAMES
@@ -303,6 +304,8 @@ def write_metadata_files(plan: Plan, models: dict, out: Path) -> None:
 
 
 def _kind_of_merge(plan: Plan) -> str:
+    if plan.recipe.merge_method == PASSTHROUGH and plan.blends:
+        return "passthrough layer merge with scaled tensors"
     if not plan.blends:
         return "passthrough layer merge"
     if plan.recipe.is_whole_model_blend:

@@ -1,7 +1,7 @@
 """Recipe + parents' metadata -> Plan: the merged config and, for every output tensor, where it
-comes from: one parent tensor (passthrough) or a `Blend` of several (method, resolved parameters,
-sources). Preview, assemble and export all read the plan; none re-derives tensor names or
-parameters."""
+comes from: one parent tensor (passed through) or a `Blend`: several blended, or one scaled by
+passthrough's `scale` (method, resolved parameters, sources). Preview, assemble and export all
+read the plan; none re-derives tensor names or parameters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from merger.catalog import ModelInfo, Resolver
 from merger.errors import RecipeError
-from merger.method_specs import METHODS
+from merger.method_specs import METHODS, PASSTHROUGH
 from merger.recipe import DTYPES, Recipe, Slice, resolve_parameter
 from merger.safetensors_files import TORCH_NAMES, TensorMeta
 
@@ -30,8 +30,9 @@ class TensorSource:
 
 @dataclass(frozen=True)
 class Blend:
-    """One output tensor blended from several parent tensors. Hashable: equal blends (a repeated
-    blended slice) are computed and held once."""
+    """One output tensor computed from parent tensors: several blended, or one scaled (method
+    passthrough, its `scale` in per_source). Hashable: equal blends (a repeated blended slice) are
+    computed and held once."""
 
     method: str
     sources: tuple[TensorSource, ...]  # in the recipe's source order (mergekit's input order)
@@ -63,7 +64,7 @@ class Plan:
 
     @property
     def blends(self) -> list[Blend]:
-        """Distinct blended tensors, in output order."""
+        """Distinct computed tensors (blended or scaled), in output order."""
         return list(dict.fromkeys(o for o in self.tensors.values() if isinstance(o, Blend)))
 
     @property
@@ -132,17 +133,20 @@ def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:
 
 class _Blender:
     """Turns one output tensor of a slice into its origin: the parent tensor of a one-source
-    slice, else a Blend with every parameter resolved for that tensor (source > slice > recipe)."""
+    slice (unless passthrough's `scale` changes it), else a Blend with every parameter resolved
+    for that tensor (source > slice > recipe)."""
 
     def __init__(self, recipe: Recipe, models: dict[str, ModelInfo]) -> None:
         self.recipe = recipe
         self.models = models
-        self.spec = METHODS.get(recipe.merge_method)
+        self.spec = METHODS[recipe.merge_method]
 
     def origin(self, s: Slice, input_names: list[str], out_name: str, *, t: float) -> Origin:
         pairs = zip(s.sources, input_names, strict=True)
         sources = tuple(TensorSource(src.model, name, self._meta(src.model, name)) for src, name in pairs)
-        if not s.blended or self.spec is None:
+        if self.spec.name == PASSTHROUGH:
+            return self._scaled(s, sources[0], t)
+        if not s.blended:
             return sources[0]
         _check_same_shape(out_name, sources)
         base = self.recipe.base_model if self.spec.needs_base else None
@@ -170,6 +174,17 @@ class _Blender:
             shared=tuple(shared.items()),
             per_source=tuple(tuple(p.items()) for p in per_source),
         )
+
+    def _scaled(self, s: Slice, source: TensorSource, t: float) -> Origin:
+        """The parent tensor, or (mergekit's passthrough) that tensor times the `scale` resolved
+        for it; a scale of 1 changes no value, so the tensor stays shared."""
+        (param,) = self.spec.params
+        scopes = [s.source.parameters, s.parameters, self.recipe.parameters]
+        scale = self._resolve(param, scopes, source.name, t, s.source.model)
+        if scale is None or scale == 1.0:
+            return source
+        scaled = ((("scale", scale),),)
+        return Blend(method=PASSTHROUGH, sources=(source,), base_index=None, shared=(), per_source=scaled)
 
     def _meta(self, model: str, name: str) -> TensorMeta:
         meta = self.models[model].tensors.get(name)

@@ -6,9 +6,9 @@ ranges of several sources blended by the recipe's `merge_method`; a slice may be
 mergekit has no `repeat`: on the way out it is expanded into the same slice written several
 times, so the YAML we write always runs in mergekit.
 
-Blend parameters (`weight`, `density`, `t`, ...) may sit on a source (or a `models:` entry), a
-slice or the recipe; `resolve_parameter` applies mergekit's precedence (source > slice > recipe)
-and its value forms: a scalar, a gradient list interpolated over a slice's layers, or
+Parameters (a blend's `weight`, `density`, `t`, ...; passthrough's `scale`) may sit on a source (or
+a `models:` entry), a slice or the recipe; `resolve_parameter` applies mergekit's precedence
+(source > slice > recipe) and its value forms: a scalar, a gradient list interpolated over a slice's layers, or
 `{filter, value}` entries matched against the tensor name.
 """
 
@@ -25,10 +25,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merger.errors import RecipeError
-from merger.method_specs import BLEND_METHODS, METHODS, REQUIRED, Param
+from merger.method_specs import BLEND_METHODS, METHODS, PASSTHROUGH, REQUIRED, Param
 
 DTYPES = ("float32", "bfloat16", "float16")
-MERGE_METHODS = ("passthrough", *BLEND_METHODS)
+MERGE_METHODS = tuple(METHODS)
 
 # mergekit keys we read but do not act on yet: kept verbatim and written back out.
 PRESERVED_TOP_KEYS = ("chat_template", "tokenizer", "out_dtype")
@@ -134,7 +134,7 @@ class Recipe(BaseModel):
 
     slices: tuple[Slice, ...] = ()
     model_entries: tuple[ModelEntry, ...] = ()  # mergekit's `models:` (whole-model blend)
-    merge_method: str = "passthrough"
+    merge_method: str = PASSTHROUGH
     parameters: Settings = Field(default_factory=dict)
     dtype: str | None = None
     tokenizer_source: str | None = None
@@ -161,7 +161,7 @@ class Recipe(BaseModel):
             raise ValueError("a recipe has either `slices:` or `models:`, not both")
         if not self.slices and not self.model_entries:
             raise ValueError("the recipe has no slices: add at least one layer range")
-        if self.merge_method == "passthrough":
+        if self.merge_method == PASSTHROUGH:
             if self.model_entries:
                 raise ValueError("a whole-model blend (`models:`) needs a blend merge_method such as linear or slerp")
             for i, s in enumerate(self.slices, start=1):
@@ -170,10 +170,10 @@ class Recipe(BaseModel):
                         f"slice {i} blends {len(s.sources)} sources but merge_method is passthrough; "
                         f"choose one of {', '.join(BLEND_METHODS)}"
                     )
-            return self
         for where, settings in self.parameter_scopes():
             check_settings(self.merge_method, settings, where)
-        self._check_base()
+        if self.merge_method != PASSTHROUGH:
+            self._check_base()
         return self
 
     def parameter_scopes(self) -> list[tuple[str, Settings]]:
@@ -477,7 +477,7 @@ def recipe_from_dict(data: Any) -> Recipe:
         return Recipe(
             slices=slices,
             model_entries=entries,
-            merge_method=data.get("merge_method", "passthrough"),
+            merge_method=data.get("merge_method", PASSTHROUGH),
             parameters=_parameters_of(data, "the recipe"),
             dtype=data.get("dtype"),
             tokenizer_source=data.get("tokenizer_source"),

@@ -373,7 +373,7 @@ def test_preview_text_reports_the_memory_blended_tensors_take(mixed_recipe):
     plan = make_plan(mixed_recipe, ANY_PATH)
     counts = count(plan)
     text = app.preview_markdown({**counts.as_dict(), "seams": plan.seams()})
-    assert f"{counts.blend_bytes / 2**10:,.2f} KiB of it blended tensors" in text
+    assert f"{counts.blend_bytes / 2**10:,.2f} KiB of it blended or scaled tensors" in text
 
 
 @pytest.mark.parametrize("text", [BLENDED_YAML, WHOLE_MODEL_YAML])

@@ -16,14 +16,40 @@ import pytest
 import torch
 
 from merger.export import export_plan
-from merger.plan import make_plan
-from merger.recipe import Recipe, Slice, Source, passthrough
+from merger.plan import Blend, make_plan
+from merger.recipe import Recipe, Slice, Source, passthrough, recipe_from_dict
 
 if importlib.util.find_spec("mergekit") is None:
     pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
 
 from mergekit_runner import run_mergekit, tensors_of
 from refs import ANY_PATH
+from tiny import IDENTITY_START
+
+
+def block_expansion(a: str, dtype: str) -> Recipe:
+    """Every second layer of `a` followed by a copy of itself that starts as the identity."""
+    slices = []
+    for end in (2, 4, 6):
+        slices.append({"sources": [{"model": a, "layer_range": [end - 2, end]}]})
+        copy = {"model": a, "layer_range": [end - 1, end], "parameters": {"scale": IDENTITY_START}}
+        slices.append({"sources": [copy]})
+    return recipe_from_dict({"slices": slices, "merge_method": "passthrough", "dtype": dtype})
+
+
+def scaled_everywhere(a: str) -> Recipe:
+    """`scale` in every form mergekit reads: a gradient over a slice (interpolated at i/(n-1)), a
+    slice-level scalar, and a recipe-level filter that also reaches the final norm (t = 0)."""
+    return recipe_from_dict(
+        {
+            "slices": [
+                {"sources": [{"model": a, "layer_range": [0, 4], "parameters": {"scale": [0.25, 1.0, 0.3]}}]},
+                {"sources": [{"model": a, "layer_range": [2, 6]}], "parameters": {"scale": 0.5}},
+            ],
+            "merge_method": "passthrough",
+            "parameters": {"scale": [{"filter": "norm", "value": [2.0, 0.75]}]},
+        }
+    )
 
 
 def recipes(a: str, b: str, g: str) -> dict[str, Recipe]:
@@ -39,6 +65,9 @@ def recipes(a: str, b: str, g: str) -> dict[str, Recipe]:
         "gemma_grown": passthrough((g, 0, 8), (g, 4, 12)),
         "ends_on_other_model": passthrough((a, 0, 3), (b, 3, 6)),
         "base_model_not_sliced": passthrough((a, 0, 3), (a, 2, 6)).model_copy(update={"base_model": b}),
+        "block_expansion_bfloat16": block_expansion(a, "bfloat16"),
+        "block_expansion_float32": block_expansion(a, "float32"),
+        "scaled_everywhere": scaled_everywhere(a),
     }
 
 
@@ -52,6 +81,9 @@ BIT_EQUAL_CASES = [
     "gemma_same_count",
     "ends_on_other_model",  # embeddings from the first slice's model, final norm from the last's
     "base_model_not_sliced",  # base_model gives the config, not tensors
+    "block_expansion_bfloat16",  # passthrough's `scale`: mergekit multiplies in the recipe's dtype
+    "block_expansion_float32",
+    "scaled_everywhere",
 ]
 
 
@@ -127,3 +159,13 @@ def test_gemma3_reordered_stack_gets_recipe_layer_types_where_mergekit_keeps_the
     assert recipe_types != parent_types  # [0,6)+[3,9) moves the full-attention layers
     assert json.loads((theirs / "config.json").read_text())["layer_types"] == parent_types
     assert json.loads((ours["gemma_same_count"] / "config.json").read_text())["layer_types"] == recipe_types
+
+
+def test_block_expansion_zeroes_the_added_layers_output_projections_like_mergekit(cases, ours):
+    """Not only equal to mergekit: the scaled tensors are zeros, their unscaled twins the parent's."""
+    written = tensors_of(ours["block_expansion_bfloat16"])
+    plan = make_plan(cases["block_expansion_bfloat16"], ANY_PATH)
+    scaled = {name for name, origin in plan.tensors.items() if isinstance(origin, Blend)}
+    assert scaled == {f"model.layers.{d}.{p}.weight" for d in (2, 5, 8) for p in ("self_attn.o_proj", "mlp.down_proj")}
+    assert all(not written[name].any() for name in scaled)
+    assert written["model.layers.1.self_attn.o_proj.weight"].any()  # the layer the copy repeats

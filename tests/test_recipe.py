@@ -34,9 +34,9 @@ def test_repeat_is_written_out_as_repeated_slices_that_mergekit_understands():
 
 
 def test_preserved_mergekit_keys_survive_a_round_trip():
-    text = SOLAR + "parameters:\n  int8_mask: true\nchat_template: chatml\n"
+    text = SOLAR + "parameters:\n  scale: [{filter: o_proj, value: 0.5}]\nchat_template: chatml\n"
     out = yaml.safe_load(recipe_from_yaml(text).to_yaml())
-    assert out["parameters"] == {"int8_mask": True}
+    assert out["parameters"] == {"scale": [{"filter": "o_proj", "value": 0.5}]}
     assert out["chat_template"] == "chatml"
 
 
@@ -56,6 +56,16 @@ def test_preserved_mergekit_keys_survive_a_round_trip():
         ("slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n    weight: 1\n", "unknown key(s): weight"),
         ("slices:\n- sources:\n  - model: a/b\n    layer_range: 3\n", "two whole numbers"),
         ("slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n  repeat: 0\n", "`repeat`"),
+        (  # mergekit 0.1.5 silently ignores a parameter no method takes; a typo would go unseen
+            "slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n    parameters: {not_a_param: 3}\n",
+            "slice 1 source a/b: `not_a_param` is not a parameter of passthrough (it takes scale)",
+        ),
+        (SOLAR + "parameters:\n  sclae: 0.5\n", "`parameters`: `sclae` is not a parameter of passthrough"),
+        (
+            "slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n  parameters: {scale: [{filter: 1}]}\n",
+            "slice 1: `scale`: each conditional entry is {filter: NAME, value: V}",
+        ),
+        (SOLAR + "parameters:\n  scale: lots\n", "`scale` is a number, not 'lots'"),
     ],
 )
 def test_bad_recipes_are_refused_in_plain_words(text, message):

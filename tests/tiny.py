@@ -9,6 +9,9 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# LLaMA-Pro block expansion's `scale` on a passed-through layer: its output projections at 0, so
+# an added copy of a layer starts as the identity
+IDENTITY_START = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Frankenmerges stack layers of transformer models.",
