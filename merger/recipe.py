@@ -18,7 +18,7 @@ import base64
 import binascii
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -255,6 +255,23 @@ class Recipe(BaseModel):
             return (Slice(sources=sources),)
         except ValidationError as exc:
             raise RecipeError(f"models: {_first_message(exc)}") from None
+
+    def with_models(self, rename: Callable[[str], str]) -> Recipe:
+        """The same recipe with every model reference passed through `rename` (exports name bundled
+        models by their Hub ids)."""
+        slices = tuple(
+            s.model_copy(
+                update={"sources": tuple(src.model_copy(update={"model": rename(src.model)}) for src in s.sources)}
+            )
+            for s in self.slices
+        )
+        entries = tuple(e.model_copy(update={"model": rename(e.model)}) for e in self.model_entries)
+        update: dict[str, Any] = {"slices": slices, "model_entries": entries}
+        if self.base_model:
+            update["base_model"] = rename(self.base_model)
+        if self.tokenizer_source:
+            update["tokenizer_source"] = rename(self.tokenizer_source)
+        return self.model_copy(update=update)
 
     def to_mergekit(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
