@@ -75,7 +75,7 @@ def preview(recipe_yaml: str, oauth_token: gr.OAuthToken | None = None) -> dict[
     except UserError as exc:
         raise gr.Error(str(exc)) from None
     counts = count(plan)
-    return {**counts.as_dict(), "seams": plan.seams()}
+    return {**counts.as_dict(), "seams": plan.seams(), "notes": plan.recipe.notes}
 
 
 def preview_markdown(counts: dict[str, Any]) -> str:
@@ -87,6 +87,7 @@ def preview_markdown(counts: dict[str, Any]) -> str:
         f"**{counts['num_layers']} layers** · {counts['dtype']} · export size {human_bytes(counts['bytes'])} · "
         f"memory when built {human_bytes(counts['memory_bytes'])} (duplicated layers share tensors{blended}) · "
         f"{seams} seam{'s' if seams != 1 else ''}  \nparents: {parents}"
+        + "".join(f"  \nNote: {note}." for note in counts.get("notes", ()))
     )
 
 

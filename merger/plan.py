@@ -13,6 +13,7 @@ from merger.errors import RecipeError
 from merger.method_specs import METHODS, PASSTHROUGH
 from merger.recipe import DTYPES, Recipe, Slice, resolve_parameter
 from merger.safetensors_files import TORCH_NAMES, TensorMeta
+from merger.vocabulary import shipped_tokenizer
 
 # Config keys that describe the parent checkpoint rather than the merged model.
 DROPPED_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version")
@@ -57,6 +58,7 @@ class Plan:
     layer_sources: list[tuple[str, int]]  # (model, parent layer) per merged depth
     dtype: str  # output dtype: float32 | bfloat16 | float16
     tied: bool
+    tokenizer_ref: str  # the model whose tokenizer the merge ships (merger.vocabulary)
 
     @property
     def num_layers(self) -> int:
@@ -73,7 +75,7 @@ class Plan:
 
     @property
     def tokenizer_model(self) -> ModelInfo:
-        return self.models[self.recipe.tokenizer_source or self.recipe.primary_model]
+        return self.models[self.tokenizer_ref]
 
     def seams(self) -> list[int]:
         """Merged depths whose layer did not follow the previous depth's layer in its parent."""
@@ -119,6 +121,12 @@ def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:
         if not name.startswith(PRE_LAYER_PREFIXES) and not (tied and name.startswith("lm_head.")):
             tensors[name] = blender.origin(last, [name] * len(last.sources), name, t=0.0)
 
+    vocab_rows = [
+        (src.model, src.meta.shape[0])
+        for name in VOCAB_TENSORS
+        if name in tensors
+        for src in (tensors[name].sources if isinstance(tensors[name], Blend) else (tensors[name],))
+    ]
     dtype = recipe.dtype or _parent_dtype(primary)
     return Plan(
         recipe=recipe,
@@ -128,6 +136,7 @@ def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:
         layer_sources=layer_sources,
         dtype=dtype,
         tied=tied,
+        tokenizer_ref=shipped_tokenizer(recipe, models, vocab_rows),
     )
 
 

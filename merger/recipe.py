@@ -32,7 +32,14 @@ MERGE_METHODS = tuple(METHODS)
 
 # mergekit keys we read but do not act on yet: kept verbatim and written back out.
 PRESERVED_TOP_KEYS = ("chat_template", "tokenizer", "out_dtype")
+# keys of older mergekit recipes that 0.1.5 reads and ignores: accepted, kept, and said so
+IGNORED_TOP_KEYS = {"embed_slerp": "mergekit 0.1.5 ignores it, and so does this app"}
 KNOWN_TOP_KEYS = {"slices", "models", "merge_method", "dtype", "tokenizer_source", "base_model", "parameters"}
+# mergekit's vocabulary modes for `tokenizer_source` (else it names a model): the base model's
+# vocabulary, or the union of every model's
+VOCABULARY_MODES = ("base", "union")
+LEGACY_MODEL_PREFIX = "model:"  # older mergekit's `tokenizer_source: model:org/name`; 0.1.5 takes the plain name
+TOKENIZER_KEYS = ("source",)  # of mergekit's `tokenizer:` mapping, the ones this app builds
 
 Settings = dict[str, Any]  # parameter name -> setting, as written in the YAML
 
@@ -148,6 +155,16 @@ class Recipe(BaseModel):
             raise ValueError(f"merge_method '{value}' is not supported; use one of {', '.join(MERGE_METHODS)}")
         return value
 
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _plain_tokenizer_source(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().removeprefix(LEGACY_MODEL_PREFIX).strip()
+        if not value:
+            raise ValueError("`tokenizer_source` names no model: give a model, base or union")
+        return value
+
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
@@ -161,6 +178,7 @@ class Recipe(BaseModel):
             raise ValueError("a recipe has either `slices:` or `models:`, not both")
         if not self.slices and not self.model_entries:
             raise ValueError("the recipe has no slices: add at least one layer range")
+        self._check_tokenizer()
         if self.merge_method == PASSTHROUGH:
             if self.model_entries:
                 raise ValueError("a whole-model blend (`models:`) needs a blend merge_method such as linear or slerp")
@@ -175,6 +193,22 @@ class Recipe(BaseModel):
         if self.merge_method != PASSTHROUGH:
             self._check_base()
         return self
+
+    def _check_tokenizer(self) -> None:
+        """mergekit's `tokenizer:` mapping: only its `source`, which this app builds like `tokenizer_source`."""
+        tokenizer = self.preserved.get("tokenizer")
+        if tokenizer is None:
+            return
+        if self.tokenizer_source:
+            raise ValueError("a recipe sets `tokenizer_source` or `tokenizer:`, not both (mergekit refuses both)")
+        if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("source", "union"), str):
+            raise ValueError("`tokenizer:` is a mapping like {source: union}")
+        extra = sorted(set(map(str, tokenizer)) - set(TOKENIZER_KEYS))
+        if extra:
+            raise ValueError(
+                f"`tokenizer: {', '.join(extra)}` sets chosen tokens' embeddings or pads the vocabulary, which "
+                "this app does not build; keep only `tokenizer: {source: ...}` (or `tokenizer_source`)"
+            )
 
     def parameter_scopes(self) -> list[tuple[str, Settings]]:
         """Every `parameters:` mapping in the recipe, with where it sits."""
@@ -209,13 +243,28 @@ class Recipe(BaseModel):
             _check_source_count(spec.name, len(s.sources), spec.min_sources, spec.max_sources, f"slice {i}")
 
     @property
+    def vocabulary_source(self) -> str | None:
+        """Where mergekit takes the merge's vocabulary from: `tokenizer_source`, or the `tokenizer:`
+        mapping's `source` (mergekit's default there: union); None when neither is set."""
+        if self.tokenizer_source:
+            return self.tokenizer_source
+        if "tokenizer" in self.preserved:
+            return self.preserved["tokenizer"].get("source") or "union"
+        return None
+
+    @property
     def models(self) -> list[str]:
         """Every model the recipe names, first use first."""
         names = [src.model for s in self.slices for src in s.sources] + [e.model for e in self.model_entries]
-        for extra in (self.base_model, self.tokenizer_source):
-            if extra:
+        for extra in (self.base_model, self.vocabulary_source):
+            if extra and extra not in VOCABULARY_MODES:
                 names.append(extra)
         return list(dict.fromkeys(names))
+
+    @property
+    def notes(self) -> list[str]:
+        """What the preview should say about keys this recipe carries but nothing acts on."""
+        return [f"`{key}` is kept as written: {why}" for key, why in IGNORED_TOP_KEYS.items() if key in self.preserved]
 
     @property
     def is_whole_model_blend(self) -> bool:
@@ -269,7 +318,7 @@ class Recipe(BaseModel):
         update: dict[str, Any] = {"slices": slices, "model_entries": entries}
         if self.base_model:
             update["base_model"] = rename(self.base_model)
-        if self.tokenizer_source:
+        if self.tokenizer_source and self.tokenizer_source not in VOCABULARY_MODES:
             update["tokenizer_source"] = rename(self.tokenizer_source)
         return self.model_copy(update=update)
 
@@ -478,7 +527,7 @@ def recipe_from_dict(data: Any) -> Recipe:
     """Validate a mergekit-style mapping into a Recipe; every problem is a RecipeError."""
     if not isinstance(data, dict):
         raise RecipeError("the recipe must be a YAML mapping with a `slices:` list")
-    unknown = set(data) - KNOWN_TOP_KEYS - set(PRESERVED_TOP_KEYS)
+    unknown = set(data) - KNOWN_TOP_KEYS - set(PRESERVED_TOP_KEYS) - set(IGNORED_TOP_KEYS)
     if unknown:
         raise RecipeError(f"unknown key(s) in the recipe: {', '.join(sorted(map(str, unknown)))}")
     raw_slices, raw_models = data.get("slices"), data.get("models")
@@ -488,6 +537,8 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise RecipeError("`slices` must be a list")
     if raw_models is not None and not isinstance(raw_models, list):
         raise RecipeError("`models` must be a list of `- model: NAME` entries")
+    if data.get("tokenizer_source") is not None and not isinstance(data["tokenizer_source"], str):
+        raise RecipeError("`tokenizer_source` names a model, or is base or union")
     slices = tuple(_parse_slice(raw, i) for i, raw in enumerate(raw_slices or []))
     entries = tuple(_parse_model_entry(raw, i) for i, raw in enumerate(raw_models or []))
     try:
@@ -499,7 +550,7 @@ def recipe_from_dict(data: Any) -> Recipe:
             dtype=data.get("dtype"),
             tokenizer_source=data.get("tokenizer_source"),
             base_model=data.get("base_model"),
-            preserved={k: data[k] for k in PRESERVED_TOP_KEYS if k in data},
+            preserved={k: data[k] for k in (*PRESERVED_TOP_KEYS, *IGNORED_TOP_KEYS) if k in data},
         )
     except ValidationError as exc:
         raise RecipeError(_first_message(exc)) from None

@@ -40,6 +40,32 @@ def test_preserved_mergekit_keys_survive_a_round_trip():
     assert out["chat_template"] == "chatml"
 
 
+def test_legacy_model_prefix_of_tokenizer_source_names_the_model_and_is_written_plain():
+    recipe = recipe_from_yaml(SOLAR + "tokenizer_source: model:org/tokens\n")
+    assert recipe.tokenizer_source == "org/tokens" and "org/tokens" in recipe.models
+    assert yaml.safe_load(recipe.to_yaml())["tokenizer_source"] == "org/tokens"  # mergekit 0.1.5's form
+
+
+@pytest.mark.parametrize("mode", ["base", "union"])
+def test_vocabulary_modes_are_no_model_references(mode):
+    recipe = recipe_from_yaml(SOLAR + f"tokenizer_source: {mode}\n")
+    assert recipe.models == ["upstage/base"] and recipe.vocabulary_source == mode
+    assert yaml.safe_load(recipe.to_yaml())["tokenizer_source"] == mode
+
+
+def test_a_tokenizer_mapping_means_its_source_defaulting_to_union_as_in_mergekit():
+    assert recipe_from_yaml(SOLAR + "tokenizer: {}\n").vocabulary_source == "union"
+    recipe = recipe_from_yaml(SOLAR + "tokenizer: {source: org/tokens}\n")
+    assert recipe.vocabulary_source == "org/tokens" and "org/tokens" in recipe.models
+
+
+def test_embed_slerp_is_accepted_kept_and_noted_as_ignored():
+    recipe = recipe_from_yaml(SOLAR + "embed_slerp: true\n")
+    assert yaml.safe_load(recipe.to_yaml())["embed_slerp"] is True
+    assert recipe.notes == ["`embed_slerp` is kept as written: mergekit 0.1.5 ignores it, and so does this app"]
+    assert recipe_from_yaml(SOLAR).notes == []
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -66,6 +92,16 @@ def test_preserved_mergekit_keys_survive_a_round_trip():
             "slice 1: `scale`: each conditional entry is {filter: NAME, value: V}",
         ),
         (SOLAR + "parameters:\n  scale: lots\n", "`scale` is a number, not 'lots'"),
+        (SOLAR + "tokenizer_source: {model: a/b}\n", "`tokenizer_source` names a model, or is base or union"),
+        (SOLAR + "tokenizer_source: 'model: '\n", "`tokenizer_source` names no model"),
+        (
+            SOLAR + "tokenizer_source: base\ntokenizer: {source: union}\n",
+            "sets `tokenizer_source` or `tokenizer:`, not both",
+        ),
+        (
+            SOLAR + "tokenizer:\n  source: base\n  tokens: {<pad>: {source: a/b}}\n",
+            "`tokenizer: tokens` sets chosen tokens' embeddings or pads the vocabulary",
+        ),
     ],
 )
 def test_bad_recipes_are_refused_in_plain_words(text, message):

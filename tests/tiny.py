@@ -114,3 +114,29 @@ def make_finetune(base: Path, path: Path, *, seed: int, scale: float = 0.02) -> 
             tensors[name] = (tensor + noise + scale * 3 * sparse).to(tensor.dtype).contiguous()
         save_file(tensors, path / shard.name, metadata={"format": "pt"})
     return path
+
+
+def make_vocab_variant(base: Path, path: Path, *, added_tokens: tuple[str, ...] = (), extra_rows: int = 0) -> Path:
+    """A copy of `base` whose tokenizer gains `added_tokens`, each with a new embedding row (as a
+    fine-tune that adds chat tokens does), and whose embeddings have `extra_rows` more rows than
+    its tokenizer has tokens (padding, as Qwen2's do); vocab_size counts the rows."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(base, path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(list(added_tokens))
+    tokenizer.save_pretrained(path)
+    tensors = load_file(base / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    rows = len(tokenizer) + extra_rows
+    new = torch.randn(rows - embed.shape[0], embed.shape[1], generator=torch.Generator().manual_seed(7)) * 0.05
+    tensors["model.embed_tokens.weight"] = torch.cat([embed, new])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    return path
