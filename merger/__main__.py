@@ -20,9 +20,19 @@ RESOLVE = resolver_for(LocalPolicy.any_path())
 
 def load_recipe(path: str) -> Recipe:
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read recipe '{path}': {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"recipe '{path}' is not UTF-8 text (line {line} holds a byte that is not); "
+            "a recipe is a mergekit YAML file"
+        ) from None
+    if "\x00" in text:
+        raise UserError(f"recipe '{path}' is not a text file (it holds NUL bytes); a recipe is a mergekit YAML file")
     return recipe_from_yaml(text)
 
 

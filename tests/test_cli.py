@@ -79,6 +79,25 @@ def test_user_mistakes_exit_2_with_one_sentence_and_no_traceback(tmp_path, conte
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("slices: []\n# caf\xe9\n".encode("latin-1"), "is not UTF-8 text (line 2 holds a byte that is not)"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not UTF-8 text"),
+        (b"slices:\x00\x00\x00\x01", "is not a text file (it holds NUL bytes)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["params", "build", "chat", "analyze"])
+def test_a_recipe_file_that_is_not_utf8_text_is_one_sentence_and_exit_2(tmp_path, capsys, content, message, command):
+    recipe = tmp_path / "bad.yml"
+    recipe.write_bytes(content)
+    extra = {"build": [str(tmp_path / "out")], "analyze": ["--out", str(tmp_path / "lens.json")]}
+    assert main([command, str(recipe), *extra.get(command, [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and str(recipe) in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_recipe_file_is_a_user_mistake(tmp_path):
     out = run_cli("params", str(tmp_path / "nope.yml"))
     assert out.returncode == 2 and "cannot read recipe" in out.stderr
