@@ -600,7 +600,9 @@ def duplication_drift(
             with torch.inference_mode(), ResidualRecorder(tail) as tail_rec:
                 for ids, points in zip(batches, cached, strict=True):
                     B, T = ids.shape
-                    tail.model(inputs_embeds=points[:, b].unflatten(0, (B, T)).contiguous(), use_cache=False)
+                    # the recorder keeps float32 copies: back to the model's dtype (exact: bf16/fp16 ⊂ fp32)
+                    entering = points[:, b].unflatten(0, (B, T)).to(first.dtype)
+                    tail.model(inputs_embeds=entering, use_cache=False)
                     here = tail_rec.take()
                     text = (torch.arange(T, device=device) >= chunks.prefix_len).repeat(B)  # [B*T]: not BOS
                     for j in range(L - a + 1):
@@ -622,11 +624,17 @@ class Suggestions:
     lens: Lens
 
 
-def load_model(ref: str, *, resolver: Resolver, device: str | None = None) -> Any:
-    """A model as it is (merger.runtime.Built: model, tokenizer, device)."""
+def load_model(ref: str, *, resolver: Resolver, device: str | None = None, dtype: str | None = None) -> Any:
+    """A model as it is (merger.runtime.Built: model, tokenizer, device), in `dtype` (None: the
+    build's default for the device)."""
     from merger.runtime import as_it_is, build
 
-    return build(make_plan(as_it_is(ref, resolver), resolver), device=device)
+    recipe = as_it_is(ref, resolver).model_copy(update={"dtype": dtype})
+    return build(make_plan(recipe, resolver), device=device)
+
+
+def _dtype_of(model: torch.nn.Module) -> str:
+    return DTYPE_NAMES[next(model.parameters()).dtype]
 
 
 def chunks_for(
@@ -658,6 +666,7 @@ def suggest_duplications(
     max_length: int = MAX_LENGTH,
     lens: Lens | None = None,
     device: str | None = None,
+    dtype: str | None = None,
     progress: Progress | None = None,
 ) -> Suggestions:
     """Rank every block to duplicate, then build the first `top_k` merges for real and measure
@@ -668,12 +677,13 @@ def suggest_duplications(
     (no merge is run). rank_by="drift": by each merge's measured output drift on the first
     `drift_tokens` tokens of `calibration` (duplication_drift; it runs every candidate's tail,
     without the head), which tracked perplexity much more closely on Gemma 3 (benchmarks/seams.py).
+    Every model runs in `dtype` (None: the build's default for the device).
     """
     from merger.assemble import assemble
-    from merger.runtime import build_dtype
 
     report = progress or (lambda fraction, message: None)
-    parent = load_model(model_ref, resolver=resolver, device=device)
+    parent = load_model(model_ref, resolver=resolver, device=device, dtype=dtype)
+    dtype = _dtype_of(parent.model)  # the candidates are built like the parent
     if lens is None:
         calib = chunks_for(
             parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=max_tokens, max_length=max_length
@@ -700,7 +710,7 @@ def suggest_duplications(
     for i, s in enumerate(ranked[:top_k]):
         report(0.5 + 0.5 * i / max(top_k, 1), f"perplexity of duplicating {s.label}")
         plan = make_plan(duplication_recipe(model_ref, L, s.start, s.end), resolver)
-        model = assemble(plan, device=parent.device, dtype=build_dtype(plan, parent.device))
+        model = assemble(plan, device=parent.device, dtype=dtype)
         confirmed.append(replace(s, perplexity=perplexity(model, held)))
         del model
     report(1.0, "done")
@@ -728,14 +738,16 @@ def recurrence_sweep(
     max_tokens: int | None = None,
     max_length: int = MAX_LENGTH,
     device: str | None = None,
+    dtype: str | None = None,
     progress: Progress | None = None,
 ) -> list[RecurrencePoint]:
     """Block [start, end) run k = 1..max_repeats times: the merge's perplexity on `heldout` and
-    its predicted seam damage (from `lens`, or a lens on `calibration`) for every k."""
+    its predicted seam damage (from `lens`, or a lens on `calibration`) for every k, each model in
+    `dtype` (None: the build's default for the device)."""
     from merger.assemble import assemble
-    from merger.runtime import build_dtype
 
-    parent = load_model(model_ref, resolver=resolver, device=device)
+    parent = load_model(model_ref, resolver=resolver, device=device, dtype=dtype)
+    dtype = _dtype_of(parent.model)  # every repeat is built like the parent
     if lens is None:
         lens = capture(
             parent.model,
@@ -751,7 +763,7 @@ def recurrence_sweep(
         if progress:
             progress((k - 1) / max_repeats, f"block {start}-{end} x{k}")
         plan = make_plan(recurrence_recipe(model_ref, L, start, end, k), resolver)
-        model = assemble(plan, device=parent.device, dtype=build_dtype(plan, parent.device))
+        model = assemble(plan, device=parent.device, dtype=dtype)
         predicted = sum(predict_seams(plan.layer_sources, lens, model_ref))
         points.append(RecurrencePoint(k, plan.num_layers, predicted, perplexity(model, held)))
         del model

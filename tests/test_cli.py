@@ -103,18 +103,20 @@ def test_missing_recipe_file_is_a_user_mistake(tmp_path):
     assert out.returncode == 2 and "cannot read recipe" in out.stderr
 
 
-def test_build_writes_a_folder_transformers_loads_with_the_in_memory_logits(tmp_path, tiny_llama):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_build_writes_a_folder_transformers_loads_with_the_in_memory_logits(tmp_path, tiny_llama, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merger.assemble import assemble
     from merger.plan import make_plan
 
     ref = str(tiny_llama)
-    recipe = write_recipe(tmp_path, (ref, 0, 4), (ref, 1, 6))
+    recipe = write_recipe(tmp_path, (ref, 0, 4), (ref, 1, 6), dtype=dtype)
     out_dir = tmp_path / "merged"
     assert main(["build", str(recipe), str(out_dir)]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    built = assemble(make_plan(passthrough((ref, 0, 4), (ref, 1, 6)), ANY_PATH))
+    built = assemble(make_plan(passthrough((ref, 0, 4), (ref, 1, 6), dtype=dtype), ANY_PATH))
+    assert loaded.dtype == built.dtype == getattr(torch, dtype or "float32")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, built(ids).logits)

@@ -69,8 +69,12 @@ def random_chunks(lengths, prefix_len=1, seed=0) -> TokenChunks:
 CHUNKS = random_chunks([40, 40, 40, 23])  # an odd tail chunk, and batches of 2 split 2 + 1 + 1
 
 
-def build(ref, *ranges):
-    return assemble(make_plan(passthrough(*((ref, a, b) for a, b in ranges)), ANY_PATH))
+def build(ref, *ranges, dtype=None):
+    return assemble(make_plan(passthrough(*((ref, a, b) for a, b in ranges), dtype=dtype), ANY_PATH))
+
+
+# bf16 runs everywhere a GPU build runs; on the CPU too, so dtype mistakes show without a GPU
+DTYPES = ["float32", "bfloat16"]
 
 
 def naive_points(model, chunks: TokenChunks) -> torch.Tensor:
@@ -90,10 +94,10 @@ def naive_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((torch.arccos(F.cosine_similarity(x, y, dim=-1).clamp(-1, 1)) / math.pi).mean())
 
 
-@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma"])
-def test_capture_matches_naive_distances_cosines_and_block_influence(arch, request):
+@pytest.mark.parametrize(("arch", "dtype"), [("tiny_llama", None), ("tiny_gemma", None), ("tiny_llama", "bfloat16")])
+def test_capture_matches_naive_distances_cosines_and_block_influence(arch, dtype, request):
     ref = str(request.getfixturevalue(arch))
-    model = build(ref, (0, make_plan(passthrough((ref, 0, 1)), ANY_PATH).models[ref].num_layers))
+    model = build(ref, (0, make_plan(passthrough((ref, 0, 1)), ANY_PATH).models[ref].num_layers), dtype=dtype)
     lens = capture(model, CHUNKS, name=ref, batch_size=2)
     points = naive_points(model, CHUNKS)
     L = points.shape[0] - 1
@@ -121,18 +125,21 @@ def test_seam_free_recipe_scores_exactly_zero_at_every_depth(tiny_llama, ranges)
 
 
 @pytest.mark.parametrize(
-    ("parents", "slices", "seam"),
+    ("parents", "slices", "seam", "dtype"),
     [
-        (["tiny_llama"], [(0, 0, 4), (0, 2, 6)], 4),  # duplicate [2, 4)
-        (["tiny_gemma"], [(0, 0, 8), (0, 4, 12)], 8),  # off the sliding/full attention pattern
-        (["tiny_llama", "tiny_llama_b"], [(0, 0, 3), (1, 3, 6)], 3),  # same layer index, other parent
+        (["tiny_llama"], [(0, 0, 4), (0, 2, 6)], 4, None),  # duplicate [2, 4)
+        (["tiny_gemma"], [(0, 0, 8), (0, 4, 12)], 8, None),  # off the sliding/full attention pattern
+        (["tiny_llama", "tiny_llama_b"], [(0, 0, 3), (1, 3, 6)], 3, None),  # same layer index, other parent
+        (["tiny_llama"], [(0, 0, 4), (0, 2, 6)], 4, "bfloat16"),
     ],
 )
-def test_seam_scores_match_naive_distances_between_merge_and_parents(parents, slices, seam, request):
+def test_seam_scores_match_naive_distances_between_merge_and_parents(parents, slices, seam, dtype, request):
     refs = [str(request.getfixturevalue(p)) for p in parents]
-    plan = make_plan(passthrough(*((refs[i], a, b) for i, a, b in slices)), ANY_PATH)
+    plan = make_plan(passthrough(*((refs[i], a, b) for i, a, b in slices), dtype=dtype), ANY_PATH)
     scores = score_seams(plan, CHUNKS, batch_size=2)
-    parent_points = {ref: naive_points(build(ref, (0, plan.models[ref].num_layers)), CHUNKS) for ref in refs}
+    parent_points = {
+        ref: naive_points(build(ref, (0, plan.models[ref].num_layers), dtype=dtype), CHUNKS) for ref in refs
+    }
     merged_points = naive_points(assemble(plan), CHUNKS)
 
     m_prev, p_prev = plan.layer_sources[seam - 1]
@@ -182,9 +189,10 @@ print(after_large - after_small, a.tokens, b.tokens,
     assert int(grow_large) < 12 * 1024, f"8x the tokens raised peak memory by {int(grow_large) // 1024} MiB"
 
 
-def test_perplexity_matches_the_models_own_loss(tiny_llama):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perplexity_matches_the_models_own_loss(tiny_llama, dtype):
     ref = str(tiny_llama)
-    model = build(ref, (0, 6))
+    model = build(ref, (0, 6), dtype=dtype)
     chunks = random_chunks([30, 30, 12], prefix_len=1)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -238,48 +246,64 @@ def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplex
         assert s.perplexity == perplexity(assemble(plan), held) != result.parent_perplexity
 
 
-@pytest.mark.parametrize(("arch", "blocks"), [("tiny_llama", [(2, 4), (1, 4), (4, 6)]), ("tiny_gemma", [(4, 8)])])
-def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(arch, blocks, request):
+@pytest.mark.parametrize(
+    ("arch", "blocks", "dtype"),
+    [
+        ("tiny_llama", [(2, 4), (1, 4), (4, 6)], None),
+        ("tiny_gemma", [(4, 8)], None),
+        ("tiny_llama", [(2, 4), (4, 6)], "bfloat16"),  # the recorder's float32 stream fed to a bf16 tail
+    ],
+)
+def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(arch, blocks, dtype, request):
     ref = str(request.getfixturevalue(arch))
     L = make_plan(passthrough((ref, 0, 1)), ANY_PATH).models[ref].num_layers
-    parent = build(ref, (0, L))
+    parent = build(ref, (0, L), dtype=dtype)
     drift = duplication_drift(ref, parent, CHUNKS, blocks, batch_size=2, resolver=ANY_PATH)
     for a, b in blocks:  # the tail shortcut against the real merge, run in lockstep with the parent
-        plan = make_plan(duplication_recipe(ref, L, a, b), ANY_PATH)
+        plan = make_plan(duplication_recipe(ref, L, a, b).model_copy(update={"dtype": dtype}), ANY_PATH)
         scores = score_seams(plan, CHUNKS, parents={ref: parent}, batch_size=2)
         assert drift[(a, b)].seam == pytest.approx(scores.measured[b], abs=1e-9)
         assert drift[(a, b)].mean == pytest.approx(sum(scores.measured[b:]) / (L - a), abs=1e-9)
         assert drift[(a, b)].output == pytest.approx(scores.measured_output, abs=1e-9) and scores.measured_output > 0
 
 
-def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama, dtype):
     ref = str(tiny_llama)
     result = suggest_duplications(
-        ref, calibration=TEXT, heldout=HELDOUT, top_k=2, max_size=3, rank_by="drift", drift_tokens=60, resolver=ANY_PATH
+        ref,
+        calibration=TEXT,
+        heldout=HELDOUT,
+        top_k=2,
+        max_size=3,
+        rank_by="drift",
+        drift_tokens=60,
+        resolver=ANY_PATH,
+        dtype=dtype,
     )
     sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT, max_tokens=60)
-    drift = duplication_drift(
-        ref, build(ref, (0, 6)), sample, [(s.start, s.end) for s in result.ranked], resolver=ANY_PATH
-    )
+    parent = build(ref, (0, 6), dtype=dtype)
+    drift = duplication_drift(ref, parent, sample, [(s.start, s.end) for s in result.ranked], resolver=ANY_PATH)
     assert [s.drift for s in result.ranked] == sorted(drift[(s.start, s.end)].output for s in result.ranked)
     held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
+    assert result.parent_perplexity == perplexity(parent, held)
     for s in result.confirmed:
-        assert s.perplexity == perplexity(
-            assemble(make_plan(duplication_recipe(ref, 6, s.start, s.end), ANY_PATH)), held
-        )
+        plan = make_plan(duplication_recipe(ref, 6, s.start, s.end).model_copy(update={"dtype": dtype}), ANY_PATH)
+        assert s.perplexity == perplexity(assemble(plan), held)
 
 
-def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_llama):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_llama, dtype):
     ref = str(tiny_llama)
-    parent = build(ref, (0, 6))
+    parent = build(ref, (0, 6), dtype=dtype)
     lens = capture(parent, tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT), name=ref)
-    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH)
+    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH, dtype=dtype)
     held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     seam = float(lens.angular_distance[4, 2])
     assert [p.repeats for p in points] == [1, 2, 3] and [p.num_layers for p in points] == [6, 8, 10]
     assert [p.predicted for p in points] == pytest.approx([0.0, seam, 2 * seam], abs=1e-12)
     assert points[0].perplexity == perplexity(parent, held)
-    recipe = recurrence_recipe(ref, 6, 2, 4, 3)
+    recipe = recurrence_recipe(ref, 6, 2, 4, 3).model_copy(update={"dtype": dtype})
     assert recipe.slices[1].repeat == 2
     assert points[2].perplexity == perplexity(assemble(make_plan(recipe, ANY_PATH)), held)
 
