@@ -151,11 +151,53 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens,
         device=args.device,
     )
-    try:
-        Path(args.out).write_text(json.dumps(result))
-    except OSError as exc:
-        raise UserError(f"cannot write '{args.out}': {exc.strerror}") from None
+    write_json(args.out, result)
     print(f"wrote {args.out}: {result['num_layers']} layers, {result['tokens']:,} tokens of {result['text']}")
+
+
+def write_json(path: str, data: dict) -> None:
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError as exc:
+        raise UserError(f"cannot write '{path}': {exc.strerror}") from None
+
+
+def cmd_suggest(args: argparse.Namespace) -> None:
+    from merger.lens import DRIFT_TOKENS, read_text, suggest_duplications
+
+    found = suggest_duplications(
+        args.model_ref,
+        resolver=RESOLVE,
+        calibration=read_text(args.text) if args.text else None,
+        heldout=read_text(args.heldout) if args.heldout else None,
+        top_k=args.top_k,
+        rank_by=args.rank_by,
+        drift_tokens=args.drift_tokens or DRIFT_TOKENS,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        progress=_print_stage,
+    )
+    write_json(args.out, found.as_dict())
+    best = "; ".join(f"{s.label} {s.perplexity:.2f}" for s in found.confirmed)
+    print(
+        f"\nwrote {args.out}: {len(found.ranked)} blocks of {found.model} ranked by {found.rank_by} ({found.dtype}, "
+        f"{found.device}); perplexity of the parent {found.parent_perplexity:.2f}, of the best: {best}"
+    )
+
+
+def _print_stage(fraction: float, message: str) -> None:
+    print(f"\r{100 * fraction:3.0f}%  {message:<60}", end="", file=sys.stderr, flush=True)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, help="measure only the text's first N tokens")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("suggest", help="the Lens's blocks to duplicate, ranked and the best confirmed by perplexity")
+    p.add_argument("model_ref")
+    p.add_argument("--rank-by", choices=("drift", "predicted"), default="drift")
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="what every model runs in (default: bfloat16 on cuda, else as stored)"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--top-k", type=positive_int, default=5, help="how many of the best blocks to build and measure")
+    p.add_argument("--out", required=True, help="where to write the JSON")
+    p.add_argument("--text", help="calibration text file (default: assets/calibration.txt)")
+    p.add_argument("--heldout", help="text file for perplexity (default: assets/heldout.txt)")
+    p.add_argument("--max-tokens", type=positive_int, help="read only the first N tokens of each text")
+    p.add_argument("--drift-tokens", type=positive_int, help="calibration tokens each candidate's drift runs on")
+    p.set_defaults(func=cmd_suggest)
 
     args = parser.parse_args(argv)
     try:

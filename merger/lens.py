@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +46,7 @@ CALIBRATION_TEXT = ASSETS / "calibration.txt"
 HELDOUT_TEXT = ASSETS / "heldout.txt"
 MAX_LENGTH = 256  # tokens per chunk: the models' attention is quadratic in it, the statistics are not
 REDUCE_ROWS = 256  # tokens per float64 reduction step: bounds that temporary at points x 256 x hidden
+DRIFT_TOKENS = 256  # calibration tokens each candidate's drift is measured on (benchmarks/seams.py)
 MERGE = "(merge)"  # the assembled model's name beside its parents in a joint lens
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -617,11 +618,33 @@ def duplication_drift(
 class Suggestions:
     model: str
     num_layers: int
-    ranked: tuple[Suggestion, ...]  # every candidate, by predicted damage
+    ranked: tuple[Suggestion, ...]  # every candidate, best first by `rank_by`
     confirmed: tuple[Suggestion, ...]  # the first top_k of `ranked`, with the merge's perplexity
     parent_perplexity: float
     heldout_tokens: int
     lens: Lens
+    rank_by: str = "drift"
+    dtype: str = "float32"  # what every model ran in
+    device: str = "cpu"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The CLI's JSON (`suggest`)."""
+
+        def block(s: Suggestion) -> dict[str, Any]:
+            return {"block": [s.start, s.end], "size": s.size, **asdict(s)}
+
+        return {
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "rank_by": self.rank_by,
+            "dtype": self.dtype,
+            "device": self.device,
+            "calibration_tokens": self.lens.tokens,
+            "heldout_tokens": self.heldout_tokens,
+            "parent_perplexity": self.parent_perplexity,
+            "confirmed": [block(s) for s in self.confirmed],
+            "ranked": [block(s) for s in self.ranked],
+        }
 
 
 def load_model(ref: str, *, resolver: Resolver, device: str | None = None, dtype: str | None = None) -> Any:
@@ -661,7 +684,7 @@ def suggest_duplications(
     min_size: int = 2,
     max_size: int = 8,
     rank_by: Literal["predicted", "drift"] = "drift",
-    drift_tokens: int = 256,
+    drift_tokens: int = DRIFT_TOKENS,
     max_tokens: int | None = None,
     max_length: int = MAX_LENGTH,
     lens: Lens | None = None,
@@ -714,7 +737,18 @@ def suggest_duplications(
         confirmed.append(replace(s, perplexity=perplexity(model, held)))
         del model
     report(1.0, "done")
-    return Suggestions(model_ref, L, tuple(ranked), tuple(confirmed), parent_ppl, held.num_tokens, lens)
+    return Suggestions(
+        model_ref,
+        L,
+        tuple(ranked),
+        tuple(confirmed),
+        parent_ppl,
+        held.num_tokens,
+        lens,
+        rank_by=rank_by,
+        dtype=dtype,
+        device=parent.device,
+    )
 
 
 @dataclass(frozen=True)

@@ -345,6 +345,48 @@ def test_analyze_user_mistakes_exit_2_with_one_sentence(tiny_llama, tmp_path, ca
     assert not (tmp_path / "x.json").exists()
 
 
+def test_suggest_cli_ranks_smollm2_in_bf16_by_drift_and_confirms_five(tmp_path, capsys):
+    # Every model of the run is bf16 on the CPU, as the page's Suggest runs on a GPU. Fewer tokens
+    # than the page reads (16 of each text, 8 for each candidate's drift) keep the run short.
+    out = tmp_path / "suggest.json"
+    args = ["--dtype", "bfloat16", "--device", "cpu", "--max-tokens", "16", "--drift-tokens", "8", "--out", str(out)]
+    assert main(["suggest", "bundled:smollm2-135m-instruct", *args]) == 0
+    data = json.loads(out.read_text())
+    assert (data["rank_by"], data["dtype"], data["device"], data["num_layers"]) == ("drift", "bfloat16", "cpu", 30)
+    assert len(data["ranked"]) == sum(31 - size for size in range(2, 9))  # every 2-8-layer block
+    drifts = [block["drift"] for block in data["ranked"]]
+    assert drifts == sorted(drifts) and drifts[0] > 0
+    assert [block["block"] for block in data["confirmed"]] == [block["block"] for block in data["ranked"][:5]]
+    assert all(math.isfinite(block["perplexity"]) for block in data["confirmed"])
+    assert math.isfinite(data["parent_perplexity"]) and data["heldout_tokens"] == data["calibration_tokens"] == 16
+    assert "182 blocks of bundled:smollm2-135m-instruct ranked by drift (bfloat16, cpu)" in capsys.readouterr().out
+
+
+def test_suggest_cli_ranks_by_prediction_and_confirms_top_k_with_the_lens_numbers(tiny_llama, tmp_path):
+    ref, out = str(tiny_llama), tmp_path / "suggest.json"
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    args = ["--rank-by", "predicted", "--top-k", "2", "--text", str(text), "--heldout", str(text)]
+    assert main(["suggest", ref, *args, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    expected = suggest_duplications(
+        ref, calibration=TEXT, heldout=TEXT, top_k=2, rank_by="predicted", resolver=ANY_PATH
+    ).as_dict()
+    assert data == expected and data["dtype"] == "float32" and len(data["confirmed"]) == 2
+    assert [b["predicted"] for b in data["ranked"]] == sorted(b["predicted"] for b in data["ranked"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--top-k", "0"], "is not a whole number of at least 1"), (["--rank-by", "vibes"], "invalid choice")],
+)
+def test_suggest_cli_refuses_bad_options_with_exit_2(tiny_llama, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exited:
+        main(["suggest", str(tiny_llama), *args, "--out", str(tmp_path / "x.json")])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_figures_carry_exact_values_and_mark_the_recipe(tiny_llama):
     ref = str(tiny_llama)
     plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
