@@ -320,6 +320,12 @@ class Recipe(BaseModel):
             update["base_model"] = rename(self.base_model)
         if self.tokenizer_source and self.tokenizer_source not in VOCABULARY_MODES:
             update["tokenizer_source"] = rename(self.tokenizer_source)
+        source = self.preserved.get("tokenizer", {}).get("source")
+        if source and source not in VOCABULARY_MODES:
+            update["preserved"] = {
+                **self.preserved,
+                "tokenizer": {**self.preserved["tokenizer"], "source": rename(source)},
+            }
         return self.model_copy(update=update)
 
     def to_mergekit(self) -> dict[str, Any]:

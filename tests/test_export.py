@@ -81,12 +81,13 @@ def card_front_matter(folder: Path) -> dict:
 @pytest.mark.parametrize("name", sorted(bundled.MODELS))
 def test_exported_recipe_and_card_name_bundled_models_by_their_hub_ids(name, tmp_path):
     ref = f"bundled:{name}"
-    plan = make_plan(passthrough((ref, 0, 2), (ref, 1, 3)).model_copy(update={"base_model": ref}), ANY_PATH)
+    recipe = passthrough((ref, 0, 2), (ref, 1, 3)).model_copy(update={"base_model": ref, "tokenizer_source": ref})
+    plan = make_plan(recipe, ANY_PATH)
     write_metadata_files(plan, plan.models, tmp_path)
     hub_id = bundled.MODELS[name].hub_id
     exported = yaml.safe_load((tmp_path / "mergekit_config.yml").read_text())
     assert {src["model"] for s in exported["slices"] for src in s["sources"]} == {hub_id}
-    assert exported["base_model"] == hub_id
+    assert exported["base_model"] == exported["tokenizer_source"] == hub_id
     assert card_front_matter(tmp_path)["base_model"] == [hub_id]
     assert "bundled:" not in (tmp_path / "README.md").read_text()
 
