@@ -75,18 +75,19 @@ def preview(recipe_yaml: str, oauth_token: gr.OAuthToken | None = None) -> dict[
     except UserError as exc:
         raise gr.Error(str(exc)) from None
     counts = count(plan)
-    return {**counts.as_dict(), "seams": plan.seams()}
+    return {**counts.as_dict(), "seams": plan.seams(), "notes": plan.recipe.notes}
 
 
 def preview_markdown(counts: dict[str, Any]) -> str:
     parents = ", ".join(f"{ref.removeprefix('bundled:')} {n:,}" for ref, n in counts["parent_params"].items())
     seams = len(counts["seams"])
-    blended = f", {human_bytes(counts['blend_bytes'])} of it blended tensors" if counts["blend_bytes"] else ""
+    blended = f", {human_bytes(counts['blend_bytes'])} of it blended or scaled tensors" if counts["blend_bytes"] else ""
     return (
         f"### {counts['total_params']:,} parameters ({human_params(counts['total_params'])})\n"
         f"**{counts['num_layers']} layers** · {counts['dtype']} · export size {human_bytes(counts['bytes'])} · "
         f"memory when built {human_bytes(counts['memory_bytes'])} (duplicated layers share tensors{blended}) · "
         f"{seams} seam{'s' if seams != 1 else ''}  \nparents: {parents}"
+        + "".join(f"  \nNote: {note}." for note in counts.get("notes", ()))
     )
 
 

@@ -24,10 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from merger.assemble import assemble, parameter_bytes
-from merger.catalog import resolve
+from merger.catalog import LocalPolicy, resolver_for
 from merger.params import count, human_bytes
 from merger.plan import make_plan
 from merger.recipe import passthrough, recipe_from_dict
+
+ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOL = "bundled:smollm2-135m-instruct"
@@ -63,11 +65,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="blend-memory-", dir=args.workdir))
     try:
-        copy = make_finetune(resolve(SMOL).local_dir, work / "smollm2-shifted", seed=5, scale=0.01)
-        parent = parameter_bytes(assemble(make_plan(passthrough((SMOL, 0, 30)))))
+        copy = make_finetune(ANY_PATH(SMOL).local_dir, work / "smollm2-shifted", seed=5, scale=0.01)
+        parent = parameter_bytes(assemble(make_plan(passthrough((SMOL, 0, 30)), ANY_PATH)))
         print(f"parent SmolLM2-135M-Instruct (30 layers): {parent:,} bytes ({human_bytes(parent)})")
         for label, data in recipes(str(copy)).items():
-            plan = make_plan(recipe_from_dict(data))
+            plan = make_plan(recipe_from_dict(data), ANY_PATH)
             counts = count(plan)
             measured = parameter_bytes(assemble(plan))
             print(

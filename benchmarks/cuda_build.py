@@ -22,8 +22,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from merger.assemble import assemble, parameter_bytes
+from merger.catalog import LocalPolicy, resolver_for
 from merger.plan import make_plan
 from merger.recipe import passthrough
+
+ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
 SMOLLM2_SHAPE = dict(
     vocab_size=49152,
@@ -73,7 +76,7 @@ def main() -> None:
         folder = Path(tmp) / "parent"
         make_parent(folder)
         ref = str(folder)
-        plan = make_plan(passthrough((ref, 0, 20), (ref, 10, 30)))
+        plan = make_plan(passthrough((ref, 0, 20), (ref, 10, 30)), ANY_PATH)
         assemble(plan, device="cuda", dtype="bfloat16")  # warm the file cache and CUDA context
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

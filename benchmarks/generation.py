@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from merger import decode_attention, fastgen
 from merger.aot_step import compile_step
 from merger.assemble import assemble, parameter_bytes
+from merger.catalog import LocalPolicy, resolver_for
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.errors import exception_line
 from merger.fastgen import LOOP, FastGenerator, ModelDecoder, fuse_projections
@@ -51,6 +52,8 @@ from merger.placement import DEFAULT_CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
 from merger.recipe import passthrough
 from merger.runtime import Built, plan_placement, prepare_for_chat
+
+ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
 LLAMA3_8B_SHAPE = dict(
     vocab_size=128256,
@@ -460,7 +463,7 @@ def main() -> None:
     ranges = {"parent": PARENT, "merge": MERGE}
 
     def splice(layer_ranges: Sequence[tuple[int, int]]) -> Plan:
-        return make_plan(passthrough(*[(ref, a, b) for a, b in layer_ranges]))
+        return make_plan(passthrough(*[(ref, a, b) for a, b in layer_ranges]), ANY_PATH)
 
     def as_built(plan: Plan, model) -> Built:
         """A build as the page holds it, for the chat path."""

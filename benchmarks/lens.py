@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from merger.catalog import LocalPolicy, resolver_for
 from merger.lens import (
     CALIBRATION_TEXT,
     PairStats,
@@ -34,6 +35,8 @@ from merger.lens import (
     read_text,
     tokenize,
 )
+
+ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
 SMOL = "bundled:smollm2-135m-instruct"
 
@@ -48,7 +51,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    built = load_model(SMOL, device=args.device)
+    built = load_model(SMOL, device=args.device, resolver=ANY_PATH)
     model = built.model
     chunks = tokenize(built.tokenizer, read_text(CALIBRATION_TEXT), max_tokens=args.tokens, source="calibration")
     # one TokenChunks per batch, so capture and the plain passes see exactly the same [B, T] ids

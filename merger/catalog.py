@@ -2,14 +2,17 @@
 
 References (DESIGN.md): `bundled:NAME`; a local folder when the reference starts with `/`, `./`,
 `../` or `~` or names an existing folder; otherwise a Hub id `owner/name[@revision]`.
-The web app passes a `LocalPolicy` that only admits folders under operator-set roots.
+Which local folders a reference may name is a `LocalPolicy` that every caller chooses, with no
+default: the CLI's admits any path, the web app's only folders under operator-set roots.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +40,13 @@ LOCAL_ROOTS_ENV = "FRANKENMERGE_LOCAL_DIRS"
 class LocalPolicy:
     """Which local folders a reference may name. The CLI allows any; the web app only `roots`."""
 
-    allow_any_path: bool = True
+    allow_any_path: bool
     roots: tuple[Path, ...] = ()
+
+    @classmethod
+    def any_path(cls) -> LocalPolicy:
+        """The CLI's: the user's own machine, any folder."""
+        return cls(allow_any_path=True)
 
     @classmethod
     def for_web(cls) -> LocalPolicy:
@@ -99,9 +107,16 @@ def is_local_ref(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or Path(ref).is_dir()
 
 
-def resolve(ref: str, policy: LocalPolicy | None = None) -> ModelInfo:
+Resolver = Callable[[str], ModelInfo]  # a model reference -> its metadata, under one policy
+
+
+def resolver_for(policy: LocalPolicy) -> Resolver:
+    """`resolve` under `policy`: what the plan and the lens take to read model references."""
+    return functools.partial(resolve, policy=policy)
+
+
+def resolve(ref: str, policy: LocalPolicy) -> ModelInfo:
     """Metadata for one model reference; raises ModelRefError in the user's words."""
-    policy = policy or LocalPolicy()
     ref = ref.strip()
     if ref.startswith("bundled:"):
         name = ref.removeprefix("bundled:")

@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from merger import bundled
 from merger.catalog import TOKENIZER_FILES, ModelInfo
 from merger.errors import UserError
+from merger.method_specs import PASSTHROUGH
 from merger.params import count, human_params
 from merger.plan import Blend, Plan, TensorSource
+from merger.recipe import Recipe
 from merger.safetensors_files import DTYPE_SIZES, TORCH_NAMES
 
 if TYPE_CHECKING:  # torch is imported only when a tensor is converted or blended
@@ -298,11 +301,28 @@ def write_metadata_files(plan: Plan, models: dict, out: Path) -> None:
         source_dir = primary_dir if name == "generation_config.json" else tok_dir
         if source_dir and (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out / name)
-    (out / "mergekit_config.yml").write_text(plan.recipe.to_yaml())
+    (out / "mergekit_config.yml").write_text(public_recipe(plan).to_yaml())
     (out / "README.md").write_text(model_card(plan))
 
 
+def public_recipe(plan: Plan) -> Recipe:
+    """The recipe as mergekit and the Hub can resolve it elsewhere: bundled models by their Hub ids."""
+    return plan.recipe.with_models(bundled.public_ref)
+
+
+def _parent_line(ref: str, info: ModelInfo) -> str:
+    model = bundled.model_of(ref)
+    line = f"- `{bundled.public_ref(ref)}`"
+    if model:
+        line += f" (built here from its bundled {model.gguf}, dequantized; mergekit reads the original weights)"
+    if info.commit:
+        line += f" (revision `{info.commit}`)"
+    return line + (f", licence {info.license}" if info.license else "")
+
+
 def _kind_of_merge(plan: Plan) -> str:
+    if plan.recipe.merge_method == PASSTHROUGH and plan.blends:
+        return "passthrough layer merge with scaled tensors"
     if not plan.blends:
         return "passthrough layer merge"
     if plan.recipe.is_whole_model_blend:
@@ -312,17 +332,13 @@ def _kind_of_merge(plan: Plan) -> str:
 
 def model_card(plan: Plan) -> str:
     counts = count(plan)
-    bases = [ref for ref in plan.models if not ref.startswith("bundled:")]
+    # the Hub's base_model names Hub repos: bundled models by their Hub ids, local folders not at all
+    bases = [m.hub_id if (m := bundled.model_of(ref)) else info.repo_id for ref, info in plan.models.items()]
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergekit", "- frankenmerge"]
-    if bases:
-        front += ["base_model:", *(f"- {ref.partition('@')[0]}" for ref in bases)]
+    if any(bases):
+        front += ["base_model:", *(f"- {repo}" for repo in dict.fromkeys(bases) if repo)]
     front.append("---")
-    parents = "\n".join(
-        f"- `{ref}`"
-        + (f" (revision `{info.commit}`)" if info.commit else "")
-        + (f", licence {info.license}" if info.license else "")
-        for ref, info in plan.models.items()
-    )
+    parents = "\n".join(_parent_line(ref, info) for ref, info in plan.models.items())
     return "\n".join(
         [
             *front,
@@ -337,7 +353,7 @@ def model_card(plan: Plan) -> str:
             "",
             "## Recipe (mergekit YAML)",
             "```yaml",
-            plan.recipe.to_yaml().rstrip(),
+            public_recipe(plan).to_yaml().rstrip(),
             "```",
             "",
         ]

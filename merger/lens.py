@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from merger.catalog import Resolver
 from merger.errors import UserError
 from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, Slice, Source, passthrough
@@ -45,6 +46,7 @@ CALIBRATION_TEXT = ASSETS / "calibration.txt"
 HELDOUT_TEXT = ASSETS / "heldout.txt"
 MAX_LENGTH = 256  # tokens per chunk: the models' attention is quadratic in it, the statistics are not
 REDUCE_ROWS = 256  # tokens per float64 reduction step: bounds that temporary at points x 256 x hidden
+DRIFT_TOKENS = 256  # calibration tokens each candidate's drift is measured on (benchmarks/seams.py)
 MERGE = "(merge)"  # the assembled model's name beside its parents in a joint lens
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -415,8 +417,9 @@ def load_parents(plan: Plan, *, device: str, dtype: str) -> dict[str, torch.nn.M
     """Each parent as it is (all its layers in order), built like the merge."""
     from merger.assemble import assemble
 
+    known = plan.models.__getitem__  # the plan's models, already resolved under its caller's policy
     return {
-        ref: assemble(make_plan(passthrough((ref, 0, info.num_layers))), device=device, dtype=dtype)
+        ref: assemble(make_plan(passthrough((ref, 0, info.num_layers)), known), device=device, dtype=dtype)
         for ref, info in plan.models.items()
         if any(m == ref for m, _ in plan.layer_sources) or ref == plan.recipe.primary_model
     }
@@ -565,6 +568,7 @@ def duplication_drift(
     chunks: TokenChunks,
     blocks: Sequence[tuple[int, int]],
     *,
+    resolver: Resolver,
     batch_size: int = 2,
     progress: Progress | None = None,
 ) -> dict[tuple[int, int], Drift]:
@@ -591,13 +595,15 @@ def duplication_drift(
     for i, a in enumerate(starts):
         if progress:
             progress(i / len(starts), f"blocks starting at layer {a}")
-        tail = assemble(make_plan(passthrough((model_ref, a, L))), device=device.type, dtype=dtype)
+        tail = assemble(make_plan(passthrough((model_ref, a, L)), resolver), device=device.type, dtype=dtype)
         for b in sorted(b for s, b in blocks if s == a):
             dist = torch.zeros(L - a + 1, dtype=torch.float64)  # tail point j vs parent point a + j
             with torch.inference_mode(), ResidualRecorder(tail) as tail_rec:
                 for ids, points in zip(batches, cached, strict=True):
                     B, T = ids.shape
-                    tail.model(inputs_embeds=points[:, b].unflatten(0, (B, T)).contiguous(), use_cache=False)
+                    # the recorder keeps float32 copies: back to the model's dtype (exact: bf16/fp16 ⊂ fp32)
+                    entering = points[:, b].unflatten(0, (B, T)).to(first.dtype)
+                    tail.model(inputs_embeds=entering, use_cache=False)
                     here = tail_rec.take()
                     text = (torch.arange(T, device=device) >= chunks.prefix_len).repeat(B)  # [B*T]: not BOS
                     for j in range(L - a + 1):
@@ -612,18 +618,46 @@ def duplication_drift(
 class Suggestions:
     model: str
     num_layers: int
-    ranked: tuple[Suggestion, ...]  # every candidate, by predicted damage
+    ranked: tuple[Suggestion, ...]  # every candidate, best first by `rank_by`
     confirmed: tuple[Suggestion, ...]  # the first top_k of `ranked`, with the merge's perplexity
     parent_perplexity: float
     heldout_tokens: int
     lens: Lens
+    rank_by: str = "drift"
+    dtype: str = "float32"  # what every model ran in
+    device: str = "cpu"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The CLI's JSON (`suggest`)."""
+
+        def block(s: Suggestion) -> dict[str, Any]:
+            return {"block": [s.start, s.end], "size": s.size, **asdict(s)}
+
+        return {
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "rank_by": self.rank_by,
+            "dtype": self.dtype,
+            "device": self.device,
+            "calibration_tokens": self.lens.tokens,
+            "heldout_tokens": self.heldout_tokens,
+            "parent_perplexity": self.parent_perplexity,
+            "confirmed": [block(s) for s in self.confirmed],
+            "ranked": [block(s) for s in self.ranked],
+        }
 
 
-def load_model(ref: str, *, device: str | None = None) -> Any:
-    """A model as it is (merger.runtime.Built: model, tokenizer, device)."""
+def load_model(ref: str, *, resolver: Resolver, device: str | None = None, dtype: str | None = None) -> Any:
+    """A model as it is (merger.runtime.Built: model, tokenizer, device), in `dtype` (None: the
+    build's default for the device)."""
     from merger.runtime import as_it_is, build
 
-    return build(make_plan(as_it_is(ref)), device=device)
+    recipe = as_it_is(ref, resolver).model_copy(update={"dtype": dtype})
+    return build(make_plan(recipe, resolver), device=device)
+
+
+def _dtype_of(model: torch.nn.Module) -> str:
+    return DTYPE_NAMES[next(model.parameters()).dtype]
 
 
 def chunks_for(
@@ -643,17 +677,19 @@ def chunks_for(
 def suggest_duplications(
     model_ref: str,
     *,
+    resolver: Resolver,
     calibration: str | None = None,
     heldout: str | None = None,
     top_k: int = 5,
     min_size: int = 2,
     max_size: int = 8,
     rank_by: Literal["predicted", "drift"] = "drift",
-    drift_tokens: int = 256,
+    drift_tokens: int = DRIFT_TOKENS,
     max_tokens: int | None = None,
     max_length: int = MAX_LENGTH,
     lens: Lens | None = None,
     device: str | None = None,
+    dtype: str | None = None,
     progress: Progress | None = None,
 ) -> Suggestions:
     """Rank every block to duplicate, then build the first `top_k` merges for real and measure
@@ -664,12 +700,13 @@ def suggest_duplications(
     (no merge is run). rank_by="drift": by each merge's measured output drift on the first
     `drift_tokens` tokens of `calibration` (duplication_drift; it runs every candidate's tail,
     without the head), which tracked perplexity much more closely on Gemma 3 (benchmarks/seams.py).
+    Every model runs in `dtype` (None: the build's default for the device).
     """
     from merger.assemble import assemble
-    from merger.runtime import build_dtype
 
     report = progress or (lambda fraction, message: None)
-    parent = load_model(model_ref, device=device)
+    parent = load_model(model_ref, resolver=resolver, device=device, dtype=dtype)
+    dtype = _dtype_of(parent.model)  # the candidates are built like the parent
     if lens is None:
         calib = chunks_for(
             parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=max_tokens, max_length=max_length
@@ -684,7 +721,7 @@ def suggest_duplications(
         )
         blocks = [(s.start, s.end) for s in ranked]
         drift = duplication_drift(
-            model_ref, parent.model, sample, blocks, progress=lambda f, m: report(0.2 + 0.3 * f, m)
+            model_ref, parent.model, sample, blocks, resolver=resolver, progress=lambda f, m: report(0.2 + 0.3 * f, m)
         )
         ranked = sorted(
             (replace(s, drift=drift[(s.start, s.end)].output) for s in ranked),
@@ -695,12 +732,23 @@ def suggest_duplications(
     confirmed = []
     for i, s in enumerate(ranked[:top_k]):
         report(0.5 + 0.5 * i / max(top_k, 1), f"perplexity of duplicating {s.label}")
-        plan = make_plan(duplication_recipe(model_ref, L, s.start, s.end))
-        model = assemble(plan, device=parent.device, dtype=build_dtype(plan, parent.device))
+        plan = make_plan(duplication_recipe(model_ref, L, s.start, s.end), resolver)
+        model = assemble(plan, device=parent.device, dtype=dtype)
         confirmed.append(replace(s, perplexity=perplexity(model, held)))
         del model
     report(1.0, "done")
-    return Suggestions(model_ref, L, tuple(ranked), tuple(confirmed), parent_ppl, held.num_tokens, lens)
+    return Suggestions(
+        model_ref,
+        L,
+        tuple(ranked),
+        tuple(confirmed),
+        parent_ppl,
+        held.num_tokens,
+        lens,
+        rank_by=rank_by,
+        dtype=dtype,
+        device=parent.device,
+    )
 
 
 @dataclass(frozen=True)
@@ -716,6 +764,7 @@ def recurrence_sweep(
     start: int,
     end: int,
     *,
+    resolver: Resolver,
     max_repeats: int = 8,
     lens: Lens | None = None,
     calibration: str | None = None,
@@ -723,14 +772,16 @@ def recurrence_sweep(
     max_tokens: int | None = None,
     max_length: int = MAX_LENGTH,
     device: str | None = None,
+    dtype: str | None = None,
     progress: Progress | None = None,
 ) -> list[RecurrencePoint]:
     """Block [start, end) run k = 1..max_repeats times: the merge's perplexity on `heldout` and
-    its predicted seam damage (from `lens`, or a lens on `calibration`) for every k."""
+    its predicted seam damage (from `lens`, or a lens on `calibration`) for every k, each model in
+    `dtype` (None: the build's default for the device)."""
     from merger.assemble import assemble
-    from merger.runtime import build_dtype
 
-    parent = load_model(model_ref, device=device)
+    parent = load_model(model_ref, resolver=resolver, device=device, dtype=dtype)
+    dtype = _dtype_of(parent.model)  # every repeat is built like the parent
     if lens is None:
         lens = capture(
             parent.model,
@@ -745,8 +796,8 @@ def recurrence_sweep(
     for k in range(1, max_repeats + 1):
         if progress:
             progress((k - 1) / max_repeats, f"block {start}-{end} x{k}")
-        plan = make_plan(recurrence_recipe(model_ref, L, start, end, k))
-        model = assemble(plan, device=parent.device, dtype=build_dtype(plan, parent.device))
+        plan = make_plan(recurrence_recipe(model_ref, L, start, end, k), resolver)
+        model = assemble(plan, device=parent.device, dtype=dtype)
         predicted = sum(predict_seams(plan.layer_sources, lens, model_ref))
         points.append(RecurrencePoint(k, plan.num_layers, predicted, perplexity(model, held)))
         del model
@@ -760,6 +811,7 @@ def recurrence_sweep(
 def analyze(
     recipe: Recipe,
     *,
+    resolver: Resolver,
     text: str,
     source: str,
     name: str | None = None,
@@ -772,7 +824,7 @@ def analyze(
     recipe with seams, also its seam scores against its parents on the same text."""
     from merger.runtime import build
 
-    plan = make_plan(recipe)
+    plan = make_plan(recipe, resolver)
     built = build(plan, device=device)
     chunks = tokenize(built.tokenizer, text, max_length=max_length, max_tokens=max_tokens, source=source)
     label = name or recipe.primary_model

@@ -1,6 +1,7 @@
-"""Which parameters each blend method takes, with mergekit 0.1.5's names, scopes and defaults:
-data for recipe validation and the plan's parameter resolution. No torch here, so `params` and
-the page's preview stay light (DESIGN.md: they import neither torch nor modeling code)."""
+"""Which parameters each merge method takes (passthrough and the blends), with mergekit 0.1.5's
+names, scopes and defaults: data for recipe validation and the plan's parameter resolution. No
+torch here, so `params` and the page's preview stay light (DESIGN.md: they import neither torch
+nor modeling code)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,13 @@ def _task_vector_spec(name: str, *, normalize: bool, rescale: bool, seeded: bool
     return MethodSpec(name, params, needs_base=True)
 
 
+PASSTHROUGH = "passthrough"
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
+        # mergekit multiplies a passed-through tensor by `scale` when it resolves to a value (LLaMA-Pro
+        # block expansion: o_proj/down_proj at 0, so an added layer starts as the identity)
+        MethodSpec(PASSTHROUGH, (Param("scale", float, "input", None),), needs_base=False, max_sources=1),
         MethodSpec("linear", (Param("weight", float, "input"), Param("normalize", bool, "shared", True)), False),
         _task_vector_spec("task_arithmetic", normalize=False, rescale=False),
         _task_vector_spec("ties", normalize=True, rescale=False),
@@ -56,4 +61,4 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("slerp", (Param("t", float, "shared"),), needs_base=True, min_sources=2, max_sources=2),
     )
 }
-BLEND_METHODS = tuple(METHODS)
+BLEND_METHODS = tuple(name for name in METHODS if name != PASSTHROUGH)

@@ -1,5 +1,6 @@
 """Blend methods: small pure functions over tensors, with mergekit 0.1.5's semantics and
-parameter names (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp).
+parameter names (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp; and passthrough's
+`scale`, a blend of one tensor).
 
 Each function takes the input tensors already in the build dtype and on the build device, and
 returns the blended tensor in that dtype. Internal precision follows mergekit: linear and slerp
@@ -206,6 +207,8 @@ def blend(
     """Dispatch one output tensor's blend: `tensors` in mergekit's input order, `per_source`
     the resolved per-source parameters (empty for the base), `seed_keys` one name per source
     for DARE's masks."""
+    if method == "passthrough":  # as mergekit: one multiply in the input dtype
+        return tensors[0] * per_source[0]["scale"]
     if method == "linear":
         return linear(tensors, [p["weight"] for p in per_source], normalize=shared["normalize"])
     if base_index is None:

@@ -1,6 +1,6 @@
 """Counts from a Plan, from metadata alone: parameters as exported (a duplicated layer counts
 twice, tied embeddings once) and memory as built (a duplicated layer's tensors are shared; a
-blended tensor is materialized, once however often it is used)."""
+blended or scaled tensor is materialized, once however often it is used)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class Counts:
     dtype: str
     bytes: int  # exported size at `dtype`
     memory_bytes: int  # parameter memory of the in-memory build at `dtype`
-    blend_bytes: int  # the part of memory_bytes that blended tensors take (computed, not shared)
+    blend_bytes: int  # the part of memory_bytes that blended or scaled tensors take (computed, not shared)
     parent_params: dict[str, int]
 
     @property

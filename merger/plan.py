@@ -1,19 +1,19 @@
 """Recipe + parents' metadata -> Plan: the merged config and, for every output tensor, where it
-comes from: one parent tensor (passthrough) or a `Blend` of several (method, resolved parameters,
-sources). Preview, assemble and export all read the plan; none re-derives tensor names or
-parameters."""
+comes from: one parent tensor (passed through) or a `Blend`: several blended, or one scaled by
+passthrough's `scale` (method, resolved parameters, sources). Preview, assemble and export all
+read the plan; none re-derives tensor names or parameters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from merger.catalog import ModelInfo, resolve
+from merger.catalog import ModelInfo, Resolver
 from merger.errors import RecipeError
-from merger.method_specs import METHODS
+from merger.method_specs import METHODS, PASSTHROUGH
 from merger.recipe import DTYPES, Recipe, Slice, resolve_parameter
 from merger.safetensors_files import TORCH_NAMES, TensorMeta
+from merger.vocabulary import shipped_tokenizer
 
 # Config keys that describe the parent checkpoint rather than the merged model.
 DROPPED_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version")
@@ -31,8 +31,9 @@ class TensorSource:
 
 @dataclass(frozen=True)
 class Blend:
-    """One output tensor blended from several parent tensors. Hashable: equal blends (a repeated
-    blended slice) are computed and held once."""
+    """One output tensor computed from parent tensors: several blended, or one scaled (method
+    passthrough, its `scale` in per_source). Hashable: equal blends (a repeated blended slice) are
+    computed and held once."""
 
     method: str
     sources: tuple[TensorSource, ...]  # in the recipe's source order (mergekit's input order)
@@ -57,6 +58,7 @@ class Plan:
     layer_sources: list[tuple[str, int]]  # (model, parent layer) per merged depth
     dtype: str  # output dtype: float32 | bfloat16 | float16
     tied: bool
+    tokenizer_ref: str  # the model whose tokenizer the merge ships (merger.vocabulary)
 
     @property
     def num_layers(self) -> int:
@@ -64,7 +66,7 @@ class Plan:
 
     @property
     def blends(self) -> list[Blend]:
-        """Distinct blended tensors, in output order."""
+        """Distinct computed tensors (blended or scaled), in output order."""
         return list(dict.fromkeys(o for o in self.tensors.values() if isinstance(o, Blend)))
 
     @property
@@ -73,7 +75,7 @@ class Plan:
 
     @property
     def tokenizer_model(self) -> ModelInfo:
-        return self.models[self.recipe.tokenizer_source or self.recipe.primary_model]
+        return self.models[self.tokenizer_ref]
 
     def seams(self) -> list[int]:
         """Merged depths whose layer did not follow the previous depth's layer in its parent."""
@@ -84,10 +86,9 @@ class Plan:
         ]
 
 
-Resolver = Callable[[str], ModelInfo]
-
-
-def make_plan(recipe: Recipe, resolver: Resolver = resolve) -> Plan:
+def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:
+    """The plan of `recipe`, its model references read by `resolver` (which carries the caller's
+    policy for local folders: there is no default)."""
     models = {ref: resolver(ref) for ref in recipe.models}
     primary = models[recipe.primary_model]
     slices = recipe.as_slices({ref: info.num_layers for ref, info in models.items()})
@@ -120,6 +121,12 @@ def make_plan(recipe: Recipe, resolver: Resolver = resolve) -> Plan:
         if not name.startswith(PRE_LAYER_PREFIXES) and not (tied and name.startswith("lm_head.")):
             tensors[name] = blender.origin(last, [name] * len(last.sources), name, t=0.0)
 
+    vocab_rows = [
+        (src.model, src.meta.shape[0])
+        for name in VOCAB_TENSORS
+        if name in tensors
+        for src in (tensors[name].sources if isinstance(tensors[name], Blend) else (tensors[name],))
+    ]
     dtype = recipe.dtype or _parent_dtype(primary)
     return Plan(
         recipe=recipe,
@@ -129,22 +136,26 @@ def make_plan(recipe: Recipe, resolver: Resolver = resolve) -> Plan:
         layer_sources=layer_sources,
         dtype=dtype,
         tied=tied,
+        tokenizer_ref=shipped_tokenizer(recipe, models, vocab_rows),
     )
 
 
 class _Blender:
     """Turns one output tensor of a slice into its origin: the parent tensor of a one-source
-    slice, else a Blend with every parameter resolved for that tensor (source > slice > recipe)."""
+    slice (unless passthrough's `scale` changes it), else a Blend with every parameter resolved
+    for that tensor (source > slice > recipe)."""
 
     def __init__(self, recipe: Recipe, models: dict[str, ModelInfo]) -> None:
         self.recipe = recipe
         self.models = models
-        self.spec = METHODS.get(recipe.merge_method)
+        self.spec = METHODS[recipe.merge_method]
 
     def origin(self, s: Slice, input_names: list[str], out_name: str, *, t: float) -> Origin:
         pairs = zip(s.sources, input_names, strict=True)
         sources = tuple(TensorSource(src.model, name, self._meta(src.model, name)) for src, name in pairs)
-        if not s.blended or self.spec is None:
+        if self.spec.name == PASSTHROUGH:
+            return self._scaled(s, sources[0], t)
+        if not s.blended:
             return sources[0]
         _check_same_shape(out_name, sources)
         base = self.recipe.base_model if self.spec.needs_base else None
@@ -172,6 +183,17 @@ class _Blender:
             shared=tuple(shared.items()),
             per_source=tuple(tuple(p.items()) for p in per_source),
         )
+
+    def _scaled(self, s: Slice, source: TensorSource, t: float) -> Origin:
+        """The parent tensor, or (mergekit's passthrough) that tensor times the `scale` resolved
+        for it; a scale of 1 changes no value, so the tensor stays shared."""
+        (param,) = self.spec.params
+        scopes = [s.source.parameters, s.parameters, self.recipe.parameters]
+        scale = self._resolve(param, scopes, source.name, t, s.source.model)
+        if scale is None or scale == 1.0:
+            return source
+        scaled = ((("scale", scale),),)
+        return Blend(method=PASSTHROUGH, sources=(source,), base_index=None, shared=(), per_source=scaled)
 
     def _meta(self, model: str, name: str) -> TensorMeta:
         meta = self.models[model].tensors.get(name)

@@ -6,9 +6,9 @@ ranges of several sources blended by the recipe's `merge_method`; a slice may be
 mergekit has no `repeat`: on the way out it is expanded into the same slice written several
 times, so the YAML we write always runs in mergekit.
 
-Blend parameters (`weight`, `density`, `t`, ...) may sit on a source (or a `models:` entry), a
-slice or the recipe; `resolve_parameter` applies mergekit's precedence (source > slice > recipe)
-and its value forms: a scalar, a gradient list interpolated over a slice's layers, or
+Parameters (a blend's `weight`, `density`, `t`, ...; passthrough's `scale`) may sit on a source (or
+a `models:` entry), a slice or the recipe; `resolve_parameter` applies mergekit's precedence
+(source > slice > recipe) and its value forms: a scalar, a gradient list interpolated over a slice's layers, or
 `{filter, value}` entries matched against the tensor name.
 """
 
@@ -18,21 +18,28 @@ import base64
 import binascii
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merger.errors import RecipeError
-from merger.method_specs import BLEND_METHODS, METHODS, REQUIRED, Param
+from merger.method_specs import BLEND_METHODS, METHODS, PASSTHROUGH, REQUIRED, Param
 
 DTYPES = ("float32", "bfloat16", "float16")
-MERGE_METHODS = ("passthrough", *BLEND_METHODS)
+MERGE_METHODS = tuple(METHODS)
 
 # mergekit keys we read but do not act on yet: kept verbatim and written back out.
 PRESERVED_TOP_KEYS = ("chat_template", "tokenizer", "out_dtype")
+# keys of older mergekit recipes that 0.1.5 reads and ignores: accepted, kept, and said so
+IGNORED_TOP_KEYS = {"embed_slerp": "mergekit 0.1.5 ignores it, and so does this app"}
 KNOWN_TOP_KEYS = {"slices", "models", "merge_method", "dtype", "tokenizer_source", "base_model", "parameters"}
+# mergekit's vocabulary modes for `tokenizer_source` (else it names a model): the base model's
+# vocabulary, or the union of every model's
+VOCABULARY_MODES = ("base", "union")
+LEGACY_MODEL_PREFIX = "model:"  # older mergekit's `tokenizer_source: model:org/name`; 0.1.5 takes the plain name
+TOKENIZER_KEYS = ("source",)  # of mergekit's `tokenizer:` mapping, the ones this app builds
 
 Settings = dict[str, Any]  # parameter name -> setting, as written in the YAML
 
@@ -134,7 +141,7 @@ class Recipe(BaseModel):
 
     slices: tuple[Slice, ...] = ()
     model_entries: tuple[ModelEntry, ...] = ()  # mergekit's `models:` (whole-model blend)
-    merge_method: str = "passthrough"
+    merge_method: str = PASSTHROUGH
     parameters: Settings = Field(default_factory=dict)
     dtype: str | None = None
     tokenizer_source: str | None = None
@@ -146,6 +153,16 @@ class Recipe(BaseModel):
     def _known_method(cls, value: str) -> str:
         if value not in MERGE_METHODS:
             raise ValueError(f"merge_method '{value}' is not supported; use one of {', '.join(MERGE_METHODS)}")
+        return value
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _plain_tokenizer_source(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().removeprefix(LEGACY_MODEL_PREFIX).strip()
+        if not value:
+            raise ValueError("`tokenizer_source` names no model: give a model, base or union")
         return value
 
     @field_validator("dtype")
@@ -161,7 +178,8 @@ class Recipe(BaseModel):
             raise ValueError("a recipe has either `slices:` or `models:`, not both")
         if not self.slices and not self.model_entries:
             raise ValueError("the recipe has no slices: add at least one layer range")
-        if self.merge_method == "passthrough":
+        self._check_tokenizer()
+        if self.merge_method == PASSTHROUGH:
             if self.model_entries:
                 raise ValueError("a whole-model blend (`models:`) needs a blend merge_method such as linear or slerp")
             for i, s in enumerate(self.slices, start=1):
@@ -170,11 +188,27 @@ class Recipe(BaseModel):
                         f"slice {i} blends {len(s.sources)} sources but merge_method is passthrough; "
                         f"choose one of {', '.join(BLEND_METHODS)}"
                     )
-            return self
         for where, settings in self.parameter_scopes():
             check_settings(self.merge_method, settings, where)
-        self._check_base()
+        if self.merge_method != PASSTHROUGH:
+            self._check_base()
         return self
+
+    def _check_tokenizer(self) -> None:
+        """mergekit's `tokenizer:` mapping: only its `source`, which this app builds like `tokenizer_source`."""
+        tokenizer = self.preserved.get("tokenizer")
+        if tokenizer is None:
+            return
+        if self.tokenizer_source:
+            raise ValueError("a recipe sets `tokenizer_source` or `tokenizer:`, not both (mergekit refuses both)")
+        if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("source", "union"), str):
+            raise ValueError("`tokenizer:` is a mapping like {source: union}")
+        extra = sorted(set(map(str, tokenizer)) - set(TOKENIZER_KEYS))
+        if extra:
+            raise ValueError(
+                f"`tokenizer: {', '.join(extra)}` sets chosen tokens' embeddings or pads the vocabulary, which "
+                "this app does not build; keep only `tokenizer: {source: ...}` (or `tokenizer_source`)"
+            )
 
     def parameter_scopes(self) -> list[tuple[str, Settings]]:
         """Every `parameters:` mapping in the recipe, with where it sits."""
@@ -209,13 +243,28 @@ class Recipe(BaseModel):
             _check_source_count(spec.name, len(s.sources), spec.min_sources, spec.max_sources, f"slice {i}")
 
     @property
+    def vocabulary_source(self) -> str | None:
+        """Where mergekit takes the merge's vocabulary from: `tokenizer_source`, or the `tokenizer:`
+        mapping's `source` (mergekit's default there: union); None when neither is set."""
+        if self.tokenizer_source:
+            return self.tokenizer_source
+        if "tokenizer" in self.preserved:
+            return self.preserved["tokenizer"].get("source") or "union"
+        return None
+
+    @property
     def models(self) -> list[str]:
         """Every model the recipe names, first use first."""
         names = [src.model for s in self.slices for src in s.sources] + [e.model for e in self.model_entries]
-        for extra in (self.base_model, self.tokenizer_source):
-            if extra:
+        for extra in (self.base_model, self.vocabulary_source):
+            if extra and extra not in VOCABULARY_MODES:
                 names.append(extra)
         return list(dict.fromkeys(names))
+
+    @property
+    def notes(self) -> list[str]:
+        """What the preview should say about keys this recipe carries but nothing acts on."""
+        return [f"`{key}` is kept as written: {why}" for key, why in IGNORED_TOP_KEYS.items() if key in self.preserved]
 
     @property
     def is_whole_model_blend(self) -> bool:
@@ -255,6 +304,29 @@ class Recipe(BaseModel):
             return (Slice(sources=sources),)
         except ValidationError as exc:
             raise RecipeError(f"models: {_first_message(exc)}") from None
+
+    def with_models(self, rename: Callable[[str], str]) -> Recipe:
+        """The same recipe with every model reference passed through `rename` (exports name bundled
+        models by their Hub ids)."""
+        slices = tuple(
+            s.model_copy(
+                update={"sources": tuple(src.model_copy(update={"model": rename(src.model)}) for src in s.sources)}
+            )
+            for s in self.slices
+        )
+        entries = tuple(e.model_copy(update={"model": rename(e.model)}) for e in self.model_entries)
+        update: dict[str, Any] = {"slices": slices, "model_entries": entries}
+        if self.base_model:
+            update["base_model"] = rename(self.base_model)
+        if self.tokenizer_source and self.tokenizer_source not in VOCABULARY_MODES:
+            update["tokenizer_source"] = rename(self.tokenizer_source)
+        source = self.preserved.get("tokenizer", {}).get("source")
+        if source and source not in VOCABULARY_MODES:
+            update["preserved"] = {
+                **self.preserved,
+                "tokenizer": {**self.preserved["tokenizer"], "source": rename(source)},
+            }
+        return self.model_copy(update=update)
 
     def to_mergekit(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -461,7 +533,7 @@ def recipe_from_dict(data: Any) -> Recipe:
     """Validate a mergekit-style mapping into a Recipe; every problem is a RecipeError."""
     if not isinstance(data, dict):
         raise RecipeError("the recipe must be a YAML mapping with a `slices:` list")
-    unknown = set(data) - KNOWN_TOP_KEYS - set(PRESERVED_TOP_KEYS)
+    unknown = set(data) - KNOWN_TOP_KEYS - set(PRESERVED_TOP_KEYS) - set(IGNORED_TOP_KEYS)
     if unknown:
         raise RecipeError(f"unknown key(s) in the recipe: {', '.join(sorted(map(str, unknown)))}")
     raw_slices, raw_models = data.get("slices"), data.get("models")
@@ -471,18 +543,20 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise RecipeError("`slices` must be a list")
     if raw_models is not None and not isinstance(raw_models, list):
         raise RecipeError("`models` must be a list of `- model: NAME` entries")
+    if data.get("tokenizer_source") is not None and not isinstance(data["tokenizer_source"], str):
+        raise RecipeError("`tokenizer_source` names a model, or is base or union")
     slices = tuple(_parse_slice(raw, i) for i, raw in enumerate(raw_slices or []))
     entries = tuple(_parse_model_entry(raw, i) for i, raw in enumerate(raw_models or []))
     try:
         return Recipe(
             slices=slices,
             model_entries=entries,
-            merge_method=data.get("merge_method", "passthrough"),
+            merge_method=data.get("merge_method", PASSTHROUGH),
             parameters=_parameters_of(data, "the recipe"),
             dtype=data.get("dtype"),
             tokenizer_source=data.get("tokenizer_source"),
             base_model=data.get("base_model"),
-            preserved={k: data[k] for k in PRESERVED_TOP_KEYS if k in data},
+            preserved={k: data[k] for k in (*PRESERVED_TOP_KEYS, *IGNORED_TOP_KEYS) if k in data},
         )
     except ValidationError as exc:
         raise RecipeError(_first_message(exc)) from None

@@ -30,6 +30,7 @@ from merger.zero_gpu import on_zero_gpu
 
 if TYPE_CHECKING:
     from merger.aot_step import AotStep
+    from merger.catalog import Resolver
     from merger.fastgen import ModelDecoder
     from merger.placement import Placement
 
@@ -235,17 +236,16 @@ def attach_aot_step(built: Built, compile_on_gpu: Callable[[], AotStep]) -> None
     built.version = next(_VERSIONS)  # workers forked before hold the build without its step
 
 
-def build_for_chat(recipe: Recipe | None, *, model_ref: str | None = None, device: str | None = None) -> Built:
+def build_for_chat(
+    recipe: Recipe | None, *, resolver: Resolver, model_ref: str | None = None, device: str | None = None
+) -> Built:
     """A recipe's merge, or a single model as it is (all its layers in order), ready to chat."""
-    return prepare_for_chat(build(make_plan(recipe or as_it_is(model_ref)), device=device))
+    return prepare_for_chat(build(make_plan(recipe or as_it_is(model_ref, resolver), resolver), device=device))
 
 
-def as_it_is(model_ref: str, resolver: Callable[[str], Any] | None = None) -> Recipe:
+def as_it_is(model_ref: str, resolver: Resolver) -> Recipe:
     """The recipe of a model as it is: all its layers, in order."""
-    from merger.catalog import resolve
-
-    info = (resolver or resolve)(model_ref)
-    return passthrough((model_ref, 0, info.num_layers))
+    return passthrough((model_ref, 0, resolver(model_ref).num_layers))
 
 
 def needed_bytes(plan: Plan, device: str | None = None) -> int:

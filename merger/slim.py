@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from merger.catalog import PICKLE_SUFFIXES, ModelInfo, resolve
+from merger.catalog import PICKLE_SUFFIXES, ModelInfo, Resolver
 from merger.export import ByteCopier, atomic_folder, encode_header, reserve_space, write_all
-from merger.plan import Resolver
 from merger.safetensors_files import TensorMeta, read_header
 
 HEAD = "lm_head.weight"
@@ -94,7 +93,7 @@ def _metadata_verdict(info: ModelInfo) -> Redundancy | None:
     return None if why is None else Redundancy(info.ref, (), 0, 0, why)
 
 
-def slim_model(ref: str, out_dir: Path, *, resolver: Resolver = resolve) -> SlimResult:
+def slim_model(ref: str, out_dir: Path, *, resolver: Resolver) -> SlimResult:
     """Write `ref` without its redundant tensors to `out_dir`; write nothing if none are."""
     start = time.perf_counter()
     info = resolver(ref)

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import os
 
+from merger.bundled import MODELS
+
 # The page's default on a Space: the Hub copy of the bundled SmolLM2 (270 MB in bf16), small enough
 # for CPU Basic to build and chat with.
-DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_HUB_MODEL = MODELS["smollm2-135m-instruct"].hub_id
 # Offered on the page: architectures this app is tested on (Llama, Gemma 3 text), sizes a CPU Basic
 # Space (16 GB) holds; the Gemma ones are gated (sign in, after accepting Google's licence).
 HUB_MODELS = (
     DEFAULT_HUB_MODEL,
     "HuggingFaceTB/SmolLM2-360M-Instruct",
     "google/gemma-3-270m-it",
-    "google/gemma-3-270m",
+    MODELS["gemma3-270m"].hub_id,
 )
 
 

@@ -60,6 +60,19 @@ def tiny_gemma(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-gemma", "gemma3", layers=12, chat=False)
 
 
+@pytest.fixture
+def web_tiny_llama(tiny_llama, monkeypatch) -> str:
+    """tiny_llama as a web visitor names it: the web policy admits the folder that holds it (as
+    FRANKENMERGE_LOCAL_DIRS would), and the page refers to it by its name under that root."""
+    import ui.models
+    from merger.catalog import LocalPolicy
+
+    monkeypatch.setattr(ui.models, "POLICY", LocalPolicy(allow_any_path=False, roots=(tiny_llama.parent.resolve(),)))
+    ui.models.public_info.cache_clear()
+    yield tiny_llama.name
+    ui.models.public_info.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def space_app(tiny_llama, tiny_llama_b, tiny_gemma):
     """The app as a ZeroGPU Space runs it (tests/spacekit.py), in its own process, on tiny models

@@ -14,6 +14,7 @@ from merger.fastgen import FastGenerator
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
 from tiny import tiny_model
 
 WINDOW = 48
@@ -24,7 +25,7 @@ def duplicating_merge(tmp_path, seed: int):
     """[0,3)+[1,4) of a random 4-layer Llama: 6 layers, layers 1-2 repeated with shared tensors."""
     folder = tmp_path / f"parent-{seed}"
     tiny_model("llama", 4, seed, vocab_size=97, eos_token_id=None, pad_token_id=0).save_pretrained(folder)
-    return assemble(make_plan(passthrough((str(folder), 0, 3), (str(folder), 1, 4))))
+    return assemble(make_plan(passthrough((str(folder), 0, 3), (str(folder), 1, 4)), ANY_PATH))
 
 
 def greedy(model, new_tokens: int) -> list[int]:

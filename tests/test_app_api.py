@@ -7,6 +7,8 @@ from merger.plan import make_plan
 from merger.recipe import passthrough
 from ui.chat import SESSIONS
 
+from refs import ANY_PATH
+
 SMOL = "bundled:smollm2-135m-instruct"
 SPLICE = passthrough((SMOL, 0, 20), (SMOL, 10, 30)).to_yaml()
 SHORT = passthrough((SMOL, 0, 6)).to_yaml()
@@ -99,7 +101,7 @@ def expected_reply(recipe_yaml: str, message: str, settings: tuple) -> str:
     from merger.runtime import build, prepare_for_chat
     from ui.chat import generation_settings
 
-    built = prepare_for_chat(build(make_plan(recipe_from_yaml(recipe_yaml)), device="cpu"))
+    built = prepare_for_chat(build(make_plan(recipe_from_yaml(recipe_yaml), ANY_PATH), device="cpu"))
     *_, reply = stream_reply(built, [{"role": "user", "content": message}], generation_settings(*settings))
     built.close()
     return reply.strip()

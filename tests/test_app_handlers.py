@@ -19,6 +19,14 @@ def test_pasted_mergekit_yaml_becomes_the_stack_with_its_models_as_columns():
     assert "240,717,888 parameters" in preview and "60 layers" in preview
 
 
+def test_a_recipe_with_a_key_mergekit_ignores_previews_with_a_note():
+    yaml_text = passthrough((SMOL, 0, 20), (SMOL, 10, 30)).to_yaml() + "tokenizer_source: base\nembed_slerp: true\n"
+    counts = app.preview(yaml_text)
+    assert counts["notes"] == ["`embed_slerp` is kept as written: mergekit 0.1.5 ignores it, and so does this app"]
+    assert "Note: `embed_slerp` is kept as written" in app.preview_markdown(counts)
+    assert app.preview(passthrough((SMOL, 0, 20)).to_yaml())["notes"] == []
+
+
 def test_pasted_yaml_with_a_mistake_keeps_the_stack_and_says_why():
     value, preview = app.apply_yaml("slices: [", {"models": [], "slices": []})
     assert "malformed YAML at line 1" in preview

@@ -17,6 +17,8 @@ from merger.plan import make_plan
 from merger.recipe import passthrough
 from ui import chat as bench
 
+from refs import ANY_PATH
+
 GREEDY = (0.0, 0.9, 10, 0, 0.0, 1.0, 0)  # temperature, top-p, max new tokens, top-k, min-p, penalty, seed
 
 
@@ -27,7 +29,7 @@ def no_progress(fraction, desc=None):
 @pytest.fixture
 def visitor(tiny_llama):
     request = SimpleNamespace(session_hash="bench-visitor")
-    plan = make_plan(passthrough((str(tiny_llama), 0, 4), (str(tiny_llama), 2, 6)))
+    plan = make_plan(passthrough((str(tiny_llama), 0, 4), (str(tiny_llama), 2, 6)), ANY_PATH)
     built = bench.build_into(bench.slot(request), plan, no_progress)
     yield request, built
     bench.SESSIONS.drop_session("bench-visitor")
@@ -135,7 +137,7 @@ def test_on_zero_gpu_no_reply_asks_for_more_than_an_anonymous_visitors_daily_quo
 
 
 def test_on_zero_gpu_replies_run_in_the_callers_thread_uncompiled(zero_gpu, tiny_llama):
-    built = runtime.build(make_plan(passthrough((str(tiny_llama), 0, 6))), device="cpu")
+    built = runtime.build(make_plan(passthrough((str(tiny_llama), 0, 6)), ANY_PATH), device="cpu")
     threads = threading.active_count()
     *_, reply = stream_reply(built, [{"role": "user", "content": "Hi"}], bench.generation_settings(*GREEDY))
     assert reply and not built.decoder.compiled and not built.decoder._threaded
@@ -162,7 +164,9 @@ def test_on_zero_gpu_a_build_gets_a_decode_step_compiled_ahead_of_time_once_per_
     spaces_compiler, tiny_llama, tiny_llama_b
 ):
     def merge(key, ref, *ranges):
-        return bench.build_into(key, make_plan(passthrough(*[(str(ref), a, b) for a, b in ranges])), no_progress)
+        return bench.build_into(
+            key, make_plan(passthrough(*[(str(ref), a, b) for a, b in ranges]), ANY_PATH), no_progress
+        )
 
     first = merge("zero-a", tiny_llama, (0, 4), (2, 6))
     again = merge("zero-b", tiny_llama_b, (0, 4), (2, 6))  # the same structure, other weights
@@ -198,7 +202,7 @@ def test_on_zero_gpu_a_step_that_fails_to_compile_or_load_leaves_replies_eager_a
 ):
     failure(monkeypatch)
     ref = str(tiny_llama)
-    built = bench.build_into("zero-d", make_plan(passthrough((ref, 1, 6))), no_progress)
+    built = bench.build_into("zero-d", make_plan(passthrough((ref, 1, 6)), ANY_PATH), no_progress)
     try:
         assert built.aot_step is None and reason in built.aot_error
         assert "replies run slower" in bench.built_status(built)

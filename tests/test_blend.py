@@ -19,6 +19,8 @@ from merger.params import count
 from merger.plan import Blend, TensorSource, make_plan
 from merger.recipe import Recipe, from_share_token, recipe_from_dict, recipe_from_yaml, to_share_token
 
+from refs import ANY_PATH
+
 
 def src(model, start, end, **parameters) -> dict:
     return {"model": str(model), "layer_range": [start, end], **({"parameters": parameters} if parameters else {})}
@@ -211,7 +213,7 @@ def test_parameters_resolve_source_over_slice_over_recipe(tiny_llama, tiny_llama
             "parameters": {"weight": 1.0, "lambda": 0.5, "normalize": True},
         }
     )
-    blend = make_plan(recipe).tensors["model.layers.1.mlp.up_proj.weight"]
+    blend = make_plan(recipe, ANY_PATH).tensors["model.layers.1.mlp.up_proj.weight"]
     assert isinstance(blend, Blend) and blend.base_index == 0
     assert [dict(p).get("weight") for p in blend.per_source] == [None, 3.0, 2.0]  # the base takes none
     assert dict(blend.shared)["lambda"] == 0.5 and dict(blend.shared)["normalize"] is True
@@ -227,7 +229,7 @@ def test_slerp_gradient_follows_the_layer_and_the_filter_and_non_layer_tensors_t
             "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": [0.2, 0.4]}]},
         }
     )
-    plan = make_plan(recipe)
+    plan = make_plan(recipe, ANY_PATH)
 
     def t_of(name):
         return dict(plan.tensors[name].shared)["t"]
@@ -270,7 +272,7 @@ def test_blending_a_different_tensor_shape_names_the_tensor(tiny_llama, tmp_path
         }
     )
     with pytest.raises(RecipeError, match=r"model\.layers\.0\.mlp\.down_proj\.weight has shape \[64, 96\]"):
-        make_plan(recipe)
+        make_plan(recipe, ANY_PATH)
 
 
 def test_blending_different_vocabularies_names_both_sizes_and_tokenizer_source(tiny_llama, tmp_path):
@@ -288,7 +290,7 @@ def test_blending_different_vocabularies_names_both_sizes_and_tokenizer_source(t
         }
     )
     with pytest.raises(RecipeError) as info:
-        make_plan(recipe)
+        make_plan(recipe, ANY_PATH)
     message = str(info.value)
     assert "model.embed_tokens.weight" in message and f"{vocab:,} tokens" in message and f"{vocab + 8:,}" in message
     assert "tokenizer_source" in message
@@ -298,15 +300,15 @@ def test_weights_summing_to_zero_under_normalize_are_refused(tiny_llama, tiny_ll
     a, b = str(tiny_llama), str(tiny_llama_b)
     data = {"slices": [blended_slice(src(a, 0, 2, weight=0.5), src(b, 0, 2, weight=-0.5))], "merge_method": "linear"}
     with pytest.raises(RecipeError, match=r"sum to zero .* set normalize: false"):
-        make_plan(recipe_from_dict(data))
-    make_plan(recipe_from_dict({**data, "parameters": {"normalize": False}}))  # fine without normalize
+        make_plan(recipe_from_dict(data), ANY_PATH)
+    make_plan(recipe_from_dict({**data, "parameters": {"normalize": False}}), ANY_PATH)  # fine without normalize
 
 
 def test_a_missing_required_weight_is_named_with_its_model(tiny_llama, tiny_llama_b):
     a, b = str(tiny_llama), str(tiny_llama_b)
     data = {"slices": [blended_slice(src(a, 0, 2, weight=1), src(b, 0, 2))], "merge_method": "linear"}
     with pytest.raises(RecipeError, match=f"linear needs `weight` for {b}"):
-        make_plan(recipe_from_dict(data))
+        make_plan(recipe_from_dict(data), ANY_PATH)
 
 
 # --- build, chat, export ---------------------------------------------------------------------------
@@ -338,7 +340,7 @@ def test_mixed_blend_and_passthrough_recipe_builds_chats_and_exports_the_same_mo
     from merger.export import export_plan
     from merger.runtime import build
 
-    plan = make_plan(mixed_recipe)
+    plan = make_plan(mixed_recipe, ANY_PATH)
     assert plan.num_layers == 3 + 4 + 2
     assert isinstance(plan.tensors["model.layers.0.mlp.up_proj.weight"], TensorSource)
     assert isinstance(plan.tensors["model.layers.3.mlp.up_proj.weight"], Blend)
@@ -356,7 +358,7 @@ def test_mixed_blend_and_passthrough_recipe_builds_chats_and_exports_the_same_mo
     assert isinstance(reply, str)
 
     first = export_plan(plan, tmp_path / "one").path
-    again = export_plan(make_plan(mixed_recipe), tmp_path / "two").path
+    again = export_plan(make_plan(mixed_recipe, ANY_PATH), tmp_path / "two").path
     assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()  # seeded
     loaded = AutoModelForCausalLM.from_pretrained(first).eval()
     ids = torch.arange(1, 17).unsqueeze(0)
@@ -368,10 +370,10 @@ def test_mixed_blend_and_passthrough_recipe_builds_chats_and_exports_the_same_mo
 def test_preview_text_reports_the_memory_blended_tensors_take(mixed_recipe):
     import app
 
-    plan = make_plan(mixed_recipe)
+    plan = make_plan(mixed_recipe, ANY_PATH)
     counts = count(plan)
     text = app.preview_markdown({**counts.as_dict(), "seams": plan.seams()})
-    assert f"{counts.blend_bytes / 2**10:,.2f} KiB of it blended tensors" in text
+    assert f"{counts.blend_bytes / 2**10:,.2f} KiB of it blended or scaled tensors" in text
 
 
 @pytest.mark.parametrize("text", [BLENDED_YAML, WHOLE_MODEL_YAML])

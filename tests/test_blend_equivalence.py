@@ -29,6 +29,7 @@ if importlib.util.find_spec("mergekit") is None:
     pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
 
 from mergekit_runner import run_mergekit, tensors_of
+from refs import ANY_PATH
 
 TOLERANCE = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {"rtol": 2**-7, "atol": 1e-6}}
 MLP_SPARSER = [{"filter": "mlp", "value": 0.2}, {"value": 0.7}]
@@ -116,7 +117,7 @@ def test_blend_export_equals_mergekit_within_rounding(case, cases, mergekit_runs
     theirs_dir, error = mergekit_runs[case]
     assert error is None
     recipe = recipe_from_dict(cases[case])
-    plan = make_plan(recipe)
+    plan = make_plan(recipe, ANY_PATH)
     assert plan.blends, "the case must blend something"
     ours = tensors_of(export_plan(plan, tmp_path / case).path)
     theirs = tensors_of(theirs_dir)

@@ -46,7 +46,7 @@ def test_pickled_checkpoints_are_refused_never_loaded(tmp_path, tiny_llama):
     shutil.copy(tiny_llama / "config.json", folder)
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(UnsafeCheckpointError, match=r"pickled weights .*pytorch_model\.bin"):
-        resolve(str(folder))
+        resolve(str(folder), LocalPolicy.any_path())
 
 
 def test_remote_code_models_are_refused(tmp_path, tiny_llama):
@@ -56,9 +56,9 @@ def test_remote_code_models_are_refused(tmp_path, tiny_llama):
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Model"}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelRefError, match="never run remote code"):
-        resolve(str(folder))
+        resolve(str(folder), LocalPolicy.any_path())
 
 
 def test_folder_without_config_is_not_a_model(tmp_path):
     with pytest.raises(ModelRefError, match=r"no config\.json"):
-        resolve(str(tmp_path))
+        resolve(str(tmp_path), LocalPolicy.any_path())

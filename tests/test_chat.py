@@ -13,11 +13,15 @@ from merger.plan import make_plan
 from merger.recipe import passthrough
 from merger.runtime import build, prepare_for_chat
 
+from refs import ANY_PATH
+
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
-def built_tiny(path, *ranges):
-    return prepare_for_chat(build(make_plan(passthrough(*[(str(path), a, b) for a, b in ranges])), device="cpu"))
+def built_tiny(path, *ranges, dtype=None):
+    return prepare_for_chat(
+        build(make_plan(passthrough(*[(str(path), a, b) for a, b in ranges], dtype=dtype), ANY_PATH), device="cpu")
+    )
 
 
 def test_chat_uses_the_template_and_streams_growing_text(tiny_llama):
@@ -30,9 +34,10 @@ def test_chat_uses_the_template_and_streams_growing_text(tiny_llama):
     assert pieces[-1] != list(stream_reply(built, HELLO, GenerationSettings(temperature=0.8, max_new_tokens=12)))[-1]
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_greedy_reply_is_the_text_plain_generate_gives(tiny_llama, penalty):
-    built = built_tiny(tiny_llama, (0, 4), (2, 6))
+@pytest.mark.parametrize(("penalty", "dtype"), [(1.0, "float32"), (1.3, "float32"), (1.0, "bfloat16")])
+def test_greedy_reply_is_the_text_plain_generate_gives(tiny_llama, penalty, dtype):
+    built = built_tiny(tiny_llama, (0, 4), (2, 6), dtype=dtype)
+    assert built.model.dtype == getattr(torch, dtype)
     settings = GenerationSettings(temperature=0, max_new_tokens=24, repetition_penalty=penalty)
     *_, reply = stream_reply(built, HELLO, settings)
     ids = built.tokenizer(format_prompt(built.tokenizer, HELLO), return_tensors="pt", add_special_tokens=False)

@@ -11,6 +11,8 @@ import torch
 from merger.__main__ import main
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -77,23 +79,44 @@ def test_user_mistakes_exit_2_with_one_sentence_and_no_traceback(tmp_path, conte
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("slices: []\n# caf\xe9\n".encode("latin-1"), "is not UTF-8 text (line 2 holds a byte that is not)"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not UTF-8 text"),
+        (b"slices:\x00\x00\x00\x01", "is not a text file (it holds NUL bytes)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["params", "build", "chat", "analyze"])
+def test_a_recipe_file_that_is_not_utf8_text_is_one_sentence_and_exit_2(tmp_path, capsys, content, message, command):
+    recipe = tmp_path / "bad.yml"
+    recipe.write_bytes(content)
+    extra = {"build": [str(tmp_path / "out")], "analyze": ["--out", str(tmp_path / "lens.json")]}
+    assert main([command, str(recipe), *extra.get(command, [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and str(recipe) in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_recipe_file_is_a_user_mistake(tmp_path):
     out = run_cli("params", str(tmp_path / "nope.yml"))
     assert out.returncode == 2 and "cannot read recipe" in out.stderr
 
 
-def test_build_writes_a_folder_transformers_loads_with_the_in_memory_logits(tmp_path, tiny_llama):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_build_writes_a_folder_transformers_loads_with_the_in_memory_logits(tmp_path, tiny_llama, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merger.assemble import assemble
     from merger.plan import make_plan
 
     ref = str(tiny_llama)
-    recipe = write_recipe(tmp_path, (ref, 0, 4), (ref, 1, 6))
+    recipe = write_recipe(tmp_path, (ref, 0, 4), (ref, 1, 6), dtype=dtype)
     out_dir = tmp_path / "merged"
     assert main(["build", str(recipe), str(out_dir)]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    built = assemble(make_plan(passthrough((ref, 0, 4), (ref, 1, 6))))
+    built = assemble(make_plan(passthrough((ref, 0, 4), (ref, 1, 6), dtype=dtype), ANY_PATH))
+    assert loaded.dtype == built.dtype == getattr(torch, dtype or "float32")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, built(ids).logits)

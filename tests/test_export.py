@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from benchmarks.export_vs_mergekit import write_random_llama
-from merger.export import export_plan
+from merger import bundled
+from merger.export import export_plan, write_metadata_files
 from merger.plan import make_plan
 from merger.recipe import passthrough
+
+from refs import ANY_PATH
 
 ROOT = Path(__file__).parent.parent
 
@@ -70,10 +74,36 @@ def assert_export_holds_the_parents_bytes(out: Path, plan) -> None:
         assert torch.equal(written[name].view(torch.uint8), parents[src.model][src.name].view(torch.uint8)), name
 
 
+def card_front_matter(folder: Path) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+
+
+@pytest.mark.parametrize("name", sorted(bundled.MODELS))
+def test_exported_recipe_and_card_name_bundled_models_by_their_hub_ids(name, tmp_path):
+    ref = f"bundled:{name}"
+    recipe = passthrough((ref, 0, 2), (ref, 1, 3)).model_copy(update={"base_model": ref, "tokenizer_source": ref})
+    plan = make_plan(recipe, ANY_PATH)
+    write_metadata_files(plan, plan.models, tmp_path)
+    hub_id = bundled.MODELS[name].hub_id
+    exported = yaml.safe_load((tmp_path / "mergekit_config.yml").read_text())
+    assert {src["model"] for s in exported["slices"] for src in s["sources"]} == {hub_id}
+    assert exported["base_model"] == exported["tokenizer_source"] == hub_id
+    assert card_front_matter(tmp_path)["base_model"] == [hub_id]
+    assert "bundled:" not in (tmp_path / "README.md").read_text()
+
+
+def test_a_card_names_no_local_folder_as_its_base_model(tmp_path, tiny_llama):
+    ref = str(tiny_llama)
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
+    write_metadata_files(plan, plan.models, tmp_path)
+    assert "base_model" not in card_front_matter(tmp_path)  # the Hub's field names Hub repos only
+    assert yaml.safe_load((tmp_path / "mergekit_config.yml").read_text())["slices"][0]["sources"][0]["model"] == ref
+
+
 def test_export_from_a_sharded_parent_copies_every_tensor_byte_for_byte(tmp_path, sharded_parent):
     ref = str(sharded_parent)
     assert len(list(sharded_parent.glob("*.safetensors"))) > 2
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 1, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 1, 6)), ANY_PATH)
     out = export_plan(plan, tmp_path / "merged", shard_size=100_000).path
     assert len(list(out.glob("*.safetensors"))) > 1
     assert_export_holds_the_parents_bytes(out, plan)
@@ -88,7 +118,7 @@ def test_export_falls_back_to_read_write_when_the_kernel_refuses_copy_file_range
 
     monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
     ref = str(sharded_parent)
-    plan = make_plan(passthrough((ref, 2, 6), (ref, 0, 3)))
+    plan = make_plan(passthrough((ref, 2, 6), (ref, 0, 3)), ANY_PATH)
     out = export_plan(plan, tmp_path / "merged").path
     assert len(calls) <= 1  # refused once, then the copier stops asking
     assert_export_holds_the_parents_bytes(out, plan)

@@ -13,11 +13,12 @@ from merger.fastgen import FastGenerator, fuse_projections, sample
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
 from tiny import tiny_model
 
 
-def build(ref: str, *ranges: tuple[int, int]):
-    return assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges])))
+def build(ref: str, *ranges: tuple[int, int], dtype: str | None = None):
+    return assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges], dtype=dtype), ANY_PATH))
 
 
 def eos_ids(model) -> list[int]:
@@ -58,8 +59,11 @@ def test_bundled_splice_greedy_equals_generate(ref, ranges, prompt, fuse):
     assert len(got) == 64  # neither stops early on these prompts: all 64 tokens are compared
 
 
-def test_tiny_llama_splice_greedy_equals_generate(tiny_llama):
-    assert_greedy_equals_generate(build(str(tiny_llama), (0, 4), (2, 6)), [1, 5, 9, 13, 17, 21])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: as every GPU build runs, here on the CPU
+def test_tiny_llama_splice_greedy_equals_generate(tiny_llama, dtype):
+    model = build(str(tiny_llama), (0, 4), (2, 6), dtype=dtype)
+    assert model.dtype == getattr(torch, dtype)
+    assert_greedy_equals_generate(model, [1, 5, 9, 13, 17, 21])
 
 
 def test_fused_duplicated_layer_stays_shared(tiny_llama):

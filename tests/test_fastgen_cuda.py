@@ -12,13 +12,15 @@ from merger.fastgen import FastGenerator, _CapturedStep, fuse_projections
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 PROMPT = [1, 5, 9, 13, 17, 21, 25, 29]
 
 
 def compiled_splice(ref: str, dtype: str, ranges=((0, 4), (2, 6))) -> FastGenerator:
-    model = assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges])), device="cuda", dtype=dtype)
+    model = assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges]), ANY_PATH), device="cuda", dtype=dtype)
     model.generation_config.pad_token_id = 0
     fuse_projections(model)
     fast = FastGenerator(model, max_seq_len=256)
@@ -49,7 +51,7 @@ def test_compiled_step_greedy_equals_generate_on_cuda(kernel, fixture, request, 
 
 def uncompiled_splice(ref: str, dtype: str, graphed: bool = True) -> FastGenerator:
     """An unfused, uncompiled [0,4)+[2,6), as a ZeroGPU worker decodes it."""
-    model = assemble(make_plan(passthrough((ref, 0, 4), (ref, 2, 6))), device="cuda", dtype=dtype)
+    model = assemble(make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH), device="cuda", dtype=dtype)
     model.generation_config.pad_token_id = 0
     fast = FastGenerator(model, max_seq_len=256, compile=False)
     assert fast.graphed and not fast.compiled

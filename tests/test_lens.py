@@ -40,6 +40,8 @@ from merger.plots import (
 from merger.recipe import passthrough
 from merger.runtime import load_tokenizer
 
+from refs import ANY_PATH
+
 ROOT = Path(__file__).parent.parent
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Frankenmerges stack layers of transformer models. "
@@ -67,8 +69,12 @@ def random_chunks(lengths, prefix_len=1, seed=0) -> TokenChunks:
 CHUNKS = random_chunks([40, 40, 40, 23])  # an odd tail chunk, and batches of 2 split 2 + 1 + 1
 
 
-def build(ref, *ranges):
-    return assemble(make_plan(passthrough(*((ref, a, b) for a, b in ranges))))
+def build(ref, *ranges, dtype=None):
+    return assemble(make_plan(passthrough(*((ref, a, b) for a, b in ranges), dtype=dtype), ANY_PATH))
+
+
+# bf16 runs everywhere a GPU build runs; on the CPU too, so dtype mistakes show without a GPU
+DTYPES = ["float32", "bfloat16"]
 
 
 def naive_points(model, chunks: TokenChunks) -> torch.Tensor:
@@ -88,10 +94,10 @@ def naive_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((torch.arccos(F.cosine_similarity(x, y, dim=-1).clamp(-1, 1)) / math.pi).mean())
 
 
-@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gemma"])
-def test_capture_matches_naive_distances_cosines_and_block_influence(arch, request):
+@pytest.mark.parametrize(("arch", "dtype"), [("tiny_llama", None), ("tiny_gemma", None), ("tiny_llama", "bfloat16")])
+def test_capture_matches_naive_distances_cosines_and_block_influence(arch, dtype, request):
     ref = str(request.getfixturevalue(arch))
-    model = build(ref, (0, make_plan(passthrough((ref, 0, 1))).models[ref].num_layers))
+    model = build(ref, (0, make_plan(passthrough((ref, 0, 1)), ANY_PATH).models[ref].num_layers), dtype=dtype)
     lens = capture(model, CHUNKS, name=ref, batch_size=2)
     points = naive_points(model, CHUNKS)
     L = points.shape[0] - 1
@@ -111,7 +117,7 @@ def test_capture_matches_naive_distances_cosines_and_block_influence(arch, reque
 @pytest.mark.parametrize("ranges", [[(0, 6)], [(0, 2), (2, 6)]])
 def test_seam_free_recipe_scores_exactly_zero_at_every_depth(tiny_llama, ranges):
     ref = str(tiny_llama)
-    scores = score_seams(make_plan(passthrough(*((ref, a, b) for a, b in ranges))), CHUNKS, batch_size=3)
+    scores = score_seams(make_plan(passthrough(*((ref, a, b) for a, b in ranges)), ANY_PATH), CHUNKS, batch_size=3)
     assert scores.seams == ()
     assert scores.predicted == (0.0,) * 6
     assert scores.measured == (0.0,) * 6
@@ -119,18 +125,21 @@ def test_seam_free_recipe_scores_exactly_zero_at_every_depth(tiny_llama, ranges)
 
 
 @pytest.mark.parametrize(
-    ("parents", "slices", "seam"),
+    ("parents", "slices", "seam", "dtype"),
     [
-        (["tiny_llama"], [(0, 0, 4), (0, 2, 6)], 4),  # duplicate [2, 4)
-        (["tiny_gemma"], [(0, 0, 8), (0, 4, 12)], 8),  # off the sliding/full attention pattern
-        (["tiny_llama", "tiny_llama_b"], [(0, 0, 3), (1, 3, 6)], 3),  # same layer index, other parent
+        (["tiny_llama"], [(0, 0, 4), (0, 2, 6)], 4, None),  # duplicate [2, 4)
+        (["tiny_gemma"], [(0, 0, 8), (0, 4, 12)], 8, None),  # off the sliding/full attention pattern
+        (["tiny_llama", "tiny_llama_b"], [(0, 0, 3), (1, 3, 6)], 3, None),  # same layer index, other parent
+        (["tiny_llama"], [(0, 0, 4), (0, 2, 6)], 4, "bfloat16"),
     ],
 )
-def test_seam_scores_match_naive_distances_between_merge_and_parents(parents, slices, seam, request):
+def test_seam_scores_match_naive_distances_between_merge_and_parents(parents, slices, seam, dtype, request):
     refs = [str(request.getfixturevalue(p)) for p in parents]
-    plan = make_plan(passthrough(*((refs[i], a, b) for i, a, b in slices)))
+    plan = make_plan(passthrough(*((refs[i], a, b) for i, a, b in slices), dtype=dtype), ANY_PATH)
     scores = score_seams(plan, CHUNKS, batch_size=2)
-    parent_points = {ref: naive_points(build(ref, (0, plan.models[ref].num_layers)), CHUNKS) for ref in refs}
+    parent_points = {
+        ref: naive_points(build(ref, (0, plan.models[ref].num_layers), dtype=dtype), CHUNKS) for ref in refs
+    }
     merged_points = naive_points(assemble(plan), CHUNKS)
 
     m_prev, p_prev = plan.layer_sources[seam - 1]
@@ -180,9 +189,10 @@ print(after_large - after_small, a.tokens, b.tokens,
     assert int(grow_large) < 12 * 1024, f"8x the tokens raised peak memory by {int(grow_large) // 1024} MiB"
 
 
-def test_perplexity_matches_the_models_own_loss(tiny_llama):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perplexity_matches_the_models_own_loss(tiny_llama, dtype):
     ref = str(tiny_llama)
-    model = build(ref, (0, 6))
+    model = build(ref, (0, 6), dtype=dtype)
     chunks = random_chunks([30, 30, 12], prefix_len=1)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -215,7 +225,7 @@ def test_tokenize_puts_the_tokenizer_prefix_on_every_chunk():
 def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplexity(tiny_llama):
     ref = str(tiny_llama)
     result = suggest_duplications(
-        ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3, rank_by="predicted"
+        ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3, rank_by="predicted", resolver=ANY_PATH
     )
     lens = result.lens
     assert [(s.start, s.end) for s in result.ranked] == [(s.start, s.end) for s in rank_duplications(lens, max_size=3)]
@@ -226,56 +236,76 @@ def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplex
         assert s.predicted == float(lens.angular_distance[s.end, s.start])
     assert [s.predicted for s in result.ranked] == sorted(s.predicted for s in result.ranked)
 
-    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     assert result.heldout_tokens == held.num_tokens
     assert result.parent_perplexity == perplexity(build(ref, (0, 6)), held)
     assert [(s.start, s.end) for s in result.confirmed] == [(s.start, s.end) for s in result.ranked[:3]]
     for s in result.confirmed:
-        plan = make_plan(duplication_recipe(ref, 6, s.start, s.end))
+        plan = make_plan(duplication_recipe(ref, 6, s.start, s.end), ANY_PATH)
         assert plan.layer_sources == [(ref, i) for i in [*range(s.end), *range(s.start, 6)]]
         assert s.perplexity == perplexity(assemble(plan), held) != result.parent_perplexity
 
 
-@pytest.mark.parametrize(("arch", "blocks"), [("tiny_llama", [(2, 4), (1, 4), (4, 6)]), ("tiny_gemma", [(4, 8)])])
-def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(arch, blocks, request):
+@pytest.mark.parametrize(
+    ("arch", "blocks", "dtype"),
+    [
+        ("tiny_llama", [(2, 4), (1, 4), (4, 6)], None),
+        ("tiny_gemma", [(4, 8)], None),
+        ("tiny_llama", [(2, 4), (4, 6)], "bfloat16"),  # the recorder's float32 stream fed to a bf16 tail
+    ],
+)
+def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(arch, blocks, dtype, request):
     ref = str(request.getfixturevalue(arch))
-    L = make_plan(passthrough((ref, 0, 1))).models[ref].num_layers
-    parent = build(ref, (0, L))
-    drift = duplication_drift(ref, parent, CHUNKS, blocks, batch_size=2)
+    L = make_plan(passthrough((ref, 0, 1)), ANY_PATH).models[ref].num_layers
+    parent = build(ref, (0, L), dtype=dtype)
+    drift = duplication_drift(ref, parent, CHUNKS, blocks, batch_size=2, resolver=ANY_PATH)
     for a, b in blocks:  # the tail shortcut against the real merge, run in lockstep with the parent
-        plan = make_plan(duplication_recipe(ref, L, a, b))
+        plan = make_plan(duplication_recipe(ref, L, a, b).model_copy(update={"dtype": dtype}), ANY_PATH)
         scores = score_seams(plan, CHUNKS, parents={ref: parent}, batch_size=2)
         assert drift[(a, b)].seam == pytest.approx(scores.measured[b], abs=1e-9)
         assert drift[(a, b)].mean == pytest.approx(sum(scores.measured[b:]) / (L - a), abs=1e-9)
         assert drift[(a, b)].output == pytest.approx(scores.measured_output, abs=1e-9) and scores.measured_output > 0
 
 
-def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama, dtype):
     ref = str(tiny_llama)
     result = suggest_duplications(
-        ref, calibration=TEXT, heldout=HELDOUT, top_k=2, max_size=3, rank_by="drift", drift_tokens=60
+        ref,
+        calibration=TEXT,
+        heldout=HELDOUT,
+        top_k=2,
+        max_size=3,
+        rank_by="drift",
+        drift_tokens=60,
+        resolver=ANY_PATH,
+        dtype=dtype,
     )
-    sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT, max_tokens=60)
-    drift = duplication_drift(ref, build(ref, (0, 6)), sample, [(s.start, s.end) for s in result.ranked])
+    sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT, max_tokens=60)
+    parent = build(ref, (0, 6), dtype=dtype)
+    drift = duplication_drift(ref, parent, sample, [(s.start, s.end) for s in result.ranked], resolver=ANY_PATH)
     assert [s.drift for s in result.ranked] == sorted(drift[(s.start, s.end)].output for s in result.ranked)
-    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
+    assert result.parent_perplexity == perplexity(parent, held)
     for s in result.confirmed:
-        assert s.perplexity == perplexity(assemble(make_plan(duplication_recipe(ref, 6, s.start, s.end))), held)
+        plan = make_plan(duplication_recipe(ref, 6, s.start, s.end).model_copy(update={"dtype": dtype}), ANY_PATH)
+        assert s.perplexity == perplexity(assemble(plan), held)
 
 
-def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_llama):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_llama, dtype):
     ref = str(tiny_llama)
-    parent = build(ref, (0, 6))
-    lens = capture(parent, tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT), name=ref)
-    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT)
-    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    parent = build(ref, (0, 6), dtype=dtype)
+    lens = capture(parent, tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT), name=ref)
+    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH, dtype=dtype)
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     seam = float(lens.angular_distance[4, 2])
     assert [p.repeats for p in points] == [1, 2, 3] and [p.num_layers for p in points] == [6, 8, 10]
     assert [p.predicted for p in points] == pytest.approx([0.0, seam, 2 * seam], abs=1e-12)
     assert points[0].perplexity == perplexity(parent, held)
-    recipe = recurrence_recipe(ref, 6, 2, 4, 3)
+    recipe = recurrence_recipe(ref, 6, 2, 4, 3).model_copy(update={"dtype": dtype})
     assert recipe.slices[1].repeat == 2
-    assert points[2].perplexity == perplexity(assemble(make_plan(recipe)), held)
+    assert points[2].perplexity == perplexity(assemble(make_plan(recipe, ANY_PATH)), held)
 
 
 def test_analyze_cli_writes_the_contract_fields(tiny_llama, tmp_path, capsys):
@@ -284,7 +314,7 @@ def test_analyze_cli_writes_the_contract_fields(tiny_llama, tmp_path, capsys):
     text.write_text(TEXT)
     assert main(["analyze", ref, "--text", str(text), "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    chunks = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT)
+    chunks = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT)
     lens = capture(build(ref, (0, 6)), chunks)
     assert data["num_layers"] == 6 and data["tokens"] == chunks.num_tokens and data["text"] == str(text)
     assert len(data["angular_distance"]) == 7 and all(len(row) == 7 for row in data["angular_distance"])
@@ -315,9 +345,51 @@ def test_analyze_user_mistakes_exit_2_with_one_sentence(tiny_llama, tmp_path, ca
     assert not (tmp_path / "x.json").exists()
 
 
+def test_suggest_cli_ranks_smollm2_in_bf16_by_drift_and_confirms_five(tmp_path, capsys):
+    # Every model of the run is bf16 on the CPU, as the page's Suggest runs on a GPU. Fewer tokens
+    # than the page reads (16 of each text, 8 for each candidate's drift) keep the run short.
+    out = tmp_path / "suggest.json"
+    args = ["--dtype", "bfloat16", "--device", "cpu", "--max-tokens", "16", "--drift-tokens", "8", "--out", str(out)]
+    assert main(["suggest", "bundled:smollm2-135m-instruct", *args]) == 0
+    data = json.loads(out.read_text())
+    assert (data["rank_by"], data["dtype"], data["device"], data["num_layers"]) == ("drift", "bfloat16", "cpu", 30)
+    assert len(data["ranked"]) == sum(31 - size for size in range(2, 9))  # every 2-8-layer block
+    drifts = [block["drift"] for block in data["ranked"]]
+    assert drifts == sorted(drifts) and drifts[0] > 0
+    assert [block["block"] for block in data["confirmed"]] == [block["block"] for block in data["ranked"][:5]]
+    assert all(math.isfinite(block["perplexity"]) for block in data["confirmed"])
+    assert math.isfinite(data["parent_perplexity"]) and data["heldout_tokens"] == data["calibration_tokens"] == 16
+    assert "182 blocks of bundled:smollm2-135m-instruct ranked by drift (bfloat16, cpu)" in capsys.readouterr().out
+
+
+def test_suggest_cli_ranks_by_prediction_and_confirms_top_k_with_the_lens_numbers(tiny_llama, tmp_path):
+    ref, out = str(tiny_llama), tmp_path / "suggest.json"
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    args = ["--rank-by", "predicted", "--top-k", "2", "--text", str(text), "--heldout", str(text)]
+    assert main(["suggest", ref, *args, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    expected = suggest_duplications(
+        ref, calibration=TEXT, heldout=TEXT, top_k=2, rank_by="predicted", resolver=ANY_PATH
+    ).as_dict()
+    assert data == expected and data["dtype"] == "float32" and len(data["confirmed"]) == 2
+    assert [b["predicted"] for b in data["ranked"]] == sorted(b["predicted"] for b in data["ranked"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--top-k", "0"], "is not a whole number of at least 1"), (["--rank-by", "vibes"], "invalid choice")],
+)
+def test_suggest_cli_refuses_bad_options_with_exit_2(tiny_llama, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exited:
+        main(["suggest", str(tiny_llama), *args, "--out", str(tmp_path / "x.json")])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_figures_carry_exact_values_and_mark_the_recipe(tiny_llama):
     ref = str(tiny_llama)
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     scores = score_seams(plan, CHUNKS)
     lens = scores.lens.lens(ref)
     heat = angular_distance_figure(lens, recipe=plan.recipe)

@@ -8,6 +8,7 @@ from merger.lens import MAX_LENGTH, score_seams, tokenize
 from merger.plan import make_plan
 from merger.runtime import load_tokenizer
 from ui.lens import apply_suggestion, score_stack_seams, widget_seam_scores
+from ui.models import model_info
 from ui.recipe_value import recipe_from_value
 
 TEXT = "A small boat drifted past the harbour wall while gulls argued over the nets. " * 12
@@ -35,11 +36,10 @@ def test_widget_keys_each_join_and_repeat_seam_at_its_merged_depth():
     }  # slice 2 continues layer 3 -> 4: no seam
 
 
-def test_scoring_the_stack_colours_its_seam_with_the_lens_numbers(tiny_llama):
-    ref = str(tiny_llama)
-    value = stack(ref, (0, 4, 1), (2, 6, 1))
+def test_scoring_the_stack_colours_its_seam_with_the_lens_numbers(web_tiny_llama):
+    value = stack(web_tiny_llama, (0, 4, 1), (2, 6, 1))
     scored, summary, figure = score_stack_seams(value, TEXT, no_progress)
-    plan = make_plan(recipe_from_value(value))
+    plan = make_plan(recipe_from_value(value), model_info)
     chunks = tokenize(load_tokenizer(plan), TEXT, max_length=MAX_LENGTH, source="text")
     expected = score_seams(plan, chunks, device="cpu")
     (key, got), *others = scored["seam_scores"].items()
@@ -53,14 +53,14 @@ def test_scoring_the_stack_colours_its_seam_with_the_lens_numbers(tiny_llama):
     assert scored["slices"] == value["slices"]
 
 
-def test_a_stack_without_seams_is_told_so(tiny_llama):
-    value = stack(str(tiny_llama), (0, 6, 1))
+def test_a_stack_without_seams_is_told_so(web_tiny_llama):
+    value = stack(web_tiny_llama, (0, 6, 1))
     scored, summary, figure = score_stack_seams(value, TEXT, no_progress)
     assert "no seams" in summary and figure is None and "seam_scores" not in scored
 
 
-def test_a_suggestion_becomes_the_duplication_recipe(tiny_llama):
-    ref = str(tiny_llama)
+def test_a_suggestion_becomes_the_duplication_recipe(web_tiny_llama):
+    ref = web_tiny_llama
     value = apply_suggestion("[2, 4)", ref, stack(ref, (0, 6, 1)))
     assert [(s["start"], s["end"]) for s in value["slices"]] == [(0, 4), (2, 6)]
     with pytest.raises(gr.Error, match="Pick a suggested block"):

@@ -13,6 +13,8 @@ from merger.plan import make_plan
 from merger.recipe import passthrough
 from ui.placement import placement_markdown, refusal_markdown
 
+from refs import ANY_PATH
+
 PROMPT = torch.tensor([[1, 5, 9, 13, 17, 21]])
 
 
@@ -33,7 +35,7 @@ def source_layer(plan, module):
 
 def test_merge_that_fits_one_device_goes_to_the_freest_one_whole(tiny_llama):
     ref = str(tiny_llama)
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     placement = place(plan, dtype="float32", devices=[("cuda:0", 1 << 30), ("cuda:1", 2 << 30)])
     assert not placement.is_split and placement.devices == ("cuda:1",)
     assert placement.layers_per_device == {"cuda:1": 8} and placement.hops == 0 and placement.copies == 0
@@ -42,7 +44,7 @@ def test_merge_that_fits_one_device_goes_to_the_freest_one_whole(tiny_llama):
 
 def test_split_keeps_every_repeated_layer_with_its_source_tensors(tiny_llama):
     ref = str(tiny_llama)
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))  # parent layers 2 and 3 run twice
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)  # parent layers 2 and 3 run twice
     placement = place(plan, dtype="float32", devices=devices_holding(plan, 0.6))
     assert placement.strategy == SHARED and placement.devices == ("cuda:0", "cuda:1")
     assert placement.copies == 0 and placement.copy_bytes == 0
@@ -78,7 +80,7 @@ def test_70b_self_merge_over_two_gpus_holds_half_the_parent_on_each():
 def test_layer_repeated_past_one_device_is_split_and_its_copies_counted(tiny_llama):
     ref = str(tiny_llama)
     # parent layer 2 runs 10 times: with a long context its KV cache outgrows one device
-    plan = make_plan(passthrough((ref, 0, 2), *[(ref, 2, 3)] * 10, (ref, 3, 6)))
+    plan = make_plan(passthrough((ref, 0, 2), *[(ref, 2, 3)] * 10, (ref, 3, 6)), ANY_PATH)
     tokens = 4096
     placement = place(
         plan, dtype="float32", devices=devices_holding(plan, 0.58, context_tokens=tokens), context_tokens=tokens
@@ -98,7 +100,7 @@ def test_layer_repeated_past_one_device_is_split_and_its_copies_counted(tiny_lla
 
 def test_merge_that_fits_no_devices_is_refused_with_the_numbers(tiny_llama):
     ref = str(tiny_llama)
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     with pytest.raises(PlacementError, match=r"needs about .* but the 2 devices have cuda:0 .* free; split over 2"):
         place(plan, dtype="float32", devices=devices_holding(plan, 0.2))
     with pytest.raises(PlacementError, match=r"needs about .* on cpu .* but only 1\.00 MiB is free"):
@@ -107,7 +109,7 @@ def test_merge_that_fits_no_devices_is_refused_with_the_numbers(tiny_llama):
 
 def test_placement_markdown_names_layers_and_memory_per_device(tiny_llama):
     ref = str(tiny_llama)
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     split = placement_markdown(place(plan, dtype="float32", devices=devices_holding(plan, 0.6)))
     assert "| `cuda:0` | [0, 3) [4, 5) (4) |" in split and "4 device hops per token" in split
     one = placement_markdown(place(plan, dtype="float32", devices=[("cpu", 1 << 34)]))
@@ -117,7 +119,7 @@ def test_placement_markdown_names_layers_and_memory_per_device(tiny_llama):
 
 def test_merge_dispatched_over_two_devices_equals_the_one_device_build(tiny_llama, tmp_path):
     ref = str(tiny_llama)
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     sizes = devices_holding(plan, 0.6)
     # the CPU has no second device: the second simulated one is accelerate's disk offload
     placement = place(plan, dtype="float32", devices=[("cpu", sizes[0][1]), ("disk", sizes[1][1])])
@@ -143,7 +145,7 @@ def test_merge_dispatched_over_two_devices_equals_the_one_device_build(tiny_llam
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_merge_dispatched_over_two_gpus_keeps_each_layers_cache_on_its_gpu(tiny_llama):
     ref = str(tiny_llama)
-    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)))
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     placement = place(plan, dtype="float32", devices=devices_holding(plan, 0.6))
     spread, one = assemble(plan, placement=placement), assemble(plan, device="cuda:0")
     fast = FastGenerator(spread, max_seq_len=40, compile=False)

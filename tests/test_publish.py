@@ -8,11 +8,13 @@ from merger.hub import push_folder
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
+
 
 @pytest.fixture
 def exported(tmp_path, tiny_llama):
     ref = str(tiny_llama)
-    return export_plan(make_plan(passthrough((ref, 0, 4), (ref, 2, 6))), tmp_path / "merge").path
+    return export_plan(make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH), tmp_path / "merge").path
 
 
 def test_push_creates_a_repo_in_the_users_namespace_with_weights_and_card(hub, exported):

@@ -34,10 +34,36 @@ def test_repeat_is_written_out_as_repeated_slices_that_mergekit_understands():
 
 
 def test_preserved_mergekit_keys_survive_a_round_trip():
-    text = SOLAR + "parameters:\n  int8_mask: true\nchat_template: chatml\n"
+    text = SOLAR + "parameters:\n  scale: [{filter: o_proj, value: 0.5}]\nchat_template: chatml\n"
     out = yaml.safe_load(recipe_from_yaml(text).to_yaml())
-    assert out["parameters"] == {"int8_mask": True}
+    assert out["parameters"] == {"scale": [{"filter": "o_proj", "value": 0.5}]}
     assert out["chat_template"] == "chatml"
+
+
+def test_legacy_model_prefix_of_tokenizer_source_names_the_model_and_is_written_plain():
+    recipe = recipe_from_yaml(SOLAR + "tokenizer_source: model:org/tokens\n")
+    assert recipe.tokenizer_source == "org/tokens" and "org/tokens" in recipe.models
+    assert yaml.safe_load(recipe.to_yaml())["tokenizer_source"] == "org/tokens"  # mergekit 0.1.5's form
+
+
+@pytest.mark.parametrize("mode", ["base", "union"])
+def test_vocabulary_modes_are_no_model_references(mode):
+    recipe = recipe_from_yaml(SOLAR + f"tokenizer_source: {mode}\n")
+    assert recipe.models == ["upstage/base"] and recipe.vocabulary_source == mode
+    assert yaml.safe_load(recipe.to_yaml())["tokenizer_source"] == mode
+
+
+def test_a_tokenizer_mapping_means_its_source_defaulting_to_union_as_in_mergekit():
+    assert recipe_from_yaml(SOLAR + "tokenizer: {}\n").vocabulary_source == "union"
+    recipe = recipe_from_yaml(SOLAR + "tokenizer: {source: org/tokens}\n")
+    assert recipe.vocabulary_source == "org/tokens" and "org/tokens" in recipe.models
+
+
+def test_embed_slerp_is_accepted_kept_and_noted_as_ignored():
+    recipe = recipe_from_yaml(SOLAR + "embed_slerp: true\n")
+    assert yaml.safe_load(recipe.to_yaml())["embed_slerp"] is True
+    assert recipe.notes == ["`embed_slerp` is kept as written: mergekit 0.1.5 ignores it, and so does this app"]
+    assert recipe_from_yaml(SOLAR).notes == []
 
 
 @pytest.mark.parametrize(
@@ -56,6 +82,26 @@ def test_preserved_mergekit_keys_survive_a_round_trip():
         ("slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n    weight: 1\n", "unknown key(s): weight"),
         ("slices:\n- sources:\n  - model: a/b\n    layer_range: 3\n", "two whole numbers"),
         ("slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n  repeat: 0\n", "`repeat`"),
+        (  # mergekit 0.1.5 silently ignores a parameter no method takes; a typo would go unseen
+            "slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n    parameters: {not_a_param: 3}\n",
+            "slice 1 source a/b: `not_a_param` is not a parameter of passthrough (it takes scale)",
+        ),
+        (SOLAR + "parameters:\n  sclae: 0.5\n", "`parameters`: `sclae` is not a parameter of passthrough"),
+        (
+            "slices:\n- sources:\n  - model: a/b\n    layer_range: [0, 2]\n  parameters: {scale: [{filter: 1}]}\n",
+            "slice 1: `scale`: each conditional entry is {filter: NAME, value: V}",
+        ),
+        (SOLAR + "parameters:\n  scale: lots\n", "`scale` is a number, not 'lots'"),
+        (SOLAR + "tokenizer_source: {model: a/b}\n", "`tokenizer_source` names a model, or is base or union"),
+        (SOLAR + "tokenizer_source: 'model: '\n", "`tokenizer_source` names no model"),
+        (
+            SOLAR + "tokenizer_source: base\ntokenizer: {source: union}\n",
+            "sets `tokenizer_source` or `tokenizer:`, not both",
+        ),
+        (
+            SOLAR + "tokenizer:\n  source: base\n  tokens: {<pad>: {source: a/b}}\n",
+            "`tokenizer: tokens` sets chosen tokens' embeddings or pads the vocabulary",
+        ),
     ],
 )
 def test_bad_recipes_are_refused_in_plain_words(text, message):

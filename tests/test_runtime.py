@@ -16,11 +16,13 @@ from merger.plan import make_plan
 from merger.recipe import passthrough
 from merger.runtime import SessionModels, build, needed_bytes, prepare_for_chat
 
+from refs import ANY_PATH
+
 SMOL = "bundled:smollm2-135m-instruct"
 
 
 def plan_of(path, *ranges):
-    return make_plan(passthrough(*[(str(path), a, b) for a, b in ranges]))
+    return make_plan(passthrough(*[(str(path), a, b) for a, b in ranges]), ANY_PATH)
 
 
 def built_tiny(path, *ranges):
@@ -93,7 +95,7 @@ def test_build_that_cannot_fit_is_refused_with_the_numbers_before_loading(tiny_l
 
 def test_memory_returns_to_its_baseline_after_twenty_build_chat_cycles():
     sessions = SessionModels()
-    plan = make_plan(passthrough((SMOL, 0, 20), (SMOL, 10, 30)))
+    plan = make_plan(passthrough((SMOL, 0, 20), (SMOL, 10, 30)), ANY_PATH)
     settings = GenerationSettings(temperature=0.7, max_new_tokens=4)
     hello = [{"role": "user", "content": "Hi"}]
     models = []

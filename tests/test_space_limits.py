@@ -19,6 +19,7 @@ from merger.plan import make_plan
 from merger.recipe import passthrough
 from ui import models
 
+from refs import ANY_PATH
 from spacekit import publish
 
 GIB = 2**30
@@ -65,7 +66,7 @@ def test_a_cgroup_v1_limit_and_the_spaces_memory_variable_count_too(tmp_path, mo
 
 def test_a_build_larger_than_the_containers_free_memory_is_refused_before_anything_loads(cgroup, tiny_llama):
     cgroup(str(64 * 2**20), current=63 * 2**20)  # 1 MiB left in the container, whatever the host has
-    plan = make_plan(passthrough((str(tiny_llama), 0, 6)))
+    plan = make_plan(passthrough((str(tiny_llama), 0, 6)), ANY_PATH)
     with pytest.raises(PlacementError, match="needs about"):
         runtime.plan_placement(plan, "cpu")
 

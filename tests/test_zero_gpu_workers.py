@@ -17,6 +17,8 @@ from merger.assemble import parameter_bytes
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
+from refs import ANY_PATH
+
 FORK = multiprocessing.get_context("fork")
 
 
@@ -101,7 +103,7 @@ def test_a_reused_worker_never_answers_from_a_replaced_build_and_survives_others
         yield first_weight_sum(zero_gpu.held_build(sessions, key, version))
 
     def build(key, ref) -> float:
-        sessions.put(key, runtime.build(make_plan(passthrough((str(ref), 0, 6))), device="cpu"))
+        sessions.put(key, runtime.build(make_plan(passthrough((str(ref), 0, 6)), ANY_PATH), device="cpu"))
         return first_weight_sum(sessions.get(key))
 
     def ask(key):
@@ -130,7 +132,9 @@ def test_only_a_stale_workers_refusal_is_retried(forking_spaces):
 
 
 def test_moving_a_build_keeps_its_repeated_layers_and_tied_head_shared(tiny_llama):
-    built = runtime.build(make_plan(passthrough((str(tiny_llama), 0, 4), (str(tiny_llama), 2, 6))), device="cpu")
+    built = runtime.build(
+        make_plan(passthrough((str(tiny_llama), 0, 4), (str(tiny_llama), 2, 6)), ANY_PATH), device="cpu"
+    )
     model = built.model
     layers = model.model.layers
     assert layers[2].mlp.up_proj.weight is not layers[4].mlp.up_proj.weight  # distinct Parameters...

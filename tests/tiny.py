@@ -9,6 +9,9 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# LLaMA-Pro block expansion's `scale` on a passed-through layer: its output projections at 0, so
+# an added copy of a layer starts as the identity
+IDENTITY_START = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Frankenmerges stack layers of transformer models.",
@@ -110,4 +113,30 @@ def make_finetune(base: Path, path: Path, *, seed: int, scale: float = 0.02) -> 
             sparse = (torch.rand(tensor.shape, generator=gen) < 0.05) * torch.randn(tensor.shape, generator=gen)
             tensors[name] = (tensor + noise + scale * 3 * sparse).to(tensor.dtype).contiguous()
         save_file(tensors, path / shard.name, metadata={"format": "pt"})
+    return path
+
+
+def make_vocab_variant(base: Path, path: Path, *, added_tokens: tuple[str, ...] = (), extra_rows: int = 0) -> Path:
+    """A copy of `base` whose tokenizer gains `added_tokens`, each with a new embedding row (as a
+    fine-tune that adds chat tokens does), and whose embeddings have `extra_rows` more rows than
+    its tokenizer has tokens (padding, as Qwen2's do); vocab_size counts the rows."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(base, path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(list(added_tokens))
+    tokenizer.save_pretrained(path)
+    tensors = load_file(base / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    rows = len(tokenizer) + extra_rows
+    new = torch.randn(rows - embed.shape[0], embed.shape[1], generator=torch.Generator().manual_seed(7)) * 0.05
+    tensors["model.embed_tokens.weight"] = torch.cat([embed, new])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
     return path

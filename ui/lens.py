@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from merger.errors import UserError
+from ui.models import model_info
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.stack import seam_positions
 
@@ -65,7 +66,7 @@ def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], Non
         if key in _lenses:
             _lenses.move_to_end(key)
             return _lenses[key]
-    built = load_model(ref)
+    built = load_model(ref, resolver=model_info)
     chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=MAX_TOKENS)
     lens = capture(built.model, chunks, name=ref, progress=progress)
     del built
@@ -149,7 +150,7 @@ def score_stack_seams(
     from merger.runtime import best_device, load_tokenizer
 
     try:
-        plan = make_plan(recipe_from_value(value))
+        plan = make_plan(recipe_from_value(value), model_info)
         if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
             return value, "This stack has no seams: each layer follows its own predecessor.", None
         progress(0.05, desc="loading the parents and the merge")
@@ -179,6 +180,7 @@ def suggest_blocks(
         user_text, lens = _text_and_lens(ref, text, progress, 0.2)
         found = suggest_duplications(
             ref,
+            resolver=model_info,
             calibration=user_text,
             lens=lens,
             rank_by=RANKINGS.get(ranking, "drift"),
@@ -210,13 +212,15 @@ def _block(pick: str | None) -> tuple[int, int]:
 
 def apply_suggestion(pick: str | None, ref: str | None, value: dict[str, Any]) -> dict[str, Any]:
     """Replace the stack with the duplication of the picked block, [0, end) + [start, L)."""
-    from merger.catalog import resolve
     from merger.lens import duplication_recipe
 
     start, end = _block(pick)
     if not ref:
         raise gr.Error("Add a model to the stack first.")
-    info = resolve(ref)
+    try:
+        info = model_info(ref)
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
     columns = value.get("models") or [column(info)]
     return value_from_recipe(duplication_recipe(ref, info.num_layers, start, end), columns)
 
@@ -235,6 +239,7 @@ def sweep_block(
             ref,
             start,
             end,
+            resolver=model_info,
             max_repeats=int(max_repeats),
             lens=lens,
             max_tokens=MAX_TOKENS,
@@ -258,7 +263,7 @@ def measure_perplexities(value: dict[str, Any], text: str, progress: gr.Progress
     from merger.runtime import best_device, build_dtype, load_tokenizer
 
     try:
-        plan = make_plan(recipe_from_value(value))
+        plan = make_plan(recipe_from_value(value), model_info)
         user_text = _user_text(text)
         tokenizer = load_tokenizer(plan)
         chunks = {"held-out text": chunks_for(tokenizer, None, HELDOUT_TEXT, max_tokens=MAX_TOKENS)}
@@ -266,7 +271,7 @@ def measure_perplexities(value: dict[str, Any], text: str, progress: gr.Progress
             chunks["your text"] = chunks_for(tokenizer, user_text, HELDOUT_TEXT, max_tokens=MAX_TOKENS)
         device = best_device()
         candidates = {"the merge": plan} | {
-            ref.removeprefix("bundled:"): make_plan(passthrough((ref, 0, info.num_layers)))
+            ref.removeprefix("bundled:"): make_plan(passthrough((ref, 0, info.num_layers)), plan.models.__getitem__)
             for ref, info in plan.models.items()
         }
         rows = []
