@@ -36,13 +36,17 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 
 def parse_size(text: str) -> int:
+    """A shard size: a positive number of bytes with an optional unit (500M, 5GB)."""
     units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
     raw = text.strip().upper()
     number = raw.rstrip("KMGB")
     try:
-        return int(float(number) * units[raw[len(number) :]])
-    except (ValueError, KeyError):
+        size = int(float(number) * units[raw[len(number) :]])
+    except (ValueError, KeyError, OverflowError):  # OverflowError: inf
         raise UserError(f"'{text}' is not a size like 500M or 5GB") from None
+    if size < 1:
+        raise UserError(f"'{text}' is not a size like 500M or 5GB: a shard holds at least one byte")
+    return size
 
 
 def cmd_build(args: argparse.Namespace) -> None:

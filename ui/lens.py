@@ -16,11 +16,10 @@ from typing import Any
 import gradio as gr
 
 from merger.errors import UserError
+from merger.limits import LENS_TEXT_CHARS, LENS_TOKENS, check_text
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.stack import seam_positions
 
-MAX_TEXT_CHARS = 200_000  # a visitor's calibration text: about 50k tokens
-MAX_TOKENS = 8_192  # tokens of any text a lens run reads on the page
 CACHED_LENSES = 8
 RANKINGS = {
     "measured drift (slower, tracks perplexity best)": "drift",
@@ -47,8 +46,8 @@ def _user_text(text: str | None) -> str | None:
     text = (text or "").strip()
     if not text:
         return None
-    if len(text) > MAX_TEXT_CHARS:
-        raise UserError(f"the text is {len(text):,} characters; the page takes at most {MAX_TEXT_CHARS:,}")
+    LENS_TEXT_CHARS.check(len(text), "the calibration text")
+    check_text(text, "the calibration text")
     return text
 
 
@@ -66,7 +65,7 @@ def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], Non
             _lenses.move_to_end(key)
             return _lenses[key]
     built = load_model(ref)
-    chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=MAX_TOKENS)
+    chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
     lens = capture(built.model, chunks, name=ref, progress=progress)
     del built
     with _lenses_lock:
@@ -153,7 +152,7 @@ def score_stack_seams(
         if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
             return value, "This stack has no seams: each layer follows its own predecessor.", None
         progress(0.05, desc="loading the parents and the merge")
-        chunks = chunks_for(load_tokenizer(plan), _user_text(text), CALIBRATION_TEXT, max_tokens=MAX_TOKENS)
+        chunks = chunks_for(load_tokenizer(plan), _user_text(text), CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
         scores = score_seams(plan, chunks, device=best_device(), progress=_progress(progress, 0.1, 0.9))
     except UserError as exc:
         raise gr.Error(str(exc)) from None
@@ -182,7 +181,7 @@ def suggest_blocks(
             calibration=user_text,
             lens=lens,
             rank_by=RANKINGS.get(ranking, "drift"),
-            max_tokens=MAX_TOKENS,
+            max_tokens=LENS_TOKENS.value,
             progress=_progress(progress, 0.2, 0.8),
         )
     except UserError as exc:
@@ -237,7 +236,7 @@ def sweep_block(
             end,
             max_repeats=int(max_repeats),
             lens=lens,
-            max_tokens=MAX_TOKENS,
+            max_tokens=LENS_TOKENS.value,
             progress=_progress(progress, 0.1, 0.9),
         )
     except UserError as exc:
@@ -261,9 +260,9 @@ def measure_perplexities(value: dict[str, Any], text: str, progress: gr.Progress
         plan = make_plan(recipe_from_value(value))
         user_text = _user_text(text)
         tokenizer = load_tokenizer(plan)
-        chunks = {"held-out text": chunks_for(tokenizer, None, HELDOUT_TEXT, max_tokens=MAX_TOKENS)}
+        chunks = {"held-out text": chunks_for(tokenizer, None, HELDOUT_TEXT, max_tokens=LENS_TOKENS.value)}
         if user_text is not None:
-            chunks["your text"] = chunks_for(tokenizer, user_text, HELDOUT_TEXT, max_tokens=MAX_TOKENS)
+            chunks["your text"] = chunks_for(tokenizer, user_text, HELDOUT_TEXT, max_tokens=LENS_TOKENS.value)
         device = best_device()
         candidates = {"the merge": plan} | {
             ref.removeprefix("bundled:"): make_plan(passthrough((ref, 0, info.num_layers)))
@@ -291,7 +290,7 @@ def build_lens_tab() -> dict[str, Any]:
         model = gr.Dropdown(label="Model to analyze (a column of the stack)", choices=[], elem_id="lens-model", scale=3)
         analyze = gr.Button("Analyze", variant="primary", elem_id="lens-analyze", scale=1)
     text = gr.Textbox(
-        label="Calibration text (empty: the bundled text; at most 200,000 characters)",
+        label=f"Calibration text (empty: the bundled text; at most {LENS_TEXT_CHARS.value:,} characters)",
         lines=3,
         max_lines=8,
         elem_id="lens-text",
