@@ -17,7 +17,7 @@ from typing import Any
 from merger import bundled
 from merger.errors import ModelRefError, UnsafeCheckpointError
 from merger.limits import LAYERS
-from merger.safetensors_files import TensorMeta, read_header
+from merger.safetensors_files import CheckpointError, TensorMeta, read_header
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -211,7 +211,10 @@ def read_local(path: Path, *, ref: str, root: Path | None = None) -> ModelInfo:
         raise ModelRefError(f"'{ref}' has no .safetensors weights")
     tensors: dict[str, TensorMeta] = {}
     for st in st_files:
-        tensors.update(read_header(st)[0])
+        try:
+            tensors.update(read_header(st)[0])
+        except CheckpointError as exc:
+            raise CheckpointError(f"'{ref}': {exc}") from None
     info = ModelInfo(ref=ref, config=config, tensors=tensors, local_dir=path, tokenizer_dir=path)
     check_supported(info)
     return info

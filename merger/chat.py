@@ -39,6 +39,10 @@ def setting_ranges() -> dict[str, tuple[float, float]]:
 WHOLE_SETTINGS = ("top_k", "max_new_tokens", "seed")
 
 
+def _number(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else f"{x:,}"
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Checked on creation: a value out of range (NaN, 1e308, a 70-bit seed) is a UserError."""
@@ -58,8 +62,8 @@ class GenerationSettings:
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not number or not low <= value <= high or (whole and not float(value).is_integer()):
                 kind = "a whole number" if whole else "a number"
-                shown = repr(value) if not number else f"{value:g}" if isinstance(value, float) else f"{value:,}"
-                raise UserError(f"`{name}` is {shown[:40]}; it takes {kind} from {low:g} to {high:,}")
+                shown = _number(value) if number else repr(value)
+                raise UserError(f"`{name}` is {shown[:40]}; it takes {kind} from {_number(low)} to {_number(high)}")
             if whole:
                 object.__setattr__(self, name, int(value))
 

@@ -347,11 +347,13 @@ def check_setting_size(setting: Any, where: str) -> None:
         if isinstance(item, dict):
             stack += [(v, depth) for v in item.values()]
         elif isinstance(item, list | tuple):
-            PARAMETER_DEPTH.check(depth + 1, where)
+            if depth + 1 > PARAMETER_DEPTH.value:
+                raise PARAMETER_DEPTH.exceeded(where)
             stack += [(v, depth + 1) for v in item]
         else:
             values += 1
-            PARAMETER_VALUES.check(values, where)
+            if values > PARAMETER_VALUES.value:
+                raise PARAMETER_VALUES.exceeded(where)
 
 
 def check_settings(method: str, settings: Mapping[str, Any], where: str) -> None:

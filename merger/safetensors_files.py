@@ -72,6 +72,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
             if length > min(SAFETENSORS_HEADER_BYTES.value, size - 8):
                 raise CheckpointError(f"{path.name} is not a safetensors file (a header of {length:,} bytes)")
             header = json.loads(f.read(length))
+    except CheckpointError:
+        raise
     except OSError as exc:
         raise CheckpointError(f"cannot read {path.name}: {exc.strerror}") from None
     except (ValueError, RecursionError):  # ValueError covers bad UTF-8 too
