@@ -30,6 +30,7 @@ from merger.startup import wait_for_imports
 from ui.text import said
 
 log = logging.getLogger(__name__)
+clock = time.monotonic  # what work is timed by
 
 
 class Stopped(UserError):
@@ -39,14 +40,14 @@ class Stopped(UserError):
 @dataclass(eq=False)
 class Work:
     what: str  # "the lens", named in the message when it stops
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: clock())
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def check(self) -> None:
         """Raise Stopped if the work should end now."""
         if self.cancelled.is_set():
             raise Stopped(f"{self.what} was stopped")
-        elapsed = time.monotonic() - self.started
+        elapsed = clock() - self.started
         if elapsed > REQUEST_SECONDS.value:
             raise Stopped(REQUEST_SECONDS.refusal(f"{self.what} ran {elapsed:,.0f} seconds") + "; it was stopped")
 
@@ -104,22 +105,30 @@ def stop_work(request: gr.Request) -> None:
 
 
 def web_handler(*, work: str | None = None, model_code: bool = False) -> Callable[[Callable], Callable]:
-    """Wrap a page handler (plain or generator): errors as sentences; with `work`, a stoppable
-    Work named so; with `model_code`, the start-up imports finished first."""
+    """Wrap a page handler (plain or generator): errors as sentences; with `work` (plain handlers
+    only), a stoppable Work of the session of its `request` argument, named so; with
+    `model_code`, the start-up imports finished first."""
 
     def wrap(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        def request_of(args: tuple, kwargs: dict) -> Any:
+            return signature.bind_partial(*args, **kwargs).arguments.get("request")
+
         if inspect.isgeneratorfunction(fn):
+            if work is not None:
+                raise TypeError("a generator handler resumes on other threads: it makes and checks its own Work")
 
             @functools.wraps(fn)
             def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
-                with _boundary(args, kwargs, work, model_code, current=False):
+                with _boundary(None, None, model_code):
                     yield from fn(*args, **kwargs)
 
             return stream
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with _boundary(args, kwargs, work, model_code, current=True):
+            with _boundary(work, request_of(args, kwargs) if work else None, model_code):
                 return fn(*args, **kwargs)
 
         return call
@@ -128,15 +137,14 @@ def web_handler(*, work: str | None = None, model_code: bool = False) -> Callabl
 
 
 @contextmanager
-def _boundary(args: tuple, kwargs: dict, what: str | None, model_code: bool, *, current: bool) -> Iterator[None]:
+def _boundary(what: str | None, request: Any, model_code: bool) -> Iterator[None]:
     try:
         if model_code:
             wait_for_imports()
         if what is None:
             yield
         else:
-            request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
-            with session_work(request, what, current=current):
+            with session_work(request, what):
                 yield
     except gr.Error:
         raise

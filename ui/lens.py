@@ -112,7 +112,11 @@ def _recipe_or_none(value: dict[str, Any]) -> Any:
 
 @web_handler(work="the lens", model_code=True)
 def analyze_model(
-    ref: str | None, text: str, value: dict[str, Any], progress: gr.Progress = gr.Progress()
+    ref: str | None,
+    text: str,
+    value: dict[str, Any],
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request = None,
 ) -> tuple[str, Any, Any]:
     """Heatmap (the stack's slices and seams of this model marked) and block-influence curve."""
     from merger.plots import angular_distance_figure, block_influence_figure
@@ -148,7 +152,7 @@ def widget_seam_scores(value: dict[str, Any], predicted: list[float], measured: 
 
 @web_handler(work="scoring the seams", model_code=True)
 def score_stack_seams(
-    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress()
+    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> tuple[dict[str, Any], str, Any]:
     """Predicted and measured damage at every seam of the stack on screen; the widget colours them."""
     from merger.lens import CALIBRATION_TEXT, chunks_for, score_seams, seam_depths
@@ -175,7 +179,7 @@ def score_stack_seams(
 
 @web_handler(work="the suggestions", model_code=True)
 def suggest_blocks(
-    ref: str | None, text: str, ranking: str, progress: gr.Progress = gr.Progress()
+    ref: str | None, text: str, ranking: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> tuple[str, Any, gr.Dropdown]:
     """Rank every 2-8-layer block of `ref` to duplicate; build the best five and measure them."""
     from merger.lens import suggest_duplications
@@ -227,7 +231,12 @@ def apply_suggestion(pick: str | None, ref: str | None, value: dict[str, Any]) -
 
 @web_handler(work="the sweep", model_code=True)
 def sweep_block(
-    ref: str | None, pick: str | None, text: str, max_repeats: float, progress: gr.Progress = gr.Progress()
+    ref: str | None,
+    pick: str | None,
+    text: str,
+    max_repeats: float,
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request = None,
 ) -> tuple[str, Any]:
     """Perplexity and predicted seam damage of the picked block run 1..max_repeats times."""
     from merger.lens import recurrence_sweep
@@ -252,7 +261,9 @@ def sweep_block(
 
 
 @web_handler(work="the perplexity run", model_code=True)
-def measure_perplexities(value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress()) -> str:
+def measure_perplexities(
+    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
+) -> str:
     """Perplexity of the merge on screen and of each parent, on held-out text and on the user's."""
     from merger.assemble import assemble
     from merger.lens import HELDOUT_TEXT, chunks_for, perplexity
