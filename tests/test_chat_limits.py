@@ -2,7 +2,6 @@
 are filled in, a chat template that loops, settings out of range and text that is not text are
 each refused in one sentence, quickly and without the memory the work would have taken."""
 
-import json
 import math
 import re
 from types import SimpleNamespace
@@ -20,11 +19,11 @@ from ui import chat as bench
 from ui.roleplay import load_card
 
 from bounded import peak_rss_growth, run_within
+from hostile_inputs import NESTED_LOOPS, half_megabyte_card
 from tiny import tiny_tokenizer
 
 GREEDY = (0.0, 0.9, 8, 0, 0.0, 1.0, 0)  # temperature, top-p, max new tokens, top-k, min-p, penalty, seed
 MB = 2**20
-NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x"
 
 
 @pytest.fixture
@@ -57,10 +56,7 @@ def test_a_conversation_longer_than_the_window_is_refused_on_the_cpu_too(visitor
 
 
 def test_a_half_megabyte_card_whose_long_name_is_used_4000_times_is_refused_when_loaded():
-    card = {"name": "N" * 32_000, "description": "{{char}} " * 3_500, "personality": "{{char}}" * 500}
-    card |= {key: "x" * 31_000 for key in ("scenario", "first_mes", "mes_example", "system_prompt")}
-    card |= {"post_history_instructions": "y" * 31_000, "alternate_greetings": ["z" * 30_000] * 12}
-    raw = json.dumps(card).encode()
+    raw = half_megabyte_card()
     assert len(raw) > MB // 2
     growth, outcome = peak_rss_growth(load_card, None, raw, "Rin", seconds=60)
     assert isinstance(outcome, gr.Error)

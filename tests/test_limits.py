@@ -3,7 +3,6 @@ blend parameters) and share links are refused in one sentence that names the lim
 variable that raises it, structurally bounded (a generous guard only catches a hang)."""
 
 import base64
-import json
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,30 +15,10 @@ from merger.errors import UserError
 from merger.recipe import from_share_token, recipe_from_yaml
 
 from bounded import run_within
+from hostile_inputs import SMOL, filter_alias_bomb, million_layer_link, share_token, slice_alias_recipe
 from markdown_text import shown
 
-SMOL = "bundled:smollm2-135m-instruct"
 README = Path(__file__).parent.parent / "README.md"
-
-
-def share_token(payload: dict) -> str:
-    raw = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 9)
-    return "v1." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def filter_alias_bomb() -> str:
-    """Nine levels of nine `{filter, value}` entries, each level aliasing the one below: 9^9 values."""
-    lines = ["merge_method: linear", "parameters:", "  v0: &v0 [{filter: a, value: 1}]"]
-    for level in range(1, 10):
-        lines.append(f"  v{level}: &v{level} [" + ", ".join([f"{{filter: a, value: *v{level - 1}}}"] * 9) + "]")
-    lines.append("  weight: *v9")
-    lines += ["slices:", "- sources:", f"  - {{model: {SMOL}, layer_range: [0, 2]}}"]
-    lines.append("  - {model: o/m, layer_range: [0, 2]}")
-    return "\n".join(lines)
-
-
-def slice_alias_recipe(copies: int) -> str:
-    return "slices:\n- &s {sources: [{model: " + SMOL + ", layer_range: [0, 2]}]}\n" + "- *s\n" * copies
 
 
 def test_the_filter_alias_bomb_is_refused_while_it_loads():
@@ -82,11 +61,6 @@ def test_a_share_link_nested_deeper_than_python_recurses_is_said_to_be_damaged()
     token = "v1." + base64.urlsafe_b64encode(zlib.compress(b"[" * 60_000, 9)).decode().rstrip("=")
     with pytest.raises(UserError, match="damaged"):
         from_share_token(token)
-
-
-def million_layer_link() -> str:
-    slices = [{"sources": [{"model": SMOL, "start": 0, "end": 30}], "repeat": 64} for _ in range(660)]
-    return share_token({"recipe": {"slices": slices}, "settings": {}})
 
 
 def test_a_short_share_link_of_1_25_million_layers_is_refused():

@@ -49,7 +49,9 @@ def build_roleplay_tab() -> dict[str, Any]:
     """The tab's components, by name, for app.py to wire."""
     with gr.Row():
         sample = gr.Dropdown(sample_names(), value=(sample_names() or [None])[0], label="Sample character")
-        upload = gr.File(label="…or import a card (V2 JSON or PNG)", type="binary", file_types=[".json", ".png"])
+        upload = gr.File(
+            label="…or import a card (V2 JSON or PNG)", type="binary", file_types=[".json", ".png"], elem_id="rp-upload"
+        )
         user = gr.Textbox(value="User", label="Your persona name", elem_id="rp-user")
         start = gr.Button("Start", elem_id="rp-start")
     card_state = gr.State(None)
