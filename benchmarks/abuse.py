@@ -145,7 +145,12 @@ def page_cases(page, url: str, card: Path) -> list[tuple[str, Callable[[], str]]
     def open_link() -> str:
         page.goto(f"{url}?r={million_layer_link()}")
         message = page.locator("#model-msg")
-        return wait_for(lambda: message.inner_text().strip(), "the link's notice", timeout=600)
+
+        def notice() -> str:
+            text = message.inner_text()
+            return text if "⚠️" in text or "Opened" in text else ""
+
+        return wait_for(notice, "the link's notice", timeout=600)
 
     def import_card() -> str:
         page.get_by_role("tab", name="Roleplay").click()
@@ -162,7 +167,8 @@ def api_cases(client: Client, looping: Client) -> list[tuple[str, Callable[[], s
     model whose chat template loops."""
     greedy = (0.0, 0.9, 8)
     splice = passthrough((SMOL, 0, 20), (SMOL, 10, 30)).to_yaml()
-    history = [{"role": r, "content": "Tell me about the harbour."} for _ in range(200) for r in ("user", "assistant")]
+    turn = [{"type": "text", "text": "Tell me about the harbour."}]  # a Chatbot message's content blocks
+    history = [{"role": r, "content": turn} for _ in range(200) for r in ("user", "assistant")]
     short, loops = passthrough((SMOL, 0, 6)).to_yaml(), passthrough(("loops", 0, 2)).to_yaml()
 
     def preview(text: str) -> Callable[[], str]:

@@ -90,7 +90,9 @@ CARD_FIELD_CHARS = Limit("CARD_FIELD_CHARS", 32_000, "characters", "one field of
 CARD_CHARS = Limit("CARD_CHARS", 64_000, "characters", "a card's text with {{char}} and {{user}} filled in")
 LENS_TEXT_CHARS = Limit("LENS_TEXT_CHARS", 200_000, "characters", "calibration text pasted on the page")
 LENS_TOKENS = Limit("LENS_TOKENS", 8192, "tokens", "tokens of any text a Lens or perplexity run reads on the page")
-REQUEST_SECONDS = Limit("REQUEST_SECONDS", 900, "seconds", "one Lens run, preview or reply; then it stops")
+REQUEST_SECONDS = Limit(
+    "REQUEST_SECONDS", 900, "seconds", "one request's long work (Lens run, preview, build, export, reply)"
+)
 SAFETENSORS_HEADER_BYTES = Limit("SAFETENSORS_HEADER_BYTES", 100 * 2**20, "bytes", "a safetensors file's header")
 
 ALL = (
