@@ -7,7 +7,6 @@ The web app passes a `LocalPolicy` that only admits folders under operator-set r
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from merger import bundled
 from merger.errors import ModelRefError, UnsafeCheckpointError
 from merger.limits import LAYERS
 from merger.safetensors_files import CheckpointError, TensorMeta, read_header
+from merger.untrusted_json import json_object
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -222,15 +222,7 @@ def read_local(path: Path, *, ref: str, root: Path | None = None) -> ModelInfo:
 
 def read_config(path: Path, ref: str) -> dict[str, Any]:
     """A model's config.json as a mapping; unreadable or malformed is a ModelRefError."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelRefError(f"cannot read the config.json of '{ref}': {exc.strerror}") from None
-    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 too
-        raise ModelRefError(f"the config.json of '{ref}' is not valid JSON") from None
-    if not isinstance(config, dict):
-        raise ModelRefError(f"the config.json of '{ref}' is not a JSON object (it holds a {type(config).__name__})")
-    return config
+    return json_object(lambda: path.read_bytes(), f"the config.json of '{ref}'", ModelRefError)
 
 
 def _whole(value: Any) -> bool:

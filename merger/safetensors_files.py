@@ -5,7 +5,6 @@ so a wrong header is one sentence naming the file, never a crash later in a coun
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any
 
 from merger.errors import ModelRefError
 from merger.limits import SAFETENSORS_HEADER_BYTES
+from merger.untrusted_json import json_object
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 TORCH_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -71,15 +71,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
             (length,) = struct.unpack("<Q", raw_len)
             if length > min(SAFETENSORS_HEADER_BYTES.value, size - 8):
                 raise CheckpointError(f"{path.name} is not a safetensors file (a header of {length:,} bytes)")
-            header = json.loads(f.read(length))
-    except CheckpointError:
-        raise
+            raw_header = f.read(length)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path.name}: {exc.strerror}") from None
-    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 too
-        raise CheckpointError(f"{path.name} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name} is not a safetensors file (its header is not a JSON object)")
+    header = json_object(lambda: raw_header, f"{path.name}'s header", CheckpointError)
     data_start = 8 + length
     meta = header.pop("__metadata__", {}) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):

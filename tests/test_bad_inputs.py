@@ -45,7 +45,7 @@ MALFORMED = {
     "shard-empty": (lambda f: (f / "model.safetensors").write_bytes(b""), r"not a safetensors file \(it has 0 bytes"),
     "header-not-json": (
         lambda f: (f / "model.safetensors").write_bytes(struct.pack("<Q", 5) + b"hello"),
-        "its header is not JSON",
+        "model.safetensors.s header is not valid JSON",
     ),
     "offsets-past-end": (lambda f: write_header(f, one_tensor(), b"\0" * 4), "bytes lie past the end of the file"),
     "unknown-dtype": (lambda f: write_header(f, one_tensor(dtype="Q9"), b"\0" * 16), "dtype 'Q9', which is not one"),
