@@ -15,12 +15,16 @@ def share_token(payload: dict) -> str:
 
 
 def filter_alias_bomb() -> str:
-    """Nine levels of nine `{filter, value}` entries, each level aliasing the one below: 9^9 values."""
-    lines = ["merge_method: linear", "parameters:", "  v0: &v0 [{filter: a, value: 1}]"]
-    for level in range(1, 10):
-        lines.append(f"  v{level}: &v{level} [" + ", ".join([f"{{filter: a, value: *v{level - 1}}}"] * 9) + "]")
-    lines += ["  weight: *v9", "slices:", "- sources:", f"  - {{model: {SMOL}, layer_range: [0, 2]}}"]
-    return "\n".join([*lines, "  - {model: o/m, layer_range: [0, 2]}"])
+    """A blend weight of nine levels of nine `{filter, value}` entries, each level defined inside
+    the first entry of the level above and aliased by the other eight: 9^9 values in about 2 KB."""
+    level = "&v0 [{filter: a, value: 1}]"
+    for depth in range(1, 10):
+        entries = [f"{{filter: a, value: {level}}}", *[f"{{filter: a, value: *v{depth - 1}}}"] * 8]
+        level = f"&v{depth} [{', '.join(entries)}]"
+    return (
+        f"merge_method: linear\nslices:\n- sources:\n  - {{model: {SMOL}, layer_range: [0, 2], "
+        f"parameters: {{weight: {level}}}}}\n  - {{model: o/m, layer_range: [0, 2]}}\n"
+    )
 
 
 def slice_alias_recipe(copies: int = 100_000) -> str:

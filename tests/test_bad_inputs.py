@@ -19,13 +19,19 @@ from markdown_text import shown
 LONG_PART = "a" * 300  # a name part over the 255 bytes a file system takes
 
 
-def write_header(folder: Path, header: dict, data: bytes) -> None:
-    raw = json.dumps(header).encode()
-    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+def edit_tensor(**changes):
+    """Damage one tensor's entry in the folder's real safetensors header, keeping every byte of data."""
 
+    def edit(folder: Path) -> None:
+        raw = (folder / "model.safetensors").read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + length])
+        name = next(n for n in header if n.startswith("model.layers.0."))
+        header[name] = {**header[name], **changes}
+        encoded = json.dumps(header).encode()
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
 
-def one_tensor(dtype: str = "F32", shape: list = (4,), offsets: tuple = (0, 16)) -> dict:
-    return {"model.layers.0.mlp.up_proj.weight": {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}}
+    return edit
 
 
 def config_edit(**changes):
@@ -47,13 +53,10 @@ MALFORMED = {
         lambda f: (f / "model.safetensors").write_bytes(struct.pack("<Q", 5) + b"hello"),
         "model.safetensors.s header is not valid JSON",
     ),
-    "offsets-past-end": (lambda f: write_header(f, one_tensor(), b"\0" * 4), "bytes lie past the end of the file"),
-    "unknown-dtype": (lambda f: write_header(f, one_tensor(dtype="Q9"), b"\0" * 16), "dtype 'Q9', which is not one"),
-    "negative-shape": (lambda f: write_header(f, one_tensor(shape=[-4]), b"\0" * 16), "negative dimension"),
-    "huge-shape": (
-        lambda f: write_header(f, one_tensor(shape=[2**40, 2**40]), b"\0" * 16),
-        "larger than any tensor can be",
-    ),
+    "offsets-past-end": (edit_tensor(data_offsets=[0, 2**40]), "bytes lie past the end of the file"),
+    "unknown-dtype": (edit_tensor(dtype="Q9"), "dtype 'Q9', which is not one"),
+    "negative-shape": (edit_tensor(shape=[-64, 64]), "negative dimension"),
+    "huge-shape": (edit_tensor(shape=[2**40, 2**40]), "larger than any tensor can be"),
 }
 
 
