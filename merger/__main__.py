@@ -111,10 +111,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
     for prompt in prompts:
         history.append({"role": "user", "content": prompt})
+        owner = built.plan.tokenizer_model.label  # whose chat template it is, in a refusal
         if card is not None:
-            text, stops = roleplay_prompt(built.tokenizer, card, args.user, history), stop_strings(args.user)
+            text = roleplay_prompt(built.tokenizer, card, args.user, history, model=owner)
+            stops = stop_strings(args.user)
         else:
-            text, stops = format_prompt(built.tokenizer, history), []
+            text, stops = format_prompt(built.tokenizer, history, model=owner), []
         if args.show_prompt:
             print(text)
             return
