@@ -95,9 +95,9 @@ def web_root(monkeypatch, malformed):
     import ui.models
 
     monkeypatch.setattr(ui.models, "POLICY", LocalPolicy(allow_any_path=False, roots=(malformed.resolve(),)))
-    ui.models.model_info.cache_clear()
+    ui.models.public_info.cache_clear()
     yield malformed
-    ui.models.model_info.cache_clear()
+    ui.models.public_info.cache_clear()
 
 
 @pytest.mark.parametrize("name", list(MALFORMED))

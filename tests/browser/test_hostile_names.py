@@ -38,9 +38,9 @@ def hostile_root(tmp_path_factory, monkeypatch):
     tokenizer.chat_template = "{{ raise_exception(" + json.dumps(TEMPLATE_ERROR) + ") }}"
     tokenizer.save_pretrained(root / "evil-template")
     monkeypatch.setattr(ui.models, "POLICY", LocalPolicy(allow_any_path=False, roots=(root.resolve(),)))
-    ui.models.model_info.cache_clear()
+    ui.models.public_info.cache_clear()
     yield root
-    ui.models.model_info.cache_clear()
+    ui.models.public_info.cache_clear()
 
 
 def toast(page, text: str) -> None:
