@@ -88,6 +88,24 @@ def test_a_link_with_a_layer_range_of_10_to_the_15_does_not_open_an_empty_stack(
     assert value["slices"], "the default stack, not an empty one"
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "said"),
+    [
+        ("temperature", float("nan"), "`temperature` is nan; it takes a number from 0 to 2"),
+        ("top_p", 1e308, "`top_p` is 1e+308; it takes a number from 0.05 to 1"),
+        ("max_new_tokens", 10**12, "`max_new_tokens` is 1,000,000,000,000; it takes a whole number from 1 to 1,024"),
+    ],
+)
+def test_share_link_settings_out_of_the_sliders_range_never_reach_them(setting, value, said):
+    slices = [{"sources": [{"model": SMOL, "start": 0, "end": 20}]}]
+    value_, notice, temperature, top_p, max_new = visit(
+        share_token({"recipe": {"slices": slices}, "settings": {setting: value}})
+    )
+    assert said in shown(notice)
+    assert (temperature, top_p, max_new) == (0.7, 0.9, 200)  # the sliders keep their defaults
+    assert [s["end"] for s in value_["slices"]] == [30]  # and the stack is the default one
+
+
 @pytest.mark.parametrize("end", [10**30, 2**63])
 def test_a_huge_layer_range_is_a_sentence_not_an_overflow(end):
     with pytest.raises(UserError, match="more than the 1,024 layers"):
