@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from gradio.utils import get_upload_folder
 
 from merger import bundled
 from merger.catalog import list_allowed_folders
+from merger.chat import GenerationSettings, setting_ranges
 from merger.errors import PlacementError, UserError
 from merger.export import export_plan
 from merger.hub import current_token, push_folder
@@ -29,6 +29,7 @@ from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
 from merger.runtime import free_memory, plan_placement
 from merger.slim import slim_model
 from merger.space import DEFAULT_HUB_MODEL, HUB_MODELS, on_space
+from merger.startup import import_in_background
 from merger.zero_gpu import on_zero_gpu
 from ui.chat import (
     build_chat_tab,
@@ -36,16 +37,17 @@ from ui.chat import (
     build_model,
     forget_session,
     roleplay_chat,
-    session_id,
     wire_chat_tab,
     wire_compare_tab,
 )
+from ui.guard import check_current, session_id, web_handler
 from ui.lens import build_lens_tab, wire_lens_tab
 from ui.models import POLICY, as_visitor, model_info, plan_for, visitor
 from ui.placement import placement_markdown, refusal_markdown
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.roleplay import build_roleplay_tab, load_card
 from ui.stack import stack_widget
+from ui.text import md
 
 BUNDLED_DEFAULT = "bundled:smollm2-135m-instruct"
 
@@ -67,19 +69,21 @@ def model_choices() -> list[str]:
 # ---- handlers -------------------------------------------------------------------------------
 
 
+def preview_counts(recipe_yaml: str) -> dict[str, Any]:
+    """Counts of the merge a recipe describes, from metadata alone (a mistake is a UserError)."""
+    plan = plan_for(recipe_yaml)
+    return {**count(plan).as_dict(), "seams": plan.seams(), "notes": plan.recipe.notes}
+
+
+@web_handler(work="the preview")
 @as_visitor
 def preview(recipe_yaml: str, oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
     """Counts of the merge a recipe describes, from metadata alone."""
-    try:
-        plan = plan_for(recipe_yaml)
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
-    counts = count(plan)
-    return {**counts.as_dict(), "seams": plan.seams(), "notes": plan.recipe.notes}
+    return preview_counts(recipe_yaml)
 
 
 def preview_markdown(counts: dict[str, Any]) -> str:
-    parents = ", ".join(f"{ref.removeprefix('bundled:')} {n:,}" for ref, n in counts["parent_params"].items())
+    parents = ", ".join(f"{md(ref.removeprefix('bundled:'))} {n:,}" for ref, n in counts["parent_params"].items())
     seams = len(counts["seams"])
     blended = f", {human_bytes(counts['blend_bytes'])} of it blended or scaled tensors" if counts["blend_bytes"] else ""
     return (
@@ -91,6 +95,7 @@ def preview_markdown(counts: dict[str, Any]) -> str:
     )
 
 
+@web_handler()
 @as_visitor
 def placement_preview(value: dict[str, Any], oauth_token: gr.OAuthToken | None = None) -> str:
     """Where a build of the stack would go on this machine and the memory per device (apart from
@@ -108,17 +113,19 @@ def placement_preview(value: dict[str, Any], oauth_token: gr.OAuthToken | None =
     return text
 
 
+@web_handler(work="the preview")
 @as_visitor
 def on_stack_change(value: dict[str, Any], oauth_token: gr.OAuthToken | None = None) -> tuple[str, str]:
-    """The widget changed: new YAML and a new preview (never an exception: the text says what is wrong)."""
+    """The widget changed: new YAML and a new preview (a mistake is said in the preview's place)."""
     try:
         recipe = recipe_from_value(value)
         yaml_text = recipe.to_yaml()
-        return yaml_text, preview_markdown(preview(yaml_text))
-    except (UserError, gr.Error) as exc:
-        return gr.skip(), f"⚠️ {exc}"
+        return yaml_text, preview_markdown(preview_counts(yaml_text))
+    except UserError as exc:
+        return gr.skip(), f"⚠️ {md(exc)}"
 
 
+@web_handler(work="the preview")
 @as_visitor
 def apply_yaml(
     recipe_yaml: str, value: dict[str, Any], oauth_token: gr.OAuthToken | None = None
@@ -127,11 +134,12 @@ def apply_yaml(
     try:
         recipe = recipe_from_yaml(recipe_yaml)
         columns = [column(model_info(ref)) for ref in recipe.models]
-        return value_from_recipe(recipe, columns), preview_markdown(preview(recipe_yaml))
-    except (UserError, gr.Error) as exc:
-        return gr.skip(), f"⚠️ {exc}"
+        return value_from_recipe(recipe, columns), preview_markdown(preview_counts(recipe_yaml))
+    except UserError as exc:
+        return gr.skip(), f"⚠️ {md(exc)}"
 
 
+@web_handler(work="adding the model")
 @as_visitor
 def add_model(
     ref: str, value: dict[str, Any], oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = gr.Progress()
@@ -143,9 +151,10 @@ def add_model(
     try:
         info = model_info(ref)
     except UserError as exc:
-        return gr.skip(), f"⚠️ {exc}"
+        return gr.skip(), f"⚠️ {md(exc)}"
     columns = [c for c in value.get("models", []) if c["ref"] != info.ref] + [column(info)]
-    return {**value, "models": columns}, f"Added **{info.label}**: {info.num_layers} layers, {info.architecture}."
+    added = f"Added **{md(info.label)}**: {info.num_layers} layers, {md(info.architecture)}."
+    return {**value, "models": columns}, added
 
 
 DEFAULT_SETTINGS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}
@@ -159,6 +168,14 @@ def default_value() -> dict[str, Any]:
     }
 
 
+def shared_settings(shared: dict[str, Any]) -> dict[str, Any]:
+    """The page's settings a share link carries, each checked against its slider's range."""
+    settings = {**DEFAULT_SETTINGS, **{k: shared[k] for k in DEFAULT_SETTINGS if k in shared}}
+    GenerationSettings(**settings)  # a UserError for NaN, 1e308, 10**12 ...
+    return settings
+
+
+@web_handler(work="opening the page")
 @as_visitor
 def initial_state(
     request: gr.Request, oauth_token: gr.OAuthToken | None = None
@@ -171,18 +188,19 @@ def initial_state(
         if token:
             try:
                 recipe, shared = from_share_token(token)
+                settings = shared_settings(shared)
                 value = value_from_recipe(recipe, [column(model_info(ref)) for ref in recipe.models])
-                settings.update({k: shared[k] for k in settings if isinstance(shared.get(k), int | float)})
                 notice = "Opened a shared recipe."
             except UserError as exc:
-                value, notice = default_value(), f"⚠️ {exc}"
+                value, notice, settings = default_value(), f"⚠️ {md(exc)}", dict(DEFAULT_SETTINGS)
         else:
             value = default_value()
     except UserError as exc:  # e.g. the Hub does not answer: start empty, say why
-        value, notice = {"models": [], "slices": []}, f"⚠️ {exc}. Add a model above."
+        value, notice = {"models": [], "slices": []}, f"⚠️ {md(exc)}. Add a model above."
     return value, notice, settings["temperature"], settings["top_p"], int(settings["max_new_tokens"])
 
 
+@web_handler()
 def share_token(value: dict[str, Any], temperature: float, top_p: float, max_new_tokens: int) -> str:
     """The share-link token of the stack and settings on screen ('' while the stack is not a recipe)."""
     try:
@@ -210,6 +228,7 @@ def bytes_progress(progress: gr.Progress):
     def report(done: int, total: int) -> None:
         elapsed = time.monotonic() - start
         left = elapsed * (total - done) / done if done else 0.0
+        check_current()  # each tensor written: the export stops when the visitor leaves
         progress(done / max(total, 1), desc=f"{human_bytes(done)} of {human_bytes(total)} written, {left:.0f} s left")
 
     return report
@@ -271,12 +290,11 @@ def write_and_deliver(
             return head, None
         lines, archive = deliver(folder, nbytes, repo_name, private, request, progress)
         return " ".join([head, *lines]), archive
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@web_handler(work="the export", model_code=True)
 def export_merge(
     recipe_yaml: str,
     dtype: str,
@@ -291,10 +309,7 @@ def export_merge(
     publish it when a repo name is given. The visitor's sign-in (or pasted token) is used for this
     call only."""
     with visitor(oauth_token, token_text):
-        try:
-            plan = make_plan(recipe_from_yaml(recipe_yaml).model_copy(update={"dtype": dtype or None}), model_info)
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+        plan = make_plan(recipe_from_yaml(recipe_yaml).model_copy(update={"dtype": dtype or None}), model_info)
 
         def write(folder: Path) -> tuple[str, Path | None, int]:
             result = export_plan(plan, folder, progress=bytes_progress(progress))
@@ -304,6 +319,7 @@ def export_merge(
         return write_and_deliver(write, repo_name or "", private, request, progress)
 
 
+@web_handler(work="slimming")
 def slim(
     ref: str,
     repo_name: str,
@@ -321,10 +337,10 @@ def slim(
         result = slim_model((ref or "").strip(), folder, resolver=model_info)
         found = result.redundancy
         if result.path is None:
-            return f"Nothing to remove from {found.model}: {found.reason}. Nothing was written.", None, 0
+            return f"Nothing to remove from {md(found.model)}: {md(found.reason)}. Nothing was written.", None, 0
         head = (
-            f"Removed {', '.join(found.tensors)}: {found.params:,} parameters, {human_bytes(found.bytes)} "
-            f"({found.reason})."
+            f"Removed {md(', '.join(found.tensors))}: {found.params:,} parameters, {human_bytes(found.bytes)} "
+            f"({md(found.reason)})."
         )
         return head, result.path, result.bytes
 
@@ -333,6 +349,13 @@ def slim(
 
 
 # ---- layout ---------------------------------------------------------------------------------
+
+
+def setting_slider(name: str, step: float, **kwargs: Any) -> gr.Slider:
+    """A generation setting's slider, over the range every call is checked against."""
+    low, high = setting_ranges()[name]
+    return gr.Slider(low, high, step=step, **kwargs)
+
 
 
 # Gradio caps the queue at one waiting event on ZeroGPU unless the app sets a size.
@@ -366,8 +389,13 @@ def build_demo() -> gr.Blocks:
         preview_md = gr.Markdown(elem_id="preview")
         placement_md = gr.Markdown(elem_id="placement")
         with gr.Accordion("Recipe (mergekit YAML)", open=False):
-            yaml_box = gr.Code(language="yaml", label="Paste a mergekit config and press Apply", interactive=True)
-            apply_btn = gr.Button("Apply YAML")
+            yaml_box = gr.Code(
+                language="yaml",
+                label="Paste a mergekit config and press Apply",
+                interactive=True,
+                elem_id="recipe-yaml",
+            )
+            apply_btn = gr.Button("Apply YAML", elem_id="apply-yaml")
         with gr.Row():
             share_box = gr.Textbox(label="Share link (reopens this recipe)", elem_id="share-link", scale=5)
             copy_btn = gr.Button("Copy link", scale=1, elem_id="copy-link")
@@ -409,12 +437,12 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Lens", elem_id="lens-tab"):
                 lens = build_lens_tab()
         with gr.Accordion("Generation settings", open=False):
-            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-            max_new = gr.Slider(1, 1024, value=200, step=1, label="Max new tokens", elem_id="max-new-tokens")
-            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
-            min_p = gr.Slider(0.0, 0.5, value=0.0, step=0.01, label="Min-p (0 = off)")
-            rep_pen = gr.Slider(1.0, 2.0, value=1.0, step=0.01, label="Repetition penalty")
+            temperature = setting_slider("temperature", 0.05, value=0.7, label="Temperature (0 = greedy)")
+            top_p = setting_slider("top_p", 0.05, value=0.9, label="Top-p")
+            max_new = setting_slider("max_new_tokens", 1, value=200, label="Max new tokens", elem_id="max-new-tokens")
+            top_k = setting_slider("top_k", 1, value=0, label="Top-k (0 = off)")
+            min_p = setting_slider("min_p", 0.01, value=0.0, label="Min-p (0 = off)")
+            rep_pen = setting_slider("repetition_penalty", 0.01, value=1.0, label="Repetition penalty")
             seed = gr.Number(value=0, precision=0, label="Seed")
 
         # ---- wiring ----
@@ -471,8 +499,8 @@ if __name__ == "__main__":
     except UserError as exc:
         print(f"The default model is unavailable ({exc}); the page will start empty.", flush=True)
     # torch + transformers' model classes take seconds to import: load them while the page opens,
-    # not when the visitor first presses Build
-    threading.Thread(target=lambda: __import__("merger.assemble"), daemon=True).start()
+    # not when the visitor first presses Build (handlers that need them wait for this import)
+    import_in_background()
     demo.queue(**QUEUE_OPTIONS).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

@@ -48,7 +48,7 @@ from merger.catalog import LocalPolicy, resolver_for
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.errors import exception_line
 from merger.fastgen import LOOP, FastGenerator, ModelDecoder, fuse_projections
-from merger.placement import DEFAULT_CONTEXT_TOKENS
+from merger.limits import CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
 from merger.recipe import passthrough
 from merger.runtime import Built, plan_placement, prepare_for_chat
@@ -76,7 +76,7 @@ SMOKE_SHAPE.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, bo
 PARENT = ((0, 32),)
 MERGE = ((0, 24), (16, 32))
 RESEAMED = ((0, 20), (12, 32))  # the merge's depth (40 layers, 8 repeated) with its seam moved
-MAX_SEQ_LEN = DEFAULT_CONTEXT_TOKENS  # the window the page's builds hold, so both paths attend over the same cache
+MAX_SEQ_LEN = CONTEXT_TOKENS.value  # the window the page's builds hold, so both paths attend over the same cache
 PROMPT_LEN = 32  # decode-speed prompt
 TTFT_PROMPT_LEN = 512
 FAST_TOKENS = 256

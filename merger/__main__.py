@@ -50,13 +50,17 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 
 def parse_size(text: str) -> int:
+    """A shard size: a positive number of bytes with an optional unit (500M, 5GB)."""
     units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
     raw = text.strip().upper()
     number = raw.rstrip("KMGB")
     try:
-        return int(float(number) * units[raw[len(number) :]])
-    except (ValueError, KeyError):
+        size = int(float(number) * units[raw[len(number) :]])
+    except (ValueError, KeyError, OverflowError):  # OverflowError: inf
         raise UserError(f"'{text}' is not a size like 500M or 5GB") from None
+    if size < 1:
+        raise UserError(f"'{text}' is not a size like 500M or 5GB: a shard holds at least one byte")
+    return size
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -121,10 +125,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
     for prompt in prompts:
         history.append({"role": "user", "content": prompt})
+        owner = built.plan.tokenizer_model.label  # whose chat template it is, in a refusal
         if card is not None:
-            text, stops = roleplay_prompt(built.tokenizer, card, args.user, history), stop_strings(args.user)
+            text = roleplay_prompt(built.tokenizer, card, args.user, history, model=owner)
+            stops = stop_strings(args.user)
         else:
-            text, stops = format_prompt(built.tokenizer, history), []
+            text, stops = format_prompt(built.tokenizer, history, model=owner), []
         if args.show_prompt:
             print(text)
             return

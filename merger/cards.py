@@ -1,7 +1,9 @@
 """Character cards (Character Card V2, as SillyTavern uses them) and roleplay prompts.
 
-Cards are untrusted input: size limits, strict field types, and no field is ever used as
-markup. `creator_notes` is for humans browsing cards, never for the model, so it is dropped.
+Cards are untrusted input: size limits (merger/limits.py; the text with {{char}} and {{user}}
+filled in too, since a long name used thousands of times multiplies), strict field types, and no
+field is ever used as markup (the page shows card text escaped or as plain text). `creator_notes`
+is for humans browsing cards, never for the model, so it is dropped.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from merger.chat_template import check_conversation, render_chat_template
 from merger.errors import UserError
+from merger.limits import CARD_BYTES, CARD_CHARS, CARD_FIELD_CHARS, CARD_PNG_BYTES, LimitError, check_text
 
-MAX_JSON_BYTES = 1 * 2**20
-MAX_PNG_BYTES = 16 * 2**20
-MAX_FIELD_CHARS = 32_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXT_FIELDS = (
     "name",
@@ -59,14 +60,12 @@ class CharacterCard:
 def parse_card(raw: bytes, filename: str = "card") -> CharacterCard:
     """A card from a V2 JSON file or a PNG with the card in its `chara` text chunk."""
     if raw.startswith(PNG_SIGNATURE):
-        if len(raw) > MAX_PNG_BYTES:
-            raise CardError(f"{filename} is larger than {MAX_PNG_BYTES // 2**20} MiB")
+        CARD_PNG_BYTES.check(len(raw), filename)
         raw = _png_card_json(raw, filename)
-    if len(raw) > MAX_JSON_BYTES:
-        raise CardError(f"{filename}: the card's JSON is larger than {MAX_JSON_BYTES // 2**20} MiB")
+    CARD_BYTES.check(len(raw), f"{filename}'s JSON")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 too
         raise CardError(f"{filename} is neither a character card JSON nor a PNG with a card inside") from None
     return card_from_dict(data, filename)
 
@@ -87,15 +86,18 @@ def card_from_dict(data: object, filename: str = "card") -> CharacterCard:
             value = ""
         if not isinstance(value, str):
             raise CardError(f"{filename}: `{key}` must be text")
-        if len(value) > MAX_FIELD_CHARS:
-            raise CardError(f"{filename}: `{key}` is longer than {MAX_FIELD_CHARS:,} characters")
+        CARD_FIELD_CHARS.check(len(value), f"{filename}'s `{key}`")
+        check_text(value, f"{filename}'s `{key}`")
         values[key] = value
     greetings = fields.get("alternate_greetings") or []
     if not isinstance(greetings, list) or not all(isinstance(g, str) for g in greetings):
         raise CardError(f"{filename}: `alternate_greetings` must be a list of texts")
+    greetings = [g[: CARD_FIELD_CHARS.value] for g in greetings[:32]]
+    for greeting in greetings:
+        check_text(greeting, f"{filename}'s `alternate_greetings`")
     if not values["name"].strip():
         raise CardError(f"{filename}: the card has no `name`")
-    return CharacterCard(**values, alternate_greetings=tuple(g[:MAX_FIELD_CHARS] for g in greetings[:32]))
+    return CharacterCard(**values, alternate_greetings=tuple(greetings))
 
 
 def _png_card_json(png: bytes, filename: str) -> bytes:
@@ -113,21 +115,30 @@ def _png_card_json(png: bytes, filename: str) -> bytes:
             continue
         try:
             if kind == b"zTXt":
-                rest = zlib.decompressobj().decompress(rest[1:], MAX_JSON_BYTES * 2)
+                rest = zlib.decompressobj().decompress(rest[1:], CARD_BYTES.value * 2)
             elif kind == b"iTXt":
                 compressed, rest = rest[0], rest[2:].split(b"\x00", 2)[-1]
                 if compressed:
-                    rest = zlib.decompressobj().decompress(rest, MAX_JSON_BYTES * 2)
+                    rest = zlib.decompressobj().decompress(rest, CARD_BYTES.value * 2)
             return base64.b64decode(rest, validate=False)
         except (binascii.Error, zlib.error, IndexError):
             raise CardError(f"{filename}: the card inside the PNG is damaged") from None
     raise CardError(f"{filename} is a PNG without a character card inside (no `chara` chunk)")
 
 
+CHAR_MACRO = re.compile(r"\{\{char\}\}|<bot>", flags=re.IGNORECASE)
+USER_MACRO = re.compile(r"\{\{user\}\}|<user>", flags=re.IGNORECASE)
+
+
 def substitute(text: str, card: CharacterCard, user: str) -> str:
-    """{{char}} and {{user}} (any case; the legacy <BOT>/<USER> too) become the two names."""
-    text = re.sub(r"\{\{char\}\}|<bot>", lambda _: card.name, text, flags=re.IGNORECASE)
-    return re.sub(r"\{\{user\}\}|<user>", lambda _: user, text, flags=re.IGNORECASE)
+    """{{char}} and {{user}} (any case; the legacy <BOT>/<USER> too) become the two names; a
+    text that would grow past the card limit is refused before it is made."""
+    chars, users = CHAR_MACRO.findall(text), USER_MACRO.findall(text)
+    filled = len(text) - sum(map(len, chars + users)) + len(chars) * len(card.name) + len(users) * len(user)
+    if filled > CARD_CHARS.value:
+        raise LimitError(CARD_CHARS.refusal(f"the card's text is {filled:,} characters once the names are filled in"))
+    text = CHAR_MACRO.sub(lambda _: card.name, text)
+    return USER_MACRO.sub(lambda _: user, text)
 
 
 def system_text(card: CharacterCard, user: str) -> str:
@@ -148,9 +159,20 @@ def stop_strings(user: str) -> list[str]:
     return [f"\n{user}:", f"\n{user} :"]
 
 
-def roleplay_prompt(tokenizer, card: CharacterCard, user: str, history: list[dict[str, str]], greeting: int = 0) -> str:
-    """The exact text the model receives: the chat template with the card as system turn and
-    the greeting as the opening assistant turn; a transcript for models without a template."""
+def roleplay_prompt(
+    tokenizer,
+    card: CharacterCard,
+    user: str,
+    history: list[dict[str, str]],
+    greeting: int = 0,
+    *,
+    model: str | None = None,
+) -> str:
+    """The exact text the model receives: the chat template (of `model`, named in a refusal) with
+    the card as system turn and the greeting as the opening assistant turn; a transcript for
+    models without a template."""
+    check_text(user, "your persona name")
+    check_conversation(history)
     greetings = card.greetings()
     opening = substitute(greetings[greeting], card, user) if greetings else ""
     turns = [{"role": m["role"], "content": substitute(m["content"], card, user)} for m in history]
@@ -163,7 +185,8 @@ def roleplay_prompt(tokenizer, card: CharacterCard, user: str, history: list[dic
         if opening:
             messages.append({"role": "assistant", "content": opening})
         messages += turns
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        owner = model or tokenizer.name_or_path
+        return render_chat_template(tokenizer, messages, model=owner, add_generation_prompt=True)
     lines = [system, ""]
     if opening:
         lines.append(f"{card.name}: {opening}")

@@ -9,7 +9,6 @@ default: the CLI's admits any path, the web app's only folders under operator-se
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from collections.abc import Callable
@@ -19,7 +18,9 @@ from typing import Any
 
 from merger import bundled
 from merger.errors import ModelRefError, UnsafeCheckpointError
-from merger.safetensors_files import TensorMeta, read_header
+from merger.limits import LAYERS
+from merger.safetensors_files import CheckpointError, TensorMeta, read_header
+from merger.untrusted_json import json_object
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -104,7 +105,16 @@ class ModelInfo:
 
 
 def is_local_ref(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or Path(ref).is_dir()
+    return ref.startswith(("/", "./", "../", "~")) or _is_dir(Path(ref), ref)
+
+
+def _is_dir(path: Path, ref: str) -> bool:
+    """`path.is_dir()`, with a name no file system takes (a part over 255 bytes, a NUL) said."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "it is not a valid file name"
+        raise ModelRefError(f"'{ref}' cannot name a folder: {why}") from None
 
 
 Resolver = Callable[[str], ModelInfo]  # a model reference -> its metadata, under one policy
@@ -127,13 +137,14 @@ def resolve(ref: str, policy: LocalPolicy) -> ModelInfo:
     if policy.allow_any_path:
         if is_local_ref(ref):
             path = Path(ref).expanduser()
-            if not path.is_dir():
+            if not _is_dir(path, ref):
                 raise ModelRefError(f"unknown model '{ref}': no such folder")
             return read_local(path, ref=ref)
     else:
-        local = allowed_folder(ref, policy)
-        if local is not None:
-            return read_local(local, ref=ref)
+        found = allowed_folder(ref, policy)
+        if found is not None:
+            root, local = found
+            return read_local(local, ref=ref, root=root)
     if not HUB_ID_RE.match(ref):
         raise ModelRefError(
             f"unknown model '{ref}': expected bundled:NAME, a local folder, or a Hub id like owner/name"
@@ -143,9 +154,9 @@ def resolve(ref: str, policy: LocalPolicy) -> ModelInfo:
     return hub.read_hub(ref)
 
 
-def allowed_folder(ref: str, policy: LocalPolicy) -> Path | None:
-    """The folder a web visitor's reference names under an allowed root, or None if it names
-    none there. Absolute paths, `..` and symlinks leading out of a root are refused."""
+def allowed_folder(ref: str, policy: LocalPolicy) -> tuple[Path, Path] | None:
+    """The allowed root and the folder under it that a web visitor's reference names, or None if
+    it names none there. Absolute paths, `..` and symlinks leading out of a root are refused."""
     if ref.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:", ref):
         raise ModelRefError(f"'{ref}': absolute paths are not allowed here; name a folder under the allowed roots")
     parts = Path(ref).parts
@@ -153,14 +164,37 @@ def allowed_folder(ref: str, policy: LocalPolicy) -> Path | None:
         raise ModelRefError(f"'{ref}': '..' is not allowed in a folder name")
     for root in policy.roots:
         candidate = root / ref
-        if not candidate.exists():
+        if not _is_dir(candidate, ref) and not candidate.is_symlink():
             continue
         real = candidate.resolve()
-        if real != root and root not in real.parents:
+        if not _inside(real, root):
             raise ModelRefError(f"'{ref}' leads outside the allowed folders (through a symbolic link)")
         if real.is_dir():
-            return real
+            return root, real
     return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+MAX_FOLDER_ENTRIES = 10_000  # a model folder holds tens of files; walking a huge tree is not a lookup
+
+
+def check_files_inside(folder: Path, root: Path, ref: str) -> None:
+    """Every file and folder under `folder` (what we and transformers read: config, shards,
+    tokenizer, templates) must resolve inside `root`: a symlink out of an allowed folder is refused
+    like a folder outside it."""
+    seen = 0
+    for parent, dirs, files in os.walk(folder):  # does not descend into symlinked folders
+        for name in [*dirs, *files]:
+            seen += 1
+            if seen > MAX_FOLDER_ENTRIES:
+                raise ModelRefError(f"'{ref}' holds more than {MAX_FOLDER_ENTRIES:,} files; it is not a model folder")
+            entry = Path(parent) / name
+            if not _inside(entry.resolve(), root):
+                inner = entry.relative_to(folder)
+                raise ModelRefError(f"'{ref}/{inner}' leads outside the allowed folders (through a symbolic link)")
 
 
 def list_allowed_folders(policy: LocalPolicy) -> list[str]:
@@ -172,11 +206,15 @@ def list_allowed_folders(policy: LocalPolicy) -> list[str]:
     return found
 
 
-def read_local(path: Path, *, ref: str) -> ModelInfo:
+def read_local(path: Path, *, ref: str, root: Path | None = None) -> ModelInfo:
+    """A local model folder's metadata; with `root` (the web policy's), every file in it must
+    resolve inside that root."""
+    if root is not None:
+        check_files_inside(path, root, ref)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelRefError(f"'{ref}' has no config.json, so it is not a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+    config = read_config(config_path, ref)
     st_files = sorted(path.glob("*.safetensors"))
     if not st_files:
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -188,19 +226,41 @@ def read_local(path: Path, *, ref: str) -> ModelInfo:
         raise ModelRefError(f"'{ref}' has no .safetensors weights")
     tensors: dict[str, TensorMeta] = {}
     for st in st_files:
-        tensors.update(read_header(st)[0])
+        try:
+            tensors.update(read_header(st)[0])
+        except CheckpointError as exc:
+            raise CheckpointError(f"'{ref}': {exc}") from None
     info = ModelInfo(ref=ref, config=config, tensors=tensors, local_dir=path, tokenizer_dir=path)
     check_supported(info)
     return info
 
 
+def read_config(path: Path, ref: str) -> dict[str, Any]:
+    """A model's config.json as a mapping; unreadable or malformed is a ModelRefError."""
+    return json_object(lambda: path.read_bytes(), f"the config.json of '{ref}'", ModelRefError)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_supported(info: ModelInfo) -> None:
-    """Refuse what we would misbuild: remote code, configs without layers, unknown layer names."""
-    if info.config.get("auto_map"):
+    """Refuse what we would misbuild: remote code, configs without layers (or with nonsense in
+    them), unknown layer names."""
+    config = info.config
+    if config.get("auto_map"):
         raise ModelRefError(f"'{info.ref}' needs custom code (auto_map in its config); we never run remote code")
-    if "num_hidden_layers" not in info.config or "hidden_size" not in info.config:
-        nested = "text_config" in info.config
+    if "num_hidden_layers" not in config or "hidden_size" not in config:
+        nested = "text_config" in config
         why = " (a multimodal model: pick its text-only variant)" if nested else ""
         raise ModelRefError(f"'{info.ref}' has no num_hidden_layers/hidden_size in its config{why}")
+    for key in ("num_hidden_layers", "hidden_size"):
+        if not _whole(config[key]) or config[key] < 1:
+            shown = str(config[key])[:40]
+            raise ModelRefError(f"'{info.ref}' has {key} {shown!r} in its config, not a whole number of at least 1")
+    LAYERS.check(config["num_hidden_layers"], f"'{info.ref}'")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
+        raise ModelRefError(f"'{info.ref}' has `architectures` in its config that is not a list of names")
     if not any(LAYER_RE.match(n) for n in info.tensors):
         raise ModelRefError(f"'{info.ref}' has no tensors named model.layers.N.*; its layout is not supported")

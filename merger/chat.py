@@ -11,7 +11,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from merger.chat_template import check_conversation, render_chat_template
 from merger.errors import UserError
+from merger.limits import CONTEXT_TOKENS, NEW_TOKENS, LimitError
 
 if TYPE_CHECKING:
     from merger.runtime import Built
@@ -21,8 +23,30 @@ if TYPE_CHECKING:
 TURN_END_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 
 
+def setting_ranges() -> dict[str, tuple[float, float]]:
+    """Each generation setting's bounds: the page's sliders and every API call share them."""
+    return {
+        "temperature": (0.0, 2.0),
+        "top_p": (0.05, 1.0),
+        "top_k": (0, 200),
+        "min_p": (0.0, 0.5),
+        "repetition_penalty": (1.0, 2.0),
+        "max_new_tokens": (1, NEW_TOKENS.value),
+        "seed": (0, 2**64 - 1),  # what torch's generators take
+    }
+
+
+WHOLE_SETTINGS = ("top_k", "max_new_tokens", "seed")
+
+
+def _number(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else f"{x:,}"
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
+    """Checked on creation: a value out of range (NaN, 1e308, a 70-bit seed) is a UserError."""
+
     temperature: float = 0.7  # 0: greedy
     top_p: float = 0.9
     top_k: int = 0  # 0: off
@@ -30,6 +54,18 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in setting_ranges().items():
+            value = getattr(self, name)
+            whole = name in WHOLE_SETTINGS
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not low <= value <= high or (whole and not float(value).is_integer()):
+                kind = "a whole number" if whole else "a number"
+                shown = _number(value) if number else repr(value)
+                raise UserError(f"`{name}` is {shown[:40]}; it takes {kind} from {_number(low)} to {_number(high)}")
+            if whole:
+                object.__setattr__(self, name, int(value))
 
 
 @dataclass
@@ -54,15 +90,20 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer, history: list[dict[str, str]], *, continue_last: bool = False) -> str:
-    """The exact text the model receives. With a chat template: the templated conversation
-    ending in the assistant's turn (or, with `continue_last`, inside the last assistant message, so
-    the model carries on writing it). Without one (a base model): plain completion of the
-    conversation's text, so the model continues what was written."""
+def format_prompt(
+    tokenizer, history: list[dict[str, str]], *, continue_last: bool = False, model: str | None = None
+) -> str:
+    """The exact text the model receives. With a chat template (rendered within the chat limits;
+    `model` names whose template it is in a refusal): the templated conversation ending in the
+    assistant's turn (or, with `continue_last`, inside the last assistant message, so the model
+    carries on writing it). Without one (a base model): plain completion of the conversation's
+    text, so the model continues what was written."""
     if has_chat_template(tokenizer):
+        owner = model or tokenizer.name_or_path
         if continue_last:
-            return tokenizer.apply_chat_template(history, tokenize=False, continue_final_message=True)
-        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            return render_chat_template(tokenizer, history, model=owner, continue_final_message=True)
+        return render_chat_template(tokenizer, history, model=owner, add_generation_prompt=True)
+    check_conversation(history)
     return "\n\n".join(m["content"] for m in history)
 
 
@@ -87,15 +128,17 @@ def stream_reply(
     """Yield the reply so far after each new piece of text; fill `stats` as it goes. `prompt`
     replaces the templated conversation (roleplay, continue); `stop_strings` end the reply, unshown."""
     tokenizer, model = built.tokenizer, built.model
-    prompt = prompt if prompt is not None else format_prompt(tokenizer, history)
+    if prompt is None:
+        prompt = format_prompt(tokenizer, history, model=built.plan.tokenizer_model.label)
     # Templates already carry the BOS token; adding it again would double it.
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
     if ids.shape[1] == 0:
         raise UserError("there is nothing to continue: the prompt is empty")
     if not built.decoder.fits(ids.shape[1], settings.max_new_tokens):
-        raise UserError(
+        raise LimitError(
             f"the conversation ({ids.shape[1]:,} tokens) plus {settings.max_new_tokens:,} new tokens is longer than "
-            f"the {built.decoder.window:,}-token window this build holds; clear the chat or ask for fewer tokens"
+            f"the {built.decoder.window:,}-token window this build holds; clear the chat or ask for fewer tokens "
+            f"(an operator can raise {CONTEXT_TOKENS.variable}, up to the model's own maximum)"
         )
     stops = stop_token_ids(tokenizer, model)
     stats = stats if stats is not None else ReplyStats()

@@ -72,12 +72,17 @@ def shard_layout(plan: Plan, shard_size: int) -> list[list[str]]:
 def atomic_folder(out_dir: Path) -> Iterator[Path]:
     """A staging folder that becomes `out_dir` only when the block completes: an interrupted
     write leaves at most a `.NAME.partial-*` sibling, which the next attempt removes."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"'{out_dir}' already exists and is not empty; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"'{out_dir}' is a file, not a folder; choose a new folder to write into")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise UserError(f"'{out_dir}' already exists and is not empty; choose a new folder")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as exc:  # a name part over 255 bytes, a file where a folder should be, no permission
+        raise UserError(f"cannot write '{out_dir}': {exc.strerror or exc}") from None
     try:
         yield staging
         if out_dir.exists():

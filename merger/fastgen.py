@@ -554,7 +554,9 @@ class ModelDecoder:
         return self._shared is not None and self._shared.reuses_compiled_step
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
-        return self._shared is None or prompt_tokens + max_new_tokens <= self.window
+        """Whether a request fits the window: on the CPU too, where each request's cache is sized
+        to it, so the window bounds its memory and time."""
+        return prompt_tokens + max_new_tokens <= self.window
 
     def stream(self, input_ids: torch.Tensor, *, cancel: threading.Event, **options: Any) -> Iterator[int]:
         """New token ids as they arrive (options as FastGenerator.generate's). Setting `cancel`, or

@@ -10,7 +10,6 @@ does not answer (a connection error, or nothing within FRANKENMERGE_HUB_TIMEOUT_
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -29,9 +28,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from merger.catalog import PICKLE_SUFFIXES, TOKENIZER_FILES, ModelInfo, check_supported
+from merger.catalog import PICKLE_SUFFIXES, TOKENIZER_FILES, ModelInfo, check_supported, read_config
 from merger.errors import HubUnavailableError, ModelRefError, UnsafeCheckpointError, UserError
-from merger.safetensors_files import TensorMeta, read_header
+from merger.safetensors_files import TensorMeta, read_header, tensor_meta
 from merger.space import on_space
 
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -89,14 +88,14 @@ def read_hub(ref: str) -> ModelInfo:
     except (EntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise ModelRefError(f"could not read '{ref}' from the Hub: {type(exc).__name__}") from None
     tensors = {
-        name: TensorMeta(shape=tuple(t.shape), dtype=t.dtype)
+        name: tensor_meta(name, t.dtype, t.shape, ref)
         for file_meta in st_meta.files_metadata.values()
         for name, t in file_meta.tensors.items()
     }
     card = info.card_data
     model = ModelInfo(
         ref=ref,
-        config=json.loads(paths["config.json"].read_text()),
+        config=read_config(paths["config.json"], ref),
         tensors=tensors,
         repo_id=repo_id,
         revision=revision,

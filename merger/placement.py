@@ -26,10 +26,10 @@ from typing import Any
 
 from merger.catalog import LAYER_RE
 from merger.errors import PlacementError
+from merger.limits import CONTEXT_TOKENS
 from merger.params import BYTES_PER_PARAM, human_bytes, tensor_storage
 from merger.plan import PRE_LAYER_PREFIXES, Plan
 
-DEFAULT_CONTEXT_TOKENS = 4096  # KV cache sized for this many tokens (or the model's maximum, if lower)
 WORKING_FRACTION = 0.15
 WORKING_MIN_BYTES = 256 * 2**20
 TIED_HEAD_MODULE = "lm_head"  # with tied embeddings it reuses the embedding tensor: placed with it
@@ -176,7 +176,8 @@ def place(
     PlacementError, with the numbers, when nothing fits."""
     if not devices:
         raise ValueError("no device to place the build on")
-    tokens = context_tokens or min(DEFAULT_CONTEXT_TOKENS, plan.config.get("max_position_embeddings") or 1 << 30)
+    # the KV cache holds CONTEXT_TOKENS (or the model's maximum, if lower)
+    tokens = context_tokens or min(CONTEXT_TOKENS.value, plan.config.get("max_position_embeddings") or 1 << 30)
     per_depth = _depth_units(plan, dtype, kv_bytes_per_depth(plan.config, dtype, tokens))
     # modules in forward order: embeddings, depths, final norm, then a tied head (placed with the embeddings)
     forward = sorted((m for unit in per_depth for m in unit.modules), key=lambda m: m == TIED_HEAD_MODULE)

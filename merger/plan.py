@@ -298,6 +298,13 @@ def merged_config(
     parent_layers = primary.num_layers
     for key, value in primary.config.items():
         if isinstance(value, list) and len(value) == parent_layers and parent_layers > 1:
+            for ref in {ref for ref, _ in layer_sources}:
+                theirs = models[ref].config.get(key)
+                if not isinstance(theirs, list) or len(theirs) != models[ref].num_layers:
+                    raise RecipeError(
+                        f"{ref}'s config has no per-layer `{key}` list of its {models[ref].num_layers} layers, "
+                        f"which {primary.ref}'s config has; they cannot be stacked"
+                    )
             config[key] = [models[ref].config[key][layer] for ref, layer in layer_sources]
     config["num_hidden_layers"] = len(layer_sources)
     config["dtype"] = dtype

@@ -24,7 +24,21 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from merger.errors import RecipeError
+from merger import bounded_yaml
+from merger.errors import RecipeError, UserError
+from merger.limits import (
+    LAYERS,
+    MODELS,
+    PARAMETER_DEPTH,
+    PARAMETER_VALUES,
+    RECIPE_CHARS,
+    SHARE_LINK_BYTES,
+    SHARE_LINK_CHARS,
+    SLICES,
+    LimitError,
+    check_text,
+    count_text,
+)
 from merger.method_specs import BLEND_METHODS, METHODS, PASSTHROUGH, REQUIRED, Param
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -58,10 +72,14 @@ class Source(BaseModel):
         value = value.strip()
         if not value:
             raise ValueError("a slice names no model")
+        check_text(value, "a model name")
         return value
 
     @model_validator(mode="after")
     def _range_ordered(self) -> Source:
+        if self.end > LAYERS.value:  # before any count: a range of 10**30 layers is not walked
+            span = f"[{count_text(self.start)}, {count_text(self.end)})"
+            raise LimitError(LAYERS.refusal(f"layer range {span} of {self.model} reaches layer {count_text(self.end)}"))
         if self.start < 0:
             raise ValueError(f"layer range [{self.start}, {self.end}) of {self.model} starts below 0")
         if self.end == self.start:
@@ -99,9 +117,9 @@ class Slice(BaseModel):
     def _sources_line_up(self) -> Slice:
         if not self.sources:
             raise ValueError("a slice has no sources")
-        lengths = {len(s.layers) for s in self.sources}
+        lengths = {s.end - s.start for s in self.sources}
         if len(lengths) > 1:
-            spans = ", ".join(f"{s.model} [{s.start}, {s.end}) has {len(s.layers)}" for s in self.sources)
+            spans = ", ".join(f"{s.model} [{s.start}, {s.end}) has {s.end - s.start}" for s in self.sources)
             raise ValueError(f"blended sources must span equally many layers: {spans}")
         models = [s.model for s in self.sources]
         for model in models:
@@ -120,7 +138,7 @@ class Slice(BaseModel):
 
     @property
     def span(self) -> int:
-        return len(self.source.layers)
+        return self.source.end - self.source.start
 
     @property
     def num_layers(self) -> int:
@@ -172,8 +190,23 @@ class Recipe(BaseModel):
             raise ValueError(f"dtype '{value}' is not one of {', '.join(DTYPES)}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _countable(cls, data: Any) -> Any:
+        # before any slice is validated: the work of validating and planning grows with the count
+        if isinstance(data, dict):
+            for key in ("slices", "model_entries"):
+                if isinstance(data.get(key), list | tuple):
+                    SLICES.check(len(data[key]), "the recipe")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        LAYERS.check(self.num_layers, "the merged stack")
+        MODELS.check(len(self.models), "the recipe")
+        for where, settings in self.parameter_scopes():
+            for name, setting in settings.items():
+                check_setting_size(setting, f"{where}: `{name}`")
         if self.slices and self.model_entries:
             raise ValueError("a recipe has either `slices:` or `models:`, not both")
         if not self.slices and not self.model_entries:
@@ -378,6 +411,23 @@ def _check_source_count(method: str, count: int, least: int, most: int | None, w
 # --- parameters -------------------------------------------------------------------------------
 
 
+def check_setting_size(setting: Any, where: str) -> None:
+    """Bound a setting before anything walks it: its values are evaluated for every tensor."""
+    values, stack = 0, [(setting, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            stack += [(v, depth) for v in item.values()]
+        elif isinstance(item, list | tuple):
+            if depth + 1 > PARAMETER_DEPTH.value:
+                raise PARAMETER_DEPTH.exceeded(where)
+            stack += [(v, depth + 1) for v in item]
+        else:
+            values += 1
+            if values > PARAMETER_VALUES.value:
+                raise PARAMETER_VALUES.exceeded(where)
+
+
 def check_settings(method: str, settings: Mapping[str, Any], where: str) -> None:
     """Names known to `method`, values of the right type and form; density in (0, 1]."""
     spec = METHODS[method]
@@ -521,12 +571,15 @@ def _parse_model_entry(raw: Any, index: int) -> ModelEntry:
 
 
 def _first_message(exc: ValidationError) -> str:
+    """The first problem as a clause that names where it is (pydantic's own wording names no field)."""
     err = exc.errors()[0]
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] in ("greater_than_equal", "less_than_equal", "int_type", "int_parsing"):
-        field = ".".join(str(p) for p in err["loc"])
-        return f"`{field}` {msg.lower()}"
-    return msg
+    if err["type"] == "value_error":
+        return msg  # ours: already worded for the user
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "the recipe"
+    if msg.startswith("Input "):
+        return f"`{field}` {msg.removeprefix('Input ')}"
+    return f"`{field}`: {msg[:1].lower()}{msg[1:]}"
 
 
 def recipe_from_dict(data: Any) -> Recipe:
@@ -545,6 +598,7 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise RecipeError("`models` must be a list of `- model: NAME` entries")
     if data.get("tokenizer_source") is not None and not isinstance(data["tokenizer_source"], str):
         raise RecipeError("`tokenizer_source` names a model, or is base or union")
+    SLICES.check(len(raw_slices or raw_models or ()), "the recipe")
     slices = tuple(_parse_slice(raw, i) for i, raw in enumerate(raw_slices or []))
     entries = tuple(_parse_model_entry(raw, i) for i, raw in enumerate(raw_models or []))
     try:
@@ -563,9 +617,10 @@ def recipe_from_dict(data: Any) -> Recipe:
 
 
 def recipe_from_yaml(text: str) -> Recipe:
-    """Parse mergekit YAML. Syntax errors name the line and column."""
+    """Parse mergekit YAML within the recipe limits. Syntax errors name the line and column."""
+    RECIPE_CHARS.check(len(text), "the recipe")
     try:
-        data = yaml.safe_load(text)
+        data = bounded_yaml.load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -583,8 +638,6 @@ def passthrough(*ranges: tuple[str, int, int], dtype: str | None = None) -> Reci
 
 
 SHARE_VERSION = "v1"
-MAX_SHARE_CHARS = 8192  # a URL stays well under browsers' limits
-MAX_SHARE_JSON = 64 * 1024
 
 
 def to_share_token(recipe: Recipe, settings: dict[str, Any] | None = None) -> str:
@@ -597,23 +650,25 @@ def to_share_token(recipe: Recipe, settings: dict[str, Any] | None = None) -> st
 def from_share_token(token: str) -> tuple[Recipe, dict[str, Any]]:
     """The recipe and settings a share link carries; a damaged link is a RecipeError."""
     damaged = "this share link is damaged or incomplete; showing the default stack"
-    if len(token) > MAX_SHARE_CHARS:
-        raise RecipeError("this share link is too long; showing the default stack")
+    SHARE_LINK_CHARS.check(len(token), "this share link")
     version, _, body = token.partition(".")
     if version != SHARE_VERSION:
         raise RecipeError(f"this share link's format ('{version[:8]}') is not one this app reads")
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         inflater = zlib.decompressobj()
-        text = inflater.decompress(raw, MAX_SHARE_JSON)
+        text = inflater.decompress(raw, SHARE_LINK_BYTES.value)
         if inflater.unconsumed_tail:
-            raise RecipeError("this share link holds too much data; showing the default stack")
+            raise SHARE_LINK_BYTES.exceeded("this share link, unpacked,")
         payload = json.loads(text)
         recipe = Recipe.model_validate(payload["recipe"])
         settings = payload.get("settings") or {}
-    except RecipeError:
+    except UserError:
         raise
-    except (ValueError, KeyError, TypeError, zlib.error, binascii.Error):
+    except ValidationError as exc:
+        why = _first_message(exc)
+        raise RecipeError(f"this share link's recipe cannot be used ({why}); showing the default stack") from None
+    except (ValueError, KeyError, TypeError, RecursionError, zlib.error, binascii.Error):
         raise RecipeError(damaged) from None
     if not isinstance(settings, dict):
         raise RecipeError(damaged)

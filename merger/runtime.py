@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from merger.container import memory_available, memory_total
 from merger.errors import PlacementError, exception_line
+from merger.limits import CONTEXT_TOKENS
 from merger.params import human_bytes
 from merger.plan import Plan, make_plan
 from merger.recipe import Recipe, passthrough
@@ -62,9 +63,7 @@ class Built:
     @property
     def window(self) -> int:
         """The tokens of context its KV cache holds (as placed)."""
-        from merger.placement import DEFAULT_CONTEXT_TOKENS
-
-        return self.placement.context_tokens if self.placement else DEFAULT_CONTEXT_TOKENS
+        return self.placement.context_tokens if self.placement else CONTEXT_TOKENS.value
 
     @property
     def decoder(self) -> ModelDecoder:

@@ -5,6 +5,8 @@ import gradio as gr
 import app
 from merger.recipe import passthrough
 
+from markdown_text import shown
+
 SMOL = "bundled:smollm2-135m-instruct"
 
 
@@ -56,7 +58,7 @@ def test_adding_a_model_column_shows_its_layers_and_refuses_unknown_models():
     assert value["models"] == [{"ref": SMOL, "label": "smollm2-135m-instruct", "num_layers": 30}]
     assert "30 layers" in message
     _, message = app.add_model("bundled:nope", value)
-    assert "unknown model 'bundled:nope'" in message
+    assert "unknown model 'bundled:nope'" in shown(message)
 
 
 def test_preview_of_a_parent_as_it_is_has_no_seams():
@@ -69,8 +71,8 @@ def test_placement_next_to_the_preview_names_the_device_or_the_refusal(monkeypat
 
     value = {"models": [], "slices": [{"model": SMOL, "start": 0, "end": 20, "repeat": 1}]}
     value["slices"].append({"model": SMOL, "start": 10, "end": 30, "repeat": 1})
-    shown = app.placement_preview(value)
-    assert shown.startswith("**Placement**: one device, `cpu`, all 40 layers")
+    placed = app.placement_preview(value)
+    assert placed.startswith("**Placement**: one device, `cpu`, all 40 layers")
     monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
-    assert "but only 10.00 MiB is free" in app.placement_preview(value)
+    assert "but only 10.00 MiB is free" in shown(app.placement_preview(value))
     assert app.placement_preview({"models": [], "slices": []}) == ""  # the preview already says what is wrong

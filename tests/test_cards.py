@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from merger.cards import CardError, parse_card, roleplay_prompt, stop_strings
+from merger.cards import parse_card, roleplay_prompt, stop_strings
+from merger.errors import UserError
 
 from tiny import tiny_tokenizer
 
@@ -75,11 +76,11 @@ def test_png_cards_are_read_from_their_chara_chunk():
         (b"not json", "neither a character card"),
         (json.dumps({"spec": "chara_card_v2", "data": {"name": ""}}).encode(), "no `name`"),
         (json.dumps({"spec": "chara_card_v2", "data": {"name": "A", "description": 5}}).encode(), "must be text"),
-        (json.dumps({"name": "A", "description": "x" * 40_000}).encode(), "longer than"),
-        (b"{" + b" " * (2 * 2**20) + b"}", "larger than"),
+        (json.dumps({"name": "A", "description": "x" * 40_000}).encode(), "40,000 characters, more than the 32,000"),
+        (b"{" + b" " * (2 * 2**20) + b"}", "2,097,154 bytes, more than the 1,048,576"),
         (png_with_card(b"")[:40] + b"\x00" * 20, "without a character card"),
     ],
 )
 def test_bad_cards_are_refused_with_a_clear_message(raw, message):
-    with pytest.raises(CardError, match=message):
+    with pytest.raises(UserError, match=message):
         parse_card(raw, "card")

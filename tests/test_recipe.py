@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from merger.errors import RecipeError
+from merger.errors import RecipeError, UserError
 from merger.recipe import passthrough, recipe_from_dict, recipe_from_yaml
 
 SOLAR = """\
@@ -131,16 +131,16 @@ def test_share_token_round_trips_recipe_and_settings_compactly():
     [
         (lambda: "v1.!!!", "damaged"),
         (lambda: "v2.abc", "not one this app reads"),
-        (lambda: "v1." + "A" * 9000, "too long"),
-        (lambda: _token_of(b"\x00" * 5_000_000), "too much data"),  # a compression bomb
-        (lambda: _token_of(b'{"recipe": {"slices": []}}'), "damaged"),
-        (lambda: _token_of(b'{"recipe": {"slices": [], "evil": 1}}'), "damaged"),
+        (lambda: "v1." + "A" * 9000, "9,003 characters, more than the 8,192"),
+        (lambda: _token_of(b"\x00" * 5_000_000), "more than the 65,536 bytes"),  # a compression bomb
+        (lambda: _token_of(b'{"recipe": {"slices": []}}'), "cannot be used .the recipe has no slices"),
+        (lambda: _token_of(b'{"recipe": {"slices": [], "evil": 1}}'), "cannot be used ..evil.: extra inputs"),
     ],
 )
 def test_damaged_share_tokens_are_refused_in_words(make_token, message):
     from merger.recipe import from_share_token
 
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(UserError, match=message):
         from_share_token(make_token())
 
 

@@ -38,8 +38,10 @@ from merger.runtime import (
     zero_gpu_aot,
 )
 from merger.zero_gpu import gpu_task, held_build, on_zero_gpu, reply_seconds
+from ui.guard import Stopped, check_current, session_id, session_work, stop_session_work, web_handler
 from ui.models import as_visitor, model_info, plan_for
 from ui.roleplay import card_from_state
+from ui.text import md, said, sentence
 
 if TYPE_CHECKING:
     from merger.aot_step import AotStep
@@ -48,16 +50,6 @@ SESSIONS = SessionModels()
 STOPS: dict[str, threading.Event] = {}
 COMPARE = "compare"
 SECOND_RECIPE = "__second_recipe__"  # the comparison target that is the YAML box, not a parent
-
-
-def said(error: Exception | str) -> gr.Error:
-    """A message for the visitor as a sentence (our errors are worded as clauses)."""
-    text = str(error)
-    return gr.Error(f"{text[:1].upper()}{text[1:]}{'' if text.endswith('.') else '.'}")
-
-
-def session_id(request: gr.Request | None) -> str:
-    return (request.session_hash if request else None) or "local"
 
 
 def slot(request: gr.Request | None, name: str | None = None) -> str:
@@ -78,7 +70,7 @@ def build_into(key: str, plan: Plan, progress: gr.Progress) -> Built:
     progress(0.0, desc="loading parent weights")
     try:
         with SESSIONS.room_for(key, needed_bytes(plan, device)):
-            built = prepare_for_chat(build(plan, device=device, progress=lambda f, d: progress(f, desc=d)))
+            built = prepare_for_chat(build(plan, device=device, progress=lambda f, d: _step(progress, f, d)))
             SESSIONS.put(key, built)
     except UserError as exc:
         raise said(exc) from None
@@ -86,6 +78,11 @@ def build_into(key: str, plan: Plan, progress: gr.Progress) -> Built:
         progress(0.9, desc="compiling the fast decode step ahead of time (once per model shape)")
         attach_aot_step(built, lambda: compile_decode_step(key, built.version))
     return built
+
+
+def _step(progress: gr.Progress, fraction: float, desc: str) -> None:
+    check_current()  # each step of a build: it stops when the visitor leaves
+    progress(fraction, desc=desc)
 
 
 @gpu_task(AOT_COMPILE_SECONDS)
@@ -121,6 +118,7 @@ def built_status(built: Built) -> str:
     return status
 
 
+@web_handler(work="the build", model_code=True)
 @as_visitor
 def build_model(
     recipe_yaml: str,
@@ -129,10 +127,7 @@ def build_model(
     progress: gr.Progress = gr.Progress(),
 ) -> str:
     """Assemble the recipe on the best device (CUDA when present) for this session's chat."""
-    try:
-        plan = plan_for(recipe_yaml)
-    except UserError as exc:
-        raise said(exc) from None
+    plan = plan_for(recipe_yaml)
     return built_status(build_into(slot(request), plan, progress)) + " Chat below."
 
 
@@ -161,14 +156,14 @@ def generation_settings(
     seed: int = 0,
 ) -> GenerationSettings:
     """The settings panel's values, in the order of the settings inputs in the wiring."""
-    return GenerationSettings(
+    return GenerationSettings(  # checks each value's range (an API call can send anything)
         temperature=temperature,
         top_p=top_p,
-        top_k=int(top_k),
+        top_k=top_k,
         min_p=min_p,
         repetition_penalty=repetition_penalty,
-        max_new_tokens=int(max_new_tokens),
-        seed=int(seed),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
 
 
@@ -209,20 +204,30 @@ def stream_turns(
     **prompting: Any,
 ) -> Iterator[tuple[list[dict[str, Any]], str]]:
     """The conversation on screen (`shown`) plus the session's model's reply (after `prefix`) as it
-    streams, then the reply's speed; the session's Stop button ends it."""
+    streams, then the reply's speed; the session's Stop button, the visitor leaving or the time
+    budget ends it."""
     key = slot(request)
     frames = reply_frames(key, built_for(request).version, turns, shown, settings, prefix, prompting)
-    yield from until_stopped(frames, stop_event(request))
+    yield from until_stopped(frames, stop_event(request), request, "the reply")
 
 
-def until_stopped(frames: Iterator[tuple[Any, Any]], stop: threading.Event) -> Iterator[Any]:
+def until_stopped(
+    frames: Iterator[tuple[Any, Any]], stop: threading.Event, request: gr.Request | None, what: str
+) -> Iterator[Any]:
     """The outputs of a GPU call's frames ((outputs, outputs if stopped here) each) until the visitor
     presses Stop: then the last frame's stopped outputs (the speed so far), and the call is closed,
-    which ends its generation (in a ZeroGPU worker, at spaces' next item)."""
-    with closing(frames):
+    which ends its generation (in a ZeroGPU worker, at spaces' next item). Past the time budget
+    (or when the visitor leaves) the same, with the reason after the speed."""
+    with closing(frames), session_work(request, what, current=False) as work:
         for outputs, if_stopped in frames:
             if stop.is_set():
                 yield if_stopped
+                return
+            try:
+                work.check()
+            except Stopped as exc:
+                note = md(sentence(exc))
+                yield tuple((f"{o} · {note}" if o else note) if isinstance(o, str) else o for o in if_stopped)
                 return
             yield outputs
 
@@ -273,6 +278,7 @@ def reply_frames(
     yield frame(reply, stats.summary())
 
 
+@web_handler()
 def chat(
     message: str,
     history: list[dict[str, Any]],
@@ -296,6 +302,7 @@ def chat(
 
 # The private handlers below take the settings panel's values as *settings: gradio puts gr.Request
 # and gr.EditData into the named parameters before them.
+@web_handler()
 def regenerate(history: list[dict[str, Any]], request: gr.Request, *settings: Any):
     """Drop the last reply and answer the last user message again (with the settings on screen)."""
     turns = list(history or [])
@@ -307,23 +314,26 @@ def regenerate(history: list[dict[str, Any]], request: gr.Request, *settings: An
     yield from chat(text_of(last["content"]), turns, *settings, request=request)
 
 
+@web_handler()
 def continue_reply(history: list[dict[str, Any]], request: gr.Request, *settings: Any):
     """Carry on writing the last reply (cut short by the token limit, or by Stop) where it ended."""
     built = built_for(request)
     turns = turns_of(history)
     if not turns or turns[-1]["role"] != "assistant":
         raise gr.Error("There is no reply to continue yet.")
-    prompt = format_prompt(built.tokenizer, turns, continue_last=True)
+    prompt = format_prompt(built.tokenizer, turns, continue_last=True, model=built.plan.tokenizer_model.label)
     options = generation_settings(*settings)
     yield from stream_turns(request, turns, history[:-1], options, prefix=turns[-1]["content"], prompt=prompt)
 
 
+@web_handler()
 def edit_and_resend(history: list[dict[str, Any]], edit: gr.EditData, request: gr.Request, *settings: Any):
     """A user message was edited in place: the conversation resumes from it, later turns dropped."""
     index = edit.index if isinstance(edit.index, int) else edit.index[0]
     yield from chat(text_of(edit.value), list(history or [])[:index], *settings, request=request)
 
 
+@web_handler()
 def roleplay_chat(
     message: str,
     history: list[dict[str, Any]],
@@ -341,7 +351,7 @@ def roleplay_chat(
     if turns and turns[0]["role"] == "assistant":
         turns = turns[1:]  # the greeting: roleplay_prompt puts it back as the opening turn
     turns.append({"role": "user", "content": message})
-    prompt = roleplay_prompt(built.tokenizer, card, user, turns)
+    prompt = roleplay_prompt(built.tokenizer, card, user, turns, model=built.plan.tokenizer_model.label)
     shown = [*(history or []), {"role": "user", "content": message}]
     options = generation_settings(*settings)
     yield from stream_turns(request, turns, shown, options, prompt=prompt, stop_strings=stop_strings(user))
@@ -359,6 +369,7 @@ def forget_session(request: gr.Request) -> None:
     event = STOPS.pop(session, None)
     if event is not None:
         event.set()
+    stop_session_work(session)
     SESSIONS.drop_session(session)
 
 
@@ -378,6 +389,7 @@ def compare_targets(value: dict[str, Any]) -> gr.Dropdown:
     return gr.Dropdown(choices=choices, value=choices[0][1])
 
 
+@web_handler(work="the comparison's build", model_code=True)
 @as_visitor
 def build_comparison(
     target: str | None,
@@ -387,20 +399,18 @@ def build_comparison(
     progress: gr.Progress = gr.Progress(),
 ) -> str:
     """Build the comparison model for this session: a parent as it is, or the second recipe."""
-    try:
-        if target == SECOND_RECIPE:
-            if not (second_yaml or "").strip():
-                raise UserError("paste the second recipe's YAML first")
-            plan, what = plan_for(second_yaml), "the second recipe"
-        elif target:
-            plan, what = make_plan(as_it_is(target, model_info), model_info), target.removeprefix("bundled:")
-        else:
-            raise UserError("pick what to compare with")
-    except UserError as exc:
-        raise said(exc) from None
-    return f"**{what}**: {built_status(build_into(slot(request, COMPARE), plan, progress))}"
+    if target == SECOND_RECIPE:
+        if not (second_yaml or "").strip():
+            raise UserError("paste the second recipe's YAML first")
+        plan, what = plan_for(second_yaml), "the second recipe"
+    elif target:
+        plan, what = make_plan(as_it_is(target, model_info), model_info), target.removeprefix("bundled:")
+    else:
+        raise UserError("pick what to compare with")
+    return f"**{md(what)}**: {built_status(build_into(slot(request, COMPARE), plan, progress))}"
 
 
+@web_handler()
 def compare_send(
     message: str,
     merge_history: list[dict[str, Any]],
@@ -422,7 +432,7 @@ def compare_send(
     held = tuple((slot(request, name), built_for(request, name).version) for name in (None, COMPARE))
     settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
     shown = [[*(h or []), {"role": "user", "content": message}] for h in (merge_history, other_history)]
-    yield from until_stopped(side_by_side_frames(held, shown, settings), stop_event(request))
+    yield from until_stopped(side_by_side_frames(held, shown, settings), stop_event(request), request, "the replies")
 
 
 def side_by_side_seconds(held: tuple[tuple[str, int], ...], shown, settings: GenerationSettings) -> int:
@@ -444,7 +454,7 @@ def side_by_side_frames(
 
     def frame(replies, done: bool) -> tuple[tuple, tuple]:
         chats = [
-            [*s, {"role": "assistant", "content": r.text or (f"⚠️ {r.error}" if r.error else "")}]
+            [*s, {"role": "assistant", "content": r.text or (f"⚠️ {md(r.error, lines=True)}" if r.error else "")}]
             for s, r in zip(shown, replies, strict=True)
         ]
         speeds = [r.stats.summary() if not r.error else "" for r in replies]

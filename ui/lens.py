@@ -3,7 +3,9 @@ the stack), suggested blocks to duplicate (one click puts one in the stack), a r
 perplexities. Model logic lives in merger/lens.py; figures in merger/plots.py.
 
 Lens runs are heavy (each loads the models it measures), so they share one queue slot
-(`concurrency_id="lens"`, limit 1) and a parent's lens is cached per (model, text)."""
+(`concurrency_id="lens"`, limit 1) and a parent's lens is cached per (model, text). Each checks
+at every progress step whether to stop (the tab's Stop button, the visitor leaving, the time
+budget: ui/guard.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from typing import Any
 import gradio as gr
 
 from merger.errors import UserError
+from merger.limits import LENS_TEXT_CHARS, LENS_TOKENS, check_text
+from ui.guard import check_current, stop_work, web_handler
 from ui.models import model_info
 from ui.recipe_value import column, recipe_from_value, value_from_recipe
 from ui.stack import seam_positions
+from ui.text import md
 
-MAX_TEXT_CHARS = 200_000  # a visitor's calibration text: about 50k tokens
-MAX_TOKENS = 8_192  # tokens of any text a lens run reads on the page
 CACHED_LENSES = 8
 RANKINGS = {
     "measured drift (slower, tracks perplexity best)": "drift",
@@ -41,15 +44,21 @@ _lenses_lock = threading.Lock()
 
 
 def _progress(progress: gr.Progress, start: float = 0.0, share: float = 1.0) -> Callable[[float, str], None]:
-    return lambda fraction, message: progress(start + share * fraction, desc=message)
+    """A lens progress callback that shows the step and stops the work when asked to."""
+
+    def report(fraction: float, message: str) -> None:
+        check_current()
+        progress(start + share * fraction, desc=message)
+
+    return report
 
 
 def _user_text(text: str | None) -> str | None:
     text = (text or "").strip()
     if not text:
         return None
-    if len(text) > MAX_TEXT_CHARS:
-        raise UserError(f"the text is {len(text):,} characters; the page takes at most {MAX_TEXT_CHARS:,}")
+    LENS_TEXT_CHARS.check(len(text), "the calibration text")
+    check_text(text, "the calibration text")
     return text
 
 
@@ -67,7 +76,7 @@ def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], Non
             _lenses.move_to_end(key)
             return _lenses[key]
     built = load_model(ref, resolver=model_info)
-    chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=MAX_TOKENS)
+    chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
     lens = capture(built.model, chunks, name=ref, progress=progress)
     del built
     with _lenses_lock:
@@ -102,21 +111,23 @@ def _recipe_or_none(value: dict[str, Any]) -> Any:
         return None
 
 
+@web_handler(work="the lens", model_code=True)
 def analyze_model(
-    ref: str | None, text: str, value: dict[str, Any], progress: gr.Progress = gr.Progress()
+    ref: str | None,
+    text: str,
+    value: dict[str, Any],
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request = None,
 ) -> tuple[str, Any, Any]:
     """Heatmap (the stack's slices and seams of this model marked) and block-influence curve."""
     from merger.plots import angular_distance_figure, block_influence_figure
 
-    try:
-        _, lens = _text_and_lens(ref, text, progress, 1.0)
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
+    _, lens = _text_and_lens(ref, text, progress, 1.0)
     recipe = _recipe_or_none(value)
     bi = lens.block_influence
     least = sorted(range(len(bi)), key=lambda i: float(bi[i]))[:3]
     summary = (
-        f"**{ref.removeprefix('bundled:')}**: {lens.num_layers} layers, averaged over all {lens.tokens:,} tokens "
+        f"**{md(ref.removeprefix('bundled:'))}**: {lens.num_layers} layers, averaged over all {lens.tokens:,} tokens "
         f"of {'your text' if text.strip() else 'the bundled calibration text'}. "
         f"Layers that change the stream least: {', '.join(f'{i} ({float(bi[i]):.3f})' for i in least)}."
     )
@@ -140,8 +151,9 @@ def widget_seam_scores(value: dict[str, Any], predicted: list[float], measured: 
     return scores
 
 
+@web_handler(work="scoring the seams", model_code=True)
 def score_stack_seams(
-    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress()
+    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> tuple[dict[str, Any], str, Any]:
     """Predicted and measured damage at every seam of the stack on screen; the widget colours them."""
     from merger.lens import CALIBRATION_TEXT, chunks_for, score_seams, seam_depths
@@ -149,15 +161,12 @@ def score_stack_seams(
     from merger.plots import seam_scores_figure
     from merger.runtime import best_device, load_tokenizer
 
-    try:
-        plan = make_plan(recipe_from_value(value), model_info)
-        if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
-            return value, "This stack has no seams: each layer follows its own predecessor.", None
-        progress(0.05, desc="loading the parents and the merge")
-        chunks = chunks_for(load_tokenizer(plan), _user_text(text), CALIBRATION_TEXT, max_tokens=MAX_TOKENS)
-        scores = score_seams(plan, chunks, device=best_device(), progress=_progress(progress, 0.1, 0.9))
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
+    plan = make_plan(recipe_from_value(value), model_info)
+    if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
+        return value, "This stack has no seams: each layer follows its own predecessor.", None
+    progress(0.05, desc="loading the parents and the merge")
+    chunks = chunks_for(load_tokenizer(plan), _user_text(text), CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
+    scores = score_seams(plan, chunks, device=best_device(), progress=_progress(progress, 0.1, 0.9))
     seam_list = ", ".join(
         f"depth {d}: predicted {scores.predicted[d]:.3f}, measured {scores.measured[d]:.3f}" for d in scores.seams
     )
@@ -169,26 +178,24 @@ def score_stack_seams(
     return scored, summary, seam_scores_figure(scores)
 
 
+@web_handler(work="the suggestions", model_code=True)
 def suggest_blocks(
-    ref: str | None, text: str, ranking: str, progress: gr.Progress = gr.Progress()
+    ref: str | None, text: str, ranking: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> tuple[str, Any, gr.Dropdown]:
     """Rank every 2-8-layer block of `ref` to duplicate; build the best five and measure them."""
     from merger.lens import suggest_duplications
     from merger.plots import suggestions_figure
 
-    try:
-        user_text, lens = _text_and_lens(ref, text, progress, 0.2)
-        found = suggest_duplications(
-            ref,
-            resolver=model_info,
-            calibration=user_text,
-            lens=lens,
-            rank_by=RANKINGS.get(ranking, "drift"),
-            max_tokens=MAX_TOKENS,
-            progress=_progress(progress, 0.2, 0.8),
-        )
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
+    user_text, lens = _text_and_lens(ref, text, progress, 0.2)
+    found = suggest_duplications(
+        ref,
+        resolver=model_info,
+        calibration=user_text,
+        lens=lens,
+        rank_by=RANKINGS.get(ranking, "drift"),
+        max_tokens=LENS_TOKENS.value,
+        progress=_progress(progress, 0.2, 0.8),
+    )
     rows = "\n".join(
         f"| {s.label} | {s.size} | {s.predicted:.4f} | {'' if s.drift is None else f'{s.drift:.4f}'} "
         f"| {s.perplexity:.2f} | {found.num_layers + s.size} |"
@@ -210,6 +217,7 @@ def _block(pick: str | None) -> tuple[int, int]:
     return start, end
 
 
+@web_handler()
 def apply_suggestion(pick: str | None, ref: str | None, value: dict[str, Any]) -> dict[str, Any]:
     """Replace the stack with the duplication of the picked block, [0, end) + [start, L)."""
     from merger.lens import duplication_recipe
@@ -217,36 +225,36 @@ def apply_suggestion(pick: str | None, ref: str | None, value: dict[str, Any]) -
     start, end = _block(pick)
     if not ref:
         raise gr.Error("Add a model to the stack first.")
-    try:
-        info = model_info(ref)
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
+    info = model_info(ref)
     columns = value.get("models") or [column(info)]
     return value_from_recipe(duplication_recipe(ref, info.num_layers, start, end), columns)
 
 
+@web_handler(work="the sweep", model_code=True)
 def sweep_block(
-    ref: str | None, pick: str | None, text: str, max_repeats: float, progress: gr.Progress = gr.Progress()
+    ref: str | None,
+    pick: str | None,
+    text: str,
+    max_repeats: float,
+    progress: gr.Progress = gr.Progress(),
+    request: gr.Request = None,
 ) -> tuple[str, Any]:
     """Perplexity and predicted seam damage of the picked block run 1..max_repeats times."""
     from merger.lens import recurrence_sweep
     from merger.plots import recurrence_figure
 
     start, end = _block(pick)
-    try:
-        _, lens = _text_and_lens(ref, text, progress, 0.1)
-        points = recurrence_sweep(
-            ref,
-            start,
-            end,
-            resolver=model_info,
-            max_repeats=int(max_repeats),
-            lens=lens,
-            max_tokens=MAX_TOKENS,
-            progress=_progress(progress, 0.1, 0.9),
-        )
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
+    _, lens = _text_and_lens(ref, text, progress, 0.1)
+    points = recurrence_sweep(
+        ref,
+        start,
+        end,
+        resolver=model_info,
+        max_repeats=int(max_repeats),
+        lens=lens,
+        max_tokens=LENS_TOKENS.value,
+        progress=_progress(progress, 0.1, 0.9),
+    )
     best = min(points, key=lambda p: p.perplexity)
     summary = " · ".join(f"x{p.repeats}: {p.perplexity:.2f}" for p in points)
     return f"Block [{start}, {end}): {summary}. Lowest perplexity at x{best.repeats}.", recurrence_figure(
@@ -254,7 +262,10 @@ def sweep_block(
     )
 
 
-def measure_perplexities(value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress()) -> str:
+@web_handler(work="the perplexity run", model_code=True)
+def measure_perplexities(
+    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
+) -> str:
     """Perplexity of the merge on screen and of each parent, on held-out text and on the user's."""
     from merger.assemble import assemble
     from merger.lens import HELDOUT_TEXT, chunks_for, perplexity
@@ -262,30 +273,27 @@ def measure_perplexities(value: dict[str, Any], text: str, progress: gr.Progress
     from merger.recipe import passthrough
     from merger.runtime import best_device, build_dtype, load_tokenizer
 
-    try:
-        plan = make_plan(recipe_from_value(value), model_info)
-        user_text = _user_text(text)
-        tokenizer = load_tokenizer(plan)
-        chunks = {"held-out text": chunks_for(tokenizer, None, HELDOUT_TEXT, max_tokens=MAX_TOKENS)}
-        if user_text is not None:
-            chunks["your text"] = chunks_for(tokenizer, user_text, HELDOUT_TEXT, max_tokens=MAX_TOKENS)
-        device = best_device()
-        candidates = {"the merge": plan} | {
-            ref.removeprefix("bundled:"): make_plan(passthrough((ref, 0, info.num_layers)), plan.models.__getitem__)
-            for ref, info in plan.models.items()
-        }
-        rows = []
-        for i, (name, model_plan) in enumerate(candidates.items()):
-            progress(i / len(candidates), desc=f"perplexity of {name}")
-            model = assemble(model_plan, device=device, dtype=build_dtype(model_plan, device))
-            rows.append(
-                f"| {name} | {model_plan.num_layers} | "
-                + " | ".join(f"{perplexity(model, c):.2f}" for c in chunks.values())
-                + " |"
-            )
-            del model
-    except UserError as exc:
-        raise gr.Error(str(exc)) from None
+    plan = make_plan(recipe_from_value(value), model_info)
+    user_text = _user_text(text)
+    tokenizer = load_tokenizer(plan)
+    chunks = {"held-out text": chunks_for(tokenizer, None, HELDOUT_TEXT, max_tokens=LENS_TOKENS.value)}
+    if user_text is not None:
+        chunks["your text"] = chunks_for(tokenizer, user_text, HELDOUT_TEXT, max_tokens=LENS_TOKENS.value)
+    device = best_device()
+    candidates = {"the merge": plan} | {
+        md(ref.removeprefix("bundled:")): make_plan(passthrough((ref, 0, info.num_layers)), plan.models.__getitem__)
+        for ref, info in plan.models.items()
+    }
+    rows = []
+    for i, (name, model_plan) in enumerate(candidates.items()):
+        _progress(progress)(i / len(candidates), f"perplexity of {name}")
+        model = assemble(model_plan, device=device, dtype=build_dtype(model_plan, device))
+        rows.append(
+            f"| {name} | {model_plan.num_layers} | "
+            + " | ".join(f"{perplexity(model, c):.2f}" for c in chunks.values())
+            + " |"
+        )
+        del model
     head = "| model | layers | " + " | ".join(f"{n} ({c.num_tokens:,} tokens)" for n, c in chunks.items()) + " |"
     return "\n".join([head, "|---|---|" + "---|" * len(chunks), *rows])
 
@@ -295,8 +303,9 @@ def build_lens_tab() -> dict[str, Any]:
     with gr.Row():
         model = gr.Dropdown(label="Model to analyze (a column of the stack)", choices=[], elem_id="lens-model", scale=3)
         analyze = gr.Button("Analyze", variant="primary", elem_id="lens-analyze", scale=1)
+        stop = gr.Button("Stop", elem_id="lens-stop", scale=1)
     text = gr.Textbox(
-        label="Calibration text (empty: the bundled text; at most 200,000 characters)",
+        label=f"Calibration text (empty: the bundled text; at most {LENS_TEXT_CHARS.value:,} characters)",
         lines=3,
         max_lines=8,
         elem_id="lens-text",
@@ -328,6 +337,7 @@ def build_lens_tab() -> dict[str, Any]:
     return {
         "model": model,
         "analyze": analyze,
+        "stop": stop,
         "text": text,
         "summary": summary,
         "heatmap": heatmap,
@@ -377,3 +387,5 @@ def wire_lens_tab(lens: dict[str, Any], stack: gr.HTML) -> None:
         **heavy,
     )
     lens["ppl"].click(measure_perplexities, [stack, lens["text"]], lens["ppl_md"], **heavy)
+    # not in the lens slot: it must run while a lens run holds it
+    lens["stop"].click(stop_work, api_visibility="private", concurrency_limit=None)

@@ -28,6 +28,7 @@ from merger.hub import current_token, hub_token
 from merger.plan import Plan, make_plan
 from merger.recipe import recipe_from_yaml
 from merger.space import on_space
+from ui.guard import check_current
 
 POLICY = LocalPolicy.for_web()
 VISITOR_CACHE_SIZE = 64
@@ -68,7 +69,13 @@ def model_info(ref: str) -> ModelInfo:
 
 
 def plan_for(recipe_yaml: str) -> Plan:
-    return make_plan(recipe_from_yaml(recipe_yaml), model_info)
+    """The recipe's plan; before each model's metadata is read, the request's work may stop."""
+
+    def checked(ref: str) -> ModelInfo:
+        check_current()
+        return model_info(ref)
+
+    return make_plan(recipe_from_yaml(recipe_yaml), checked)
 
 
 def visitor_token(oauth_token: gr.OAuthToken | None, pasted: str | None = None) -> str | bool | None:

@@ -6,6 +6,7 @@ from html import escape
 
 from merger.params import human_bytes
 from merger.placement import DEPTH_RANGES, DeviceShare, Placement
+from ui.text import md
 
 
 def _layers(share: DeviceShare) -> str:
@@ -52,4 +53,4 @@ def placement_markdown(placement: Placement) -> str:
 
 
 def refusal_markdown(message: str) -> str:
-    return f"**Placement**: ⚠️ {escape(message)}"
+    return f"**Placement**: ⚠️ {md(message)}"

@@ -53,7 +53,7 @@ def test_editing_the_stack_updates_the_link_that_reopens_it(app_url, page):
     [
         ("v1.AAAA", "damaged"),
         ("v9.abc", "is not one this app reads"),
-        ("v1." + "A" * 9000, "too long"),
+        ("v1." + "A" * 9000, "more than the 8,192 characters"),
         ("v1.%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E", "damaged"),
     ],
 )

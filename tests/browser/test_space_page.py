@@ -30,7 +30,7 @@ def test_a_visitor_splices_builds_chats_stops_and_exports_on_a_zero_gpu_space(sp
 
     page.get_by_role("button", name="Generation settings").click()
     tokens = page.locator("#max-new-tokens input[type=number]")
-    tokens.fill("1024")
+    tokens.fill("200")  # the tiny model's window holds 256 tokens, on the CPU stand-in as on a GPU
     tokens.press("Enter")
     page.locator("#chat-input textarea").fill("Tell me a long story")
     page.locator("#send-btn").click()
@@ -39,7 +39,7 @@ def test_a_visitor_splices_builds_chats_stops_and_exports_on_a_zero_gpu_space(sp
     page.locator("#stop-btn").click()
     stats = page.locator("#reply-stats")
     wait_for(lambda: "tokens/s" in stats.inner_text(), "the stopped reply's speed", timeout=60)
-    assert int(stats.inner_text().split(" tokens")[0].rsplit("· ", 1)[1]) < 1024
+    assert int(stats.inner_text().split(" tokens")[0].rsplit("· ", 1)[1]) < 200
 
     page.get_by_role("button", name="Export and publish").click()
     page.locator("#export-btn").click()
