@@ -141,7 +141,7 @@ def test_recipe_mistakes_that_crashed_are_one_line_in_the_cli_and_a_sentence_on_
     ref = str(tiny_llama)
     cases = {
         recipe_file(tmp_path, ref, end=10**30): "more than the 1,024 layers",
-        recipe_file(tmp_path, ref, extra="tokenizer_source: [1]\n"): "`tokenizer_source` should be a valid string",
+        recipe_file(tmp_path, ref, extra="tokenizer_source: [1]\n"): "names a model, or is base or union",
     }
     deep = tmp_path / "deep.yml"
     deep.write_text("slices: " + "[" * 5000 + "]" * 5000)

@@ -20,6 +20,7 @@ from ui.roleplay import load_card
 
 from bounded import peak_rss_growth, run_within
 from hostile_inputs import NESTED_LOOPS, half_megabyte_card
+from refs import ANY_PATH
 from tiny import tiny_tokenizer
 
 GREEDY = (0.0, 0.9, 8, 0, 0.0, 1.0, 0)  # temperature, top-p, max new tokens, top-k, min-p, penalty, seed
@@ -29,7 +30,9 @@ MB = 2**20
 @pytest.fixture
 def visitor(tiny_llama):
     request = SimpleNamespace(session_hash="limits-visitor")
-    built = bench.build_into(bench.slot(request), make_plan(passthrough((str(tiny_llama), 0, 6))), lambda *a, **k: None)
+    built = bench.build_into(
+        bench.slot(request), make_plan(passthrough((str(tiny_llama), 0, 6)), ANY_PATH), lambda *a, **k: None
+    )
     yield request, built
     bench.SESSIONS.drop_session("limits-visitor")
 

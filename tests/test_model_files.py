@@ -34,7 +34,7 @@ def test_a_file_symlinked_out_of_an_allowed_folder_is_refused(roots, name):
     with pytest.raises(ModelRefError, match=f"'model/{name}' leads outside the allowed folders"):
         resolve("model", LocalPolicy(allow_any_path=False, roots=(root.resolve(),)))
     # the CLI takes any path: the same folder opens there
-    assert resolve(str(root / "model")).num_layers == 6
+    assert resolve(str(root / "model"), LocalPolicy.any_path()).num_layers == 6
 
 
 def test_symlinks_that_stay_inside_the_root_are_followed(roots):
@@ -62,11 +62,11 @@ def test_a_hub_header_with_a_negative_or_overflowing_shape_is_refused(hub, shape
     hub.add_file("org/odd", "config.json", json.dumps(HUB_CONFIG).encode())
     hub.add_file("org/odd", "model.safetensors", safetensors_bytes(shape))
     with pytest.raises(ModelRefError, match=said):
-        resolve("org/odd")
+        resolve("org/odd", LocalPolicy.any_path())
 
 
 def test_a_hub_config_that_is_not_json_is_a_sentence(hub):
     hub.add_file("org/broken", "config.json", b"{not json")
     hub.add_file("org/broken", "model.safetensors", safetensors_bytes([4]))
     with pytest.raises(ModelRefError, match=r"the config\.json of 'org/broken' is not valid JSON"):
-        resolve("org/broken")
+        resolve("org/broken", LocalPolicy.any_path())

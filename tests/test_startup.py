@@ -3,6 +3,7 @@ a Lens request that arrives meanwhile (Score the seams loads the tokenizer first
 import instead of failing with "cannot import name 'AutoTokenizer'" (two threads inside
 transformers' package at once)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ print("lens:", summary.split(" over ")[0])
 
 
 def test_a_lens_request_during_the_start_up_import_waits_for_it(tiny_llama):
-    command = [sys.executable, "-c", EARLY_LENS_REQUEST, str(tiny_llama)]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-c", EARLY_LENS_REQUEST, tiny_llama.name]  # named as a visitor names it
+    env = {**os.environ, "FRANKENMERGE_LOCAL_DIRS": str(tiny_llama.parent)}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "lens: 1 seam(s)" in run.stdout

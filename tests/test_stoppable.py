@@ -15,6 +15,7 @@ from ui import guard
 from ui.lens import analyze_model
 
 from bounded import run_within
+from refs import ANY_PATH
 
 TEXT = "The tide came in over the flats while the herons waited by the channel. "
 
@@ -54,10 +55,10 @@ def lens_in_flight(ref: str, request, text: str) -> tuple[threading.Thread, Held
     ("how", "unique"),
     [("leaves the page", "one"), ("presses Stop", "two")],
 )
-def test_a_lens_run_stops_at_its_next_step_when_the_visitor_leaves_or_presses_stop(tiny_llama, how, unique):
+def test_a_lens_run_stops_at_its_next_step_when_the_visitor_leaves_or_presses_stop(web_tiny_llama, how, unique):
     request = SimpleNamespace(session_hash=f"lens-{unique}")
     other = SimpleNamespace(session_hash="someone-else")
-    thread, progress, outcome = lens_in_flight(str(tiny_llama), request, f"{unique} {TEXT}")
+    thread, progress, outcome = lens_in_flight(web_tiny_llama, request, f"{unique} {TEXT}")
     guard.stop_session_work(other.session_hash)  # another visitor leaving stops nothing of this one
     if how == "leaves the page":
         bench.forget_session(request)  # what demo.unload runs
@@ -70,17 +71,17 @@ def test_a_lens_run_stops_at_its_next_step_when_the_visitor_leaves_or_presses_st
     assert outcome["error"].message == "The lens was stopped."
 
 
-def test_a_lens_run_past_the_time_budget_ends_with_a_message(tiny_llama, monkeypatch):
+def test_a_lens_run_past_the_time_budget_ends_with_a_message(web_tiny_llama, monkeypatch):
     monkeypatch.setenv("FRANKENMERGE_MAX_REQUEST_SECONDS", "1")
     clock = iter(range(0, 10**6, 5))  # every look at the clock is five seconds later
     monkeypatch.setattr(guard, "clock", lambda: next(clock))
     with pytest.raises(gr.Error, match=r"The lens ran 5 seconds, more than the 1 seconds .*; it was stopped"):
-        run_within(120, analyze_model, str(tiny_llama), f"budget {TEXT}", {"models": [], "slices": []}, no_progress)
+        run_within(120, analyze_model, web_tiny_llama, f"budget {TEXT}", {"models": [], "slices": []}, no_progress)
 
 
 def test_a_reply_past_the_time_budget_stops_and_says_so(tiny_llama, monkeypatch):
     request = SimpleNamespace(session_hash="reply-budget")
-    plan = make_plan(passthrough((str(tiny_llama), 0, 6)))
+    plan = make_plan(passthrough((str(tiny_llama), 0, 6)), ANY_PATH)
     bench.build_into(bench.slot(request), plan, no_progress)
     try:
         monkeypatch.setenv("FRANKENMERGE_MAX_REQUEST_SECONDS", "1")

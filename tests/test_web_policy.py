@@ -54,7 +54,7 @@ ENTRIES = {
     "apply YAML": lambda ref: app.apply_yaml(yaml_of(ref), stack_of(ref))[1],
     "add model column": lambda ref: app.add_model(ref, {"models": [], "slices": []}, progress=no_progress)[1],
     "share link": lambda ref: app.initial_state(
-        SimpleNamespace(query_params={"r": to_share_token(passthrough((ref, 0, 4)))})
+        SimpleNamespace(session_hash="policy-visitor", query_params={"r": to_share_token(passthrough((ref, 0, 4)))})
     )[1],
     "export": lambda ref: app.export_merge(yaml_of(ref), "bfloat16", "", False, "", progress=no_progress),
     "slim": lambda ref: app.slim(ref, "", False, "", progress=no_progress),
