@@ -38,8 +38,9 @@ from ui.chat import (
     build_model,
     build_notice,
     forget_session,
+    roleplay_chat,
     said,
-    send_in_character,
+    sending,
     session_id,
     wire_chat_tab,
     wire_compare_tab,
@@ -158,8 +159,12 @@ def unchanged_view(**shown: Any) -> RecipeView:
     return RecipeView(*[gr.skip()] * len(RecipeView._fields))._replace(**shown)
 
 
-def share_settings(temperature: float, top_p: float, max_new_tokens: int) -> dict[str, Any]:
-    return {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+DEFAULT_SETTINGS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}  # what a share link carries
+
+
+def share_settings(*values: Any) -> dict[str, Any]:
+    """The shared settings' values (the edit handlers' trailing inputs, in DEFAULT_SETTINGS' order), by name."""
+    return dict(zip(DEFAULT_SETTINGS, values, strict=True))
 
 
 def recipe_view(
@@ -211,29 +216,25 @@ def columns_for(recipe: Recipe) -> list[dict[str, Any]]:
 def on_stack_edit(
     value: dict[str, Any],
     state: State,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
     request: gr.Request,
     oauth_token: gr.OAuthToken | None = None,
+    *settings: Any,
 ) -> RecipeView:
     """The widget changed: an edit of the stack (or Python's own redraw, which changes nothing)."""
     edited = widget_edited(state, value)
     if edited is None:
         return unchanged_view()
     after, redraw = edited
-    return recipe_view(state, after, request, share_settings(temperature, top_p, max_new_tokens), redraw=redraw)
+    return recipe_view(state, after, request, share_settings(*settings), redraw=redraw)
 
 
 @as_visitor
 def apply_yaml(
     recipe_yaml: str,
     state: State,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
     request: gr.Request,
     oauth_token: gr.OAuthToken | None = None,
+    *settings: Any,
 ) -> RecipeView:
     """Pasted YAML becomes the recipe, whole; its models become the columns. A recipe that cannot
     be built is refused, next to the box, and the page keeps the recipe it had."""
@@ -245,8 +246,8 @@ def apply_yaml(
     reading = read(after)
     if reading.error:
         return unchanged_view(yaml_note=f"⚠️ Not applied: {reading.error}")
-    settings = share_settings(temperature, top_p, max_new_tokens)
-    return recipe_view(state, after, request, settings, redraw=True, reading=reading)
+    shared = share_settings(*settings)
+    return recipe_view(state, after, request, shared, redraw=True, reading=reading)
 
 
 def yaml_note(recipe_yaml: str, state: State) -> str:
@@ -263,16 +264,14 @@ def discard_yaml(state: State) -> tuple[str, str]:
 def set_dtype(
     dtype: str,
     state: State,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
     request: gr.Request,
     oauth_token: gr.OAuthToken | None = None,
+    *settings: Any,
 ) -> RecipeView:
     """The one dtype: what the preview counts, Build builds (on the CPU; CUDA builds without a chosen
     dtype use bfloat16) and Export writes."""
-    settings = share_settings(temperature, top_p, max_new_tokens)
-    return recipe_view(state, with_dtype(state, dtype), request, settings, redraw=False)
+    shared = share_settings(*settings)
+    return recipe_view(state, with_dtype(state, dtype), request, shared, redraw=False)
 
 
 @as_visitor
@@ -306,11 +305,9 @@ def put_suggestion(
     pick: str | None,
     ref: str | None,
     state: State,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
     request: gr.Request,
     oauth_token: gr.OAuthToken | None = None,
+    *settings: Any,
 ) -> RecipeView:
     """The Lens's picked block, duplicated, replaces the stack; the notice says so and Undo goes back."""
     recipe, columns = suggestion_recipe(pick, ref, state["widget"]["models"])
@@ -322,28 +319,18 @@ def put_suggestion(
         f"{merged_layer_count(old)} layers); the recipe's other settings (dtype, tokenizer) stay. "
         "**Undo** brings the old stack back."
     )
-    settings = share_settings(temperature, top_p, max_new_tokens)
-    return recipe_view(state, after, request, settings, redraw=True, lens_note=note)
+    shared = share_settings(*settings)
+    return recipe_view(state, after, request, shared, redraw=True, lens_note=note)
 
 
 @as_visitor
-def undo_put(
-    state: State,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    request: gr.Request,
-    oauth_token: gr.OAuthToken | None = None,
-) -> RecipeView:
+def undo_put(state: State, request: gr.Request, oauth_token: gr.OAuthToken | None = None, *settings: Any) -> RecipeView:
     before = undone(state)
     if before is None:
         raise gr.Error("There is nothing to undo.")
-    settings = share_settings(temperature, top_p, max_new_tokens)
+    shared = share_settings(*settings)
     note = "The stack is back as it was before the suggestion."
-    return recipe_view(state, before, request, settings, redraw=True, lens_note=note)
-
-
-DEFAULT_SETTINGS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}
+    return recipe_view(state, before, request, shared, redraw=True, lens_note=note)
 
 
 def default_state() -> State:
@@ -376,10 +363,10 @@ def open_page(request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> 
     return (*view, notice, settings["temperature"], settings["top_p"], settings["max_new_tokens"])
 
 
-def share_token(state: State, temperature: float, top_p: float, max_new_tokens: int) -> str:
+def share_token(state: State, *settings: Any) -> str:
     """The share-link token of the recipe and settings ('' while the recipe is unfinished)."""
     recipe = recipe_of(state)
-    return to_share_token(recipe, share_settings(temperature, top_p, max_new_tokens)) if recipe else ""
+    return to_share_token(recipe, share_settings(*settings)) if recipe else ""
 
 
 def page_plan(state: State, recipe_yaml: str) -> Plan:
@@ -502,10 +489,10 @@ def export_merge(
     repo_name: str,
     private: bool,
     token_text: str,
-    state: State | None = None,
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),
+    state: State | None = None,
 ) -> tuple[str, str | None]:
     """Export: the page's recipe (`state`), at its own dtype; for the /export endpoint, which has no
     page, the recipe's YAML at `dtype` (empty: the recipe's own). Written as a Hugging Face folder,
@@ -719,7 +706,7 @@ def build_demo() -> gr.Blocks:
         rp_inputs = [rp["message"], rp["chatbot"], rp["card_state"], rp["user"], *settings_inputs]
         for trigger in (rp["send"].click, rp["message"].submit):
             rp_outputs = [rp["chatbot"], rp["stats"], rp["message"]]
-            trigger(send_in_character, rp_inputs, rp_outputs, trigger_mode="multiple", **private)
+            trigger(sending(roleplay_chat), rp_inputs, rp_outputs, trigger_mode="multiple", **private)
         for control in share_settings_inputs:
             control.change(share_token, edit_inputs, share_token_box, **private)
         share_token_box.change(None, share_token_box, share_box, js=SHARE_LINK_JS)

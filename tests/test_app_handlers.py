@@ -44,7 +44,7 @@ def opened(request, token: str | None = None) -> app.RecipeView:
 
 
 def applied(request, text: str = PASTED) -> app.RecipeView:
-    view = app.apply_yaml(text, opened(request).state, *SETTINGS, request)
+    view = app.apply_yaml(text, opened(request).state, request, None, *SETTINGS)
     assert view.yaml_note == "", view.yaml_note
     return view
 
@@ -53,7 +53,7 @@ def edited(view: app.RecipeView, request, change) -> app.RecipeView:
     """The widget sends an edit of the stack it shows (as stack.js does: a new value, scores dropped)."""
     value = json.loads(json.dumps(view.state["widget"]))
     change(value)
-    return app.on_stack_edit({**value, "seam_scores": None}, view.state, *SETTINGS, request)
+    return app.on_stack_edit({**value, "seam_scores": None}, view.state, request, None, *SETTINGS)
 
 
 def duplicate_first(value: dict) -> None:
@@ -73,10 +73,10 @@ def test_a_pasted_recipe_keeps_every_key_through_stack_edits_into_preview_yaml_a
 
 def test_an_echo_of_the_stack_is_no_edit_and_changes_nothing(visitor):
     view = applied(visitor)
-    echo = app.on_stack_edit(view.state["widget"], view.state, *SETTINGS, visitor)
+    echo = app.on_stack_edit(view.state["widget"], view.state, visitor, None, *SETTINGS)
     assert all(part == gr.skip() for part in echo)
     scored = {**view.state["widget"], "seam_scores": {"1": 0.2}}  # the Lens drawing scores is no edit either
-    assert all(part == gr.skip() for part in app.on_stack_edit(scored, view.state, *SETTINGS, visitor))
+    assert all(part == gr.skip() for part in app.on_stack_edit(scored, view.state, visitor, None, *SETTINGS))
 
 
 def test_a_recipe_that_cannot_be_planned_shows_the_same_new_recipe_in_yaml_and_share_link(visitor):
@@ -111,7 +111,7 @@ def test_yaml_pasted_but_not_applied_is_never_built_or_exported_and_is_pointed_o
     with pytest.raises(gr.Error, match="you have not applied"):
         app.build_page(view.state, PASTED, visitor, progress=no_progress)
     with pytest.raises(gr.Error, match="you have not applied"):
-        app.export_merge(PASTED, "", "", False, "", view.state, progress=no_progress)
+        app.export_merge(PASTED, "", "", False, "", progress=no_progress, state=view.state)
     assert bench.SESSIONS.get(bench.slot(visitor)) is None
     same = yaml.safe_dump(yaml.safe_load(view.yaml), default_flow_style=True)  # reformatted, not another recipe
     assert app.yaml_note(same, view.state) == "" and app.yaml_note("", view.state) == ""
@@ -119,7 +119,7 @@ def test_yaml_pasted_but_not_applied_is_never_built_or_exported_and_is_pointed_o
 
 
 def test_pasted_yaml_with_a_mistake_changes_nothing_and_says_why_by_the_box(visitor):
-    view = app.apply_yaml("slices: [", opened(visitor).state, *SETTINGS, visitor)
+    view = app.apply_yaml("slices: [", opened(visitor).state, visitor, None, *SETTINGS)
     assert view.yaml_note.startswith("⚠️ Not applied: malformed YAML at line 1")
     assert all(part == gr.skip() for name, part in view._asdict().items() if name != "yaml_note")
 
@@ -149,7 +149,7 @@ def test_the_build_status_says_when_the_stack_no_longer_matches_the_built_model(
 
 
 def test_one_dtype_is_counted_and_exported_and_the_export_reports_its_whole_time(visitor, monkeypatch):
-    view = app.set_dtype("bfloat16", opened(visitor).state, *SETTINGS, visitor)
+    view = app.set_dtype("bfloat16", opened(visitor).state, visitor, None, *SETTINGS)
     assert "**30 layers** · bfloat16 · export size 256.57 MiB" in view.preview
     assert yaml.safe_load(view.yaml)["dtype"] == "bfloat16"
     clock = [1000.0]
@@ -163,7 +163,7 @@ def test_one_dtype_is_counted_and_exported_and_the_export_reports_its_whole_time
 
     monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(app, "deliver", deliver)
-    status, _ = app.export_merge(view.yaml, "float32", "", False, "", view.state, progress=no_progress)
+    status, _ = app.export_merge(view.yaml, "float32", "", False, "", progress=no_progress, state=view.state)
     assert written["config"]["dtype"] == written["recipe"]["dtype"] == "bfloat16"
     assert status.startswith("Exported 256.57 MiB of bfloat16 in 1 shard(s), written in ")
     assert status.endswith("Download it below. 30.0 s in all.")
@@ -171,25 +171,25 @@ def test_one_dtype_is_counted_and_exported_and_the_export_reports_its_whole_time
 
 def test_an_edit_clears_an_export_of_the_earlier_recipe_and_a_redraw_does_not(visitor):
     view = opened(visitor)
-    changed = app.set_dtype("bfloat16", view.state, *SETTINGS, visitor)
+    changed = app.set_dtype("bfloat16", view.state, visitor, None, *SETTINGS)
     assert changed.export_status == "" and changed.export_file is None
-    same = app.set_dtype("bfloat16", changed.state, *SETTINGS, visitor)
+    same = app.set_dtype("bfloat16", changed.state, visitor, None, *SETTINGS)
     assert same.export_status == gr.skip() and same.export_file == gr.skip()
 
 
 def test_a_lens_suggestion_put_in_the_stack_says_what_it_replaced_and_undo_brings_it_back(visitor):
     view = applied(visitor)
-    put = app.put_suggestion("[2, 4)", SMOL, view.state, *SETTINGS, visitor)
+    put = app.put_suggestion("[2, 4)", SMOL, view.state, visitor, None, *SETTINGS)
     assert [(s["start"], s["end"]) for s in put.widget["slices"]] == [(0, 4), (2, 30)]
     assert "It replaced the stack you had (2 slice(s), 4 layers)" in put.lens_note
     assert put.lens_undo.visible and "**32 layers** · bfloat16" in put.preview  # the recipe's dtype stays
-    back = app.undo_put(put.state, *SETTINGS, visitor)
+    back = app.undo_put(put.state, visitor, None, *SETTINGS)
     assert back.state == view.state and back.widget == view.state["widget"] and back.yaml == view.yaml
     assert not back.lens_undo.visible and "back as it was" in back.lens_note
     later = edited(put, visitor, duplicate_first)  # another edit: the replacement can no longer be undone
     assert not later.lens_undo.visible and later.lens_note == ""
     with pytest.raises(gr.Error, match="nothing to undo"):
-        app.undo_put(later.state, *SETTINGS, visitor)
+        app.undo_put(later.state, visitor, None, *SETTINGS)
 
 
 def test_adding_a_model_column_shows_its_layers_and_refuses_unknown_models(visitor):

@@ -73,23 +73,23 @@ SAMPLED = (1.0, 1.0, 12, 0, 0.0, 1.0, 0)  # temperature 1: the seed decides the 
 
 def test_a_message_sent_while_a_reply_streams_is_refused_in_words_and_stays_in_the_box(visitor):
     request, _ = visitor
-    streaming = bench.send_message("Hello", [], request, *SAMPLED)
+    streaming = bench.sending(bench.chat)("Hello", [], *SAMPLED, request=request)
     *_, box = next(streaming)
     assert box == ""  # the first message was taken
-    second = bench.send_message("And another thing", [], request, *SAMPLED)
+    second = bench.sending(bench.chat)("And another thing", [], *SAMPLED, request=request)
     with pytest.raises(gr.Error, match="A reply is still being written: wait for it to end or press Stop"):
         next(second)  # refused before any frame: the box keeps the message
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
     for other in (  # every other way to ask for a reply meanwhile: refused in words too
         bench.regenerate(history, False, request, *SAMPLED),
-        bench.send_to_both("Hi", [], [], request, *SAMPLED),
-        bench.send_in_character("Hi", [], None, "Ann", request, *SAMPLED),
+        bench.compare_send("Hi", [], [], *SAMPLED, request=request),
+        bench.roleplay_chat("Hi", [], None, "Ann", request, *SAMPLED),
     ):
         with pytest.raises(gr.Error, match="still being written"):
             next(other)
     *_, (history, speed, _) = streaming  # the first reply ends as it would have
     assert "tokens/s" in speed
-    *_, (history, speed, _) = bench.send_message("And another thing", history, request, *SAMPLED)
+    *_, (history, speed, _) = bench.sending(bench.chat)("And another thing", history, *SAMPLED, request=request)
     assert bench.text_of(history[-2]["content"]) == "And another thing" and "tokens/s" in speed
 
 

@@ -379,17 +379,19 @@ def chat(
 
 # The private handlers below take the settings panel's values as *settings: gradio puts gr.Request
 # and gr.EditData into the named parameters before them.
-def taking_message(frames: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
-    """A page's Send: the reply's frames, and its message box emptied once the message is taken; a
-    message refused (while a reply is still being written, say) stays in the box."""
-    taken = False
-    for frame in frames:
-        yield (*frame, gr.skip() if taken else "")
-        taken = True
+def sending(handler: Callable[..., Iterator[tuple[Any, ...]]]) -> Callable[..., Iterator[tuple[Any, ...]]]:
+    """A page's Send for a streaming `handler`: its frames, plus its message box emptied once the
+    message is taken; a message refused (while a reply is still being written, say) stays there."""
 
+    @functools.wraps(handler)
+    def send(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+        taken = False
+        for frame in handler(*args, **kwargs):
+            yield (*frame, gr.skip() if taken else "")
+            taken = True
 
-def send_message(message: str, history: list[dict[str, Any]], request: gr.Request, *settings: Any):
-    yield from taking_message(chat(message, history, *settings, request=request))
+    send.__name__ = f"send_{handler.__name__}"  # Gradio names endpoints after functions: /chat stays the API's
+    return send
 
 
 @one_reply_at_a_time
@@ -451,17 +453,6 @@ def roleplay_chat(
     shown = [*(history or []), {"role": "user", "content": message}]
     options = generation_settings(*settings)
     yield from stream_turns(request, turns, shown, options, prompt=prompt, stop_strings=stop_strings(user))
-
-
-def send_in_character(
-    message: str,
-    history: list[dict[str, Any]],
-    card_state: dict[str, Any] | None,
-    user: str,
-    request: gr.Request,
-    *settings: Any,
-):
-    yield from taking_message(roleplay_chat(message, history, card_state, user, request, *settings))
 
 
 def stop_chat(request: gr.Request) -> None:
@@ -580,16 +571,6 @@ def side_by_side_frames(
         yield frame(replies, done=True)
 
 
-def send_to_both(
-    message: str,
-    merge_history: list[dict[str, Any]],
-    other_history: list[dict[str, Any]],
-    request: gr.Request,
-    *settings: Any,
-):
-    yield from taking_message(compare_send(message, merge_history, other_history, *settings, request=request))
-
-
 # ---- layout and wiring ------------------------------------------------------------------------
 
 
@@ -670,7 +651,7 @@ def wire_chat_tab(tab: dict[str, Any], settings_inputs: list[Any], *, seed: Any,
     inputs = [tab["message"], tab["chatbot"], *settings_inputs]
     for trigger in (tab["send"].click, tab["message"].submit):
         # "multiple": a message sent while a reply streams reaches the server and is refused in words
-        trigger(send_message, inputs, [*outputs, tab["message"]], trigger_mode="multiple", **private)
+        trigger(sending(chat), inputs, [*outputs, tab["message"]], trigger_mode="multiple", **private)
     gr.on([], chat, inputs, outputs, api_name="chat")  # the HTTP API: no page state, no message box
     tab["regenerate"].click(regenerate, [tab["chatbot"], pin_seed, *settings_inputs], [*outputs, seed], **private)
     tab["continue"].click(continue_reply, [tab["chatbot"], *settings_inputs], outputs, **private)
@@ -686,7 +667,7 @@ def wire_compare_tab(tab: dict[str, Any], stack: gr.HTML, settings_inputs: list[
     inputs = [tab["message"], tab["merge_chat"], tab["other_chat"], *settings_inputs]
     outputs = [tab["merge_chat"], tab["other_chat"], tab["merge_stats"], tab["other_stats"]]
     for trigger in (tab["send"].click, tab["message"].submit):
-        trigger(send_to_both, inputs, [*outputs, tab["message"]], trigger_mode="multiple", **private)
+        trigger(sending(compare_send), inputs, [*outputs, tab["message"]], trigger_mode="multiple", **private)
     gr.on([], compare_send, inputs, outputs, api_name="compare")  # the HTTP API: no message box
     tab["stop"].click(stop_chat, **private)
     tab["clear"].click(lambda: ([], [], "", ""), outputs=outputs, **private)

@@ -58,6 +58,7 @@ def test_lens_plots_a_model_applies_a_suggestion_and_colours_its_seams(app_url, 
 
     # Undo: the stack the suggestion replaced comes back
     page.locator("#lens-undo").click()
-    wait_for(lambda: "134,515,008" in page.locator("#preview").inner_text(), "the old stack back")
-    assert "back as it was" in page.locator("#lens-put-note").inner_text()
+    wait_for(lambda: "back as it was" in page.locator("#lens-put-note").inner_text(), "the old stack back")
+    assert page.get_by_test_id("merged-layers").inner_text().strip() == "30"
+    assert "134,515,008 parameters" in page.locator("#preview").inner_text()
     assert not page.locator("#lens-undo").is_visible()
