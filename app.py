@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -24,8 +24,8 @@ from merger.errors import PlacementError, UserError
 from merger.export import export_plan
 from merger.hub import current_token, push_folder
 from merger.params import count, human_bytes, human_params
-from merger.plan import make_plan
-from merger.recipe import from_share_token, recipe_from_yaml, to_share_token
+from merger.plan import Plan
+from merger.recipe import DTYPES, Recipe, from_share_token, passthrough, recipe_from_yaml, to_share_token
 from merger.runtime import free_memory, plan_placement
 from merger.slim import slim_model
 from merger.space import DEFAULT_HUB_MODEL, HUB_MODELS, on_space
@@ -34,19 +34,38 @@ from merger.zero_gpu import on_zero_gpu
 from ui.chat import (
     build_chat_tab,
     build_compare_tab,
+    build_merge,
     build_model,
+    build_notice,
     forget_session,
     roleplay_chat,
+    sending,
     wire_chat_tab,
     wire_compare_tab,
 )
 from ui.guard import check_current, session_id, web_handler
-from ui.lens import build_lens_tab, wire_lens_tab
-from ui.models import POLICY, as_visitor, model_info, plan_for, visitor
+from ui.lens import build_lens_tab, suggestion_recipe, wire_lens_tab
+from ui.models import POLICY, as_visitor, model_info, plan_for, plan_recipe, visitor
 from ui.placement import placement_markdown, refusal_markdown
-from ui.recipe_value import column, recipe_from_value, value_from_recipe
+from ui.recipe_state import (
+    Reading,
+    State,
+    empty_state,
+    of_recipe,
+    plan_of,
+    read,
+    recipe_of,
+    stack_replaced,
+    unapplied,
+    undone,
+    widget_edited,
+    with_columns,
+    with_dtype,
+    yaml_of,
+)
+from ui.recipe_value import column
 from ui.roleplay import build_roleplay_tab, load_card
-from ui.stack import stack_widget
+from ui.stack import merged_layer_count, stack_widget
 from ui.text import md
 
 BUNDLED_DEFAULT = "bundled:smollm2-135m-instruct"
@@ -66,12 +85,11 @@ def model_choices() -> list[str]:
     return local + list_allowed_folders(POLICY) + list(HUB_MODELS)
 
 
-# ---- handlers -------------------------------------------------------------------------------
+# ---- handlers: the recipe (one owner, ui/recipe_state.py) and what the page draws from it ------
 
 
-def preview_counts(recipe_yaml: str) -> dict[str, Any]:
-    """Counts of the merge a recipe describes, from metadata alone (a mistake is a UserError)."""
-    plan = plan_for(recipe_yaml)
+def preview_counts(plan: Plan) -> dict[str, Any]:
+    """What the preview shows of a plan (and /preview returns)."""
     return {**count(plan).as_dict(), "seams": plan.seams(), "notes": plan.recipe.notes}
 
 
@@ -79,7 +97,7 @@ def preview_counts(recipe_yaml: str) -> dict[str, Any]:
 @as_visitor
 def preview(recipe_yaml: str, oauth_token: gr.OAuthToken | None = None) -> dict[str, Any]:
     """Counts of the merge a recipe describes, from metadata alone."""
-    return preview_counts(recipe_yaml)
+    return preview_counts(plan_for(recipe_yaml))
 
 
 def preview_markdown(counts: dict[str, Any]) -> str:
@@ -95,15 +113,9 @@ def preview_markdown(counts: dict[str, Any]) -> str:
     )
 
 
-@web_handler()
-@as_visitor
-def placement_preview(value: dict[str, Any], oauth_token: gr.OAuthToken | None = None) -> str:
-    """Where a build of the stack would go on this machine and the memory per device (apart from
+def placement_preview(plan: Plan) -> str:
+    """Where a build of the plan would go on this machine and the memory per device (apart from
     the counts: it reads the devices' free memory)."""
-    try:
-        plan = make_plan(recipe_from_value(value), model_info)
-    except UserError:
-        return ""  # the preview already says what is wrong
     try:
         text = placement_markdown(plan_placement(plan))
     except PlacementError as exc:
@@ -113,59 +125,45 @@ def placement_preview(value: dict[str, Any], oauth_token: gr.OAuthToken | None =
     return text
 
 
-@web_handler(work="the preview")
-@as_visitor
-def on_stack_change(value: dict[str, Any], oauth_token: gr.OAuthToken | None = None) -> tuple[str, str]:
-    """The widget changed: new YAML and a new preview (a mistake is said in the preview's place)."""
-    try:
-        recipe = recipe_from_value(value)
-        yaml_text = recipe.to_yaml()
-        return yaml_text, preview_markdown(preview_counts(yaml_text))
-    except UserError as exc:
-        return gr.skip(), f"⚠️ {md(exc)}"
+UNAPPLIED = (
+    "The recipe box holds YAML you have not applied: press Apply YAML to use it, or Discard to go back "
+    "to the stack's recipe."
+)
+UNAPPLIED_NOTE = (
+    "✏️ Not applied yet: Build and Export use the stack's recipe until you press **Apply YAML** (or **Discard**)."
+)
 
 
-@web_handler(work="the preview")
-@as_visitor
-def apply_yaml(
-    recipe_yaml: str, value: dict[str, Any], oauth_token: gr.OAuthToken | None = None
-) -> tuple[dict[str, Any], str]:
-    """Pasted YAML replaces the stack; its models become the columns."""
-    try:
-        recipe = recipe_from_yaml(recipe_yaml)
-        columns = [column(model_info(ref)) for ref in recipe.models]
-        return value_from_recipe(recipe, columns), preview_markdown(preview_counts(recipe_yaml))
-    except UserError as exc:
-        return gr.skip(), f"⚠️ {md(exc)}"
+class RecipeView(NamedTuple):
+    """What the page shows of the recipe after an edit, in the order of the wiring's `recipe_outputs`."""
+
+    state: State
+    widget: Any  # gr.skip() when the widget shows it already (the edit came from the widget)
+    yaml: Any
+    yaml_note: str
+    preview: Any
+    placement: Any
+    dtype: Any
+    share_token: Any
+    build_status: Any
+    build_button: Any
+    export_status: Any
+    export_file: Any
+    lens_note: Any
+    lens_undo: Any
 
 
-@web_handler(work="adding the model")
-@as_visitor
-def add_model(
-    ref: str, value: dict[str, Any], oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = gr.Progress()
-) -> tuple[dict[str, Any], str]:
-    ref = (ref or "").strip()
-    name = ref.removeprefix("bundled:")
-    if ref.startswith("bundled:") and name in bundled.MODELS and not bundled.is_cached(name):
-        progress(0.1, desc="First use: converting the bundled model to safetensors (about a minute)")
-    try:
-        info = model_info(ref)
-    except UserError as exc:
-        return gr.skip(), f"⚠️ {md(exc)}"
-    columns = [c for c in value.get("models", []) if c["ref"] != info.ref] + [column(info)]
-    added = f"Added **{md(info.label)}**: {info.num_layers} layers, {md(info.architecture)}."
-    return {**value, "models": columns}, added
+def unchanged_view(**shown: Any) -> RecipeView:
+    """Nothing changes but what `shown` names."""
+    return RecipeView(*[gr.skip()] * len(RecipeView._fields))._replace(**shown)
 
 
-DEFAULT_SETTINGS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}
+DEFAULT_SETTINGS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}  # what a share link carries
 
 
-def default_value() -> dict[str, Any]:
-    info = model_info(default_model())
-    return {
-        "models": [column(info)],
-        "slices": [{"model": info.ref, "start": 0, "end": info.num_layers, "repeat": 1}],
-    }
+def named_settings(*values: Any) -> dict[str, Any]:
+    """The shared settings' values (the edit handlers' trailing inputs, in DEFAULT_SETTINGS' order), by name."""
+    return dict(zip(DEFAULT_SETTINGS, values, strict=True))
 
 
 def shared_settings(shared: dict[str, Any]) -> dict[str, Any]:
@@ -175,12 +173,187 @@ def shared_settings(shared: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def recipe_view(
+    before: State | None,
+    after: State,
+    request: gr.Request | None,
+    settings: dict[str, Any],
+    *,
+    redraw: bool,
+    reading: Reading | None = None,
+    lens_note: str | None = None,
+) -> RecipeView:
+    """Every part of the page drawn from one reading of the new state: the YAML box, preview,
+    placement, dtype, share link, whether the built model still matches, and an export of an
+    earlier recipe cleared."""
+    reading = reading or read(after)
+    if reading.plan is not None:
+        shown, placement = preview_markdown(preview_counts(reading.plan)), placement_preview(reading.plan)
+    else:
+        shown, placement = f"⚠️ {md(reading.error)}", ""
+    dtype = reading.plan.dtype if reading.plan else (reading.recipe.dtype if reading.recipe else None)
+    status, button = build_notice(request, reading.recipe)
+    changed = before is not None and before["recipe"] != after["recipe"]
+    if lens_note is None:
+        lens_note = gr.skip() if after["undo"] else ""
+    return RecipeView(
+        state=after,
+        widget=after["widget"] if redraw else gr.skip(),
+        yaml=reading.yaml,
+        yaml_note="",
+        preview=shown,
+        placement=placement,
+        dtype=dtype or gr.skip(),
+        share_token=to_share_token(reading.recipe, settings) if reading.recipe else "",
+        build_status=status,
+        build_button=button,
+        export_status="" if changed else gr.skip(),
+        export_file=None if changed else gr.skip(),
+        lens_note=lens_note,
+        lens_undo=gr.Button(visible=after["undo"] is not None),
+    )
+
+
+def columns_for(recipe: Recipe) -> list[dict[str, Any]]:
+    return [column(model_info(ref)) for ref in recipe.models]
+
+
+@web_handler(work="the preview")
+@as_visitor
+def on_stack_edit(
+    value: dict[str, Any],
+    state: State,
+    request: gr.Request,
+    oauth_token: gr.OAuthToken | None = None,
+    *settings: Any,
+) -> RecipeView:
+    """The widget changed: an edit of the stack (or Python's own redraw, which changes nothing)."""
+    edited = widget_edited(state, value)
+    if edited is None:
+        return unchanged_view()
+    after, redraw = edited
+    return recipe_view(state, after, request, named_settings(*settings), redraw=redraw)
+
+
+@web_handler(work="the preview")
+@as_visitor
+def apply_yaml(
+    recipe_yaml: str,
+    state: State,
+    request: gr.Request,
+    oauth_token: gr.OAuthToken | None = None,
+    *settings: Any,
+) -> RecipeView:
+    """Pasted YAML becomes the recipe, whole; its models become the columns. A recipe that cannot
+    be built is refused, next to the box, and the page keeps the recipe it had."""
+    try:
+        recipe = recipe_from_yaml(recipe_yaml)
+        after = of_recipe(recipe, columns_for(recipe))
+    except UserError as exc:
+        return unchanged_view(yaml_note=f"⚠️ Not applied: {md(exc)}")
+    reading = read(after)
+    if reading.error:
+        return unchanged_view(yaml_note=f"⚠️ Not applied: {md(reading.error)}")
+    return recipe_view(state, after, request, named_settings(*settings), redraw=True, reading=reading)
+
+
+@web_handler()
+def yaml_note(recipe_yaml: str, state: State) -> str:
+    """Under the YAML box while it holds a recipe other than the page's."""
+    return UNAPPLIED_NOTE if unapplied(state, recipe_yaml) else ""
+
+
+@web_handler()
+def discard_yaml(state: State) -> tuple[str, str]:
+    """The YAML box back to the page's recipe."""
+    return yaml_of(state), ""
+
+
+@web_handler(work="the preview")
+@as_visitor
+def set_dtype(
+    dtype: str,
+    state: State,
+    request: gr.Request,
+    oauth_token: gr.OAuthToken | None = None,
+    *settings: Any,
+) -> RecipeView:
+    """The one dtype: what the preview counts, Build builds (on the CPU; CUDA builds without a chosen
+    dtype use bfloat16) and Export writes."""
+    return recipe_view(state, with_dtype(state, dtype), request, named_settings(*settings), redraw=False)
+
+
+@web_handler(work="adding the model")
+@as_visitor
+def find_column(
+    ref: str, oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = gr.Progress()
+) -> tuple[dict[str, Any] | None, str]:
+    """A model's column for the stack, or None and why not (the first use of a bundled model
+    converts it: progress)."""
+    ref = (ref or "").strip()
+    name = ref.removeprefix("bundled:")
+    if ref.startswith("bundled:") and name in bundled.MODELS and not bundled.is_cached(name):
+        progress(0.1, desc="First use: converting the bundled model to safetensors (about a minute)")
+    try:
+        info = model_info(ref)
+    except UserError as exc:
+        return None, f"⚠️ {md(exc)}"
+    return column(info), f"Added **{md(info.label)}**: {info.num_layers} layers, {md(info.architecture)}."
+
+
+@web_handler()
+def add_column(new: dict[str, Any] | None, state: State) -> tuple[Any, Any]:
+    """The column joins the stack's (read after the slow lookup, so no edit made meanwhile is lost)."""
+    if new is None:
+        return gr.skip(), gr.skip()
+    columns = [c for c in state["widget"]["models"] if c["ref"] != new["ref"]] + [new]
+    after = with_columns(state, columns)
+    return after, after["widget"]
+
+
+@web_handler(work="the preview")
+@as_visitor
+def put_suggestion(
+    pick: str | None,
+    ref: str | None,
+    state: State,
+    request: gr.Request,
+    oauth_token: gr.OAuthToken | None = None,
+    *settings: Any,
+) -> RecipeView:
+    """The Lens's picked block, duplicated, replaces the stack; the notice says so and Undo goes back."""
+    recipe, columns = suggestion_recipe(pick, ref, state["widget"]["models"])
+    after = stack_replaced(state, recipe, columns)
+    old = state["widget"]
+    note = (
+        f"The stack now duplicates layers {md(pick)} of {md(recipe.primary_model.removeprefix('bundled:'))} "
+        f"({recipe.num_layers} layers). It replaced the stack you had ({len(old['slices'])} slice(s), "
+        f"{merged_layer_count(old)} layers); the recipe's other settings (dtype, tokenizer) stay. "
+        "**Undo** brings the old stack back."
+    )
+    return recipe_view(state, after, request, named_settings(*settings), redraw=True, lens_note=note)
+
+
+@web_handler(work="the preview")
+@as_visitor
+def undo_put(state: State, request: gr.Request, oauth_token: gr.OAuthToken | None = None, *settings: Any) -> RecipeView:
+    before = undone(state)
+    if before is None:
+        raise gr.Error("There is nothing to undo.")
+    note = "The stack is back as it was before the suggestion."
+    return recipe_view(state, before, request, named_settings(*settings), redraw=True, lens_note=note)
+
+
+def default_state() -> State:
+    info = model_info(default_model())
+    return of_recipe(passthrough((info.ref, 0, info.num_layers)), [column(info)])
+
+
 @web_handler(work="opening the page")
 @as_visitor
-def initial_state(
-    request: gr.Request, oauth_token: gr.OAuthToken | None = None
-) -> tuple[dict[str, Any], str, float, float, int]:
-    """The stack a visit opens on: the recipe of a share link (`?r=`), else the default model."""
+def open_page(request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> tuple[Any, ...]:
+    """The recipe a visit opens on (a share link's `?r=`, else the default model), drawn everywhere,
+    then the model message and the shared settings."""
     token = request.query_params.get("r") if request else None
     settings = dict(DEFAULT_SETTINGS)
     notice = ""
@@ -189,26 +362,51 @@ def initial_state(
             try:
                 recipe, shared = from_share_token(token)
                 settings = shared_settings(shared)
-                value = value_from_recipe(recipe, [column(model_info(ref)) for ref in recipe.models])
+                state = of_recipe(recipe, columns_for(recipe))
                 notice = "Opened a shared recipe."
             except UserError as exc:
-                value, notice, settings = default_value(), f"⚠️ {md(exc)}", dict(DEFAULT_SETTINGS)
+                state, notice, settings = default_state(), f"⚠️ {md(exc)}", dict(DEFAULT_SETTINGS)
         else:
-            value = default_value()
+            state = default_state()
     except UserError as exc:  # e.g. the Hub does not answer: start empty, say why
-        value, notice = {"models": [], "slices": []}, f"⚠️ {md(exc)}. Add a model above."
-    return value, notice, settings["temperature"], settings["top_p"], int(settings["max_new_tokens"])
+        state, notice = empty_state(), f"⚠️ {md(exc)}. Add a model above."
+    settings["max_new_tokens"] = int(settings["max_new_tokens"])
+    view = recipe_view(None, state, request, settings, redraw=True)
+    return (*view, notice, settings["temperature"], settings["top_p"], settings["max_new_tokens"])
 
 
 @web_handler()
-def share_token(value: dict[str, Any], temperature: float, top_p: float, max_new_tokens: int) -> str:
-    """The share-link token of the stack and settings on screen ('' while the stack is not a recipe)."""
-    try:
-        recipe = recipe_from_value(value)
-    except UserError:
-        return ""
-    settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
-    return to_share_token(recipe, settings)
+def share_token(state: State, *settings: Any) -> str:
+    """The share-link token of the recipe and settings ('' while the recipe is unfinished)."""
+    recipe = recipe_of(state)
+    return to_share_token(recipe, named_settings(*settings)) if recipe else ""
+
+
+def page_plan(state: State, recipe_yaml: str) -> Plan:
+    """The page's recipe, planned, for Build and Export: never YAML pasted but not applied, and a
+    recipe that cannot be built gets its reason (a UserError)."""
+    if unapplied(state, recipe_yaml):
+        raise gr.Error(UNAPPLIED)
+    return plan_of(state)
+
+
+@web_handler(work="the build", model_code=True)
+@as_visitor
+def build_page(
+    state: State,
+    recipe_yaml: str,
+    request: gr.Request,
+    oauth_token: gr.OAuthToken | None = None,
+    progress: gr.Progress = gr.Progress(),
+) -> tuple[str, gr.Button]:
+    """Build: the page's recipe, for this session's chat."""
+    return build_merge(page_plan(state, recipe_yaml), request, progress), gr.Button(value="Build")
+
+
+@web_handler()
+def build_status_now(state: State, request: gr.Request) -> tuple[Any, Any]:
+    """After a build: whether the stack was edited while it ran."""
+    return build_notice(request, recipe_of(state))
 
 
 # Runs in the browser: puts the token into the address bar and returns the full link for the box.
@@ -282,14 +480,16 @@ def write_and_deliver(
     progress: gr.Progress,
 ) -> tuple[str, str | None]:
     """Run `write(folder)` (returns a status line, the folder written or None, its bytes) in a
-    scratch directory, then offer and publish the result; the folder is removed afterwards."""
+    scratch directory, then offer and publish the result; the folder is removed afterwards. The
+    status ends with the whole time taken, packing and publishing included."""
     work = Path(tempfile.mkdtemp(prefix="frankenmerge-"))
+    start = time.monotonic()
     try:
         head, folder, nbytes = write(work / "frankenmerge")
         if folder is None:
             return head, None
         lines, archive = deliver(folder, nbytes, repo_name, private, request, progress)
-        return " ".join([head, *lines]), archive
+        return " ".join([head, *lines, f"{time.monotonic() - start:.1f} s in all."]), archive
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -304,16 +504,25 @@ def export_merge(
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),
+    state: State | None = None,
 ) -> tuple[str, str | None]:
-    """Write the merge as a Hugging Face folder; offer it as an archive when small enough and
-    publish it when a repo name is given. The visitor's sign-in (or pasted token) is used for this
-    call only."""
+    """Export: the page's recipe (`state`), at its own dtype; for the /export endpoint, which has no
+    page, the recipe's YAML at `dtype` (empty: the recipe's own). Written as a Hugging Face folder,
+    offered as an archive when small enough and published when a repo name is given; the visitor's
+    sign-in (or pasted token) is used for this call only."""
     with visitor(oauth_token, token_text):
-        plan = make_plan(recipe_from_yaml(recipe_yaml).model_copy(update={"dtype": dtype or None}), model_info)
+        if state is not None:
+            plan = page_plan(state, recipe_yaml)
+        else:
+            recipe = recipe_from_yaml(recipe_yaml)
+            plan = plan_recipe(recipe.model_copy(update={"dtype": dtype or recipe.dtype}))
 
         def write(folder: Path) -> tuple[str, Path | None, int]:
             result = export_plan(plan, folder, progress=bytes_progress(progress))
-            head = f"Exported {human_bytes(result.bytes)} in {len(result.shards)} shard(s) in {result.seconds:.1f} s."
+            head = (
+                f"Exported {human_bytes(result.bytes)} of {plan.dtype} in {len(result.shards)} shard(s), "
+                f"written in {result.seconds:.1f} s."
+            )
             return head, result.path, result.bytes
 
         return write_and_deliver(write, repo_name or "", private, request, progress)
@@ -357,7 +566,6 @@ def setting_slider(name: str, step: float, **kwargs: Any) -> gr.Slider:
     return gr.Slider(low, high, step=step, **kwargs)
 
 
-
 # Gradio caps the queue at one waiting event on ZeroGPU unless the app sets a size.
 QUEUE_OPTIONS = {"default_concurrency_limit": 4, "max_size": int(os.environ.get("FRANKENMERGE_QUEUE_SIZE", "64"))}
 
@@ -387,15 +595,23 @@ def build_demo() -> gr.Blocks:
         model_msg = gr.Markdown(elem_id="model-msg")
         stack = stack_widget({"models": [], "slices": []})
         preview_md = gr.Markdown(elem_id="preview")
+        dtype_box = gr.Dropdown(
+            list(DTYPES),
+            label="dtype: what the preview counts, Build builds and Export writes (the recipe's `dtype`)",
+            elem_id="recipe-dtype",
+        )
         placement_md = gr.Markdown(elem_id="placement")
-        with gr.Accordion("Recipe (mergekit YAML)", open=False):
+        with gr.Accordion("Recipe (mergekit YAML)", open=False, elem_id="recipe-accordion"):
             yaml_box = gr.Code(
                 language="yaml",
-                label="Paste a mergekit config and press Apply",
+                label="The whole recipe as mergekit runs it; paste a mergekit config and press Apply",
                 interactive=True,
                 elem_id="recipe-yaml",
             )
-            apply_btn = gr.Button("Apply YAML", elem_id="apply-yaml")
+            yaml_note_md = gr.Markdown(elem_id="yaml-note")
+            with gr.Row():
+                apply_btn = gr.Button("Apply YAML", elem_id="apply-yaml")
+                discard_btn = gr.Button("Discard changes", elem_id="discard-yaml")
         with gr.Row():
             share_box = gr.Textbox(label="Share link (reopens this recipe)", elem_id="share-link", scale=5)
             copy_btn = gr.Button("Copy link", scale=1, elem_id="copy-link")
@@ -405,7 +621,6 @@ def build_demo() -> gr.Blocks:
         build_status = gr.Markdown(elem_id="build-status")
         with gr.Accordion("Export and publish", open=False):
             with gr.Row():
-                export_dtype = gr.Dropdown(["bfloat16", "float16", "float32"], value="bfloat16", label="dtype")
                 repo_box = gr.Textbox(label="Publish as (repo name; empty: download only)", scale=2)
                 private_box = gr.Checkbox(label="Private repo", value=True)
             if on_space():  # the sign-in above replaces a pasted token
@@ -443,45 +658,76 @@ def build_demo() -> gr.Blocks:
             top_k = setting_slider("top_k", 1, value=0, label="Top-k (0 = off)")
             min_p = setting_slider("min_p", 0.01, value=0.0, label="Min-p (0 = off)")
             rep_pen = setting_slider("repetition_penalty", 0.01, value=1.0, label="Repetition penalty")
-            seed = gr.Number(value=0, precision=0, label="Seed")
+            seed = gr.Number(
+                value=0, precision=0, label="Seed (the last reply's; Regenerate draws a new one)", elem_id="seed"
+            )
+            pin_seed = gr.Checkbox(value=False, label="Pin the seed: Regenerate repeats the reply", elem_id="pin-seed")
 
         # ---- wiring ----
-        demo.load(initial_state, outputs=[stack, model_msg, temperature, top_p, max_new], api_visibility="private")
-        add_btn.click(add_model, [ref_box, stack], [stack, model_msg], api_visibility="private")
-        stack.change(on_stack_change, stack, [yaml_box, preview_md], api_visibility="private")
-        stack.change(placement_preview, stack, placement_md, api_visibility="private")
-        apply_btn.click(apply_yaml, [yaml_box, stack], [stack, preview_md], api_visibility="private")
-        gr.api(preview, api_name="preview")
-        build_btn.click(build_model, yaml_box, build_status, api_name="build")
-        export_btn.click(
-            export_merge,
-            [yaml_box, export_dtype, repo_box, private_box, hub_token_box],
-            [export_status, export_file],
-            api_name="export",
+        private = {"api_visibility": "private"}
+        recipe_state = gr.State(empty_state())
+        share_settings_inputs = [temperature, top_p, max_new]
+        recipe_outputs = [
+            recipe_state,
+            stack,
+            yaml_box,
+            yaml_note_md,
+            preview_md,
+            placement_md,
+            dtype_box,
+            share_token_box,
+            build_status,
+            build_btn,
+            export_status,
+            export_file,
+            lens["put_note"],
+            lens["undo"],
+        ]
+        edit_inputs = [recipe_state, *share_settings_inputs]
+        edit = {"show_progress_on": preview_md, **private}  # one spinner, where the counts appear
+        demo.load(open_page, outputs=[*recipe_outputs, model_msg, *share_settings_inputs], **edit)
+        stack.change(on_stack_edit, [stack, *edit_inputs], recipe_outputs, **edit)
+        apply_btn.click(apply_yaml, [yaml_box, *edit_inputs], recipe_outputs, **edit)
+        discard_btn.click(discard_yaml, recipe_state, [yaml_box, yaml_note_md], **private)
+        quiet = {"trigger_mode": "always_last", "show_progress": "hidden", **private}
+        yaml_box.input(yaml_note, [yaml_box, recipe_state], yaml_note_md, **quiet)
+        dtype_box.input(set_dtype, [dtype_box, *edit_inputs], recipe_outputs, **edit)
+        lens["apply"].click(put_suggestion, [lens["pick"], lens["model"], *edit_inputs], recipe_outputs, **edit)
+        lens["undo"].click(undo_put, edit_inputs, recipe_outputs, **edit)
+        found = gr.State(None)
+        add_btn.click(find_column, ref_box, [found, model_msg], **private).then(
+            add_column, [found, recipe_state], [recipe_state, stack], **private
         )
+        gr.api(preview, api_name="preview")
+        build_btn.click(build_page, [recipe_state, yaml_box], [build_status, build_btn], **private).success(
+            build_status_now, recipe_state, [build_status, build_btn], **private
+        )
+        export_inputs = [yaml_box, dtype_box, repo_box, private_box, hub_token_box]
+        export_btn.click(export_merge, [*export_inputs, recipe_state], [export_status, export_file], **private)
+        # The HTTP API takes a recipe's YAML (no page state): endpoints without a trigger on the page
+        gr.on([], build_model, yaml_box, build_status, api_name="build")
+        gr.on([], export_merge, export_inputs, [export_status, export_file], api_name="export")
         slim_btn.click(
             slim, [slim_ref, repo_box, private_box, hub_token_box], [slim_status, slim_file], api_name="slim"
         )
         settings_inputs = [temperature, top_p, max_new, top_k, min_p, rep_pen, seed]
-        wire_chat_tab(chat_tab, settings_inputs)
+        wire_chat_tab(chat_tab, settings_inputs, seed=seed, pin_seed=pin_seed)
         wire_compare_tab(compare_tab, stack, settings_inputs)
         rp["start"].click(
             load_card,
             [rp["sample"], rp["upload"], rp["user"]],
             [rp["card_state"], rp["summary"], rp["chatbot"]],
-            api_visibility="private",
+            **private,
         )
         rp_inputs = [rp["message"], rp["chatbot"], rp["card_state"], rp["user"], *settings_inputs]
         for trigger in (rp["send"].click, rp["message"].submit):
-            trigger(roleplay_chat, rp_inputs, [rp["chatbot"], rp["stats"]], api_visibility="private").then(
-                lambda: "", outputs=rp["message"], api_visibility="private"
-            )
-        share_inputs = [stack, temperature, top_p, max_new]
-        for control in share_inputs:
-            control.change(share_token, share_inputs, share_token_box, api_visibility="private")
+            rp_outputs = [rp["chatbot"], rp["stats"], rp["message"]]
+            trigger(sending(roleplay_chat), rp_inputs, rp_outputs, trigger_mode="multiple", **private)
+        for control in share_settings_inputs:
+            control.change(share_token, edit_inputs, share_token_box, **private)
         share_token_box.change(None, share_token_box, share_box, js=SHARE_LINK_JS)
         copy_btn.click(None, share_box, share_box, js=COPY_LINK_JS)
-        wire_lens_tab(lens, stack)
+        wire_lens_tab(lens, stack, recipe_state)
         demo.unload(forget_session)
         demo.unload(forget_archives)
     return demo

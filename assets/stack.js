@@ -9,7 +9,7 @@
 // Everything below the shell is drawn here, from props.value plus a little local UI state (the drag
 // selection). All listeners are delegated on `element`, so redrawing never loses a handler.
 //
-// Value: {models: [{ref, label, num_layers}], slices: [{model, start, end, repeat, parameters?, blend?,
+// Value: {models: [{ref, label, num_layers, stacking}], slices: [{model, start, end, repeat, parameters?, blend?,
 // slice_parameters?}], merge_method?, base_model?, parameters?,
 // seam_scores?: {"i" | "i-rep-r": number | {measured, predicted}}} (angular distances, 0..1; ui/stack.py documents
 // it). A blended slice's first source is {model, start, end}; the others are in `blend`. Slices are end-exclusive;
@@ -163,10 +163,14 @@ function renderSources(s, i, v) {
   return `<div class="fs-sources" data-testid="slice-sources-${i}">${rows.join("")}${t}</div>`;
 }
 
+// Only columns whose layers fit this slice's: the same `stacking` key (architecture, hidden size, a layer's
+// tensor shapes, computed in Python) and enough layers.
 function renderBlendPicker(s, i, v) {
   const inSlice = new Set(sourcesOf(s).map((src) => src.model));
+  const own = v.models.find((m) => m.ref === s.model);
+  const stacking = own ? own.stacking : undefined;
   const options = v.models
-    .filter((m) => !inSlice.has(m.ref) && toInt(m.num_layers, 0) >= span(s))
+    .filter((m) => !inSlice.has(m.ref) && m.stacking === stacking && toInt(m.num_layers, 0) >= span(s))
     .map((m) => `<option value="${esc(m.ref)}">${esc(m.label || m.ref)}</option>`);
   if (!options.length) return "";
   return `<select class="fs-blend-add" data-testid="slice-blend-${i}" data-slice="${i}" title="Blend this slice with the same layers of another model"><option value="">+ blend</option>${options.join("")}</select>`;

@@ -5,6 +5,8 @@ read the plan; none re-derives tensor names or parameters."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,6 +280,14 @@ def _check_stackable(slices: tuple[Slice, ...], models: dict[str, ModelInfo], pr
                         f"layers ({_first_difference(shapes, reference_layer, layer)}; another size of the same "
                         "architecture?), so they cannot be stacked or blended"
                     )
+
+
+def stacking_key(info: ModelInfo) -> str:
+    """A short key that is equal for two models whose layers can be stacked and blended together:
+    what `_check_stackable` compares (architecture, hidden size, a layer's tensors and shapes)."""
+    layer = sorted((name, list(meta.shape)) for name, meta in info.layer_tensors(0).items())
+    facts = json.dumps([info.architecture, info.hidden_size, layer], separators=(",", ":"))
+    return hashlib.sha256(facts.encode()).hexdigest()[:16]
 
 
 def _first_difference(shapes: dict[str, tuple], reference: dict[str, tuple], layer: int) -> str:

@@ -6,6 +6,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -13,10 +14,14 @@ import pytest
 import app
 from merger.__main__ import main
 from merger.catalog import LocalPolicy
+from merger.recipe import passthrough
+from ui.recipe_state import empty_state
 
 from markdown_text import shown
 
 LONG_PART = "a" * 300  # a name part over the 255 bytes a file system takes
+VISITOR = SimpleNamespace(session_hash="bad-inputs-visitor", query_params={})
+SETTINGS = tuple(app.DEFAULT_SETTINGS.values())  # the share link's settings, the edit handlers' last inputs
 
 
 def edit_tensor(**changes):
@@ -102,7 +107,7 @@ def web_root(monkeypatch, malformed):
 
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_a_malformed_allowed_folder_is_a_sentence_on_the_page(web_root, name):
-    _, message = app.add_model(name, {"models": [], "slices": []})
+    _, message = app.find_column(name)
     assert message.startswith("⚠️ ") and re.search(MALFORMED[name][1], shown(message))
     with pytest.raises(gr.Error) as refused:
         app.preview(f"slices:\n- sources:\n  - {{model: {name}, layer_range: [0, 2]}}\n")
@@ -114,7 +119,7 @@ def test_a_name_part_over_255_bytes_is_a_sentence(capsys, tmp_path, web_root):
     smol = recipe_file(tmp_path, "bundled:smollm2-135m-instruct")
     assert "File name too long" in cli(capsys, "build", smol, f"/tmp/{LONG_PART}")
     assert "File name too long" in cli(capsys, "slim", f"/tmp/{LONG_PART}", str(tmp_path / "out"))
-    _, message = app.add_model(LONG_PART, {"models": [], "slices": []})
+    _, message = app.find_column(LONG_PART)
     assert "cannot name a folder: File name too long" in shown(message)
 
 
@@ -148,8 +153,8 @@ def test_recipe_mistakes_that_crashed_are_one_line_in_the_cli_and_a_sentence_on_
     cases[str(deep)] = "levels of nesting, more than the 32"
     for path, said in cases.items():
         assert said in cli(capsys, "params", path)
-        _, preview = app.apply_yaml(Path(path).read_text(), {"models": [], "slices": []})
-        assert said in shown(preview)
+        refused = app.apply_yaml(Path(path).read_text(), empty_state(), VISITOR, None, *SETTINGS)
+        assert said in shown(refused.yaml_note)
 
 
 def test_chat_settings_and_text_that_crashed_are_one_line_in_the_cli(capsys, tiny_llama):
@@ -160,9 +165,9 @@ def test_chat_settings_and_text_that_crashed_are_one_line_in_the_cli(capsys, tin
 
 
 def test_an_unexpected_failure_on_the_page_is_said_not_a_bare_error(monkeypatch):
-    def broken(recipe_yaml: str) -> dict:
+    def broken(plan) -> dict:
         raise KeyError("num_hidden_layers")
 
     monkeypatch.setattr(app, "preview_counts", broken)
     with pytest.raises(gr.Error, match=r"Something failed on our side \(KeyError\)"):
-        app.preview("slices: []")
+        app.preview(passthrough(("bundled:smollm2-135m-instruct", 0, 2)).to_yaml())

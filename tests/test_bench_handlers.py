@@ -70,6 +70,57 @@ def test_editing_a_message_resends_it_and_drops_what_came_after(visitor):
     assert edited == resent and edited[2] == {"role": "user", "content": "Tell me a joke"} and len(edited) == 4
 
 
+SAMPLED = (1.0, 1.0, 12, 0, 0.0, 1.0, 0)  # temperature 1: the seed decides the reply
+
+
+def test_a_message_sent_while_a_reply_streams_is_refused_in_words_and_stays_in_the_box(visitor):
+    request, _ = visitor
+    streaming = bench.sending(bench.chat)("Hello", [], *SAMPLED, request=request)
+    *_, box = next(streaming)
+    assert box == ""  # the first message was taken
+    second = bench.sending(bench.chat)("And another thing", [], *SAMPLED, request=request)
+    with pytest.raises(gr.Error, match="A reply is still being written: wait for it to end or press Stop"):
+        next(second)  # refused before any frame: the box keeps the message
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+    for other in (  # every other way to ask for a reply meanwhile: refused in words too
+        bench.regenerate(history, False, request, *SAMPLED),
+        bench.compare_send("Hi", [], [], *SAMPLED, request=request),
+        bench.roleplay_chat("Hi", [], None, "Ann", request, *SAMPLED),
+    ):
+        with pytest.raises(gr.Error, match="still being written"):
+            next(other)
+    *_, (history, speed, _) = streaming  # the first reply ends as it would have
+    assert "tokens/s" in speed
+    *_, (history, speed, _) = bench.sending(bench.chat)("And another thing", history, *SAMPLED, request=request)
+    assert bench.text_of(history[-2]["content"]) == "And another thing" and "tokens/s" in speed
+
+
+def test_stop_then_send_waits_for_the_stopped_reply_instead_of_refusing(visitor):
+    request, _ = visitor
+    streaming = bench.chat("Hello", [], *SAMPLED, request=request)
+    next(streaming)
+    bench.stop_chat(request)
+    threading.Timer(0.2, streaming.close).start()  # the stopped reply winds down meanwhile
+    *_, (_, speed) = bench.chat("Hello again", [], *SAMPLED, request=request)
+    assert "tokens/s" in speed
+
+
+def test_regenerate_draws_a_new_seed_shows_it_and_repeats_its_reply_when_pinned(visitor):
+    request, _ = visitor
+    *_, (history, speed) = bench.chat("Tell me a story.", [], *SAMPLED, request=request)
+    assert speed.endswith("· seed 0")
+    *_, (again, speed, seed) = bench.regenerate(history, False, request, *SAMPLED)
+    assert seed != 0 and speed.endswith(f"· seed {seed}")
+    assert again[-1] != history[-1]  # a new seed, a new reply
+    reproduced = (*SAMPLED[:-1], seed)
+    *_, (by_seed, _) = bench.chat("Tell me a story.", [], *reproduced, request=request)
+    assert by_seed == again  # the seed shown reproduces the reply
+    *_, (pinned, speed, kept) = bench.regenerate(again, True, request, *reproduced)
+    assert kept == seed and pinned == again and speed.endswith(f"· seed {seed}")
+    *_, (_, speed) = bench.chat("Hi", [], *GREEDY, request=request)
+    assert "greedy" in speed
+
+
 def test_chat_before_any_build_says_to_build():
     with pytest.raises(gr.Error, match="Build the merge first"):
         next(bench.chat("Hi", [], *GREEDY, request=SimpleNamespace(session_hash="never-built")))

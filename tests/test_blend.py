@@ -378,10 +378,10 @@ def test_preview_text_reports_the_memory_blended_tensors_take(mixed_recipe):
 
 @pytest.mark.parametrize("text", [BLENDED_YAML, WHOLE_MODEL_YAML])
 def test_widget_value_keeps_every_blend_setting(text):
-    from ui.recipe_value import recipe_from_value, value_from_recipe
+    from ui.recipe_value import stack_mapping, value_from_recipe
 
     recipe = recipe_from_yaml(text)
     columns = [{"ref": ref, "label": ref, "num_layers": 8} for ref in recipe.models]
-    again = recipe_from_value(value_from_recipe(recipe, columns), dtype=recipe.dtype)
+    again = recipe_from_dict({**stack_mapping(value_from_recipe(recipe, columns)), "dtype": recipe.dtype})
     slices = recipe.as_slices(dict.fromkeys(recipe.models, 8))
     assert again == recipe.model_copy(update={"slices": slices, "model_entries": ()})

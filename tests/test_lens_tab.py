@@ -6,10 +6,12 @@ import pytest
 
 from merger.lens import MAX_LENGTH, score_seams, tokenize
 from merger.plan import make_plan
+from merger.recipe import recipe_from_dict
 from merger.runtime import load_tokenizer
-from ui.lens import apply_suggestion, score_stack_seams, widget_seam_scores
+from ui.lens import score_stack_seams, seam_scores_shown, suggestion_recipe, widget_seam_scores
 from ui.models import model_info
-from ui.recipe_value import recipe_from_value
+from ui.recipe_state import widget_edited
+from ui.recipe_value import stack_mapping
 
 TEXT = "A small boat drifted past the harbour wall while gulls argued over the nets. " * 12
 
@@ -36,13 +38,21 @@ def test_widget_keys_each_join_and_repeat_seam_at_its_merged_depth():
     }  # slice 2 continues layer 3 -> 4: no seam
 
 
+def page_state(value: dict) -> dict:
+    """The page's recipe after the widget showed `value` (the state of a page that opened on it)."""
+    state, _ = widget_edited({"recipe": {"slices": []}, "widget": {"slices": []}, "undo": None}, value)
+    return state
+
+
 def test_scoring_the_stack_colours_its_seam_with_the_lens_numbers(web_tiny_llama):
     value = stack(web_tiny_llama, (0, 4, 1), (2, 6, 1))
-    scored, summary, figure = score_stack_seams(value, TEXT, no_progress)
-    plan = make_plan(recipe_from_value(value), model_info)
+    state = page_state(value)
+    scored, summary, figure = score_stack_seams(state, TEXT, no_progress)
+    plan = make_plan(recipe_from_dict(stack_mapping(value)), model_info)
     chunks = tokenize(load_tokenizer(plan), TEXT, max_length=MAX_LENGTH, source="text")
     expected = score_seams(plan, chunks, device="cpu")
-    (key, got), *others = scored["seam_scores"].items()
+    shown = seam_scores_shown(state, scored)
+    (key, got), *others = shown["seam_scores"].items()
     assert key == "1" and not others  # the one seam, before slice 1, at merged depth 4
     # the same numbers as the lens gives below the page (float32 forward passes: equal to 1e-4)
     assert got == {
@@ -50,18 +60,19 @@ def test_scoring_the_stack_colours_its_seam_with_the_lens_numbers(web_tiny_llama
         "predicted": pytest.approx(expected.predicted[4], rel=1e-4),
     }
     assert expected.measured[4] > 0 and "depth 4" in summary and figure is not None
-    assert scored["slices"] == value["slices"]
+    assert shown["slices"] == value["slices"]
+    edited, _ = widget_edited(state, stack(web_tiny_llama, (0, 6, 1)))
+    assert seam_scores_shown(edited, scored) == gr.skip()  # an edit made meanwhile stays; the scores go
 
 
 def test_a_stack_without_seams_is_told_so(web_tiny_llama):
-    value = stack(web_tiny_llama, (0, 6, 1))
-    scored, summary, figure = score_stack_seams(value, TEXT, no_progress)
-    assert "no seams" in summary and figure is None and "seam_scores" not in scored
+    scored, summary, figure = score_stack_seams(page_state(stack(web_tiny_llama, (0, 6, 1))), TEXT, no_progress)
+    assert "no seams" in summary and figure is None and scored is None
 
 
 def test_a_suggestion_becomes_the_duplication_recipe(web_tiny_llama):
-    ref = web_tiny_llama
-    value = apply_suggestion("[2, 4)", ref, stack(ref, (0, 6, 1)))
-    assert [(s["start"], s["end"]) for s in value["slices"]] == [(0, 4), (2, 6)]
+    columns = stack(web_tiny_llama, (0, 6, 1))["models"]
+    recipe, shown = suggestion_recipe("[2, 4)", web_tiny_llama, columns)
+    assert [(s.source.start, s.source.end) for s in recipe.slices] == [(0, 4), (2, 6)] and shown == columns
     with pytest.raises(gr.Error, match="Pick a suggested block"):
-        apply_suggestion(None, ref, value)
+        suggestion_recipe(None, web_tiny_llama, columns)

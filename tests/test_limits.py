@@ -71,7 +71,10 @@ def test_a_short_share_link_of_1_25_million_layers_is_refused():
 
 
 def visit(token: str):
-    return app.initial_state(SimpleNamespace(query_params={"r": token}, session_hash="limits-visitor"))
+    """What a visit to the share link opens on: the stack, the model message and the three settings."""
+    opened = app.open_page(SimpleNamespace(query_params={"r": token}, session_hash="limits-visitor"))
+    view = app.RecipeView(*opened[: len(app.RecipeView._fields)])
+    return (view.state["widget"], *opened[len(app.RecipeView._fields) :])
 
 
 def test_opening_the_million_layer_link_shows_the_limit_and_the_default_stack():

@@ -26,12 +26,14 @@ class HoldTransformers(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, HoldTransformers())
 from merger.startup import import_in_background
 from ui.lens import score_stack_seams
+from ui.recipe_state import empty_state, widget_edited
 
 ref = sys.argv[1]
 stack = {"models": [], "slices": [{"model": ref, "start": a, "end": b, "repeat": 1} for a, b in ((0, 4), (2, 6))]}
+state, _ = widget_edited(empty_state(), stack)  # the page's recipe once the stack shows it
 import_in_background()  # what `python app.py` starts before it serves the page
 assert held.wait(120)
-scored, summary, figure = score_stack_seams(stack, "a few words to measure " * 20, lambda *a, **k: None)
+scored, summary, figure = score_stack_seams(state, "a few words to measure " * 20, lambda *a, **k: None)
 print("lens:", summary.split(" over ")[0])
 """
 

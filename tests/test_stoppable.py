@@ -13,6 +13,7 @@ from merger.recipe import passthrough
 from ui import chat as bench
 from ui import guard
 from ui.lens import analyze_model
+from ui.recipe_state import empty_state
 
 from bounded import run_within
 from refs import ANY_PATH
@@ -41,7 +42,7 @@ def lens_in_flight(ref: str, request, text: str) -> tuple[threading.Thread, Held
 
     def run() -> None:
         try:
-            outcome["value"] = analyze_model(ref, text * 40, {"models": [], "slices": []}, progress, request)
+            outcome["value"] = analyze_model(ref, text * 40, empty_state(), progress, request)
         except gr.Error as exc:
             outcome["error"] = exc
 
@@ -76,7 +77,7 @@ def test_a_lens_run_past_the_time_budget_ends_with_a_message(web_tiny_llama, mon
     clock = iter(range(0, 10**6, 5))  # every look at the clock is five seconds later
     monkeypatch.setattr(guard, "clock", lambda: next(clock))
     with pytest.raises(gr.Error, match=r"The lens ran 5 seconds, more than the 1 seconds .*; it was stopped"):
-        run_within(120, analyze_model, web_tiny_llama, f"budget {TEXT}", {"models": [], "slices": []}, no_progress)
+        run_within(120, analyze_model, web_tiny_llama, f"budget {TEXT}", empty_state(), no_progress)
 
 
 def test_a_reply_past_the_time_budget_stops_and_says_so(tiny_llama, monkeypatch):

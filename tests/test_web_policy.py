@@ -16,6 +16,7 @@ import ui.models
 from merger.catalog import LocalPolicy
 from merger.recipe import passthrough, to_share_token
 from ui import chat, lens
+from ui.recipe_state import empty_state, widget_edited
 
 REFUSAL = "absolute paths are not allowed here"
 VISITOR = SimpleNamespace(session_hash="web-policy-visitor", query_params={})
@@ -47,28 +48,46 @@ def yaml_of(ref: str) -> str:
     return passthrough((ref, 0, 4), (ref, 2, 6)).to_yaml()
 
 
+SETTINGS = tuple(app.DEFAULT_SETTINGS.values())  # the share link's settings, the edit handlers' last inputs
+
+
+def page_state(ref: str) -> dict:
+    """The page's recipe after the stack widget showed stack_of(ref) (nothing resolved yet)."""
+    return widget_edited(empty_state(), stack_of(ref))[0]
+
+
+def opened_with(token: str) -> str:
+    """The model message of a visit that opens a share link."""
+    request = SimpleNamespace(session_hash="policy-visitor", query_params={"r": token})
+    return app.open_page(request)[len(app.RecipeView._fields)]
+
+
 # entry name -> call(ref) returning what the visitor reads (a gr.Error is caught by the test)
 ENTRIES = {
     "preview": lambda ref: app.preview(yaml_of(ref)),
-    "stack edit": lambda ref: app.on_stack_change(stack_of(ref))[1],
-    "apply YAML": lambda ref: app.apply_yaml(yaml_of(ref), stack_of(ref))[1],
-    "add model column": lambda ref: app.add_model(ref, {"models": [], "slices": []}, progress=no_progress)[1],
-    "share link": lambda ref: app.initial_state(
-        SimpleNamespace(session_hash="policy-visitor", query_params={"r": to_share_token(passthrough((ref, 0, 4)))})
-    )[1],
-    "export": lambda ref: app.export_merge(yaml_of(ref), "bfloat16", "", False, "", progress=no_progress),
+    "stack edit": lambda ref: app.on_stack_edit(stack_of(ref), empty_state(), VISITOR, None, *SETTINGS).preview,
+    "apply YAML": lambda ref: app.apply_yaml(yaml_of(ref), empty_state(), VISITOR, None, *SETTINGS).yaml_note,
+    "dtype": lambda ref: app.set_dtype("bfloat16", page_state(ref), VISITOR, None, *SETTINGS).preview,
+    "add model column": lambda ref: app.find_column(ref, progress=no_progress)[1],
+    "share link": lambda ref: opened_with(to_share_token(passthrough((ref, 0, 4)))),
+    "build": lambda ref: app.build_page(page_state(ref), "", VISITOR, progress=no_progress),
+    "export": lambda ref: app.export_merge("", "", "", False, "", progress=no_progress, state=page_state(ref)),
+    "export endpoint": lambda ref: app.export_merge(yaml_of(ref), "bfloat16", "", False, "", progress=no_progress),
     "slim": lambda ref: app.slim(ref, "", False, "", progress=no_progress),
-    "build": lambda ref: chat.build_model(yaml_of(ref), VISITOR, progress=no_progress),
+    "build endpoint": lambda ref: chat.build_model(yaml_of(ref), VISITOR, progress=no_progress),
     "comparison: a parent as it is": lambda ref: chat.build_comparison(ref, "", VISITOR, progress=no_progress),
     "comparison: a second recipe": lambda ref: chat.build_comparison(
         chat.SECOND_RECIPE, yaml_of(ref), VISITOR, progress=no_progress
     ),
-    "lens: analyze": lambda ref: lens.analyze_model(ref, "", stack_of(ref), no_progress),
-    "lens: score the seams": lambda ref: lens.score_stack_seams(stack_of(ref), "", no_progress),
+    "lens: analyze": lambda ref: lens.analyze_model(ref, "", page_state(ref), no_progress),
+    "lens: score the seams": lambda ref: lens.score_stack_seams(page_state(ref), "", no_progress),
     "lens: suggest": lambda ref: lens.suggest_blocks(ref, "", next(iter(lens.RANKINGS)), no_progress),
-    "lens: put in the stack": lambda ref: lens.apply_suggestion("[2, 4)", ref, stack_of(ref)),
+    "lens: put in the stack": lambda ref: app.put_suggestion("[2, 4)", ref, empty_state(), VISITOR, None, *SETTINGS),
+    "lens: undo": lambda ref: (
+        app.undo_put({**empty_state(), "undo": page_state(ref)}, VISITOR, None, *SETTINGS).preview
+    ),
     "lens: sweep repeats": lambda ref: lens.sweep_block(ref, "[2, 4)", "", 3, no_progress),
-    "lens: perplexity": lambda ref: lens.measure_perplexities(stack_of(ref), "", no_progress),
+    "lens: perplexity": lambda ref: lens.measure_perplexities(page_state(ref), "", no_progress),
 }
 
 
@@ -82,7 +101,8 @@ def test_a_web_entry_refuses_an_absolute_folder_outside_the_allowed_roots(entry,
 
 
 def test_the_placement_beside_the_preview_shows_nothing_for_an_absolute_folder(outside):
-    assert app.placement_preview(stack_of(outside)) == ""  # the preview says why
+    view = app.on_stack_edit(stack_of(outside), empty_state(), VISITOR, None, *SETTINGS)
+    assert view.placement == "" and REFUSAL in view.preview  # the preview says why
 
 
 def test_the_public_http_endpoints_refuse_an_absolute_folder(app_url, tiny_llama):

@@ -11,9 +11,13 @@ reads by key and version; the session's Stop closes that stream from here.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import secrets
 import threading
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -23,6 +27,7 @@ from merger.chat import GenerationSettings, ReplyStats, SideReply, format_prompt
 from merger.errors import UserError
 from merger.params import count
 from merger.plan import Plan, make_plan
+from merger.recipe import Recipe
 from merger.runtime import (
     AOT_COMPILE_SECONDS,
     Built,
@@ -100,8 +105,10 @@ def compile_decode_step(key: str, version: int) -> AotStep:
 def built_status(built: Built) -> str:
     counts = count(built.plan)
     devices = " + ".join(built.placement.devices) if built.placement else built.device
+    dtype = str(built.model.dtype).removeprefix("torch.")
     status = (
-        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters) on {devices} in {built.seconds:.2f} s."
+        f"Built {counts.num_layers} layers ({counts.total_params:,} parameters, {dtype}) on {devices} "
+        f"in {built.seconds:.2f} s."
     )
     if on_zero_gpu():  # no decoder here: each GPU call's worker makes its own
         status += " Replies run on the GPU ZeroGPU lends each of them."
@@ -118,6 +125,11 @@ def built_status(built: Built) -> str:
     return status
 
 
+def build_merge(plan: Plan, request: gr.Request | None, progress: gr.Progress) -> str:
+    """Assemble the plan on the best device (CUDA when present) for this session's chat."""
+    return built_status(build_into(slot(request), plan, progress)) + " Chat below."
+
+
 @web_handler(work="the build", model_code=True)
 @as_visitor
 def build_model(
@@ -126,9 +138,23 @@ def build_model(
     oauth_token: gr.OAuthToken | None = None,
     progress: gr.Progress = gr.Progress(),
 ) -> str:
-    """Assemble the recipe on the best device (CUDA when present) for this session's chat."""
-    plan = plan_for(recipe_yaml)
-    return built_status(build_into(slot(request), plan, progress)) + " Chat below."
+    """The /build endpoint: a recipe's YAML, built for this session's chat."""
+    return build_merge(plan_for(recipe_yaml), request, progress)
+
+
+def build_notice(request: gr.Request | None, recipe: Recipe | None) -> tuple[Any, Any]:
+    """The build status and the Build button for the recipe on the page: while the session's built
+    model is another recipe (the stack was edited since), say so and offer Rebuild."""
+    built = SESSIONS.get(slot(request))
+    if built is None:
+        return gr.skip(), gr.skip()
+    if recipe is not None and built.plan.recipe.compacted() == recipe.compacted():
+        return built_status(built) + " Chat below.", gr.Button(value="Build")
+    stale = (
+        f"⚠️ The stack has changed since the build: chat still answers with the model built before "
+        f"({built.plan.num_layers} layers). Press **Rebuild** to build what the stack shows."
+    )
+    return stale, gr.Button(value="Rebuild")
 
 
 def built_for(request: gr.Request | None, name: str | None = None) -> Built:
@@ -264,7 +290,7 @@ def reply_frames(
 
     def frame(reply: str, note: str) -> tuple[tuple[list[dict[str, Any]], str], tuple[list[dict[str, Any]], str]]:
         conversation = [*shown, {"role": "assistant", "content": prefix + reply}]
-        return (conversation, note), (conversation, stats.summary())
+        return (conversation, note), (conversation, speed_line(stats, settings))
 
     if note := gpu_wait_note():
         yield frame("", note)
@@ -275,10 +301,70 @@ def reply_frames(
                 yield frame(reply, "")
     except UserError as exc:
         raise said(exc) from None
-    yield frame(reply, stats.summary())
+    yield frame(reply, speed_line(stats, settings))
+
+
+def speed_line(stats: ReplyStats, settings: GenerationSettings) -> str:
+    """Under a reply: its speed and the seed that reproduces it."""
+    if settings.temperature == 0:
+        return f"{stats.summary()} · greedy (temperature 0: the same reply every time)"
+    return f"{stats.summary()} · seed {settings.seed}"
+
+
+def fresh_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+_replying: set[str] = set()  # sessions with a reply streaming
+_replying_changed = threading.Condition()
+STOPPING_WAIT_S = 5.0  # how long a new request waits for a reply that Stop has ended to wind down
+
+
+@contextmanager
+def one_reply(request: gr.Request | None) -> Iterator[None]:
+    """At most one reply streams per session (one conversation, one Stop button): another request
+    meanwhile is refused in words, never dropped unsaid. A reply that Stop has ended is waited for."""
+    session = session_id(request)
+    with _replying_changed:
+        stop = STOPS.get(session)
+        if session in _replying and stop is not None and stop.is_set():
+            _replying_changed.wait_for(lambda: session not in _replying, timeout=STOPPING_WAIT_S)
+        if session in _replying:
+            raise said("a reply is still being written: wait for it to end or press Stop, then send again")
+        _replying.add(session)
+    try:
+        yield
+    finally:
+        with _replying_changed:
+            _replying.discard(session)
+            _replying_changed.notify_all()
+
+
+def one_reply_at_a_time(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """`handler` (a streaming handler with a `request` parameter) under `one_reply`."""
+    signature = inspect.signature(handler)
+
+    @functools.wraps(handler)
+    def guarded(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with one_reply(signature.bind(*args, **kwargs).arguments.get("request")):
+            yield from handler(*args, **kwargs)
+
+    return guarded
+
+
+def reply_to(
+    message: str, history: list[dict[str, Any]], settings: GenerationSettings, request: gr.Request | None
+) -> Iterator[tuple[list[dict[str, Any]], str]]:
+    """Stream the built model's reply to `message` after `history`."""
+    built_for(request)  # refused here, before any GPU time is asked for
+    if not (message or "").strip():
+        raise gr.Error("Type a message first.")
+    turns = [*turns_of(history), {"role": "user", "content": message}]
+    yield from stream_turns(request, turns, turns, settings)
 
 
 @web_handler()
+@one_reply_at_a_time
 def chat(
     message: str,
     history: list[dict[str, Any]],
@@ -292,29 +378,47 @@ def chat(
     request: gr.Request = None,
 ):
     """Stream the built model's reply; yields the conversation and the reply's speed after each piece."""
-    built_for(request)  # refused here, before any GPU time is asked for
-    if not (message or "").strip():
-        raise gr.Error("Type a message first.")
-    turns = [*turns_of(history), {"role": "user", "content": message}]
     settings = generation_settings(temperature, top_p, max_new_tokens, top_k, min_p, repetition_penalty, seed)
-    yield from stream_turns(request, turns, turns, settings)
+    yield from reply_to(message, history, settings, request)
 
 
 # The private handlers below take the settings panel's values as *settings: gradio puts gr.Request
 # and gr.EditData into the named parameters before them.
+def sending(handler: Callable[..., Iterator[tuple[Any, ...]]]) -> Callable[..., Iterator[tuple[Any, ...]]]:
+    """A page's Send for a streaming `handler`: its frames, plus its message box emptied once the
+    message is taken; a message refused (while a reply is still being written, say) stays there."""
+
+    @functools.wraps(handler)
+    def send(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+        taken = False
+        for frame in handler(*args, **kwargs):
+            yield (*frame, gr.skip() if taken else "")
+            taken = True
+
+    send.__name__ = f"send_{handler.__name__}"  # Gradio names endpoints after functions: /chat stays the API's
+    return send
+
+
 @web_handler()
-def regenerate(history: list[dict[str, Any]], request: gr.Request, *settings: Any):
-    """Drop the last reply and answer the last user message again (with the settings on screen)."""
+@one_reply_at_a_time
+def regenerate(history: list[dict[str, Any]], pinned: bool, request: gr.Request, *settings: Any):
+    """Drop the last reply and answer the last user message again, with the settings on screen and a
+    new seed unless the seed is pinned; the seed box shows the seed used."""
     turns = list(history or [])
     while turns and turns[-1]["role"] == "assistant":
         turns.pop()
     if not turns:
         raise gr.Error("Nothing to regenerate yet.")
     last = turns.pop()
-    yield from chat(text_of(last["content"]), turns, *settings, request=request)
+    options = generation_settings(*settings)
+    if not pinned:
+        options = dataclasses.replace(options, seed=fresh_seed())
+    for frame in reply_to(text_of(last["content"]), turns, options, request):
+        yield (*frame, options.seed)
 
 
 @web_handler()
+@one_reply_at_a_time
 def continue_reply(history: list[dict[str, Any]], request: gr.Request, *settings: Any):
     """Carry on writing the last reply (cut short by the token limit, or by Stop) where it ended."""
     built = built_for(request)
@@ -327,13 +431,16 @@ def continue_reply(history: list[dict[str, Any]], request: gr.Request, *settings
 
 
 @web_handler()
+@one_reply_at_a_time
 def edit_and_resend(history: list[dict[str, Any]], edit: gr.EditData, request: gr.Request, *settings: Any):
     """A user message was edited in place: the conversation resumes from it, later turns dropped."""
     index = edit.index if isinstance(edit.index, int) else edit.index[0]
-    yield from chat(text_of(edit.value), list(history or [])[:index], *settings, request=request)
+    settings_now = generation_settings(*settings)
+    yield from reply_to(text_of(edit.value), list(history or [])[:index], settings_now, request)
 
 
 @web_handler()
+@one_reply_at_a_time
 def roleplay_chat(
     message: str,
     history: list[dict[str, Any]],
@@ -411,6 +518,7 @@ def build_comparison(
 
 
 @web_handler()
+@one_reply_at_a_time
 def compare_send(
     message: str,
     merge_history: list[dict[str, Any]],
@@ -457,7 +565,7 @@ def side_by_side_frames(
             [*s, {"role": "assistant", "content": r.text or (f"⚠️ {md(r.error, lines=True)}" if r.error else "")}]
             for s, r in zip(shown, replies, strict=True)
         ]
-        speeds = [r.stats.summary() if not r.error else "" for r in replies]
+        speeds = [speed_line(r.stats, settings) if not r.error else "" for r in replies]
         shown_speeds = speeds if done else ["", ""]
         return (*chats, *shown_speeds), (*chats, *speeds)
 
@@ -544,15 +652,17 @@ def build_compare_tab() -> dict[str, Any]:
     }
 
 
-def wire_chat_tab(tab: dict[str, Any], settings_inputs: list[Any]) -> None:
+def wire_chat_tab(tab: dict[str, Any], settings_inputs: list[Any], *, seed: Any, pin_seed: Any) -> None:
+    """`settings_inputs`: the settings panel's controls in generation_settings' order; `seed` is its
+    seed box (Regenerate writes the seed it drew there) and `pin_seed` the box that keeps it."""
     private = {"api_visibility": "private"}
     outputs = [tab["chatbot"], tab["stats"]]
     inputs = [tab["message"], tab["chatbot"], *settings_inputs]
-    send = tab["send"].click(chat, inputs, outputs, api_name="chat")
-    submit = tab["message"].submit(chat, inputs, outputs, **private)
-    for event in (send, submit):
-        event.then(lambda: "", outputs=tab["message"], **private)
-    tab["regenerate"].click(regenerate, [tab["chatbot"], *settings_inputs], outputs, **private)
+    for trigger in (tab["send"].click, tab["message"].submit):
+        # "multiple": a message sent while a reply streams reaches the server and is refused in words
+        trigger(sending(chat), inputs, [*outputs, tab["message"]], trigger_mode="multiple", **private)
+    gr.on([], chat, inputs, outputs, api_name="chat")  # the HTTP API: no page state, no message box
+    tab["regenerate"].click(regenerate, [tab["chatbot"], pin_seed, *settings_inputs], [*outputs, seed], **private)
     tab["continue"].click(continue_reply, [tab["chatbot"], *settings_inputs], outputs, **private)
     tab["chatbot"].edit(edit_and_resend, [tab["chatbot"], *settings_inputs], outputs, **private)
     tab["stop"].click(stop_chat, api_name="stop")
@@ -565,9 +675,8 @@ def wire_compare_tab(tab: dict[str, Any], stack: gr.HTML, settings_inputs: list[
     tab["build"].click(build_comparison, [tab["target"], tab["second"]], tab["status"], api_name="build_comparison")
     inputs = [tab["message"], tab["merge_chat"], tab["other_chat"], *settings_inputs]
     outputs = [tab["merge_chat"], tab["other_chat"], tab["merge_stats"], tab["other_stats"]]
-    send = tab["send"].click(compare_send, inputs, outputs, api_name="compare")
-    submit = tab["message"].submit(compare_send, inputs, outputs, **private)
-    for event in (send, submit):
-        event.then(lambda: "", outputs=tab["message"], **private)
+    for trigger in (tab["send"].click, tab["message"].submit):
+        trigger(sending(compare_send), inputs, [*outputs, tab["message"]], trigger_mode="multiple", **private)
+    gr.on([], compare_send, inputs, outputs, api_name="compare")  # the HTTP API: no message box
     tab["stop"].click(stop_chat, **private)
     tab["clear"].click(lambda: ([], [], "", ""), outputs=outputs, **private)

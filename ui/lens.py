@@ -17,11 +17,12 @@ from typing import Any
 
 import gradio as gr
 
-from merger.errors import UserError
 from merger.limits import LENS_TEXT_CHARS, LENS_TOKENS, check_text
+from merger.recipe import Recipe
 from ui.guard import check_current, stop_work, web_handler
 from ui.models import model_info
-from ui.recipe_value import column, recipe_from_value, value_from_recipe
+from ui.recipe_state import State, plan_of, recipe_of
+from ui.recipe_value import column
 from ui.stack import seam_positions
 from ui.text import md
 
@@ -104,18 +105,11 @@ def model_choices(value: dict[str, Any]) -> gr.Dropdown:
     )
 
 
-def _recipe_or_none(value: dict[str, Any]) -> Any:
-    try:
-        return recipe_from_value(value)
-    except UserError:
-        return None
-
-
 @web_handler(work="the lens", model_code=True)
 def analyze_model(
     ref: str | None,
     text: str,
-    value: dict[str, Any],
+    state: State,
     progress: gr.Progress = gr.Progress(),
     request: gr.Request = None,
 ) -> tuple[str, Any, Any]:
@@ -123,7 +117,7 @@ def analyze_model(
     from merger.plots import angular_distance_figure, block_influence_figure
 
     _, lens = _text_and_lens(ref, text, progress, 1.0)
-    recipe = _recipe_or_none(value)
+    recipe = recipe_of(state)
     bi = lens.block_influence
     least = sorted(range(len(bi)), key=lambda i: float(bi[i]))[:3]
     summary = (
@@ -153,17 +147,17 @@ def widget_seam_scores(value: dict[str, Any], predicted: list[float], measured: 
 
 @web_handler(work="scoring the seams", model_code=True)
 def score_stack_seams(
-    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
-) -> tuple[dict[str, Any], str, Any]:
-    """Predicted and measured damage at every seam of the stack on screen; the widget colours them."""
+    state: State, text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
+) -> tuple[Any, str, Any]:
+    """Predicted and measured damage at every seam of the page's recipe: the scores (with the recipe
+    they belong to, for `seam_scores_shown`), a summary and a plot."""
     from merger.lens import CALIBRATION_TEXT, chunks_for, score_seams, seam_depths
-    from merger.plan import make_plan
     from merger.plots import seam_scores_figure
     from merger.runtime import best_device, load_tokenizer
 
-    plan = make_plan(recipe_from_value(value), model_info)
+    plan = plan_of(state)
     if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
-        return value, "This stack has no seams: each layer follows its own predecessor.", None
+        return None, "This stack has no seams: each layer follows its own predecessor.", None
     progress(0.05, desc="loading the parents and the merge")
     chunks = chunks_for(load_tokenizer(plan), _user_text(text), CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
     scores = score_seams(plan, chunks, device=best_device(), progress=_progress(progress, 0.1, 0.9))
@@ -174,8 +168,17 @@ def score_stack_seams(
         f"{len(scores.seams)} seam(s) over {scores.lens.tokens:,} tokens ({chunks.source}); {seam_list}. "
         f"The merge's output stream is {scores.measured_output:.3f} from its parent's."
     )
-    scored = {**value, "seam_scores": widget_seam_scores(value, list(scores.predicted), list(scores.measured))}
-    return scored, summary, seam_scores_figure(scores)
+    keyed = widget_seam_scores(state["widget"], list(scores.predicted), list(scores.measured))
+    return {"recipe": state["recipe"], "seam_scores": keyed}, summary, seam_scores_figure(scores)
+
+
+@web_handler()
+def seam_scores_shown(state: State, scored: dict[str, Any] | None) -> Any:
+    """The widget with the seam scores drawn on it, if the stack is still the one they measured
+    (an edit made while they ran is kept, and the scores are dropped)."""
+    if not scored or scored["recipe"] != state["recipe"]:
+        return gr.skip()
+    return {**state["widget"], "seam_scores": scored["seam_scores"]}
 
 
 @web_handler(work="the suggestions", model_code=True)
@@ -217,17 +220,19 @@ def _block(pick: str | None) -> tuple[int, int]:
     return start, end
 
 
-@web_handler()
-def apply_suggestion(pick: str | None, ref: str | None, value: dict[str, Any]) -> dict[str, Any]:
-    """Replace the stack with the duplication of the picked block, [0, end) + [start, L)."""
+def suggestion_recipe(
+    pick: str | None, ref: str | None, columns: list[dict[str, Any]]
+) -> tuple[Recipe, list[dict[str, Any]]]:
+    """The duplication of the picked block, [0, end) + [start, L), and the columns to show it with."""
     from merger.lens import duplication_recipe
 
     start, end = _block(pick)
     if not ref:
         raise gr.Error("Add a model to the stack first.")
     info = model_info(ref)
-    columns = value.get("models") or [column(info)]
-    return value_from_recipe(duplication_recipe(ref, info.num_layers, start, end), columns)
+    if all(c["ref"] != info.ref for c in columns):
+        columns = [*columns, column(info)]
+    return duplication_recipe(ref, info.num_layers, start, end), columns
 
 
 @web_handler(work="the sweep", model_code=True)
@@ -264,7 +269,7 @@ def sweep_block(
 
 @web_handler(work="the perplexity run", model_code=True)
 def measure_perplexities(
-    value: dict[str, Any], text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
+    state: State, text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> str:
     """Perplexity of the merge on screen and of each parent, on held-out text and on the user's."""
     from merger.assemble import assemble
@@ -273,7 +278,7 @@ def measure_perplexities(
     from merger.recipe import passthrough
     from merger.runtime import best_device, build_dtype, load_tokenizer
 
-    plan = make_plan(recipe_from_value(value), model_info)
+    plan = plan_of(state)
     user_text = _user_text(text)
     tokenizer = load_tokenizer(plan)
     chunks = {"held-out text": chunks_for(tokenizer, None, HELDOUT_TEXT, max_tokens=LENS_TOKENS.value)}
@@ -327,8 +332,10 @@ def build_lens_tab() -> dict[str, Any]:
     with gr.Row():
         pick = gr.Dropdown(label="Suggested block", choices=[], elem_id="lens-pick", scale=2)
         apply = gr.Button("Put in the stack", elem_id="lens-apply", scale=1)
+        undo = gr.Button("Undo", elem_id="lens-undo", scale=1, visible=False)
         repeats = gr.Slider(2, 8, value=8, step=1, label="Recurrence sweep up to", scale=2)
         sweep = gr.Button("Sweep repeats", elem_id="lens-sweep", scale=1)
+    put_note = gr.Markdown(elem_id="lens-put-note")
     sweep_md = gr.Markdown(elem_id="lens-sweep-summary")
     sweep_plot = gr.Plot(elem_id="lens-sweep-plot", show_label=False)
     gr.Markdown("### Did the splice damage it?")
@@ -351,6 +358,8 @@ def build_lens_tab() -> dict[str, Any]:
         "suggestions_plot": suggestions_plot,
         "pick": pick,
         "apply": apply,
+        "undo": undo,
+        "put_note": put_note,
         "repeats": repeats,
         "sweep": sweep,
         "sweep_md": sweep_md,
@@ -360,32 +369,33 @@ def build_lens_tab() -> dict[str, Any]:
     }
 
 
-def wire_lens_tab(lens: dict[str, Any], stack: gr.HTML) -> None:
-    """Events of the Lens tab; every heavy one takes the single lens queue slot."""
+def wire_lens_tab(lens: dict[str, Any], stack: gr.HTML, recipe_state: gr.State) -> None:
+    """Events of the Lens tab; every heavy one takes the single lens queue slot. They read the
+    page's recipe from `recipe_state`; "Put in the stack" and "Undo" edit it (wired with the page)."""
     heavy = {"concurrency_limit": 1, "concurrency_id": "lens", "api_visibility": "private"}
     stack.change(model_choices, stack, lens["model"], api_visibility="private")
     lens["analyze"].click(
         analyze_model,
-        [lens["model"], lens["text"], stack],
+        [lens["model"], lens["text"], recipe_state],
         [lens["summary"], lens["heatmap"], lens["influence"]],
         **heavy,
     )
+    scored = gr.State(None)
     lens["seams"].click(
-        score_stack_seams, [stack, lens["text"]], [stack, lens["seams_md"], lens["seams_plot"]], **heavy
-    )
+        score_stack_seams, [recipe_state, lens["text"]], [scored, lens["seams_md"], lens["seams_plot"]], **heavy
+    ).success(seam_scores_shown, [recipe_state, scored], stack, api_visibility="private")
     lens["suggest"].click(
         suggest_blocks,
         [lens["model"], lens["text"], lens["ranking"]],
         [lens["suggestions_md"], lens["suggestions_plot"], lens["pick"]],
         **heavy,
     )
-    lens["apply"].click(apply_suggestion, [lens["pick"], lens["model"], stack], stack, api_visibility="private")
     lens["sweep"].click(
         sweep_block,
         [lens["model"], lens["pick"], lens["text"], lens["repeats"]],
         [lens["sweep_md"], lens["sweep_plot"]],
         **heavy,
     )
-    lens["ppl"].click(measure_perplexities, [stack, lens["text"]], lens["ppl_md"], **heavy)
+    lens["ppl"].click(measure_perplexities, [recipe_state, lens["text"]], lens["ppl_md"], **heavy)
     # not in the lens slot: it must run while a lens run holds it
     lens["stop"].click(stop_work, api_visibility="private", concurrency_limit=None)

@@ -26,7 +26,7 @@ from merger.catalog import LocalPolicy, ModelInfo, resolve
 from merger.errors import HubUnavailableError, ModelRefError
 from merger.hub import current_token, hub_token
 from merger.plan import Plan, make_plan
-from merger.recipe import recipe_from_yaml
+from merger.recipe import Recipe, recipe_from_yaml
 from merger.space import on_space
 from ui.guard import check_current
 
@@ -68,14 +68,20 @@ def model_info(ref: str) -> ModelInfo:
     return info
 
 
-def plan_for(recipe_yaml: str) -> Plan:
-    """The recipe's plan; before each model's metadata is read, the request's work may stop."""
+def plan_recipe(recipe: Recipe) -> Plan:
+    """The recipe's plan under the web policy; before each model's metadata is read, the request's
+    work may stop."""
 
     def checked(ref: str) -> ModelInfo:
         check_current()
         return model_info(ref)
 
-    return make_plan(recipe_from_yaml(recipe_yaml), checked)
+    return make_plan(recipe, checked)
+
+
+def plan_for(recipe_yaml: str) -> Plan:
+    """The plan of a recipe's YAML (`plan_recipe`)."""
+    return plan_recipe(recipe_from_yaml(recipe_yaml))
 
 
 def visitor_token(oauth_token: gr.OAuthToken | None, pasted: str | None = None) -> str | bool | None:

@@ -1,17 +1,19 @@
-"""The layer-stack widget's value <-> Recipe. The widget's value is the recipe in JSON form plus
-the columns (parent models) it shows; see ui/stack.py for the contract."""
+"""The layer-stack widget's value <-> the recipe's mergekit keys. The widget's value holds the part
+of the recipe the stack edits plus the columns (parent models) it shows; see ui/stack.py for the
+contract and ui/recipe_state.py for the recipe that owns it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from merger.catalog import ModelInfo
-from merger.errors import RecipeError
-from merger.recipe import Recipe, Source, recipe_from_dict
+from merger.plan import stacking_key
+from merger.recipe import Recipe, Source
 
 
 def column(info: ModelInfo) -> dict[str, Any]:
-    return {"ref": info.ref, "label": info.label, "num_layers": info.num_layers}
+    """A parent model as the widget shows it; `stacking` tells which columns it may blend with."""
+    return {"ref": info.ref, "label": info.label, "num_layers": info.num_layers, "stacking": stacking_key(info)}
 
 
 def _source(entry: dict[str, Any]) -> dict[str, Any]:
@@ -21,13 +23,11 @@ def _source(entry: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def recipe_from_value(value: dict[str, Any], *, dtype: str | None = None) -> Recipe:
-    """Validated exactly like pasted YAML, so the messages are the same."""
-    slices = value.get("slices") or []
-    if not slices:
-        raise RecipeError("the recipe has no slices: drag across a model's layers and press Add")
+def stack_mapping(value: dict[str, Any]) -> dict[str, Any]:
+    """The mergekit keys the widget's value sets (slices, merge_method, base_model, parameters), as
+    they stand: not validated, so an unfinished stack is kept as it is."""
     raw_slices = []
-    for s in slices:
+    for s in value.get("slices") or []:
         raw: dict[str, Any] = {"sources": [_source(s)] + [_source(b) for b in s.get("blend") or []]}
         raw["repeat"] = s.get("repeat", 1)
         if s.get("slice_parameters"):
@@ -37,9 +37,7 @@ def recipe_from_value(value: dict[str, Any], *, dtype: str | None = None) -> Rec
     for key in ("merge_method", "base_model", "parameters"):
         if value.get(key):
             data[key] = value[key]
-    if dtype:
-        data["dtype"] = dtype
-    return recipe_from_dict(data)
+    return data
 
 
 def _entry(src: Source) -> dict[str, Any]:

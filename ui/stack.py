@@ -1,9 +1,11 @@
 """The visual layer-stack editor: a gr.HTML widget (no build step) whose value is the merge's slice list.
 
-Value (JSON-able dict, the single source of truth; other code converts it to and from a recipe)::
+Value (JSON-able dict: the stack's part of the page's recipe, which ui/recipe_state.py owns, plus the columns)::
 
     {
-      "models": [{"ref": "bundled:smollm2-135m-instruct", "label": "SmolLM2-135M-Instruct", "num_layers": 30}],
+      # the columns; "stacking" is equal for models whose layers stack and blend together (merger.plan.stacking_key)
+      "models": [{"ref": "bundled:smollm2-135m-instruct", "label": "SmolLM2-135M-Instruct", "num_layers": 30,
+                  "stacking": "4f1c0a9e2b7d5e31"}],
       "slices": [
         {"model": "bundled:smollm2-135m-instruct", "start": 0, "end": 20, "repeat": 1},  # end exclusive
         # a blended slice: the first source as above (it names the slice's place in the stack), the
@@ -22,7 +24,8 @@ Value (JSON-able dict, the single source of truth; other code converts it to and
 Python sets the value; assets/stack.js draws it and answers every user edit with a new value object (everything
 but the slices copied through, a new slices list; the blend method and base when those are edited), which fires
 the component's ``.change``. The widget edits a source's ``weight`` (slerp: the slice's ``t``) when it is a plain
-number; gradients and filters pasted as YAML are shown as "custom" and kept.
+number; gradients and filters pasted as YAML are shown as "custom" and kept. When an edit leaves no blended slice,
+ui/recipe_state.py drops the blend method, its base and its parameters and redraws the widget.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Lens tab in the real page: SmolLM2's heatmap, a suggestion put into the stack with one
-click, and that stack's seams scored and coloured on the widget."""
+click (saying what it replaced), that stack's seams scored and coloured on the widget, and Undo."""
 
 import re
 
@@ -43,6 +43,8 @@ def test_lens_plots_a_model_applies_a_suggestion_and_colours_its_seams(app_url, 
     wait_for(lambda: f"{layers} layers" in page.locator("#preview").inner_text(), "the suggestion in the stack")
     assert page.get_by_test_id("merged-layers").inner_text().strip() == str(layers)
     assert page.get_by_test_id("seam-1").count() == 1
+    assert "It replaced the stack you had (1 slice(s), 30 layers)" in page.locator("#lens-put-note").inner_text()
+    assert page.locator("#lens-undo").is_visible()
 
     # score the stack's seam: the widget colours it with the measured damage
     page.locator("#lens-seams").click()
@@ -53,3 +55,10 @@ def test_lens_plots_a_model_applies_a_suggestion_and_colours_its_seams(app_url, 
     assert "measured" in seam.get_attribute("title") and "predicted" in seam.get_attribute("title")
     assert f"depth {end}: predicted" in page.locator("#lens-seams-summary").inner_text()
     assert page.locator("#lens-seams-plot .js-plotly-plot").count() == 1
+
+    # Undo: the stack the suggestion replaced comes back
+    page.locator("#lens-undo").click()
+    wait_for(lambda: "back as it was" in page.locator("#lens-put-note").inner_text(), "the old stack back")
+    assert page.get_by_test_id("merged-layers").inner_text().strip() == "30"
+    assert "134,515,008 parameters" in page.locator("#preview").inner_text()
+    assert not page.locator("#lens-undo").is_visible()

@@ -19,10 +19,12 @@ XSS = "<img src=x onerror=alert(1)>"
 SMOL = "bundled:smollm2-135m-instruct"
 QWEN = "hf:Qwen/Qwen2.5-0.5B-Instruct"
 EVIL = "local:evil"
+# "stacking": which columns blend with which (made in Python, merger.plan.stacking_key); the evil model's
+# layers have another shape
 MODELS = [
-    {"ref": SMOL, "label": "SmolLM2-135M-Instruct", "num_layers": 30},
-    {"ref": QWEN, "label": "Qwen2.5-0.5B-Instruct", "num_layers": 24},
-    {"ref": EVIL, "label": f"Evil {XSS} model", "num_layers": 12},
+    {"ref": SMOL, "label": "SmolLM2-135M-Instruct", "num_layers": 30, "stacking": "one-shape"},
+    {"ref": QWEN, "label": "Qwen2.5-0.5B-Instruct", "num_layers": 24, "stacking": "one-shape"},
+    {"ref": EVIL, "label": f"Evil {XSS} model", "num_layers": 12, "stacking": "another-shape"},
 ]
 PRESET = {
     "models": MODELS,
@@ -162,15 +164,24 @@ def test_stack_widget_edits_reach_python_draw_seams_and_escape_model_names(app, 
     page.locator("#stack").screenshot(path="/tmp/stack.png")
 
 
-def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
-    from ui.recipe_value import recipe_from_value
+def recipe_from_value(value: dict):
+    from merger.recipe import recipe_from_dict
+    from ui.recipe_value import stack_mapping
 
+    return recipe_from_dict(stack_mapping(value))
+
+
+def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
     url, received = app
     page.goto(url)
     page.get_by_test_id("cell-0-0").wait_for()
     sweep(page, 0, 0, 3)
     page.get_by_test_id("stack-add-0").click()
     last_value(received, lambda v: len(v["slices"]) == 1 and "blend" not in v["slices"][0], "a plain slice")
+
+    # 0. "+ blend" offers only the columns whose layers have this slice's shapes
+    offered = page.get_by_test_id("slice-blend-0").locator("option").evaluate_all("els => els.map(e => e.value)")
+    assert offered == ["", QWEN]
 
     # 1. blend it with the same layers of the second model: one block, both sources, weights 1 and 1
     page.get_by_test_id("slice-blend-0").select_option(QWEN)
