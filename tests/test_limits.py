@@ -13,6 +13,7 @@ import app
 from merger import limits
 from merger.errors import UserError
 from merger.recipe import from_share_token, recipe_from_yaml
+from ui.recipe_state import empty_state
 
 from bounded import run_within
 from hostile_inputs import SMOL, filter_alias_bomb, million_layer_link, share_token, slice_alias_recipe
@@ -89,6 +90,16 @@ def test_a_link_with_a_layer_range_of_10_to_the_15_does_not_open_an_empty_stack(
     assert "Opened a shared recipe" not in notice
     assert "reaches layer about 10^15, more than the 1,024 layers" in shown(notice)
     assert value["slices"], "the default stack, not an empty one"
+
+
+def test_a_stack_edit_with_more_slices_than_the_limit_is_refused_before_it_is_read():
+    import gradio as gr
+
+    value = {"models": [], "slices": [{"model": SMOL, "start": 0, "end": 1, "repeat": 1}] * 100_000}
+    request = SimpleNamespace(query_params={}, session_hash="limits-visitor")
+    settings = tuple(app.DEFAULT_SETTINGS.values())
+    with pytest.raises(gr.Error, match=r"The stack has 100,000 slices, more than the 1,024 slices"):
+        run_within(30, app.on_stack_edit, value, empty_state(), request, None, *settings)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from merger.errors import RecipeError, UserError
+from merger.limits import SLICES
 from merger.method_specs import METHODS
 from merger.plan import Plan
 from merger.recipe import Recipe, recipe_from_dict, recipe_from_yaml
@@ -99,7 +100,9 @@ def yaml_of(state: State) -> str:
 def widget_edited(state: State, value: dict[str, Any]) -> tuple[State, bool] | None:
     """The state after the widget sent `value`, and whether the widget must be redrawn (the edit
     took the last blend away, and its method went with it); None when `value` is no edit (Python
-    redrew the widget, or drew seam scores on the same stack)."""
+    redrew the widget, or drew seam scores on the same stack). The browser sends `value`: its slices
+    are counted against the limit before anything reads them."""
+    SLICES.check(len(value.get("slices") or []), "the stack")
     if stack_mapping(value) == stack_mapping(state["widget"]):
         return None
     widget = _without_blend_settings({k: v for k, v in value.items() if k != "seam_scores"})
