@@ -232,3 +232,21 @@ def test_placement_next_to_the_preview_names_the_device_or_the_refusal(monkeypat
     assert app.placement_preview(plan).startswith("**Placement**: one device, `cpu`, all 40 layers")
     monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
     assert "but only 10.00 MiB is free" in shown(app.placement_preview(plan))
+
+
+def test_the_lens_notice_names_a_model_as_text(visitor, tmp_path, monkeypatch):
+    import ui.models
+    from merger.catalog import LocalPolicy
+
+    from tiny import make_tiny
+
+    name = "![x](evil.test)"  # an allowed folder named like a Markdown image
+    make_tiny(tmp_path / name, "llama", layers=2)
+    monkeypatch.setattr(ui.models, "POLICY", LocalPolicy(allow_any_path=False, roots=(tmp_path.resolve(),)))
+    ui.models.public_info.cache_clear()
+    try:
+        put = app.put_suggestion("[0, 1)", name, opened(visitor).state, visitor, None, *SETTINGS)
+    finally:
+        ui.models.public_info.cache_clear()
+    assert f"duplicates layers [0, 1) of {name} (3 layers)" in shown(put.lens_note)
+    assert name not in put.lens_note  # escaped: no image is made of it

@@ -1,7 +1,8 @@
 """Names are text: hostile names (model references, a model's config and chat template, a card's
 name and greeting) go through every surface that shows them: the share link's notice, the add
-message, the preview, the stack widget, error toasts, the roleplay card and chat. Each is shown as
-text: no link, image or element is made from them, and no request leaves for their host."""
+message, the note by the YAML box, the preview, the stack widget, error toasts, the roleplay card
+and chat. Each is shown as text: no link, image or element is made from them, and no request
+leaves for their host."""
 
 import json
 from pathlib import Path
@@ -79,13 +80,13 @@ def test_hostile_names_are_text_on_every_surface(app_url, page, hostile_root, tm
     # the stack widget draws the folder's name as its column label
     wait_for(lambda: FOLDER in page.get_by_test_id("stack-col-1").inner_text(), "the hostile column")
 
-    # the preview of pasted YAML, then a build of it (a toast)
+    # pasted YAML naming it: the note by the box says why it was not applied (and Build does not build it)
     page.get_by_role("button", name="Recipe (mergekit YAML)").click()
     type_yaml(page, passthrough((HOSTILE, 0, 2)).to_yaml())
     page.locator("#apply-yaml").click()
-    wait_for(lambda: f"unknown model '{IMG}" in page.locator("#preview").inner_text(), "the preview's message")
+    wait_for(lambda: f"unknown model '{IMG}" in page.locator("#yaml-note").inner_text(), "the note by the box")
     page.locator("#build-btn").click()
-    toast(page, f"Unknown model '{IMG}")
+    toast(page, "holds YAML you have not applied")
 
     # the preview's parents list names the hostile folder
     type_yaml(page, passthrough((FOLDER, 0, 2)).to_yaml())
@@ -112,6 +113,8 @@ def test_hostile_names_are_text_on_every_surface(app_url, page, hostile_root, tm
 
     # a model whose chat template raises an error made of markup (a toast naming the model)
     type_yaml(page, passthrough(("evil-template", 0, 2)).to_yaml())
+    page.locator("#apply-yaml").click()
+    wait_for(lambda: "parents: evil-template" in page.locator("#preview").inner_text(), "the template's model")
     page.locator("#build-btn").click()
     wait_for(lambda: "Built 2 layers" in page.locator("#build-status").inner_text(), "the build", timeout=90)
     page.get_by_role("tab", name="Chat").click()

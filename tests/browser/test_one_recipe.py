@@ -9,6 +9,7 @@ from urllib.parse import unquote
 
 import yaml
 
+from merger.bundled import public_ref
 from merger.recipe import from_share_token
 from ui.chat import SESSIONS
 
@@ -29,8 +30,10 @@ PASTED = {
 KEPT = {"dtype": "bfloat16", "tokenizer_source": SMOL, "chat_template": TEMPLATE}
 
 
-def carries_the_pasted_keys(mapping: dict) -> bool:
-    return all(mapping.get(k) == v for k, v in KEPT.items())
+def carries_the_pasted_keys(mapping: dict, *, exported: bool = False) -> bool:
+    """Whether `mapping` has the pasted keys; an export names the bundled model by its Hub id."""
+    kept = {**KEPT, "tokenizer_source": public_ref(SMOL)} if exported else KEPT
+    return all(mapping.get(k) == v for k, v in kept.items())
 
 
 def test_a_pasted_bf16_recipe_is_what_the_page_edits_builds_exports_and_shares(app_url, page):
@@ -89,7 +92,8 @@ def test_a_pasted_bf16_recipe_is_what_the_page_edits_builds_exports_and_shares(a
     with zipfile.ZipFile(Path(unquote(href.split("file=", 1)[1]))) as archive:
         exported = yaml.safe_load(archive.read("mergekit_config.yml"))
         config = json.loads(archive.read("config.json"))
-    assert carries_the_pasted_keys(exported) and config["dtype"] == "bfloat16" and config["num_hidden_layers"] == 4
+    assert carries_the_pasted_keys(exported, exported=True)
+    assert config["dtype"] == "bfloat16" and config["num_hidden_layers"] == 4
 
     # the next edit clears the export of the earlier recipe
     page.get_by_test_id("slice-dup-0").click()
