@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import merger.assemble
 from merger.__main__ import main
 from merger.assemble import assemble
 from merger.lens import (
     MERGE,
+    ResidualRecorder,
     TokenChunks,
     capture,
     duplication_drift,
@@ -261,6 +263,57 @@ def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama
     held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
     for s in result.confirmed:
         assert s.perplexity == perplexity(assemble(make_plan(duplication_recipe(ref, 6, s.start, s.end))), held)
+
+
+@pytest.fixture
+def file_opens(monkeypatch) -> list[str]:
+    """Every safetensors file assembly opens, from now on."""
+    opened = []
+    real = merger.assemble.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(merger.assemble, "safe_open", counting)
+    return opened
+
+
+@pytest.mark.parametrize("rank_by", ["drift", "predicted"])
+def test_suggestions_read_the_parent_once_and_build_every_candidate_from_its_tensors(tiny_llama, file_opens, rank_by):
+    ref = str(tiny_llama)
+    messages = []
+    progress = lambda f, m: messages.append((f, m))  # noqa: E731
+    result = suggest_duplications(
+        ref, calibration=TEXT, heldout=HELDOUT, top_k=3, max_size=3, rank_by=rank_by, progress=progress
+    )
+    assert len(file_opens) == 1  # the parent's one file, for the parent; none for its 9 tails and 3 merges
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
+    for s in result.confirmed:  # the same figure as the whole merge read from disk
+        assert s.perplexity == perplexity(assemble(make_plan(duplication_recipe(ref, 6, s.start, s.end))), held)
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m.startswith("perplexity of duplicating [") and " left" in m for _, m in messages)
+    if rank_by == "drift":
+        assert any(m.startswith("drift of duplicating blocks [") for _, m in messages)
+
+
+def test_seam_scores_and_the_recurrence_sweep_read_each_parent_once(tiny_llama, file_opens):
+    ref = str(tiny_llama)
+    score_seams(make_plan(passthrough((ref, 0, 4), (ref, 2, 6))), CHUNKS)
+    assert len(file_opens) == 1  # the parent; the merge is built from its tensors
+    lens = capture(build(ref, (0, 6)), CHUNKS, name=ref)
+    file_opens.clear()
+    recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT)
+    assert len(file_opens) == 1
+
+
+def test_recorder_keeps_only_the_points_asked_for(tiny_llama):
+    model = build(str(tiny_llama), (0, 6))
+    ids = CHUNKS.chunks[0][None]
+    with torch.inference_mode(), ResidualRecorder(model) as every, ResidualRecorder(model, points=[5, 2, 6]) as some:
+        model.model(input_ids=ids, use_cache=False)
+        assert torch.equal(some.take(), every.take()[:, [5, 2, 6]])
 
 
 def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_llama):
