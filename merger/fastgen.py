@@ -141,12 +141,17 @@ def decode(forward: Forward, inputs: StepInputs, state: DecodeState, mode: str) 
 
 @dataclass
 class _Step:
-    """A decode step (`forward` then the pick) and, on one GPU, its CUDA graph for each mode used so far."""
+    """A decode step (`forward` then the pick) and, on one GPU, its CUDA graph for each mode used so
+    far (None for a mode whose capture failed: that mode runs eagerly)."""
 
     forward: Forward
     kind: str  # EAGER_STEP, COMPILED_STEP or AHEAD_OF_TIME_STEP
-    graphs: dict[str, torch.cuda.CUDAGraph] | None  # None: runs eagerly
+    graphs: dict[str, torch.cuda.CUDAGraph | None] = field(default_factory=dict)
     logits: dict[str, torch.Tensor] = field(default_factory=dict)  # each graph's output, rewritten per replay
+
+    def form(self, mode: str, graphed: bool) -> str:
+        """What runs `mode` (on one GPU, `graphed`: a graph unless its capture failed)."""
+        return self.kind + (IN_A_CUDA_GRAPH if graphed and self.graphs.get(mode, True) is not None else "")
 
 
 @contextmanager
@@ -204,7 +209,7 @@ class FastGenerator:
         self.state = DecodeState(vocab, max_seq_len, self.chunk, self.device)
         self.compile_error: str | None = None
         self.ahead_of_time = False  # the step is a package compiled ahead of time
-        self._step = _Step(forward_one, EAGER_STEP, None)
+        self._step = _Step(forward_one, EAGER_STEP)
         if aot_step is not None:
             self._bind(aot_step)
         self.graphed = one_gpu and not self.ahead_of_time
@@ -232,8 +237,7 @@ class FastGenerator:
     @property
     def serving(self) -> str:
         """The step form the next token runs on (EAGER_STEP, COMPILED_STEP, ...; IN_A_CUDA_GRAPH added)."""
-        step = self._compiled or self._step
-        return step.kind + (IN_A_CUDA_GRAPH if self.graphed else "")
+        return (self._compiled or self._step).form(GREEDY, self.graphed)
 
     def compiling_for(self) -> float | None:
         """Seconds the step's compile has run so far; None when none runs (not begun, or done)."""
@@ -252,7 +256,7 @@ class FastGenerator:
             self.compile_error = exception_line(exc)
             log.warning("decode step compiled ahead of time did not load, running without it: %s", self.compile_error)
             return
-        self._step = _Step(lambda inputs, token, position: bound(token, position), AHEAD_OF_TIME_STEP, None)
+        self._step = _Step(lambda inputs, token, position: bound(token, position), AHEAD_OF_TIME_STEP)
         self.ahead_of_time = True
 
     @torch.inference_mode()
@@ -340,16 +344,16 @@ class FastGenerator:
             with self._compile_lock:
                 self._step, self._compiled = self._compiled, None
         step = self._step
-        if not self.graphed:
-            decode(step.forward, self.inputs, self.state, mode)
-        elif step.graphs is not None and mode in step.graphs:
+        if self.graphed and mode not in step.graphs:
+            self._first_graphed_step(step, mode)
+        elif self.graphed and step.graphs[mode] is not None:
             step.graphs[mode].replay()
         else:
-            self._first_graphed_step(step, mode)
+            decode(step.forward, self.inputs, self.state, mode)
         if self.compiled and self._compile_started is None:  # after the first step, so it starts at once
             self._compile_started = time.monotonic()
             COMPILER.submit(functools.partial(self._compile, weakref.ref(self)))
-        return step.kind + (IN_A_CUDA_GRAPH if self.graphed else "")
+        return step.form(mode, self.graphed)
 
     def _first_graphed_step(self, step: _Step, mode: str) -> None:
         """The step's first run in `mode` on one GPU: for real on a side stream (which also warms up
@@ -362,12 +366,10 @@ class FastGenerator:
         with torch.cuda.stream(side):
             decode(step.forward, self.inputs, self.state, mode)
         current.wait_stream(side)
-        try:
-            step.graphs, step.logits = _captured(step, self.inputs, self.state, (mode,), side, step.graphs)
-        except Exception as exc:  # a host sync or a host-to-device copy inside the step
-            self.graphed = False
-            self.compile_error = exception_line(exc)
-            log.warning("decode step not captured in a CUDA graph, running it eagerly: %s", self.compile_error)
+        error = _capture(step, self.inputs, self.state, mode, side)
+        if error is not None:
+            self.compile_error = error
+            log.warning("%s not captured in a CUDA graph, running it eagerly: %s", step.kind, error)
 
     @staticmethod
     def _compile(generator_ref: weakref.ref[FastGenerator]) -> None:
@@ -375,28 +377,36 @@ class FastGenerator:
         loop keeps decoding on the real ones meanwhile), capture it (on one GPU) over the real ones,
         and hand it to the next step. A failure leaves the step it had, and `compile_error` says why."""
         self = generator_ref()
-        if self is None or self.inputs.model is None:
+        if self is None:  # freed before its turn
             return
         try:
-            forward = torch.compile(self._step_code, **STEP_COMPILE)
-            step = _Step(forward, COMPILED_STEP, {} if self.graphed else None)
+            step = _Step(torch.compile(self._step_code, **STEP_COMPILE), COMPILED_STEP)
             scratch = StepInputs(self.model, allocated_static_cache(self.model, self.max_seq_len, as_prefill=True))
+            graphed = self.graphed
             with torch.inference_mode():
                 scratch_state = DecodeState(self.state.sampling.seen.shape[-1], 1, 1, self.device)
-                side = torch.cuda.Stream(self.device) if step.graphs is not None else None
+                side = torch.cuda.Stream(self.device) if graphed else None
                 if side is not None:
                     side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                     for mode in (GREEDY, SAMPLED):  # the first compiles; both warm up
                         scratch_state.position.fill_(0)
                         scratch_state.count.zero_()
-                        decode(forward, scratch, scratch_state, mode)
+                        decode(step.forward, scratch, scratch_state, mode)
+                if side is not None:  # before the scratch tensors (made on the current stream) are freed for reuse
+                    side.synchronize()
                 del scratch, scratch_state
-                if step.graphs is not None:
+                if graphed:
                     # over the real cache and state, whose tensors the compiled code must take as they
                     # are: a recompile here would mean the scratch ones differed, so refuse it
                     with torch.compiler.set_stance("fail_on_recompile"):
-                        step.graphs, step.logits = _captured(step, self.inputs, self.state, (GREEDY, SAMPLED), side)
+                        errors = [_capture(step, self.inputs, self.state, mode, side) for mode in (GREEDY, SAMPLED)]
+                    if errors[0] is not None:  # uncaptured, the compiled step would be no faster: keep the eager graph
+                        raise RuntimeError(f"the compiled step was not captured in a CUDA graph: {errors[0]}")
+                    if errors[1] is not None:
+                        log.warning(
+                            "sampled compiled step not captured in a CUDA graph, it runs eagerly: %s", errors[1]
+                        )
         except Exception as exc:
             self.compiled = False
             self.compile_error = exception_line(exc)
@@ -417,23 +427,19 @@ class FastGenerator:
         return _Chunk(start, end, ready)
 
 
-def _captured(
-    step: _Step,
-    inputs: StepInputs,
-    state: DecodeState,
-    modes: Sequence[str],
-    stream: torch.cuda.Stream,
-    graphs: dict[str, torch.cuda.CUDAGraph] | None = None,
-) -> tuple[dict[str, torch.cuda.CUDAGraph], dict[str, torch.Tensor]]:
-    """`step` captured in a CUDA graph for each of `modes` on `stream` (added to `graphs`), and
-    each graph's logits; each reads and writes `inputs` and `state` where they are now."""
-    graphs, logits = dict(graphs or {}), dict(step.logits)
-    for mode in modes:
-        graph = torch.cuda.CUDAGraph()
+def _capture(step: _Step, inputs: StepInputs, state: DecodeState, mode: str, stream: torch.cuda.Stream) -> str | None:
+    """Capture `step` in `mode` in a CUDA graph on `stream` (into step.graphs, its logits into
+    step.logits), reading and writing `inputs` and `state` where they are now; None, or why it
+    failed (a host sync or a host-to-device copy inside the step): the mode then runs eagerly."""
+    graph = torch.cuda.CUDAGraph()
+    try:
         with _capturing(graph, stream):
-            logits[mode] = decode(step.forward, inputs, state, mode)
-        graphs[mode] = graph
-    return graphs, logits
+            logits = decode(step.forward, inputs, state, mode)
+    except Exception as exc:
+        step.graphs[mode] = None
+        return exception_line(exc)
+    step.graphs[mode], step.logits[mode] = graph, logits
+    return None
 
 
 class BackgroundCompiler:

@@ -23,6 +23,7 @@ A seam at merged depth d, whose layer is parent layer a of model m, placed after
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -431,7 +433,7 @@ def load_parents(plan: Plan, *, device: str, dtype: str) -> dict[str, torch.nn.M
 
 def assemble_from(plan: Plan, parents: Mapping[str, torch.nn.Module], device: str) -> torch.nn.Module:
     """`plan`'s merge (no blends) from its parents' tensors in memory (each parent built as it is,
-    as load_parents builds them): no file read, its tensors theirs."""
+    all its layers in order, as load_parents builds them): no file read, its tensors theirs."""
     from merger.assemble import LoadedTensors, assemble_loaded, tensors_of
 
     tensors: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -611,55 +613,47 @@ class Work:
         return report
 
 
-class ParentTensors:
-    """Merges of one loaded parent (model `ref` as it is, all its layers: `plan`, by default made
-    here) assembled from its tensors in memory, no file read: every candidate and tail holds the
-    parent's own tensors, none copied."""
+def tail_view(model: torch.nn.Module, start: int) -> torch.nn.Module:
+    """`model` from decoder layer `start` on, its final norm and head included, made of its very
+    modules (nothing built, no tensor copied; `model` itself unchanged) under the config of those
+    layers alone (merger.plan.merged_config's per-layer lists: Gemma 3's layer types): run on the
+    stream entering layer `start` (inputs_embeds), it is the top of any merge that ends with
+    layers [start, L), as assembling that tail would make it."""
+    from transformers import AutoConfig
 
-    def __init__(self, ref: str, parent: torch.nn.Module, plan: Plan | None = None) -> None:
-        from merger.assemble import tensors_of
+    from merger.plan import merged_config
 
-        first = next(parent.parameters())
-        self.ref = ref
-        self.num_layers = len(decoder_layers(parent))
-        self.plan = plan or make_plan(passthrough((ref, 0, self.num_layers)))
-        self.device, self.dtype = first.device.type, first.dtype
-        self.tensors = tensors_of(parent, self.plan, self.device)
-
-    def plan_of(self, recipe: Recipe) -> Plan:
-        """The plan of `recipe` (over this parent alone), its model resolved as the parent's was."""
-        return make_plan(recipe, self.plan.models.__getitem__)
-
-    def build(self, plan: Plan) -> torch.nn.Module:
-        from merger.assemble import assemble_loaded
-
-        return assemble_loaded(plan, self.tensors, device=self.device, dtype=self.dtype)
-
-    def tail(self, start: int) -> torch.nn.Module:
-        """Layers [start, L) with the final norm and head: run on the stream entering depth `start`
-        (inputs_embeds), the top of any merge that ends with them."""
-        return self.build(self.plan_of(passthrough((self.ref, start, self.num_layers))))
+    layers = decoder_layers(model)
+    whole = SimpleNamespace(config=model.config.to_dict(), num_layers=len(layers))  # as a catalog ModelInfo
+    sources = [("", layer) for layer in range(start, len(layers))]
+    config = AutoConfig.for_model(**merged_config(whole, {"": whole}, sources, DTYPE_NAMES[model.dtype]))
+    config._attn_implementation = model.config._attn_implementation  # the masks the layers expect
+    inner = copy.copy(model.model)  # shares every submodule and parameter
+    inner._modules = {**inner._modules, "layers": torch.nn.ModuleList(list(layers)[start:])}
+    inner.config = config
+    outer = copy.copy(model)
+    outer._modules = {**outer._modules, "model": inner}
+    outer.config = config
+    return outer
 
 
 def duplication_drift(
-    model_ref: str,
     parent: torch.nn.Module,
     chunks: TokenChunks,
     blocks: Sequence[tuple[int, int]],
     *,
     batch_size: int = 2,
-    plan: Plan | None = None,
     work: Work | None = None,
 ) -> dict[tuple[int, int], Drift]:
-    """Measured damage of duplicating each block [a, b) of `parent` (the model `model_ref`).
+    """Measured damage of duplicating each block [a, b) of `parent`.
 
     The merge [0, b) + [a, L) runs the parent's own first b layers, so its stream entering depth b
-    is the parent's x_b bit for bit; only the tail [a, L), assembled from the parent's tensors in
-    memory, is run on the parent's x_b, without the head, for every b of one a in one batch. The
-    parent's stream is kept for every token of `chunks` (tokens x (L+1) x hidden floats): pass a
-    short text. `plan`: the parent's (ParentTensors'); `work` counts the token-layers run (drift_work's)."""
-    tensors = ParentTensors(model_ref, parent, plan)
-    device, dtype, L = tensors.device, tensors.dtype, tensors.num_layers
+    is the parent's x_b bit for bit; only the tail [a, L) (`tail_view`: the parent's own layers) is
+    run on the parent's x_b, without the head, for every b of one a in one batch. The parent's
+    stream is kept for every token of `chunks` (tokens x (L+1) x hidden floats): pass a short
+    text. `work` counts the token-layers run (drift_work's)."""
+    first = next(parent.parameters())
+    device, dtype, L = first.device, first.dtype, len(decoder_layers(parent))
     batches = list(chunks.batches(batch_size))
     tokens = sum(ids.numel() for ids in batches)
     with torch.inference_mode(), ResidualRecorder(parent) as rec:  # BOS rows kept: the tails start from them
@@ -672,7 +666,7 @@ def duplication_drift(
     results: dict[tuple[int, int], Drift] = {}
     for a in sorted({a for a, _ in blocks}):
         ends = sorted({b for s, b in blocks if s == a})
-        tail = tensors.tail(a)
+        tail = tail_view(parent, a)
         dist = torch.zeros(len(ends), L - a + 1, dtype=torch.float64, device=device)  # tail point j vs parent a + j
         with torch.inference_mode(), ResidualRecorder(tail) as tail_rec:
             for ids, points in zip(batches, cached, strict=True):
@@ -700,21 +694,19 @@ def drift_work(num_layers: int, tokens: int, blocks: Sequence[tuple[int, int]]) 
 
 
 def duplication_perplexities(
-    model_ref: str,
     parent: torch.nn.Module,
     chunks: TokenChunks,
     blocks: Sequence[tuple[int, int]],
     *,
     batch_size: int = 1,
-    plan: Plan | None = None,
     work: Work | None = None,
 ) -> tuple[float, dict[tuple[int, int], float]]:
-    """The perplexity of `parent` (the model `model_ref`) on `chunks` and of each duplication
-    [0, b) + [a, L) of `blocks`: the merge's first b layers are the parent's own, so its tail [a, L),
-    assembled from the parent's tensors in memory, runs on the parent's stream entering layer b,
-    kept from the parent's pass (tokens x distinct b x hidden floats). `plan`: the parent's (ParentTensors')."""
-    tensors = ParentTensors(model_ref, parent, plan)
-    L, device, dtype = tensors.num_layers, tensors.device, tensors.dtype
+    """The perplexity of `parent` on `chunks` and of each duplication
+    [0, b) + [a, L) of `blocks`: the merge's first b layers are the parent's own, so its tail [a, L)
+    (`tail_view`: the parent's own layers and head) runs on the parent's stream entering layer b,
+    kept from the parent's pass (tokens x distinct b x hidden floats)."""
+    first = next(parent.parameters())
+    device, dtype, L = first.device, first.dtype, len(decoder_layers(parent))
     depths = sorted({b for _, b in blocks})
     batches = [ids.to(device) for ids in chunks.batches(batch_size) if ids.shape[1] > max(chunks.prefix_len, 1)]
     tokens = sum(ids.numel() for ids in batches)
@@ -738,7 +730,7 @@ def duplication_perplexities(
         work.add(tokens * L, "perplexity of each confirmed duplication")
     found = {}
     for a, b in blocks:
-        tail = tensors.tail(a)
+        tail = tail_view(parent, a)
 
         def tail_logits(i: int, ids: torch.Tensor, tail: torch.nn.Module = tail, b: int = b) -> torch.Tensor:
             stream = entering[i][:, depths.index(b)].unflatten(0, tuple(ids.shape)).to(dtype)  # float32 kept: exact
@@ -833,14 +825,14 @@ def suggest_duplications(
     ranked = rank_duplications(lens, min_size=min_size, max_size=max_size)
     if rank_by == "drift":
         blocks = [(s.start, s.end) for s in ranked]
-        drift = duplication_drift(model_ref, parent.model, sample, blocks, plan=parent.plan, work=work)
+        drift = duplication_drift(parent.model, sample, blocks, work=work)
         ranked = sorted(
             (replace(s, drift=drift[(s.start, s.end)].output) for s in ranked),
             key=lambda s: (s.drift, s.predicted, s.start, s.end),
         )
     chosen = ranked[:top_k]
     blocks = [(s.start, s.end) for s in chosen]
-    parent_ppl, found = duplication_perplexities(model_ref, parent.model, held, blocks, plan=parent.plan, work=work)
+    parent_ppl, found = duplication_perplexities(parent.model, held, blocks, work=work)
     confirmed = [replace(s, perplexity=found[(s.start, s.end)]) for s in chosen]
     if progress:
         progress(1.0, "done")
@@ -882,15 +874,15 @@ def recurrence_sweep(
     L = lens.num_layers
     if not 0 <= start < end <= L:
         raise UserError(f"block [{start}, {end}) is not inside {model_ref}'s {L} layers")
-    tensors = ParentTensors(model_ref, parent.model, parent.plan)
     depths = [L + (k - 1) * (end - start) for k in range(1, max_repeats + 1)]
     work = Work(held.num_tokens * sum(depths), progress)
     points = []
     for k, depth in enumerate(depths, start=1):
         work.add(0, f"perplexity of block {start}-{end} x{k}")
-        plan = tensors.plan_of(recurrence_recipe(model_ref, L, start, end, k))
+        plan = make_plan(recurrence_recipe(model_ref, L, start, end, k), parent.plan.models.__getitem__)
         predicted = sum(predict_seams(plan.layer_sources, lens, model_ref))
-        points.append(RecurrencePoint(k, depth, predicted, perplexity(tensors.build(plan), held)))
+        model = assemble_from(plan, {model_ref: parent.model}, parent.device)
+        points.append(RecurrencePoint(k, depth, predicted, perplexity(model, held)))
         work.add(held.num_tokens * depth, f"block {start}-{end} x{k} measured")
     return points
 

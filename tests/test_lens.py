@@ -243,7 +243,7 @@ def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(a
     ref = str(request.getfixturevalue(arch))
     L = make_plan(passthrough((ref, 0, 1))).models[ref].num_layers
     parent = build(ref, (0, L))
-    drift = duplication_drift(ref, parent, CHUNKS, blocks, batch_size=2)
+    drift = duplication_drift(parent, CHUNKS, blocks, batch_size=2)
     for a, b in blocks:  # the tail shortcut against the real merge, run in lockstep with the parent
         plan = make_plan(duplication_recipe(ref, L, a, b))
         scores = score_seams(plan, CHUNKS, parents={ref: parent}, batch_size=2)
@@ -258,7 +258,7 @@ def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama
         ref, calibration=TEXT, heldout=HELDOUT, top_k=2, max_size=3, rank_by="drift", drift_tokens=60
     )
     sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), TEXT, max_tokens=60)
-    drift = duplication_drift(ref, build(ref, (0, 6)), sample, [(s.start, s.end) for s in result.ranked])
+    drift = duplication_drift(build(ref, (0, 6)), sample, [(s.start, s.end) for s in result.ranked])
     assert [s.drift for s in result.ranked] == sorted(drift[(s.start, s.end)].output for s in result.ranked)
     held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
     for s in result.confirmed:
@@ -287,7 +287,7 @@ def test_suggestions_read_the_parent_once_and_build_every_candidate_from_its_ten
     result = suggest_duplications(
         ref, calibration=TEXT, heldout=HELDOUT, top_k=3, max_size=3, rank_by=rank_by, progress=progress
     )
-    assert len(file_opens) == 1  # the parent's one file, for the parent; none for its 9 tails and 3 merges
+    assert len(file_opens) == 1  # the parent's one file; its 9 tails are its own layers, its 3 merges its tensors
     held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)))), HELDOUT)
     for s in result.confirmed:  # the same figure as the whole merge read from disk
         assert s.perplexity == perplexity(assemble(make_plan(duplication_recipe(ref, 6, s.start, s.end))), held)
