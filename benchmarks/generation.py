@@ -49,7 +49,7 @@ from merger.aot_step import compile_step
 from merger.assemble import assemble, parameter_bytes
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.errors import exception_line
-from merger.fastgen import LOOP, FastGenerator, ModelDecoder, fuse_projections
+from merger.fastgen import CUDA_CHUNK, LOOP, FastGenerator, ModelDecoder, fuse_projections
 from merger.placement import DEFAULT_CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
 from merger.recipe import passthrough
@@ -375,13 +375,14 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
         mode = fast.start(ids, **settings)
         if at is not None:
             fast.state.position.fill_(at)
-        fast.draw_ahead(mode)
         torch.cuda.synchronize()
         first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start = time.perf_counter()
         first.record()
-        for _ in range(steps):
-            fast.advance(mode)  # the sampled draws are the chunk's, reread: the same work
+        for i in range(steps):
+            if i % CUDA_CHUNK == 0:
+                fast.draw_ahead(mode)  # as generate() does: a sampled chunk's draws
+            fast.advance(mode)
         queued = time.perf_counter() - start
         last.record()
         torch.cuda.synchronize()

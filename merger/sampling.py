@@ -114,7 +114,9 @@ class SamplingState:
         """The next token [1] under the request's settings; marks it seen and uses up a noise row."""
         penalized = penalize(logits, self.seen, self.penalty)
         noise = self.noise.index_select(0, self.row)  # [1, V]
-        self.row.add_(1)
+        # wraps rather than ever reading past the buffer, should a caller step on without `refill`:
+        # an out-of-range index is a device-side assert, which ends the process's CUDA context
+        self.row.add_(1).remainder_(self.noise.shape[0])
         token = draw(penalized, noise, self.temperature, self.top_p, self.top_k, self.min_p)
         self.seen.scatter_(1, token[:, None], True)
         return token

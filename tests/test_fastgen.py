@@ -13,7 +13,7 @@ from merger.assemble import assemble, parameter_bytes
 from merger.fastgen import COMPILED_STEP, EAGER_STEP, FastGenerator, fuse_projections
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.sampling import sample
+from merger.sampling import SamplingState, sample
 
 from tiny import tiny_model
 
@@ -115,6 +115,15 @@ def test_sample_keeps_to_the_top_k():
     gen = torch.Generator().manual_seed(0)
     drawn = {int(sample(logits, temperature=1.0, top_k=2, generator=gen)) for _ in range(200)}
     assert drawn == {1, 2}
+
+
+def test_sampling_past_its_draws_wraps_instead_of_reading_out_of_range():
+    # on a GPU an out-of-range read is a device-side assert, fatal to every reply of the process
+    state = SamplingState(vocab=5, rows=2, device=torch.device("cpu"))
+    state.start(torch.tensor([[0]]), temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, penalty=1.0)
+    state.refill(torch.Generator().manual_seed(0))
+    for _ in range(5):  # more draws than the two rows hold, as a step that skipped its refill would take
+        assert 0 <= int(state.pick(torch.zeros(1, 5))) < 5
 
 
 def test_too_long_a_request_is_refused(tiny_fast):
