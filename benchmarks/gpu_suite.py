@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,12 +64,20 @@ def run_part(name: str, command: list[str], seconds: float, out: Path) -> dict[s
     return result
 
 
-def test_outcomes(junit: Path) -> dict[str, Any]:
-    """Counts and each failing test's first line, from pytest's JUnit XML."""
-    if not junit.is_file():
-        return {"report": "none (the run was stopped or did not start)"}
+def test_outcomes(junit: Path, log: Path) -> dict[str, Any]:
+    """Counts and each failing test's first line, from pytest's JUnit XML; if the run was stopped
+    before writing it, the outcomes its verbose log shows, and the test it was stopped in."""
     outcomes: dict[str, str] = {}
     failures: dict[str, str] = {}
+    if not junit.is_file():
+        lines = log.read_text().splitlines() if log.is_file() else []
+        for line in lines:
+            found = re.match(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", line)
+            if found:
+                outcomes[found[1]] = found[2].lower()
+        running = [line.split(" ")[0] for line in lines if line.startswith("tests/") and "::" in line]
+        stopped_in = running[-1] if running and running[-1] not in outcomes else None
+        return {"report": "from the log: the run was stopped", "stopped_in": stopped_in, **tally(outcomes, failures)}
     for case in ET.parse(junit).getroot().iter("testcase"):
         test = f"{case.get('classname')}::{case.get('name')}"
         found = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
@@ -78,6 +87,10 @@ def test_outcomes(junit: Path) -> dict[str, Any]:
         outcomes[test] = outcome
         if outcome in ("failure", "error"):
             failures[test] = (found.get("message") or "").splitlines()[0][:300] if found.get("message") else ""
+    return tally(outcomes, failures)
+
+
+def tally(outcomes: dict[str, str], failures: dict[str, str]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for outcome in outcomes.values():
         counts[outcome] = counts.get(outcome, 0) + 1
@@ -139,7 +152,8 @@ def main() -> None:
         if part == "tests":  # verbose: each outcome is in the log as it comes, should the part be stopped
             junit = Path(tempfile.mkdtemp()) / "tests.xml"
             command = [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}", *args.tests]
-            suite["parts"]["tests"] = {**run_part("tests", command, seconds, args.out), **test_outcomes(junit)}
+            result = run_part("tests", command, seconds, args.out)
+            suite["parts"]["tests"] = {**result, **test_outcomes(junit, args.out / "tests.log")}
         elif part == "generation":
             out = args.out / "generation"
             budget = seconds - 20  # its own budget, within the part's: it stops starting stages in time
