@@ -442,21 +442,32 @@ def _capture(step: _Step, inputs: StepInputs, state: DecodeState, mode: str, str
     return None
 
 
-class BackgroundCompiler:
+class _JobThread:
+    """A daemon thread, started by the first job submitted, that serves the queued jobs (`_serve`)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Any) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+
+class BackgroundCompiler(_JobThread):
     """The thread that compiles decode steps, one at a time, off the decode loop: replies keep
     streaming meanwhile. While it works, the thread switch interval is short (COMPILE_SWITCH_INTERVAL_S)."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="step-compiler", daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
+        super().__init__("step-compiler")
 
     def _serve(self) -> None:
         while True:
@@ -555,7 +566,7 @@ class _Job:
     tokens: Iterator[int] | None = None  # None until it starts
 
 
-class DecodeLoop:
+class DecodeLoop(_JobThread):
     """The one thread that runs every threaded decoder's requests, a token at a time in turn.
 
     Requests for different models interleave, so side-by-side replies and several visitors
@@ -565,13 +576,11 @@ class DecodeLoop:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        super().__init__("decode-loop")
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the loop's thread (anything that compiles or replays CUDA graphs must) and
-        return its result; other requests wait while it runs."""
+        """Run `fn` on the loop's thread, between other requests' tokens, and return its result;
+        other requests wait while it runs."""
         job = _Job(None, None, {}, call=fn)
         self.submit(job)
         result = job.out.get()
@@ -579,13 +588,6 @@ class DecodeLoop:
         if isinstance(result, BaseException):
             raise result
         return result
-
-    def submit(self, job: _Job) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="decode-loop", daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
 
     def _serve(self) -> None:
         waiting: list[_Job] = []

@@ -23,6 +23,7 @@ A seam at merged depth d, whose layer is parent layer a of model m, placed after
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -718,11 +719,13 @@ def duplication_perplexities(
         return math.exp(sum(loss for loss, _ in losses) / sum(n for _, n in losses))
 
     entering: list[torch.Tensor] = []  # per batch, the parent's stream at each of `depths`: [B*T, depths, H]
-    with torch.inference_mode(), ResidualRecorder(parent, points=depths) as rec:
+    recorder = ResidualRecorder(parent, points=depths) if depths else None
+    with torch.inference_mode(), recorder or contextlib.nullcontext():
 
         def parent_logits(i: int, ids: torch.Tensor) -> torch.Tensor:
             logits = parent(input_ids=ids, use_cache=False).logits
-            entering.append(rec.take())
+            if recorder is not None:
+                entering.append(recorder.take())
             return logits
 
         parent_perplexity = perplexity_of(parent_logits)

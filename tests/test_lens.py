@@ -21,6 +21,7 @@ from merger.lens import (
     TokenChunks,
     capture,
     duplication_drift,
+    duplication_perplexities,
     duplication_recipe,
     perplexity,
     point_labels,
@@ -296,6 +297,12 @@ def test_suggestions_read_the_parent_once_and_build_every_candidate_from_its_ten
     assert any(m.startswith("perplexity of duplicating [") and " left" in m for _, m in messages)
     if rank_by == "drift":
         assert any(m.startswith("drift of duplicating blocks [") for _, m in messages)
+
+
+def test_duplication_perplexities_of_no_block_is_the_parents_alone(tiny_llama):
+    parent = build(str(tiny_llama), (0, 6))
+    held = tokenize(load_tokenizer(make_plan(passthrough((str(tiny_llama), 0, 6)))), HELDOUT)
+    assert duplication_perplexities(parent, held, []) == (perplexity(parent, held), {})
 
 
 def test_seam_scores_and_the_recurrence_sweep_read_each_parent_once(tiny_llama, file_opens):
