@@ -75,6 +75,8 @@ class ReplyStats:
     first_text_s: float | None = None  # time to the first streamed text
     seconds: float = 0.0
     new_tokens: int = 0
+    served: dict[str, int] = field(default_factory=dict)  # decode steps by the step form that ran them, in order
+    compiling_s: float | None = None  # how long the build's step had been compiling when the reply ended
 
     @property
     def tokens_per_s(self) -> float:
@@ -83,7 +85,20 @@ class ReplyStats:
 
     def summary(self) -> str:
         first = f"{self.first_text_s * 1000:.0f} ms" if self.first_text_s is not None else "n/a"
-        return f"first text after {first} · {self.new_tokens} tokens · {self.tokens_per_s:.1f} tokens/s"
+        speed = f"first text after {first} · {self.new_tokens} tokens · {self.tokens_per_s:.1f} tokens/s"
+        return f"{speed} · {self.served_by()}" if self.served else speed
+
+    def served_by(self) -> str:
+        """Which step forms decoded the reply, e.g. 'on the eager step in a CUDA graph (40 steps), then
+        the compiled step in a CUDA graph (215 steps)', and whether the faster one is still compiling."""
+        forms = list(self.served.items())
+        if len(forms) == 1:
+            text = f"on the {forms[0][0]}"
+        else:
+            text = "on the " + ", then the ".join(f"{form} ({steps} steps)" for form, steps in forms)
+        if self.compiling_s is not None:
+            text += f"; the compiled step is compiling ({self.compiling_s:.0f} s so far) and takes over when ready"
+        return text
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -158,6 +173,7 @@ def stream_reply(
             repetition_penalty=settings.repetition_penalty,
             seed=settings.seed,
             stop_ids=stops,
+            served=stats.served,
         ):
             tokens.append(token)
             stats.new_tokens, stats.seconds = len(tokens), time.perf_counter() - start  # the speed so far
@@ -178,6 +194,7 @@ def stream_reply(
         cancel.set()
         stats.new_tokens = len(tokens)
         stats.seconds = time.perf_counter() - start
+        stats.compiling_s = built.decoder.compiling_for()
     yield shown
 
 
