@@ -149,10 +149,11 @@ def stream_reply(
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
     if ids.shape[1] == 0:
         raise UserError("there is nothing to continue: the prompt is empty")
-    if not built.decoder.fits(ids.shape[1], settings.max_new_tokens):
+    decoder = built.decoder  # the reply's own: a session dropped meanwhile closes it, never makes another
+    if not decoder.fits(ids.shape[1], settings.max_new_tokens):
         raise LimitError(
             f"the conversation ({ids.shape[1]:,} tokens) plus {settings.max_new_tokens:,} new tokens is longer than "
-            f"the {built.decoder.window:,}-token window this build holds; clear the chat or ask for fewer tokens "
+            f"the {decoder.window:,}-token window this build holds; clear the chat or ask for fewer tokens "
             f"(an operator can raise {CONTEXT_TOKENS.variable}, up to the model's own maximum)"
         )
     stops = stop_token_ids(tokenizer, model)
@@ -162,7 +163,7 @@ def stream_reply(
     text = shown = ""
     start = time.perf_counter()
     try:
-        for token in built.decoder.stream(
+        for token in decoder.stream(
             ids,
             cancel=cancel,
             max_new_tokens=settings.max_new_tokens,
@@ -194,7 +195,7 @@ def stream_reply(
         cancel.set()
         stats.new_tokens = len(tokens)
         stats.seconds = time.perf_counter() - start
-        stats.compiling_s = built.decoder.compiling_for()
+        stats.compiling_s = decoder.compiling_for()
     yield shown
 
 
