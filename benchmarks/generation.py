@@ -2,20 +2,23 @@
 
 Makes a random model of Llama-3-8B's shape (bf16, written as safetensors to local disk), builds it
 and the merge [0,24)+[16,32) (40 layers, 8 repeated, shared tensors) with merger.assemble, and
-reports as JSON, for both: tokens/s of the page's chat path (merger.chat.stream_reply on a build
-prepared by merger.runtime.prepare_for_chat: fused projections, the step compiled on the decoder's
-own thread, text decoded as it streams), of plain `generate()` and of FastGenerator called directly
-(unfused, then fused), time to first text for a 512-token prompt, and each speed against the
-memory-bandwidth bound (weight bytes one step reads / device copy bandwidth measured in this run);
-then a second merge of the same depth with its seam moved (its first reply's wait, its speed),
-and the step as a ZeroGPU Space runs it: unfused and uncompiled, its eager step captured in a CUDA
-graph against the same step left eager (`zero_gpu_`), and compiled ahead of time by merger.aot_step
-(`aot_`).
+reports as JSON, for both: the first reply right after the build (on the eager step's CUDA graph,
+while the step compiles in the background), another visitor's reply speed during that compile
+against its speed alone, then tokens/s of the page's chat path (merger.chat.stream_reply on a
+build prepared by merger.runtime.prepare_for_chat: fused projections, the compiled step in a CUDA
+graph, text decoded as it streams), greedy and sampled, of plain `generate()` and of
+FastGenerator called directly (unfused, then fused), time to first text for a 512-token prompt,
+and each speed against the memory-bandwidth bound (weight bytes one step reads / device copy
+bandwidth measured in this run); then a second merge of the same depth with its seam moved (its
+first reply, its compile, its speed), and the step as a ZeroGPU Space runs it: unfused and
+uncompiled, its eager step captured in a CUDA graph against the same step left eager (`zero_gpu_`),
+and compiled ahead of time by merger.aot_step (`aot_`).
 Stages run in order of importance and stop starting new ones when the time budget runs low; the
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
     python benchmarks/generation.py [--budget-s 480] [--out DIR] [--only chat_path zero_gpu aot ...]
                                     [--decode-attention grouped|flex|triton] [--step-options JSON]
+                                    [--weights DIR]
     python benchmarks/generation.py --smoke   # the same stages on a tiny shape, on the CPU
 """
 
@@ -47,7 +50,7 @@ from merger.assemble import assemble, parameter_bytes
 from merger.catalog import LocalPolicy, resolver_for
 from merger.chat import GenerationSettings, ReplyStats, stream_reply
 from merger.errors import exception_line
-from merger.fastgen import LOOP, FastGenerator, ModelDecoder, fuse_projections
+from merger.fastgen import CUDA_CHUNK, LOOP, FastGenerator, ModelDecoder, fuse_projections
 from merger.limits import CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
 from merger.recipe import passthrough
@@ -178,6 +181,12 @@ def write_parent(folder: Path, shape: dict[str, Any], device: str) -> None:
         save_file(shard, folder / f"model-layer-{layer:02d}.safetensors", metadata=meta)
 
 
+def fast_scratch() -> Path | None:
+    """Where 16 GB of weights are quick to write and read: memory (tmpfs) where it has room."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and shutil.disk_usage(shm).free > 24e9 else None
+
+
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: each depth's layer weights (a repeated layer is read
     again), the final norm and the head; of the input embedding table only one row."""
@@ -259,11 +268,26 @@ def chat_reply(built: Built, prompt: str, **settings: Any) -> tuple[list[str], R
     return pieces, stats
 
 
+GREEDY_REPLY = dict(temperature=0.0, max_new_tokens=FAST_TOKENS)
+SAMPLED_REPLY = dict(
+    temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1, seed=5, max_new_tokens=FAST_TOKENS
+)
+GREEDY_SETTINGS = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, penalty=1.0)  # as FastGenerator.start takes them
+SAMPLED_SETTINGS = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, penalty=1.1)
+
+
 def measure_chat_path(
-    name: str, built: Built, bound: float, prepare: Callable[[Built], Any] = prepare_for_chat
+    name: str,
+    built: Built,
+    bound: float,
+    prepare: Callable[[Built], Any] = prepare_for_chat,
+    while_compiling: Callable[[Built], dict[str, Any]] | None = None,
 ) -> dict:
-    """The page's path: a build prepared for chat (`prepare`: fused, step compiled in the
-    background), replies through stream_reply; speeds as the reply's stats show them under each reply."""
+    """The page's path: a build prepared for chat (`prepare`: fused, its eager step captured and its
+    step compiled in the background), replies through stream_reply; speeds and the step that
+    served each as the reply's stats show them. The first reply right after the build, this
+    build's replies and (`while_compiling`) another build's while its step compiles, then the
+    compiled step's speed, first text and sampled replies."""
 
     reply = functools.partial(chat_reply, built)
     seconds: dict[str, float] = {}  # wall time of each part: a recompile shows up as a slow part
@@ -276,45 +300,71 @@ def measure_chat_path(
 
     start = time.perf_counter()
     prepare(built)
-    result: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 2), "compiled": built.decoder.compiled}
-    reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)
-    result["first_reply_after_build_s"] = round(time.perf_counter() - start, 1)  # the compile it waited for
+    decoder = built.decoder
+    result: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 2), "compiled": decoder.compiled}
+    first = reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)[1]
+    result["first_reply_after_build_s"] = round(time.perf_counter() - start, 2)
+    result["first_reply_served_by"] = first.served_by()
     part("prepare_and_first_reply")
-    reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)  # records the CUDA graph
-    part("second_reply")
-    greedy = [reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=FAST_TOKENS)[1] for _ in range(3)]
+    if decoder.compiling_for() is not None:  # this build's own replies meanwhile
+        own = reply(words(PROMPT_LEN, 1), **GREEDY_REPLY)[1]
+        result["while_compiling"] = {"decode_tok_s": round(own.tokens_per_s, 1), "served_by": own.served_by()}
+        if while_compiling is not None:
+            result["while_compiling"].update(while_compiling(built))
+    part("replies_while_compiling")
+    decoder.wait_compiled()
+    result["compile_ready_after_build_s"] = round(time.perf_counter() - start, 1)
+    result["compile_error"] = built.decoder._shared and built.decoder._shared.compile_error
+    part("rest_of_compile")
+    greedy = [reply(words(PROMPT_LEN, 1), **GREEDY_REPLY)[1] for _ in range(3)]
     part("greedy_replies")
     best = max(greedy, key=lambda s: s.tokens_per_s)
     result.update(decode_tok_s=round(best.tokens_per_s, 1), new_tokens=best.new_tokens)
+    result["greedy_tok_s_each"] = [round(s.tokens_per_s, 1) for s in greedy]
+    result["served_by"] = best.served_by()
     result["fraction_of_bound"] = round(best.tokens_per_s / bound, 3)
     ttft = [reply(words(TTFT_PROMPT_LEN, 2), temperature=0.0, max_new_tokens=2)[1].first_text_s for _ in range(6)]
     result[f"first_text_ms_{TTFT_PROMPT_LEN}"] = round(statistics.median(ttft[1:]) * 1e3, 1)
     part("first_text_replies")
-    sampled = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1, seed=5)
-    texts = [reply(words(PROMPT_LEN, 3), max_new_tokens=FAST_TOKENS, **sampled) for _ in range(2)]
+    texts = [reply(words(PROMPT_LEN, 3), **SAMPLED_REPLY) for _ in range(3)]
     result["sampling_first_different_word"] = first_difference(texts[0][0][-1].split(), texts[1][0][-1].split())
     result["sampling_decode_tok_s"] = round(max(t[1].tokens_per_s for t in texts), 1)
+    result["sampling_new_tokens"] = [t[1].new_tokens for t in texts]
+    result["sampled_over_greedy"] = round(result["sampling_decode_tok_s"] / result["decode_tok_s"], 3)
+    result["sampling_served_by"] = texts[0][1].served_by()
     part("sampled_replies")
     result["seconds"] = seconds
     print(f"{name} chat path: {result}", flush=True)
     return result
 
 
-def step_inputs(ids: torch.Tensor, at: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt's last token and the cache slot after it (or `at`), laid out as `generate` passes
-    them to the step (inference tensors, the token [1, 1] over a 1-D buffer): any other layout
-    recompiles the step, minutes for an 8B."""
-    with torch.inference_mode():
-        position = torch.tensor([[ids.shape[1] if at is None else at]], device=ids.device)
-        return ids[0, -1:].clone().view(1, 1), position
+def replies_during_compile(other: Built, alone_tok_s: Sequence[float], replies: int = 6) -> Callable[[Built], dict]:
+    """`while_compiling` for measure_chat_path: `other`'s (a compiled build's) greedy replies while the
+    fresh build's step compiles, against `alone_tok_s`, its speeds with nothing compiling."""
+
+    def measure(fresh: Built) -> dict[str, Any]:
+        during = []
+        for _ in range(replies):
+            stats = chat_reply(other, words(PROMPT_LEN, 4), **GREEDY_REPLY)[1]
+            if fresh.decoder.compiling_for() is None:
+                break  # ended after the compile: not a reply during it
+            during.append(round(stats.tokens_per_s, 1))
+        alone = statistics.median(alone_tok_s)
+        return {
+            "other_visitor_tok_s_during_compile": during,
+            "other_visitor_tok_s_alone": list(alone_tok_s),
+            "other_visitor_during_over_alone": round(statistics.median(during) / alone, 3) if during else None,
+        }
+
+    return measure
 
 
 def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dict[str, Any]:
-    """Where a compiled decode step's time goes. Steps queued back to back by hand: host time to
-    queue one, device time per step (at the prompt's end and late in the window), the kernels that
-    take it. Then the real loop (`generate`, prefill included): wall time per token against its
-    kernels' time per token (the difference is time the GPU waited for the host), and the host-side
-    calls that take its time."""
+    """Where a decode step's time goes. Steps queued back to back by hand (greedy, then sampled):
+    host time to queue one, device time per step (at the prompt's end and late in the window), the
+    kernels that take it. Then the real loop (`generate`, prefill included): wall time per token
+    against its kernels' time per token (the difference is time the GPU waited for the host), and
+    the host-side calls that take its time."""
     from torch.profiler import ProfilerActivity, profile
 
     def kernels(prof, per: int) -> list[tuple[str, float]]:
@@ -322,18 +372,20 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
         return sorted(found, key=lambda k: -k[1])
 
     @torch.inference_mode()  # the cache's tensors were made in inference mode
-    def run(at: int | None = None) -> tuple[float, float]:
+    def run(at: int | None = None, settings: dict[str, Any] = GREEDY_SETTINGS) -> tuple[float, float]:
         """Steps from cache slot `at` on (the slots between the prompt and it hold zeros: the
         kernels do the same work as over a real long context)."""
-        token, position = step_inputs(ids, at)
-        fast.prefill(ids)
+        mode = fast.start(ids, **settings)
+        if at is not None:
+            fast.state.position.fill_(at)
         torch.cuda.synchronize()
         first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start = time.perf_counter()
         first.record()
-        for _ in range(steps):
-            fast.step(token, position)
-            position += 1
+        for i in range(steps):
+            if i % CUDA_CHUNK == 0:
+                fast.draw_ahead(mode)  # as generate() does: a sampled chunk's draws
+            fast.advance(mode)
         queued = time.perf_counter() - start
         last.record()
         torch.cuda.synchronize()
@@ -348,6 +400,8 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
 
     run()
     host_ms, device_ms = run()
+    run(settings=SAMPLED_SETTINGS)
+    _, sampled_device_ms = run(settings=SAMPLED_SETTINGS)
     late = fast.max_seq_len * 3 // 4  # a long chat: attention that reads only the slots in use costs more here
     _, late_device_ms = run(late)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -364,6 +418,8 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
     return {
         "host_ms_to_queue_a_step": round(host_ms, 3),
         "device_ms_per_step": round(device_ms, 3),
+        "sampled_device_ms_per_step": round(sampled_device_ms, 3),
+        "serving": fast.serving,
         f"device_ms_per_step_from_slot_{late}": round(late_device_ms, 3),
         "kernel_ms_per_step": round(sum(us for _, us in step_kernels) / 1e3, 3),
         "top_kernels_us_per_step": {name[:90]: round(us, 1) for name, us in step_kernels[:14]},
@@ -374,19 +430,20 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
             e.key[:60]: [round(e.self_cpu_time_total / FAST_TOKENS, 1), round(e.count / FAST_TOKENS, 2)]
             for e in host_calls
         },
-        "cudagraph_skips": torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0),
     }
 
 
 def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bound: float, label: str) -> dict:
     fast = FastGenerator(model, max_seq_len=MAX_SEQ_LEN)
     start = time.perf_counter()
-    list(fast.generate(ids, max_new_tokens=16))  # compiles the step
+    list(fast.generate(ids, max_new_tokens=16))  # captures the eager step and starts the compile
+    fast.wait_compiled()
     compile_s = time.perf_counter() - start
-    list(fast.generate(ids, max_new_tokens=16))  # records the CUDA graph
     speed = fast_decode(fast, ids, FAST_TOKENS)
     result = {
         "compile_s": round(compile_s, 1),
+        "compile_error": fast.compile_error,
+        "serving": fast.serving,
         **speed,
         "fraction_of_bound": round(speed["decode_tok_s"] / bound, 3),
         f"ttft_ms_{TTFT_PROMPT_LEN}": ttft_ms(fast, long_ids),
@@ -399,15 +456,8 @@ def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bo
     first = list(fast.generate(ids, max_new_tokens=64, **settings))
     again = list(fast.generate(ids, max_new_tokens=64, **settings))
     result["sampling_first_different_token"] = first_difference(first, again)
-    result["sampling_decode_tok_s"] = fast_decode(fast, ids, 128, **settings)["decode_tok_s"]
-    token, position = step_inputs(ids)
-    logits = []
-    with torch.inference_mode():
-        for _ in range(2):  # the same prompt, then the same step, twice: bit for bit the same logits?
-            fast.prefill(ids)
-            logits.append(fast.step(token, position))
-    result["step_logits_bitwise_repeatable"] = torch.equal(*logits)
-    if fast.compiled:
+    result["sampling_decode_tok_s"] = fast_decode(fast, ids, FAST_TOKENS, **settings)["decode_tok_s"]
+    if fast.graphed:
         try:
             result["step_anatomy"] = step_anatomy(fast, ids)
         except Exception as exc:  # a diagnosis: never worth the stage's other numbers
@@ -424,6 +474,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script only")
+    parser.add_argument("--weights", type=Path, help="the random parent's folder: written there if missing, kept")
     parser.add_argument("--only", nargs="+", default=(), help="run only the stages whose names start so")
     parser.add_argument(
         "--decode-attention", choices=("grouped", "flex", "triton"), default=decode_attention.DECODE_KERNEL
@@ -452,13 +503,11 @@ def main() -> None:
     bandwidth = report.stage("bandwidth", lambda: copy_bandwidth(device, 1 << (20 if args.smoke else 30)))
     data["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 3)  # 2 GiB on the GPU: far past its L2
 
-    # 16 GB of weights: in memory (tmpfs) where there is room, so writing and reading them is quick
-    shm = Path("/dev/shm")
-    in_memory = shm.is_dir() and shutil.disk_usage(shm).free > 24e9
-    tmp = Path(tempfile.mkdtemp(prefix="gen-bench-", dir=shm if in_memory else None))
-    data["weights_on"] = str(tmp)
-    ref = str(tmp / "parent")
-    report.stage("write_weights", lambda: write_parent(Path(ref), shape, device))
+    tmp = Path(tempfile.mkdtemp(prefix="gen-bench-", dir=fast_scratch()))
+    ref = str(args.weights or tmp / "parent")
+    data["weights_on"] = ref
+    if not (Path(ref) / "config.json").is_file():
+        report.stage("write_weights", lambda: write_parent(Path(ref), shape, device))
     models: dict[str, Any] = {}
     ranges = {"parent": PARENT, "merge": MERGE}
 
@@ -518,9 +567,14 @@ def main() -> None:
 
     def chat_path(name: str) -> None:
         built = as_built(splice(ranges[name]), models[name])
-        data[name]["chat_path"] = measure_chat_path(name, built, bounds[name])
-        if built.decoder.compiled:  # on the loop's thread, which holds the step's CUDA graphs
-            anatomy = LOOP.call(lambda: step_anatomy(built.decoder._shared, ids))
+        while_compiling = None
+        if "parent" in prepared:  # a second visitor, whose build is compiled, replies meanwhile
+            alone = data["parent"]["chat_path"]["greedy_tok_s_each"]
+            while_compiling = replies_during_compile(prepared["parent"], alone)
+        data[name]["chat_path"] = measure_chat_path(name, built, bounds[name], while_compiling=while_compiling)
+        fast = built.decoder._shared
+        if fast is not None and fast.graphed:  # on the loop's thread: nothing else runs meanwhile
+            anatomy = LOOP.call(lambda: step_anatomy(fast, ids))
             data[name]["chat_path"]["step_anatomy"] = anatomy
             print(f"{name} step anatomy: {anatomy}", flush=True)
         prepared[name] = built
@@ -562,7 +616,7 @@ def main() -> None:
             if fast is not None:
                 fast.graphed = fast.graphed and way == "graphed"
             runs[way] = measure_chat_path(f"{name} on ZeroGPU, {way}", built, bounds[name], prepare=lambda b: b.decoder)
-            runs[way]["graphed_at_end"] = fast is not None and fast.graphed
+            runs[way]["serving_at_end"] = fast.serving if fast is not None else None
             runs[way]["capture_error"] = fast and fast.compile_error
         runs["graphed_over_eager"] = round(runs["graphed"]["decode_tok_s"] / runs["eager"]["decode_tok_s"], 2)
         data[name]["zero_gpu"] = runs
@@ -601,7 +655,7 @@ def main() -> None:
         built.decoder.close()
     for name in models:
         report.stage(f"generate_{name}", lambda n=name: plain(n), needs_s=30)
-    # compiled steps replay CUDA graphs, which live in the thread that first made one: the decode loop's
+    # on the decode loop's thread, as the page decodes
     for name in models:
         report.stage(f"fast_{name}", lambda n=name: LOOP.call(lambda: fast(n)), needs_s=100)
     report.stage("fast_unfused_parent", lambda: LOOP.call(unfused_parent), needs_s=120)
@@ -613,10 +667,11 @@ def main() -> None:
     variant = next((v for v in variants if all(v in data.get(n, {}) for n in models)), None)
     if variant and len(models) == 2:
         parent, merge = data["parent"][variant], data["merge"][variant]
+        during = merge.get("while_compiling", {}).get("other_visitor_during_over_alone")
         data["goals"] = {
             "variant": variant,
-            "fast_fraction_of_bound_parent (>= 0.7)": parent["fraction_of_bound"],
-            "fast_fraction_of_bound_merge (>= 0.7)": merge["fraction_of_bound"],
+            "fraction_of_bound_parent (>= 0.8)": parent["fraction_of_bound"],
+            "fraction_of_bound_merge (>= 0.8)": merge["fraction_of_bound"],
             "merge_over_parent_x_32_40 (0.95..1.05)": merge_over_expected(
                 merge["decode_tok_s"], parent["decode_tok_s"]
             ),
@@ -626,6 +681,11 @@ def main() -> None:
             f"first_token_ms_{TTFT_PROMPT_LEN}_merge (< 100)": merge.get(
                 f"ttft_ms_{TTFT_PROMPT_LEN}", merge.get(f"first_text_ms_{TTFT_PROMPT_LEN}")
             ),
+            "first_reply_after_build_s_parent (< 3)": parent.get("first_reply_after_build_s"),
+            "first_reply_after_build_s_merge (< 3)": merge.get("first_reply_after_build_s"),
+            "sampled_over_greedy_parent (>= 0.95)": parent.get("sampled_over_greedy"),
+            "sampled_over_greedy_merge (>= 0.95)": merge.get("sampled_over_greedy"),
+            "other_visitor_during_compile_over_alone (>= 0.9)": during,
         }
     report.save()
     for name in models:

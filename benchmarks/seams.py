@@ -146,7 +146,7 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
     lens = capture(parent.model, calib, name=ref, batch_size=args.batch_size)
     blocks = [(s.start, s.end) for s in rank_duplications(lens, min_size=args.min_size, max_size=args.max_size)]
     t_lens = time.perf_counter()
-    drift = duplication_drift(ref, parent.model, sample, blocks, batch_size=args.batch_size, resolver=ANY_PATH)
+    drift = duplication_drift(parent.model, sample, blocks, batch_size=args.batch_size)
     t_drift = time.perf_counter()
     ppl = tail_perplexities(ref, parent.model, held, blocks, args.batch_size)
     t_ppl = time.perf_counter()

@@ -145,6 +145,17 @@ def assemble_loaded(
     return model
 
 
+def tensors_of(model: PreTrainedModel, plan: Plan, device: str) -> LoadedTensors:
+    """The parent tensors that `model`, built from `plan` (no blends) on `device`, holds, by source:
+    other plans over the same parents then assemble from memory (assemble_loaded), without reading
+    a file, their tensors the model's own."""
+    if plan.blends:
+        raise ValueError("a model with blended tensors does not hold its parents' tensors")
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    return LoadedTensors({(src.model, src.name, device): state[out] for out, src in plan.tensors.items()})
+
+
 def blend_all(
     plan: Plan,
     parents: LoadedTensors,

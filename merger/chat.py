@@ -75,6 +75,8 @@ class ReplyStats:
     first_text_s: float | None = None  # time to the first streamed text
     seconds: float = 0.0
     new_tokens: int = 0
+    served: dict[str, int] = field(default_factory=dict)  # decode steps by the step form that ran them, in order
+    compiling_s: float | None = None  # how long the build's step had been compiling when the reply ended
 
     @property
     def tokens_per_s(self) -> float:
@@ -83,7 +85,20 @@ class ReplyStats:
 
     def summary(self) -> str:
         first = f"{self.first_text_s * 1000:.0f} ms" if self.first_text_s is not None else "n/a"
-        return f"first text after {first} · {self.new_tokens} tokens · {self.tokens_per_s:.1f} tokens/s"
+        speed = f"first text after {first} · {self.new_tokens} tokens · {self.tokens_per_s:.1f} tokens/s"
+        return f"{speed} · {self.served_by()}" if self.served else speed
+
+    def served_by(self) -> str:
+        """Which step forms decoded the reply, e.g. 'on the eager step in a CUDA graph (40 steps), then
+        the compiled step in a CUDA graph (215 steps)', and whether the faster one is still compiling."""
+        forms = list(self.served.items())
+        if len(forms) == 1:
+            text = f"on the {forms[0][0]}"
+        else:
+            text = "on the " + ", then the ".join(f"{form} ({steps} steps)" for form, steps in forms)
+        if self.compiling_s is not None:
+            text += f"; the compiled step is compiling ({self.compiling_s:.0f} s so far) and takes over when ready"
+        return text
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -134,10 +149,11 @@ def stream_reply(
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
     if ids.shape[1] == 0:
         raise UserError("there is nothing to continue: the prompt is empty")
-    if not built.decoder.fits(ids.shape[1], settings.max_new_tokens):
+    decoder = built.decoder  # the reply's own: a session dropped meanwhile closes it, never makes another
+    if not decoder.fits(ids.shape[1], settings.max_new_tokens):
         raise LimitError(
             f"the conversation ({ids.shape[1]:,} tokens) plus {settings.max_new_tokens:,} new tokens is longer than "
-            f"the {built.decoder.window:,}-token window this build holds; clear the chat or ask for fewer tokens "
+            f"the {decoder.window:,}-token window this build holds; clear the chat or ask for fewer tokens "
             f"(an operator can raise {CONTEXT_TOKENS.variable}, up to the model's own maximum)"
         )
     stops = stop_token_ids(tokenizer, model)
@@ -147,7 +163,7 @@ def stream_reply(
     text = shown = ""
     start = time.perf_counter()
     try:
-        for token in built.decoder.stream(
+        for token in decoder.stream(
             ids,
             cancel=cancel,
             max_new_tokens=settings.max_new_tokens,
@@ -158,6 +174,7 @@ def stream_reply(
             repetition_penalty=settings.repetition_penalty,
             seed=settings.seed,
             stop_ids=stops,
+            served=stats.served,
         ):
             tokens.append(token)
             stats.new_tokens, stats.seconds = len(tokens), time.perf_counter() - start  # the speed so far
@@ -178,6 +195,7 @@ def stream_reply(
         cancel.set()
         stats.new_tokens = len(tokens)
         stats.seconds = time.perf_counter() - start
+        stats.compiling_s = decoder.compiling_for()
     yield shown
 
 

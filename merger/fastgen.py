@@ -3,15 +3,16 @@
 A few structural choices instead of `generate()`'s machinery:
 - one static KV cache, allocated once per generator and reset in place, so every decode step sees
   the same tensor addresses;
-- the prompt runs eagerly (prefill); the one-token step is compiled with CUDA graphs on a GPU
-  (`triton.cudagraphs`, i.e. mode="reduce-overhead"), and its attention is
+- the prompt runs eagerly (prefill); on one GPU the one-token step, the next token's choice
+  included (`merger.sampling`: greedy or sampled, settings read from the device), is captured in
+  a CUDA graph and replayed: one launch per token. The step is first the eager one, so replies
+  start right after a build; it is compiled meanwhile on a thread of its own (`COMPILER`), then
+  captured likewise and takes over at the next token. Its attention is
   `merger.decode_attention`'s, which reads only the cached keys and values in use. Where it is
-  not compiled (a ZeroGPU worker forbids torch.compile), the eager step is captured in a CUDA graph
-  of its own and replayed: one launch per token instead of hundreds;
-- the next token is chosen on the device (greedy argmax or an exponential race), and the host reads
-  tokens back only every `chunk` tokens, while the GPU already works on the next chunk: no sync per
-  token, so the CPU stays ahead of the GPU. Stop tokens are checked on those reads.
-On the CPU the same loop runs uncompiled, reading every token back (syncs cost nothing there).
+  not compiled (a ZeroGPU worker forbids torch.compile), the eager step's graph serves;
+- the host reads tokens back only every `chunk` tokens, while the GPU already works on the next
+  chunk: no sync per token, so the CPU stays ahead of the GPU. Stop tokens are checked on those reads.
+On the CPU the same loop runs without graphs, reading every token back (syncs cost nothing there).
 
 `fuse_projections` is the build-time half: one q/k/v and one gate/up matrix per layer, so a decode
 step launches fewer, larger kernels.
@@ -19,6 +20,8 @@ step launches fewer, larger kernels.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import queue
@@ -39,16 +42,30 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from merger.decode_attention import use_decode_attention
 from merger.errors import exception_line
+from merger.sampling import SamplingState
 
 if TYPE_CHECKING:
     from merger.aot_step import AotStep
 
 log = logging.getLogger(__name__)
 CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's run-ahead, so read rarely
-# mode="reduce-overhead". Without gpt-fast's coordinate-descent tuning, which turns batch-1 matrix
-# products into inductor reductions: cuBLAS's kernels read the weights faster on the H200, and the
-# first compile takes 42 s instead of 104 (README, 2026-12-02 runs c and d)
-STEP_COMPILE: dict[str, Any] = {"options": {"triton.cudagraphs": True}}
+# Inductor's code alone, without its CUDA graphs: the step is captured in a CUDA graph by hand
+# (`_capture`), which any thread may replay, so it compiles on the compiler thread while replies go
+# on. No gpt-fast coordinate-descent tuning, which turns batch-1 matrix products into inductor
+# reductions: cuBLAS's kernels read the weights faster on the H200, and the first compile took 42 s
+# instead of 104 (README, 2026-12-02 runs c and d)
+STEP_COMPILE: dict[str, Any] = {"options": {"triton.cudagraphs": False}}
+# Python's thread switch interval while a step compiles: the compile holds the GIL for whole
+# intervals, and every torch call of a decode loop gives the GIL up and waits for it again, so at
+# the default 5 ms the other visitors' replies would crawl (one replay a token, a few calls a chunk)
+COMPILE_SWITCH_INTERVAL_S = 0.0002
+GREEDY, SAMPLED = "greedy", "sampled"  # a step's two forms: argmax, or the request's sampling settings
+
+# What served a reply's tokens, as its status says
+EAGER_STEP = "eager step"
+COMPILED_STEP = "compiled step"
+AHEAD_OF_TIME_STEP = "step compiled ahead of time"
+IN_A_CUDA_GRAPH = " in a CUDA graph"
 
 
 def static_cache(config, max_seq_len: int) -> Cache:
@@ -59,62 +76,95 @@ def static_cache(config, max_seq_len: int) -> Cache:
     return Cache(layers=[StaticLayer(max_cache_len=max_seq_len) for _ in range(layers)])
 
 
-def allocated_static_cache(model: nn.Module, max_seq_len: int) -> Cache:
+def allocated_static_cache(model: nn.Module, max_seq_len: int, *, as_prefill: bool = False) -> Cache:
     """`static_cache`, its tensors allocated now (zeros) on the model's device and in its dtype,
-    rather than by the first prefill: a step compiled ahead of time takes them as inputs."""
+    rather than by the first prefill: a step compiled ahead of time takes them as inputs. With
+    `as_prefill`, the keys and values are inference tensors, as a prefill makes them (a compiled
+    step guards on that)."""
     config = model.config.get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     parameter = next(model.parameters())
     cache = static_cache(model.config, max_seq_len)
-    cache.early_initialization(1, config.num_key_value_heads, head_dim, parameter.dtype, parameter.device)
+    with torch.inference_mode(as_prefill):
+        cache.early_initialization(1, config.num_key_value_heads, head_dim, parameter.dtype, parameter.device)
     return cache
 
 
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """`generate()`'s repetition penalty: the logits [1, V] of tokens already in the text (`seen`,
-    bool [1, V]) are divided by `penalty` where positive and multiplied by it where negative."""
-    logits = logits.float()
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
+@dataclass
+class StepInputs:
+    """What the one-token step reads besides its token and position: the model and its KV cache."""
+
+    model: nn.Module
+    cache: Cache
 
 
-def sample(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The next token [1] from logits [1, V], on their device and without a host sync.
-    Filters apply in the order temperature, top-k (exactly k tokens), top-p, min-p; temperature 0
-    is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    candidates = None  # with top-k, the k token ids that `logits` now holds, most likely first
-    if 0 < top_k < logits.shape[-1]:
-        logits, candidates = torch.topk(logits, top_k, dim=-1)  # [1, k]: later steps see k, not V
-    probs = logits.softmax(dim=-1)
-    if top_p < 1.0:
-        # topk's values come sorted; otherwise sort the whole vocabulary
-        sorted_probs, order = (probs, None) if candidates is not None else probs.sort(dim=-1, descending=True)
-        # Drop a token once the more likely ones already hold top_p (the most likely always stays).
-        # CUDA's float cumsum is not deterministic (torch.use_deterministic_algorithms lists it), and
-        # at the nucleus edge a last-bit change decides a draw: scan fixed-point integers, exact in
-        # any order, so a seed always gives the same tokens.
-        fixed = (sorted_probs * 2.0**40).long()
-        drop = fixed.cumsum(dim=-1) - fixed >= round(top_p * 2.0**40)
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = sorted_probs if order is None else torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    if min_p > 0.0:
-        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-    # argmax(p / E), E ~ Exp(1), draws from p without torch.multinomial's host sync; the clamp
-    # keeps a zero draw from turning a filtered token's 0/0 into a NaN that argmax would pick.
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    choice = (probs / race).argmax(dim=-1)  # [1]
-    return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
+def forward_one(inputs: StepInputs, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Logits [1, V] for one token [1, 1] at position [1, 1]; writes its keys and values."""
+    out = inputs.model(input_ids=token, position_ids=position, past_key_values=inputs.cache, use_cache=True)
+    return out.logits[:, -1, :]
+
+
+Forward = Callable[[StepInputs, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DecodeState:
+    """Everything a decode step reads and writes besides the model and its cache, at fixed
+    addresses, so a step captured in a CUDA graph reads the last token and writes the next one itself:
+    the host only replays it, and reads `tokens` back once a chunk."""
+
+    def __init__(self, vocab: int, max_tokens: int, chunk: int, device: torch.device) -> None:
+        with torch.inference_mode():  # as the cache: a compiled step guards on it
+            self.token = torch.zeros(1, 1, dtype=torch.long, device=device)  # the last token
+            self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # its cache slot
+            self.tokens = torch.zeros(max_tokens, dtype=torch.long, device=device)  # the request's new tokens
+            self.count = torch.zeros(1, dtype=torch.long, device=device)  # how many so far
+            self.sampling = SamplingState(vocab, chunk, device)
+
+    def take(self, token: torch.Tensor) -> None:
+        """`token` [1] is the next one: the step's input, and the request's next new token."""
+        self.token.copy_(token.view(1, 1))
+        self.tokens.index_copy_(0, self.count, token)
+        self.count.add_(1)
+
+    def pick(self, logits: torch.Tensor, mode: str) -> None:
+        """Choose the next token from logits [1, V] (GREEDY: argmax; SAMPLED: the request's settings)."""
+        self.take(logits.argmax(dim=-1) if mode == GREEDY else self.sampling.pick(logits))
+
+
+def decode(forward: Forward, inputs: StepInputs, state: DecodeState, mode: str) -> torch.Tensor:
+    """One step on the device: the token after `state.token`, into `state`. Returns the logits."""
+    logits = forward(inputs, state.token, state.position)
+    state.position.add_(1)
+    state.pick(logits, mode)
+    return logits
+
+
+@dataclass
+class _Step:
+    """A decode step (`forward` then the pick) and, on one GPU, its CUDA graph for each mode used so
+    far (None for a mode whose capture failed: that mode runs eagerly)."""
+
+    forward: Forward
+    kind: str  # EAGER_STEP, COMPILED_STEP or AHEAD_OF_TIME_STEP
+    graphs: dict[str, torch.cuda.CUDAGraph | None] = field(default_factory=dict)
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)  # each graph's output, rewritten per replay
+
+    def form(self, mode: str, graphed: bool) -> str:
+        """What runs `mode` (on one GPU, `graphed`: a graph unless its capture failed)."""
+        return self.kind + (IN_A_CUDA_GRAPH if graphed and self.graphs.get(mode, True) is not None else "")
+
+
+@contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> Iterator[None]:
+    """Record the block's work on `stream` into `graph`, running nothing. torch.cuda.graph would
+    first synchronize the device, collect garbage and empty the allocator's cache: a pause for every
+    thread's replies. Thread-local: other threads keep using the GPU meanwhile."""
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            yield
+        finally:
+            graph.capture_end()
 
 
 @dataclass
@@ -124,38 +174,22 @@ class _Chunk:
     ready: torch.cuda.Event | None  # None on the CPU: already there
 
 
-@dataclass
-class _CapturedStep:
-    """An eager decode step captured in a CUDA graph: its inputs, and the output each replay writes."""
-
-    graph: torch.cuda.CUDAGraph
-    token: torch.Tensor
-    position: torch.Tensor
-    logits: torch.Tensor
-
-    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        self.token.copy_(token)
-        self.position.copy_(position)
-        self.graph.replay()
-        return self.logits.clone()  # the next replay overwrites it
-
-
 class FastGenerator:
     """Batch-1 streaming generation over one model with a static cache of `max_seq_len` positions.
 
     Not reentrant: one generation at a time per generator (they share the cache). `compile`
-    defaults to True on CUDA; the first generation then compiles the step (tens of seconds for an
-    8B model), later ones replay its CUDA graph. A model dispatched over several devices runs
-    eagerly by default (torch.compile's CUDA graphs skip graphs that span devices, and compiling
-    over 100 layers takes minutes); each layer's cache lives on that layer's device. A step that
-    fails to compile (an architecture torch.compile cannot take) falls back to running eagerly:
-    slower, never broken; `compile_error` says why.
+    defaults to True on CUDA: the step is then compiled on the compiler thread (tens of seconds for
+    an 8B model; at once for a structure compiled before) while generation runs on the eager step,
+    and the first step after the compile is ready runs compiled. On one GPU every step form is
+    captured in a CUDA graph at its first use and replayed after (one launch per token; setting
+    `graphed` False before the first step keeps it eager). A model dispatched over several devices
+    runs eagerly by default (CUDA graphs would span devices, and compiling over 100 layers takes
+    minutes); each layer's cache lives on that layer's device. A step that fails to compile or be
+    captured leaves the form before it serving: slower, never broken; `compile_error` says why.
 
     With `aot_step` (`merger.aot_step`: where torch.compile is forbidden) the step is that package,
-    loaded with this model's weights, and nothing compiles here; a package that fails to load also
-    leaves the step eager. On one GPU an eager step is `graphed`: its first call runs it, then
-    captures it in a CUDA graph that later calls replay (if capture fails, it stays eager and
-    `compile_error` says why; setting `graphed` False before the first step keeps it eager).
+    loaded with this model's weights, and nothing compiles here; a package that fails to load
+    leaves the step eager (in a CUDA graph on one GPU).
     """
 
     def __init__(
@@ -165,42 +199,65 @@ class FastGenerator:
         self.max_seq_len = max_seq_len
         self.device = next(model.parameters()).device
         spread = len({p.device for p in model.parameters()}) > 1  # dispatched over several devices
-        by_default = self.device.type == "cuda" and not spread
-        self.compiled = aot_step is None and (by_default if compile is None else compile)
+        one_gpu = self.device.type == "cuda" and not spread
         self.chunk = CUDA_CHUNK if self.device.type == "cuda" else 1
         # a step compiled ahead of time takes the cache's tensors as inputs: allocated now
-        self.cache = (
-            static_cache(model.config, max_seq_len) if aot_step is None else allocated_static_cache(model, max_seq_len)
-        )
+        allocated = aot_step is not None
+        cache = allocated_static_cache(model, max_seq_len) if allocated else static_cache(model.config, max_seq_len)
+        self.inputs = StepInputs(model, cache)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.state = DecodeState(vocab, max_seq_len, self.chunk, self.device)
         self.compile_error: str | None = None
-        self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_one
         self.ahead_of_time = False  # the step is a package compiled ahead of time
+        self._step = _Step(forward_one, EAGER_STEP)
         if aot_step is not None:
             self._bind(aot_step)
-        self._stepped = False  # a compiled step has run once: later failures are real errors
-        # True when an earlier model of this structure compiled the step: the first reply does not wait
+        self.graphed = one_gpu and not self.ahead_of_time
+        self.compiled = not self.ahead_of_time and (one_gpu if compile is None else compile)
+        self._compiled: _Step | None = None  # the compiled step, once ready, until the next step takes it up
+        self._compile_lock = threading.Lock()
+        self._compile_started: float | None = None  # time.monotonic() when its compile began
+        self._compile_done = threading.Event()
+        self._generator: torch.Generator | None = None  # the request's draws
+        self._capture_stream: torch.cuda.Stream | None = None
+        # True when an earlier model of this structure compiled the step: its compile takes no time
         self.reuses_compiled_step = False
-        self.graphed = by_default and not self.compiled and not self.ahead_of_time
         if self.compiled or self.graphed:
-            use_decode_attention(model)  # the step reads each cached key and value once
+            use_decode_attention(model)  # the compiled step reads each cached key and value once
         if self.compiled:
             self._step_code = _step_code_for(model)
             self.reuses_compiled_step = self._step_code.compiled_once
-            self._step = torch.compile(types.MethodType(self._step_code, self), **STEP_COMPILE)
+        else:
+            self._compile_done.set()
+
+    @property
+    def cache(self) -> Cache:
+        return self.inputs.cache
+
+    @property
+    def serving(self) -> str:
+        """The step form the next token runs on (EAGER_STEP, COMPILED_STEP, ...; IN_A_CUDA_GRAPH added)."""
+        return (self._compiled or self._step).form(GREEDY, self.graphed)
+
+    def compiling_for(self) -> float | None:
+        """Seconds the step's compile has run so far; None when none runs (not begun, or done)."""
+        started = self._compile_started
+        return None if started is None or self._compile_done.is_set() else time.monotonic() - started
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the step's compile to end (ready or failed); False on timeout. It starts with the
+        first step of the first generation."""
+        return self._compile_done.wait(timeout)
 
     def _bind(self, aot_step: AotStep) -> None:
         try:
-            self._step = aot_step.bind(self.model, self.cache)
+            bound = aot_step.bind(self.model, self.cache)
         except Exception as exc:
             self.compile_error = exception_line(exc)
             log.warning("decode step compiled ahead of time did not load, running without it: %s", self.compile_error)
             return
+        self._step = _Step(lambda inputs, token, position: bound(token, position), AHEAD_OF_TIME_STEP)
         self.ahead_of_time = True
-
-    def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Logits [1, V] for one token [1, 1] at position [1, 1]; writes its keys and values."""
-        out = self.model(input_ids=token, position_ids=position, past_key_values=self.cache, use_cache=True)
-        return out.logits[:, -1, :]
 
     @torch.inference_mode()
     def generate(
@@ -215,8 +272,10 @@ class FastGenerator:
         repetition_penalty: float = 1.0,
         seed: int = 0,
         stop_ids: Sequence[int] = (),
+        served: dict[str, int] | None = None,
     ) -> Iterator[int]:
-        """Yield new token ids as they arrive; a stop id is yielded, then generation ends."""
+        """Yield new token ids as they arrive; a stop id is yielded, then generation ends. `served`
+        counts the steps of each form (`serving`) the reply ran on."""
         prompt = input_ids.reshape(1, -1).to(self.device)  # [1, T]
         length = prompt.shape[1]
         if length == 0 or max_new_tokens < 1:
@@ -225,38 +284,22 @@ class FastGenerator:
             raise ValueError(
                 f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({self.max_seq_len})"
             )
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
-
-        seen = None  # tokens in the text so far, for the repetition penalty: bool [1, V]
-        if repetition_penalty != 1.0:
-            vocab = self.model.get_output_embeddings().weight.shape[0]
-            seen = torch.zeros(1, vocab, dtype=torch.bool, device=self.device).scatter_(1, prompt, True)
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            if seen is not None:
-                logits = penalize(logits, seen, repetition_penalty)
-            token = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, generator=generator)
-            if seen is not None:
-                seen[0, token] = True
-            return token
-
+        settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, penalty=repetition_penalty)
+        mode = self.start(prompt, seed=seed, **settings)
+        served = {} if served is None else served
         stops = set(stop_ids)
-        tokens = torch.empty(max_new_tokens, dtype=torch.long, device=self.device)  # every new token
+        tokens = self.state.tokens
         host = tokens if self.device.type == "cpu" else torch.empty_like(tokens, device="cpu").pin_memory()
-        position = torch.tensor([[length]], device=self.device)  # [1, 1]: where the next token goes
-
-        tokens[0:1] = pick(self.prefill(prompt))
         pending = self._to_host(tokens, host, 0, 1)  # the first token alone: time to first token
         done = 1
         while pending is not None:
             ahead = None
             if done < max_new_tokens:  # queue the next chunk before waiting for the previous one
                 end = min(done + self.chunk, max_new_tokens)
-                for i in range(done, end):
-                    logits = self.step(tokens[i - 1 : i].view(1, 1), position)
-                    position += 1
-                    tokens[i : i + 1] = pick(logits)
+                self.draw_ahead(mode)
+                for _ in range(done, end):
+                    form = self.advance(mode)
+                    served[form] = served.get(form, 0) + 1
                 ahead = self._to_host(tokens, host, done, end)
                 done = end
             if pending.ready is not None:
@@ -267,63 +310,113 @@ class FastGenerator:
                     return
             pending = ahead
 
+    def start(self, prompt: torch.Tensor, *, seed: int = 0, **settings: float) -> str:
+        """A request's prompt [1, T] through the model (`prefill`) and its first new token chosen under
+        `settings` (sampling.SamplingState.start's); returns the mode its steps run in (GREEDY or SAMPLED)."""
+        state = self.state
+        greedy = settings["temperature"] <= 0 and settings["penalty"] == 1.0
+        mode = GREEDY if greedy else SAMPLED
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(seed)
+        state.count.zero_()
+        state.position.fill_(prompt.shape[1])
+        state.sampling.start(prompt, **settings)
+        self.draw_ahead(mode)
+        state.pick(self.prefill(prompt), mode)
+        return mode
+
+    def draw_ahead(self, mode: str) -> None:
+        """Random draws for the next chunk of sampled steps."""
+        if mode == SAMPLED:
+            self.state.sampling.refill(self._generator)
+
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        """Empty the cache (in place: the compiled step keeps its addresses), run the prompt [1, T]
+        """Empty the cache (in place: the captured steps keep its addresses), run the prompt [1, T]
         eagerly into it; the last position's logits [1, V]."""
         self.cache.reset()
         out = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Logits [1, V] for one token [1, 1] at `position` [1, 1] after the cache's contents; the
-        compiled step where there is one (falling back to the eager step if it fails to compile),
-        else the eager step, replayed from a CUDA graph when `graphed`."""
-        if self.graphed and not isinstance(self._step, _CapturedStep):
-            return self._capture(token, position)
-        if not self.compiled:
-            return self._step(token, position)
-        torch.compiler.cudagraph_mark_step_begin()
-        if self._stepped:
-            return self._step(token, position).clone()  # clone: the next replay overwrites the graph's output
-        return self._first_step(token, position)
+    def advance(self, mode: str) -> str:
+        """One step after `start`: the next token into `state`, in `mode`. Returns the step form
+        that ran it. The compiled step, once ready, takes over here."""
+        if self._compiled is not None:
+            with self._compile_lock:
+                self._step, self._compiled = self._compiled, None
+        step = self._step
+        if self.graphed and mode not in step.graphs:
+            self._first_graphed_step(step, mode)
+        elif self.graphed and step.graphs[mode] is not None:
+            step.graphs[mode].replay()
+        else:
+            decode(step.forward, self.inputs, self.state, mode)
+        if self.compiled and self._compile_started is None:  # after the first step, so it starts at once
+            self._compile_started = time.monotonic()
+            COMPILER.submit(functools.partial(self._compile, weakref.ref(self)))
+        return step.form(mode, self.graphed)
 
-    def _first_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """The first compiled call: it compiles (unless a model of this structure already did) and
-        records; if that fails, the eager step rewrites the slot and runs from then on."""
-        try:
-            with _compiling(not self.reuses_compiled_step):
-                logits = self._step(token, position).clone()
-        except Exception as exc:
-            self.compiled, self._step = False, self._forward_one
-            self.compile_error = exception_line(exc)
-            log.warning("decode step not compiled, running eagerly: %s", self.compile_error)
-            return self._forward_one(token, position)
-        self._stepped = self._step_code.compiled_once = True
-        return logits
-
-    def _capture(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """The first graphed step: run for real on a side stream (which also warms up cuBLAS and the
-        attention kernel there), then captured in a CUDA graph on that stream."""
+    def _first_graphed_step(self, step: _Step, mode: str) -> None:
+        """The step's first run in `mode` on one GPU: for real on a side stream (which also warms up
+        cuBLAS and the kernels there), then captured in a CUDA graph that later steps replay."""
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        side = self._capture_stream
         side.wait_stream(current)
-        inputs = token.clone(), position.clone()  # the graph's inputs: each replay copies into them
         with torch.cuda.stream(side):
-            logits = self._forward_one(*inputs)
-        logits.record_stream(current)
+            decode(step.forward, self.inputs, self.state, mode)
         current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        error = _capture(step, self.inputs, self.state, mode, side)
+        if error is not None:
+            self.compile_error = error
+            log.warning("%s not captured in a CUDA graph, running it eagerly: %s", step.kind, error)
+
+    @staticmethod
+    def _compile(generator_ref: weakref.ref[FastGenerator]) -> None:
+        """On the compiler thread: compile the step, warming it up on a scratch cache and state (the
+        loop keeps decoding on the real ones meanwhile), capture it (on one GPU) over the real ones,
+        and hand it to the next step. A failure leaves the step it had, and `compile_error` says why."""
+        self = generator_ref()
+        if self is None:  # freed before its turn
+            return
         try:
-            # records the step, runs nothing; thread_local: other threads may use the GPU meanwhile
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                output = self._forward_one(*inputs)
-        except Exception as exc:  # a host sync or a host-to-device copy inside the step
-            self.graphed = False
+            step = _Step(torch.compile(self._step_code, **STEP_COMPILE), COMPILED_STEP)
+            scratch = StepInputs(self.model, allocated_static_cache(self.model, self.max_seq_len, as_prefill=True))
+            graphed = self.graphed
+            with torch.inference_mode():
+                scratch_state = DecodeState(self.state.sampling.seen.shape[-1], 1, 1, self.device)
+                side = torch.cuda.Stream(self.device) if graphed else None
+                if side is not None:
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    for mode in (GREEDY, SAMPLED):  # the first compiles; both warm up
+                        scratch_state.position.fill_(0)
+                        scratch_state.count.zero_()
+                        decode(step.forward, scratch, scratch_state, mode)
+                if side is not None:  # before the scratch tensors (made on the current stream) are freed for reuse
+                    side.synchronize()
+                del scratch, scratch_state
+                if graphed:
+                    # over the real cache and state, whose tensors the compiled code must take as they
+                    # are: a recompile here would mean the scratch ones differed, so refuse it
+                    with torch.compiler.set_stance("fail_on_recompile"):
+                        errors = [_capture(step, self.inputs, self.state, mode, side) for mode in (GREEDY, SAMPLED)]
+                    if errors[0] is not None:  # uncaptured, the compiled step would be no faster: keep the eager graph
+                        raise RuntimeError(f"the compiled step was not captured in a CUDA graph: {errors[0]}")
+                    if errors[1] is not None:
+                        log.warning(
+                            "sampled compiled step not captured in a CUDA graph, it runs eagerly: %s", errors[1]
+                        )
+        except Exception as exc:
+            self.compiled = False
             self.compile_error = exception_line(exc)
-            log.warning("decode step not captured in a CUDA graph, running eagerly: %s", self.compile_error)
-            return logits
-        self._step = _CapturedStep(graph, *inputs, output)
-        return logits
+            log.warning("decode step not compiled, replies stay on the %s: %s", self.serving, self.compile_error)
+        else:
+            self._step_code.compiled_once = True
+            with self._compile_lock:
+                self._compiled = step
+        finally:
+            self._compile_done.set()
 
     def _to_host(self, tokens: torch.Tensor, host: torch.Tensor, start: int, end: int) -> _Chunk:
         if host is tokens:
@@ -334,28 +427,62 @@ class FastGenerator:
         return _Chunk(start, end, ready)
 
 
-_compile_started: float | None = None  # time.monotonic() when the step compiling now began
-
-
-def compiling_for() -> float | None:
-    """Seconds the decode step being compiled now has taken so far, or None when none is. Every
-    request on the decode loop waits for it (DecodeLoop), so a reply can say what it waits for."""
-    started = _compile_started
-    return None if started is None else time.monotonic() - started
-
-
-@contextmanager
-def _compiling(compiles: bool) -> Iterator[None]:
-    """Mark the block as the compile of a step when `compiles` (a structure's first compiled call)."""
-    global _compile_started
-    if not compiles:
-        yield
-        return
-    _compile_started = time.monotonic()
+def _capture(step: _Step, inputs: StepInputs, state: DecodeState, mode: str, stream: torch.cuda.Stream) -> str | None:
+    """Capture `step` in `mode` in a CUDA graph on `stream` (into step.graphs, its logits into
+    step.logits), reading and writing `inputs` and `state` where they are now; None, or why it
+    failed (a host sync or a host-to-device copy inside the step): the mode then runs eagerly."""
+    graph = torch.cuda.CUDAGraph()
     try:
-        yield
-    finally:
-        _compile_started = None
+        with _capturing(graph, stream):
+            logits = decode(step.forward, inputs, state, mode)
+    except Exception as exc:
+        step.graphs[mode] = None
+        return exception_line(exc)
+    step.graphs[mode], step.logits[mode] = graph, logits
+    return None
+
+
+class _JobThread:
+    """A daemon thread, started by the first job submitted, that serves the queued jobs (`_serve`)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Any) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+
+class BackgroundCompiler(_JobThread):
+    """The thread that compiles decode steps, one at a time, off the decode loop: replies keep
+    streaming meanwhile. While it works, the thread switch interval is short (COMPILE_SWITCH_INTERVAL_S)."""
+
+    def __init__(self) -> None:
+        super().__init__("step-compiler")
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(COMPILE_SWITCH_INTERVAL_S)
+            try:
+                job()
+            except Exception:  # a job records its own failure; this keeps the thread alive
+                log.exception("decode step compile job failed")
+            finally:
+                sys.setswitchinterval(interval)
+
+
+COMPILER = BackgroundCompiler()
 
 
 # Dynamo keeps a function's compiled entries on its code object, keeps dead models' entries there,
@@ -399,13 +526,13 @@ def shared_tensors(model: nn.Module) -> list[str]:
 
 
 def _step_code_for(model: nn.Module) -> types.FunctionType:
-    """`FastGenerator._forward_one` under a code object shared by the models of `model`'s structure
+    """`forward_one` under a code object shared by the models of `model`'s structure
     (`model_structure`). `compiled_once` tells whether a compiled step of it has run."""
     structure = model_structure(model)
     with _STEP_CODES_LOCK:
         step = _STEP_CODES.get(structure)
         if step is None:
-            base = FastGenerator._forward_one
+            base = forward_one
             code = base.__code__.replace()  # a new code object, the same bytecode
             step = types.FunctionType(code, base.__globals__, base.__name__, base.__defaults__, base.__closure__)
             step.compiled_once = False
@@ -439,25 +566,21 @@ class _Job:
     tokens: Iterator[int] | None = None  # None until it starts
 
 
-class DecodeLoop:
+class DecodeLoop(_JobThread):
     """The one thread that runs every threaded decoder's requests, a token at a time in turn.
 
-    One thread, because torch keeps its CUDA-graph trees in the thread-local state of the thread
-    that first used them: a compiled step replayed from a second thread fails (seen on the H200:
-    an AssertionError in cudagraph_trees.get_obj). Requests for different models interleave, so
-    side-by-side replies and several visitors stream together; requests for one model (one KV
-    cache) run one after another. A compile (the first token of a build's first request) holds
-    the loop until it is done.
+    Requests for different models interleave, so side-by-side replies and several visitors
+    stream together, one GPU queue in order; requests for one model (one KV cache) run one after
+    another. Steps compile on the compiler thread (`COMPILER`), never here: a fresh build's first
+    reply runs on its eager step meanwhile, and other models' replies go on.
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        super().__init__("decode-loop")
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the loop's thread (anything that compiles or replays CUDA graphs must) and
-        return its result; other requests wait while it runs."""
+        """Run `fn` on the loop's thread, between other requests' tokens, and return its result;
+        other requests wait while it runs."""
         job = _Job(None, None, {}, call=fn)
         self.submit(job)
         result = job.out.get()
@@ -465,13 +588,6 @@ class DecodeLoop:
         if isinstance(result, BaseException):
             raise result
         return result
-
-    def submit(self, job: _Job) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="decode-loop", daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
 
     def _serve(self) -> None:
         waiting: list[_Job] = []
@@ -521,7 +637,8 @@ class ModelDecoder:
     """Every generation of one built model.
 
     On a GPU it keeps one FastGenerator with a fixed window (the KV cache the placement budgeted),
-    compiled unless `compile` is False, or running `aot_step` (compiled ahead of time); on the CPU
+    its step compiled in the background unless `compile` is False, or running `aot_step`
+    (compiled ahead of time); on the CPU
     each request gets an uncompiled generator sized to it. Requests run on the process's
     DecodeLoop; with `threaded=False` (a ZeroGPU worker: a process forked per call, where no thread
     of ours lives) they run in the caller's thread. Each request draws from its own seeded
@@ -550,8 +667,21 @@ class ModelDecoder:
 
     @property
     def reuses_compiled_step(self) -> bool:
-        """An earlier build of this structure compiled the step: no compile before the first reply."""
+        """An earlier build of this structure compiled the step: it takes over at once."""
         return self._shared is not None and self._shared.reuses_compiled_step
+
+    @property
+    def serving(self) -> str:
+        """The step form the next token runs on (fastgen.EAGER_STEP, COMPILED_STEP, ...)."""
+        return self._shared.serving if self._shared is not None else EAGER_STEP
+
+    def compiling_for(self) -> float | None:
+        """Seconds the step's compile has run so far, or None when none runs."""
+        return self._shared.compiling_for() if self._shared is not None else None
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the step's compile to end (ready or failed; at once where none runs); False on timeout."""
+        return self._shared is None or self._shared.wait_compiled(timeout)
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether a request fits the window: on the CPU too, where each request's cache is sized
@@ -578,8 +708,10 @@ class ModelDecoder:
             cancel.set()
 
     def warm_up(self, input_ids: torch.Tensor) -> None:
-        """Queue a two-token generation, so the compile happens now rather than in the first reply."""
-        LOOP.submit(_Job(self, input_ids, {"max_new_tokens": 2}))
+        """Queue a two-token generation: it captures the eager step's CUDA graph and starts the
+        compile now rather than in the first reply. Nothing on the CPU, where each request makes its own generator."""
+        if self._shared is not None:
+            LOOP.submit(_Job(self, input_ids, {"max_new_tokens": 2}))
 
     def tokens(self, input_ids: torch.Tensor, options: dict[str, Any]) -> Iterator[int]:
         """The request's tokens, generated in the calling thread."""

@@ -23,12 +23,16 @@ A seam at merged depth d, whose layer is parent layer a of model m, placed after
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -142,22 +146,27 @@ class ResidualRecorder:
 
     After a forward pass, `take()` returns that buffer, [tokens, L+1, hidden] float32: the batch's
     rows flattened, the first `skip` positions of every row left out, `[:, i]` the stream at point i.
-    Each batch gets a fresh buffer, so a caller may keep the ones it takes. Use as a context
-    manager: the hooks exist only inside the `with`.
+    With `points`, only those (in that order): `[:, k]` is point points[k]. Each batch gets a fresh
+    buffer, so a caller may keep the ones it takes. Use as a context manager: the hooks exist only
+    inside the `with`.
     """
 
-    def __init__(self, model: torch.nn.Module, *, skip: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, *, skip: int = 0, points: Sequence[int] | None = None) -> None:
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.skip = skip
+        self.points = tuple(range(self.num_layers + 1)) if points is None else tuple(points)
+        self._column = {point: k for k, point in enumerate(self.points)}
         self._buffer: torch.Tensor | None = None
         self._written: set[int] = set()
         self._handles: list[Any] = []
 
     def __enter__(self) -> ResidualRecorder:
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(partial(self._entering, i), with_kwargs=True))
-        self._handles.append(self.layers[-1].register_forward_hook(self._leaving))
+            if i in self._column:
+                self._handles.append(layer.register_forward_pre_hook(partial(self._entering, i), with_kwargs=True))
+        if self.num_layers in self._column:
+            self._handles.append(self.layers[-1].register_forward_hook(self._leaving))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -176,14 +185,15 @@ class ResidualRecorder:
         batch, length, width = hidden.shape
         rows = batch * (length - self.skip)
         if self._buffer is None:
-            self._buffer = torch.empty(rows, self.num_layers + 1, width, dtype=torch.float32, device=hidden.device)
+            self._buffer = torch.empty(rows, len(self.points), width, dtype=torch.float32, device=hidden.device)
         # a copy (never a reference), so no later in-place op can change what we read;
         # [B*(T-skip), H] column of the buffer seen as [B, T-skip, H]
-        self._buffer[:, index].unflatten(0, (batch, length - self.skip)).copy_(hidden[:, self.skip :])
+        column = self._buffer[:, self._column[index]]
+        column.unflatten(0, (batch, length - self.skip)).copy_(hidden[:, self.skip :])
         self._written.add(index)
 
     def take(self) -> torch.Tensor:
-        if self._buffer is None or len(self._written) != self.num_layers + 1:
+        if self._buffer is None or len(self._written) != len(self.points):
             raise RuntimeError("the forward pass did not run every decoder layer")
         buffer, self._buffer, self._written = self._buffer, None, set()
         return buffer
@@ -425,6 +435,19 @@ def load_parents(plan: Plan, *, device: str, dtype: str) -> dict[str, torch.nn.M
     }
 
 
+def assemble_from(plan: Plan, parents: Mapping[str, torch.nn.Module], device: str) -> torch.nn.Module:
+    """`plan`'s merge (no blends) from its parents' tensors in memory (each parent built as it is,
+    all its layers in order, as load_parents builds them): no file read, its tensors theirs."""
+    from merger.assemble import LoadedTensors, assemble_loaded, tensors_of
+
+    tensors: dict[tuple[str, str, str], torch.Tensor] = {}
+    for ref, parent in parents.items():
+        own = make_plan(passthrough((ref, 0, len(decoder_layers(parent)))), plan.models.__getitem__)
+        tensors.update(tensors_of(parent, own, device).by_source)
+    dtype = next(iter(parents.values())).dtype
+    return assemble_loaded(plan, LoadedTensors(tensors), device=device, dtype=dtype)
+
+
 def score_seams(
     plan: Plan,
     chunks: TokenChunks,
@@ -436,33 +459,35 @@ def score_seams(
     progress: Progress | None = None,
 ) -> SeamScores:
     """Predicted and measured damage at every depth of `plan`'s merge, in one pass over `chunks`
-    that runs the parents and the merge in lockstep. Models not given are assembled here."""
+    that runs the parents and the merge in lockstep. Models not given are assembled here (the
+    merge from the parents' tensors in memory, unless it blends)."""
     from merger.assemble import assemble
     from merger.runtime import build_dtype
 
     if merged is None:
         device = device or "cpu"
         dtype = build_dtype(plan, device)
-        merged = assemble(plan, device=device, dtype=dtype)
     else:  # parents are built like the merge given, or the comparison is not like for like
         first = next(merged.parameters())
         device, dtype = first.device.type, DTYPE_NAMES[first.dtype]
     parents = dict(parents) if parents is not None else load_parents(plan, device=device, dtype=dtype)
+    if merged is None:
+        merged = assemble(plan, device=device, dtype=dtype) if plan.blends else assemble_from(plan, parents, device)
     sources = plan.layer_sources
     primary = plan.recipe.primary_model
     models = {**parents, MERGE: merged}
     counts = tuple(len(decoder_layers(m)) for m in models.values())
     stats = PairStats([n + 1 for n in counts], device=_device(merged))
-    measured = torch.zeros(len(sources) + 1, dtype=torch.float64)
+    measured = torch.zeros(len(sources) + 1, dtype=torch.float64, device=_device(merged))
     for points in _lockstep(models, chunks, batch_size=batch_size, progress=progress):
         stats.add([points[name] for name in models])
         here = points[MERGE]
         for d, (m, a) in enumerate(sources):
-            measured[d] += token_angles(here[:, d], points[m][:, a]).sum().cpu()
-        measured[-1] += token_angles(here[:, -1], points[primary][:, -1]).sum().cpu()
+            measured[d] += token_angles(here[:, d], points[m][:, a]).sum()
+        measured[-1] += token_angles(here[:, -1], points[primary][:, -1]).sum()
     angle, cos = stats.means()
     lens = JointLens(tuple(models), counts, angle, cos, stats.tokens, chunks.source)
-    measured /= max(stats.tokens, 1)
+    measured = measured.cpu() / max(stats.tokens, 1)
     return SeamScores(
         layer_sources=tuple(sources),
         seams=tuple(seam_depths(sources, primary)),
@@ -562,56 +587,166 @@ class Drift:
     output: float  # the stream leaving the merge vs leaving the parent, before the final norm
 
 
+class Work:
+    """Progress over a job counted in token-layers (one token through one decoder layer: every pass
+    costs about its tokens times its layers), each message saying what is measured and the time
+    left at the pace so far."""
+
+    def __init__(self, total: float, report: Progress | None) -> None:
+        self.total = max(total, 1.0)
+        self.done = 0.0
+        self.report = report
+        self.start = time.monotonic()
+
+    def add(self, units: float, message: str) -> None:
+        """`units` more are done; `message` says what comes next."""
+        self.done += units
+        if self.report is None:
+            return
+        left = (time.monotonic() - self.start) * (self.total - self.done) / self.done if self.done else None
+        eta = "" if left is None else f" · about {left:.0f} s left" if left >= 1 else " · under a second left"
+        self.report(min(self.done / self.total, 1.0), message + eta)
+
+    def part(self, units: float) -> Progress:
+        """Progress for a step worth `units`, which reports fractions of itself."""
+        base = self.done
+
+        def report(fraction: float, message: str) -> None:
+            self.add(base + fraction * units - self.done, message)
+
+        return report
+
+
+def tail_view(model: torch.nn.Module, start: int) -> torch.nn.Module:
+    """`model` from decoder layer `start` on, its final norm and head included, made of its very
+    modules (nothing built, no tensor copied; `model` itself unchanged) under the config of those
+    layers alone (merger.plan.merged_config's per-layer lists: Gemma 3's layer types): run on the
+    stream entering layer `start` (inputs_embeds), it is the top of any merge that ends with
+    layers [start, L), as assembling that tail would make it."""
+    from transformers import AutoConfig
+
+    from merger.plan import merged_config
+
+    layers = decoder_layers(model)
+    whole = SimpleNamespace(config=model.config.to_dict(), num_layers=len(layers))  # as a catalog ModelInfo
+    sources = [("", layer) for layer in range(start, len(layers))]
+    config = AutoConfig.for_model(**merged_config(whole, {"": whole}, sources, DTYPE_NAMES[model.dtype]))
+    config._attn_implementation = model.config._attn_implementation  # the masks the layers expect
+    inner = copy.copy(model.model)  # shares every submodule and parameter
+    inner._modules = {**inner._modules, "layers": torch.nn.ModuleList(list(layers)[start:])}
+    inner.config = config
+    outer = copy.copy(model)
+    outer._modules = {**outer._modules, "model": inner}
+    outer.config = config
+    return outer
+
+
 def duplication_drift(
-    model_ref: str,
     parent: torch.nn.Module,
     chunks: TokenChunks,
     blocks: Sequence[tuple[int, int]],
     *,
-    resolver: Resolver,
     batch_size: int = 2,
-    progress: Progress | None = None,
+    work: Work | None = None,
 ) -> dict[tuple[int, int], Drift]:
-    """Measured damage of duplicating each block [a, b) of `parent` (the model `model_ref`).
+    """Measured damage of duplicating each block [a, b) of `parent`.
 
     The merge [0, b) + [a, L) runs the parent's own first b layers, so its stream entering depth b
-    is the parent's x_b bit for bit; only the tail [a, L), built from its plan like any merge, is
-    run on the parent's x_b, without the head. The parent's stream is kept for every token of
-    `chunks` (tokens x (L+1) x hidden floats): pass a short text.
-    """
-    from merger.assemble import assemble
-
+    is the parent's x_b bit for bit; only the tail [a, L) (`tail_view`: the parent's own layers) is
+    run on the parent's x_b, without the head, for every b of one a in one batch. The parent's
+    stream is kept for every token of `chunks` (tokens x (L+1) x hidden floats): pass a short
+    text. `work` counts the token-layers run (drift_work's)."""
     first = next(parent.parameters())
-    device, dtype = first.device, DTYPE_NAMES[first.dtype]
-    L = len(decoder_layers(parent))
+    device, dtype, L = first.device, first.dtype, len(decoder_layers(parent))
     batches = list(chunks.batches(batch_size))
+    tokens = sum(ids.numel() for ids in batches)
     with torch.inference_mode(), ResidualRecorder(parent) as rec:  # BOS rows kept: the tails start from them
         cached = []
         for ids in batches:
             parent.model(input_ids=ids.to(device), use_cache=False)
             cached.append(rec.take())  # [B*T, L+1, H]
+    if work:
+        work.add(tokens * L, "drift of each duplication")
     results: dict[tuple[int, int], Drift] = {}
-    starts = sorted({a for a, _ in blocks})
-    for i, a in enumerate(starts):
-        if progress:
-            progress(i / len(starts), f"blocks starting at layer {a}")
-        tail = assemble(make_plan(passthrough((model_ref, a, L)), resolver), device=device.type, dtype=dtype)
-        for b in sorted(b for s, b in blocks if s == a):
-            dist = torch.zeros(L - a + 1, dtype=torch.float64)  # tail point j vs parent point a + j
-            with torch.inference_mode(), ResidualRecorder(tail) as tail_rec:
-                for ids, points in zip(batches, cached, strict=True):
-                    B, T = ids.shape
-                    # the recorder keeps float32 copies: back to the model's dtype (exact: bf16/fp16 ⊂ fp32)
-                    entering = points[:, b].unflatten(0, (B, T)).to(first.dtype)
-                    tail.model(inputs_embeds=entering, use_cache=False)
-                    here = tail_rec.take()
-                    text = (torch.arange(T, device=device) >= chunks.prefix_len).repeat(B)  # [B*T]: not BOS
-                    for j in range(L - a + 1):
-                        dist[j] += token_angles(here[text, j], points[text, a + j]).sum().cpu()
-            dist /= chunks.num_tokens
-            results[(a, b)] = Drift(seam=float(dist[0]), mean=float(dist[:-1].mean()), output=float(dist[-1]))
+    for a in sorted({a for a, _ in blocks}):
+        ends = sorted({b for s, b in blocks if s == a})
+        tail = tail_view(parent, a)
+        dist = torch.zeros(len(ends), L - a + 1, dtype=torch.float64, device=device)  # tail point j vs parent a + j
+        with torch.inference_mode(), ResidualRecorder(tail) as tail_rec:
+            for ids, points in zip(batches, cached, strict=True):
+                B, T = ids.shape
+                # every end's stream in one batch; the recorder keeps float32: back to the model's dtype (exact)
+                entering = points[:, ends].transpose(0, 1).reshape(len(ends) * B, T, -1).to(dtype)
+                tail.model(inputs_embeds=entering, use_cache=False)
+                here = tail_rec.take().unflatten(0, (len(ends), B * T))  # [ends, B*T, L-a+1, H]
+                text = (torch.arange(T, device=device) >= chunks.prefix_len).repeat(B)  # [B*T]: not BOS
+                parent_points = points[text, a:]  # [N, L-a+1, H]
+                for k in range(len(ends)):
+                    dist[k] += token_angles(here[k, text], parent_points).sum(0)
+        dist = (dist / chunks.num_tokens).cpu()
+        for k, b in enumerate(ends):
+            results[(a, b)] = Drift(seam=float(dist[k, 0]), mean=float(dist[k, :-1].mean()), output=float(dist[k, -1]))
         del tail
+        if work:
+            work.add(len(ends) * tokens * (L - a), f"drift of duplicating blocks [{a}, {ends[0]})..[{a}, {ends[-1]})")
     return results
+
+
+def drift_work(num_layers: int, tokens: int, blocks: Sequence[tuple[int, int]]) -> int:
+    """Token-layers duplication_drift runs: the parent once, each block's tail [a, L)."""
+    return tokens * (num_layers + sum(num_layers - a for a, _ in blocks))
+
+
+def duplication_perplexities(
+    parent: torch.nn.Module,
+    chunks: TokenChunks,
+    blocks: Sequence[tuple[int, int]],
+    *,
+    batch_size: int = 1,
+    work: Work | None = None,
+) -> tuple[float, dict[tuple[int, int], float]]:
+    """The perplexity of `parent` on `chunks` and of each duplication
+    [0, b) + [a, L) of `blocks`: the merge's first b layers are the parent's own, so its tail [a, L)
+    (`tail_view`: the parent's own layers and head) runs on the parent's stream entering layer b,
+    kept from the parent's pass (tokens x distinct b x hidden floats)."""
+    first = next(parent.parameters())
+    device, dtype, L = first.device, first.dtype, len(decoder_layers(parent))
+    depths = sorted({b for _, b in blocks})
+    batches = [ids.to(device) for ids in chunks.batches(batch_size) if ids.shape[1] > max(chunks.prefix_len, 1)]
+    tokens = sum(ids.numel() for ids in batches)
+    if not batches:
+        raise UserError(f"{chunks.source} is too short to measure perplexity")
+
+    def perplexity_of(logits: Callable[[int, torch.Tensor], torch.Tensor]) -> float:
+        losses = [next_token_loss(logits(i, ids), ids, chunks.prefix_len) for i, ids in enumerate(batches)]
+        return math.exp(sum(loss for loss, _ in losses) / sum(n for _, n in losses))
+
+    entering: list[torch.Tensor] = []  # per batch, the parent's stream at each of `depths`: [B*T, depths, H]
+    recorder = ResidualRecorder(parent, points=depths) if depths else None
+    with torch.inference_mode(), recorder or contextlib.nullcontext():
+
+        def parent_logits(i: int, ids: torch.Tensor) -> torch.Tensor:
+            logits = parent(input_ids=ids, use_cache=False).logits
+            if recorder is not None:
+                entering.append(recorder.take())
+            return logits
+
+        parent_perplexity = perplexity_of(parent_logits)
+    if work:
+        work.add(tokens * L, "perplexity of each confirmed duplication")
+    found = {}
+    for a, b in blocks:
+        tail = tail_view(parent, a)
+
+        def tail_logits(i: int, ids: torch.Tensor, tail: torch.nn.Module = tail, b: int = b) -> torch.Tensor:
+            stream = entering[i][:, depths.index(b)].unflatten(0, tuple(ids.shape)).to(dtype)  # float32 kept: exact
+            return tail(inputs_embeds=stream, use_cache=False).logits
+
+        with torch.inference_mode():
+            found[(a, b)] = perplexity_of(tail_logits)
+        if work:
+            work.add(tokens * (L - a), f"perplexity of duplicating [{a}, {b})")
+    return parent_perplexity, found
 
 
 @dataclass(frozen=True)
@@ -692,51 +827,52 @@ def suggest_duplications(
     dtype: str | None = None,
     progress: Progress | None = None,
 ) -> Suggestions:
-    """Rank every block to duplicate, then build the first `top_k` merges for real and measure
-    their perplexity on `heldout` beside the parent's. Texts default to assets/calibration.txt
-    and assets/heldout.txt.
+    """Rank every block to duplicate, then measure the first `top_k` merges' perplexity on
+    `heldout` beside the parent's. Texts default to assets/calibration.txt and assets/heldout.txt.
+    The parent is read once: every candidate is assembled from its tensors in memory, and runs
+    only the layers it does not share with the parent (duplication_drift, duplication_perplexities).
 
     rank_by="predicted": by predicted damage d(x_end, x_start) from the lens on `calibration`
     (no merge is run). rank_by="drift": by each merge's measured output drift on the first
     `drift_tokens` tokens of `calibration` (duplication_drift; it runs every candidate's tail,
     without the head), which tracked perplexity much more closely on Gemma 3 (benchmarks/seams.py).
-    Every model runs in `dtype` (None: the build's default for the device).
+    Every model runs in `dtype` (None: the build's default for the device). Progress says what is
+    measured and the time left.
     """
-    from merger.assemble import assemble
-
-    report = progress or (lambda fraction, message: None)
     parent = load_model(model_ref, resolver=resolver, device=device, dtype=dtype)
-    dtype = _dtype_of(parent.model)  # the candidates are built like the parent
-    if lens is None:
-        calib = chunks_for(
-            parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=max_tokens, max_length=max_length
-        )
-        lens = capture(parent.model, calib, name=model_ref, progress=lambda f, m: report(0.2 * f, m))
+    L = len(decoder_layers(parent.model))
+    calib = (
+        None
+        if lens is not None
+        else chunks_for(parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=max_tokens, max_length=max_length)
+    )
     held = chunks_for(parent.tokenizer, heldout, HELDOUT_TEXT, max_tokens=max_tokens, max_length=max_length)
-    L = lens.num_layers
+    sample = chunks_for(parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=drift_tokens, max_length=max_length)
+    blocks = [(a, a + size) for size in range(min_size, min(max_size, L) + 1) for a in range(0, L - size + 1)]
+    held_tokens = sum(ids.numel() for ids in held.batches(1))
+    total = (  # the worst case of the confirmed blocks' tails: the first top_k starts
+        held_tokens * (L + sum(L - a for a in range(min(top_k, L))))
+        + (drift_work(L, sum(len(c) for c in sample.chunks), blocks) if rank_by == "drift" else 0)
+        + (0 if calib is None else sum(len(c) for c in calib.chunks) * L)
+    )
+    work = Work(total, progress)
+    if calib is not None:
+        work.add(0, "lens: the residual stream of the calibration text")
+        lens = capture(parent.model, calib, name=model_ref, progress=work.part(sum(len(c) for c in calib.chunks) * L))
     ranked = rank_duplications(lens, min_size=min_size, max_size=max_size)
     if rank_by == "drift":
-        sample = chunks_for(
-            parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=drift_tokens, max_length=max_length
-        )
         blocks = [(s.start, s.end) for s in ranked]
-        drift = duplication_drift(
-            model_ref, parent.model, sample, blocks, resolver=resolver, progress=lambda f, m: report(0.2 + 0.3 * f, m)
-        )
+        drift = duplication_drift(parent.model, sample, blocks, work=work)
         ranked = sorted(
             (replace(s, drift=drift[(s.start, s.end)].output) for s in ranked),
             key=lambda s: (s.drift, s.predicted, s.start, s.end),
         )
-    parent_ppl = perplexity(parent.model, held)
-    del parent.model  # candidates reload the parent's tensors; do not hold two copies
-    confirmed = []
-    for i, s in enumerate(ranked[:top_k]):
-        report(0.5 + 0.5 * i / max(top_k, 1), f"perplexity of duplicating {s.label}")
-        plan = make_plan(duplication_recipe(model_ref, L, s.start, s.end), resolver)
-        model = assemble(plan, device=parent.device, dtype=dtype)
-        confirmed.append(replace(s, perplexity=perplexity(model, held)))
-        del model
-    report(1.0, "done")
+    chosen = ranked[:top_k]
+    blocks = [(s.start, s.end) for s in chosen]
+    parent_ppl, found = duplication_perplexities(parent.model, held, blocks, work=work)
+    confirmed = [replace(s, perplexity=found[(s.start, s.end)]) for s in chosen]
+    if progress:
+        progress(1.0, "done")
     return Suggestions(
         model_ref,
         L,
@@ -746,7 +882,7 @@ def suggest_duplications(
         held.num_tokens,
         lens,
         rank_by=rank_by,
-        dtype=dtype,
+        dtype=_dtype_of(parent.model),
         device=parent.device,
     )
 
@@ -776,31 +912,29 @@ def recurrence_sweep(
     progress: Progress | None = None,
 ) -> list[RecurrencePoint]:
     """Block [start, end) run k = 1..max_repeats times: the merge's perplexity on `heldout` and
-    its predicted seam damage (from `lens`, or a lens on `calibration`) for every k, each model in
-    `dtype` (None: the build's default for the device)."""
-    from merger.assemble import assemble
-
+    its predicted seam damage (from `lens`, or a lens on `calibration`) for every k, each merge
+    assembled from the parent's tensors in memory, in `dtype` (None: the build's default for the
+    device)."""
     parent = load_model(model_ref, resolver=resolver, device=device, dtype=dtype)
-    dtype = _dtype_of(parent.model)  # every repeat is built like the parent
     if lens is None:
         lens = capture(
             parent.model,
             chunks_for(parent.tokenizer, calibration, CALIBRATION_TEXT, max_tokens=max_tokens, max_length=max_length),
         )
     held = chunks_for(parent.tokenizer, heldout, HELDOUT_TEXT, max_tokens=max_tokens, max_length=max_length)
-    del parent.model
     L = lens.num_layers
     if not 0 <= start < end <= L:
         raise UserError(f"block [{start}, {end}) is not inside {model_ref}'s {L} layers")
+    depths = [L + (k - 1) * (end - start) for k in range(1, max_repeats + 1)]
+    work = Work(held.num_tokens * sum(depths), progress)
     points = []
-    for k in range(1, max_repeats + 1):
-        if progress:
-            progress((k - 1) / max_repeats, f"block {start}-{end} x{k}")
-        plan = make_plan(recurrence_recipe(model_ref, L, start, end, k), resolver)
-        model = assemble(plan, device=parent.device, dtype=dtype)
+    for k, depth in enumerate(depths, start=1):
+        work.add(0, f"perplexity of block {start}-{end} x{k}")
+        plan = make_plan(recurrence_recipe(model_ref, L, start, end, k), parent.plan.models.__getitem__)
         predicted = sum(predict_seams(plan.layer_sources, lens, model_ref))
-        points.append(RecurrencePoint(k, plan.num_layers, predicted, perplexity(model, held)))
-        del model
+        model = assemble_from(plan, {model_ref: parent.model}, parent.device)
+        points.append(RecurrencePoint(k, depth, predicted, perplexity(model, held)))
+        work.add(held.num_tokens * depth, f"block {start}-{end} x{k} measured")
     return points
 
 

@@ -183,9 +183,10 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
 
 def prepare_for_chat(built: Built) -> Built:
     """Make the build's decoder now. On a GPU, fuse q/k/v and gate/up first (fewer, larger kernels
-    per step; repeated layers stay shared) and compile the decode step in the background, so the
-    first reply does not pay for it. On ZeroGPU nothing: each GPU call's worker makes its own
-    decoder (`attach_aot_step` gives it a step compiled ahead of time)."""
+    per step; repeated layers stay shared), capture its eager step in a CUDA graph and start the
+    step's compile in the background, so the first reply pays for neither. On ZeroGPU nothing:
+    each GPU call's worker makes its own decoder (`attach_aot_step` gives it a step compiled ahead
+    of time)."""
     if on_zero_gpu():
         return built
     split = built.placement is not None and built.placement.is_split
@@ -193,9 +194,7 @@ def prepare_for_chat(built: Built) -> Built:
         from merger.fastgen import fuse_projections
 
         fuse_projections(built.model)
-    decoder = built.decoder
-    if decoder.compiled:
-        decoder.warm_up(built.tokenizer("Hello", return_tensors="pt")["input_ids"])
+    built.decoder.warm_up(built.tokenizer("Hello", return_tensors="pt")["input_ids"])
     return built
 
 

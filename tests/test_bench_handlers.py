@@ -272,12 +272,12 @@ def test_off_zero_gpu_the_handlers_are_the_functions_themselves(monkeypatch):
 @pytest.mark.parametrize(
     ("compiled", "reuses", "expected"),
     [
-        (True, False, "compiling now; the first reply waits for it"),
-        (True, True, "compiled for an earlier build of this shape: no wait"),
+        (True, False, "Replies start now on the eager step in a CUDA graph; the fast decode step compiles meanwhile"),
+        (True, True, "compiled for an earlier build of this shape: it serves at once"),
         (False, False, None),
     ],
 )
-def test_build_status_says_whether_the_first_reply_waits_for_a_compile(visitor, compiled, reuses, expected):
+def test_build_status_says_replies_start_at_once_and_what_serves_them(visitor, compiled, reuses, expected):
     _, built = visitor
     decoder = SimpleNamespace(compiled=compiled, reuses_compiled_step=reuses)
     status = bench.built_status(SimpleNamespace(**{**vars(built), "decoder": decoder}))
@@ -288,18 +288,13 @@ def test_build_status_says_whether_the_first_reply_waits_for_a_compile(visitor, 
         assert expected in status
 
 
-def test_a_reply_queued_behind_a_compile_says_what_it_waits_for(visitor, monkeypatch):
+def test_a_replys_status_says_which_step_decoded_it(visitor):
     request, built = visitor
-    monkeypatch.setattr(fastgen, "compiling_for", lambda: 42.4)
-    first_history, first_note = next(bench.chat("Hello", [], *GREEDY, request=request))
-    assert first_history[-1] == {"role": "assistant", "content": ""}
-    assert "compiling a fresh build's decode step (42 s so far" in first_note
+    *_, (history, status) = bench.chat("Hello", [], *GREEDY, request=request)
+    assert history[-1]["content"] and status.endswith(" tokens/s · on the eager step")  # the CPU's
     bench.build_into(bench.slot(request, bench.COMPARE), built.plan, no_progress)
-    *_, merge_note, other_note = next(bench.compare_send("Hello", [], [], *GREEDY, request=request))
-    assert merge_note == other_note == first_note
-    monkeypatch.setattr(fastgen, "compiling_for", lambda: None)
-    first_history, first_note = next(bench.chat("Hello", [], *GREEDY, request=request))
-    assert first_note == "" and first_history[-1]["content"]  # straight to the reply
+    *_, (*_, merge_status, other_status) = bench.compare_send("Hello", [], [], *GREEDY, request=request)
+    assert merge_status.endswith("· on the eager step") and other_status.endswith("· on the eager step")
 
 
 def test_without_a_c_compiler_a_gpu_build_replays_a_cuda_graph_and_says_why(visitor, monkeypatch):

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from merger.chat import GenerationSettings, format_prompt, stream_reply
+from merger.chat import GenerationSettings, ReplyStats, format_prompt, stream_reply
 from merger.errors import UserError
 from merger.plan import make_plan
 from merger.recipe import passthrough
@@ -73,6 +73,16 @@ def test_stop_event_ends_generation_early(tiny_llama):
     stop.set()
     *_, reply = stream_reply(built, HELLO, GenerationSettings(temperature=0, max_new_tokens=200), stop)
     assert len(built.tokenizer(reply)["input_ids"]) < 5
+
+
+def test_a_reply_whose_build_is_let_go_ends_quietly(tiny_llama):
+    built = built_tiny(tiny_llama, (0, 6))
+    stats = ReplyStats()
+    pieces = stream_reply(built, HELLO, GenerationSettings(temperature=0, max_new_tokens=40), stats=stats)
+    next(pieces)
+    built.close()  # the visitor left: their session's build is dropped while the reply streams
+    pieces.close()  # the page closes the reply; it must not make a decoder for the model let go
+    assert stats.new_tokens >= 1 and stats.compiling_s is None
 
 
 def test_stop_string_ends_the_reply_before_it(tiny_llama):

@@ -87,7 +87,11 @@ def test_compiled_step_with_decode_attention_greedy_equals_generate(kernel, fixt
     monkeypatch.setattr(decode_attention, "FLEX_BLOCK", 16)  # the 17..64 positions cross blocks
     fast = FastGenerator(model, max_seq_len=128, compile=True)
     assert model.config.get_text_config(decoder=True)._attn_implementation == decode_attention.IMPLEMENTATION
-    assert list(fast.generate(prompt, max_new_tokens=48)) == expected
+    assert list(fast.generate(prompt, max_new_tokens=48)) == expected  # the step compiles meanwhile
+    assert fast.wait_compiled(120) and fast.compile_error is None
+    served = {}
+    assert list(fast.generate(prompt, max_new_tokens=48, served=served)) == expected
+    assert served == {fastgen.COMPILED_STEP: 47}
     traced = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
     assert graphs and not any("scaled_dot_product_attention" in op for op in traced)
     assert any("flex_attention" in op for op in traced) == (kernel == "flex")

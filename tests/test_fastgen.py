@@ -1,7 +1,8 @@
-"""The fast decode path gives plain `generate()`'s greedy tokens, before and after fusing projections;
-sampling is seeded; stop ids stop."""
+"""The fast decode path gives plain `generate()`'s greedy tokens, before and after fusing projections,
+and before, while and after its step compiles in the background; sampling is seeded; stop ids stop."""
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 
 import merger.fastgen as fastgen
 from merger.assemble import assemble, parameter_bytes
-from merger.fastgen import FastGenerator, fuse_projections, sample
+from merger.fastgen import COMPILED_STEP, EAGER_STEP, FastGenerator, fuse_projections
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.sampling import SamplingState, sample
 
 from refs import ANY_PATH
 from tiny import tiny_model
@@ -119,6 +121,15 @@ def test_sample_keeps_to_the_top_k():
     assert drawn == {1, 2}
 
 
+def test_sampling_past_its_draws_wraps_instead_of_reading_out_of_range():
+    # on a GPU an out-of-range read is a device-side assert, fatal to every reply of the process
+    state = SamplingState(vocab=5, rows=2, device=torch.device("cpu"))
+    state.start(torch.tensor([[0]]), temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, penalty=1.0)
+    state.refill(torch.Generator().manual_seed(0))
+    for _ in range(5):  # more draws than the two rows hold, as a step that skipped its refill would take
+        assert 0 <= int(state.pick(torch.zeros(1, 5))) < 5
+
+
 def test_too_long_a_request_is_refused(tiny_fast):
     with pytest.raises(ValueError, match="max_seq_len"):
         next(tiny_fast.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=62))
@@ -145,7 +156,11 @@ def test_step_that_fails_to_compile_runs_eagerly(tiny_llama, monkeypatch):
         expected = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, 4:].tolist()
     fast = FastGenerator(model, max_seq_len=64, compile=True)
     assert list(fast.generate(ids, max_new_tokens=24)) == expected
+    assert fast.wait_compiled(60)
+    served = {}
+    assert list(fast.generate(ids, max_new_tokens=24, served=served)) == expected
     assert not fast.compiled and "no kernel for this architecture" in fast.compile_error
+    assert served == {EAGER_STEP: 23}
 
 
 def tiny_llama_of_depth(layers: int, seed: int = 0):
@@ -154,14 +169,18 @@ def tiny_llama_of_depth(layers: int, seed: int = 0):
 
 
 class CountingBackend:
-    """A torch.compile backend that runs the traced graph eagerly and counts graphs and calls."""
+    """A torch.compile backend that runs the traced graph eagerly and counts graphs and calls;
+    each compile waits for `release` (set by default)."""
 
     def __init__(self) -> None:
         self.graphs = 0
         self.calls = 0
         self.compiled: list[weakref.ref] = []
+        self.release = threading.Event()
+        self.release.set()
 
     def __call__(self, graph_module, example_inputs):
+        self.release.wait(60)
         self.graphs += 1
         backend = self
 
@@ -181,6 +200,14 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
+def compiled_generator(model, max_seq_len: int = 32) -> FastGenerator:
+    """A generator whose step has compiled (its first generation starts the compile)."""
+    fast = FastGenerator(model, max_seq_len=max_seq_len, compile=True)
+    list(fast.generate(torch.tensor([[1]]), max_new_tokens=2))
+    assert fast.wait_compiled(60) and fast.compile_error is None
+    return fast
+
+
 def test_every_model_structure_gets_a_compiled_step(monkeypatch):
     # dynamo stops compiling one code object after 8 entries: a ninth depth would run eagerly
     backend = CountingBackend()
@@ -189,9 +216,14 @@ def test_every_model_structure_gets_a_compiled_step(monkeypatch):
     for layers in range(1, 12):
         fast = FastGenerator(tiny_llama_of_depth(layers), max_seq_len=32, compile=True)
         assert not fast.reuses_compiled_step
+        list(fast.generate(ids, max_new_tokens=2))
+        assert fast.wait_compiled(60) and fast.compile_error is None
         calls = backend.calls
-        assert list(fast.generate(ids, max_new_tokens=6)) == greedy(fast.model, ids, 6)
-        assert backend.calls - calls == 5, f"{layers} layers: steps did not run compiled"
+        served = {}
+        assert list(fast.generate(ids, max_new_tokens=6, served=served)) == greedy(fast.model, ids, 6)
+        assert backend.calls - calls == 5 and served == {COMPILED_STEP: 5}, (
+            f"{layers} layers: steps did not run compiled"
+        )
         del fast
         gc.collect()
     assert backend.graphs == 11
@@ -201,14 +233,15 @@ def test_models_of_one_structure_share_a_compiled_step_with_their_own_weights(mo
     backend = CountingBackend()
     monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
-    first = FastGenerator(tiny_llama_of_depth(3, seed=1), max_seq_len=32, compile=True)
+    first = compiled_generator(tiny_llama_of_depth(3, seed=1))
     replies = [list(first.generate(ids, max_new_tokens=8))]
-    second = FastGenerator(tiny_llama_of_depth(3, seed=2), max_seq_len=32, compile=True)
+    second = compiled_generator(tiny_llama_of_depth(3, seed=2))
     replies.append(list(second.generate(ids, max_new_tokens=8)))
     replies.append(list(first.generate(ids, max_new_tokens=8)))  # both alive, in turn
     assert replies == [greedy(first.model, ids, 8), greedy(second.model, ids, 8), greedy(first.model, ids, 8)]
     assert replies[0] != replies[1] and backend.graphs == 1
     assert not first.reuses_compiled_step and second.reuses_compiled_step
+    assert first.serving == second.serving == COMPILED_STEP
 
 
 def test_merges_of_one_depth_repeating_other_layers_get_their_own_compiled_step(tiny_llama, monkeypatch):
@@ -219,6 +252,8 @@ def test_merges_of_one_depth_repeating_other_layers_get_their_own_compiled_step(
     for ranges in (((0, 4), (2, 6)), ((0, 5), (3, 6))):
         fast = FastGenerator(build(str(tiny_llama), *ranges), max_seq_len=32, compile=True)
         assert not fast.reuses_compiled_step
+        list(fast.generate(ids, max_new_tokens=2))
+        assert fast.wait_compiled(60) and fast.compile_error is None
         assert list(fast.generate(ids, max_new_tokens=6)) == greedy(fast.model, ids, 6)
     assert backend.graphs == 2
 
@@ -226,30 +261,43 @@ def test_merges_of_one_depth_repeating_other_layers_get_their_own_compiled_step(
 def test_compiled_step_is_freed_with_its_last_generator(monkeypatch):
     backend = CountingBackend()
     monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
-    fast = FastGenerator(tiny_llama_of_depth(2, seed=3), max_seq_len=32, compile=True)
-    list(fast.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4))
+    fast = compiled_generator(tiny_llama_of_depth(2, seed=3))
     assert backend.compiled and all(ref() is not None for ref in backend.compiled)
     del fast
     gc.collect()
     assert all(ref() is None for ref in backend.compiled)
 
 
-def test_compiling_for_counts_while_a_structure_first_compiles_and_only_then(monkeypatch):
-    # every request on the decode loop waits behind a compile: replies say so while it lasts
-    seen = []
-
-    def backend(graph_module, example_inputs):
-        seen.append(fastgen.compiling_for())  # called while the first step compiles
-        return graph_module.forward
-
+def test_a_compiling_step_blocks_no_reply_and_takes_over_at_the_next_token_once_ready(monkeypatch):
+    # the compile runs on its own thread: its model's reply and another model's go on meanwhile
+    backend = CountingBackend()
+    backend.release.clear()
     monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
-    first = FastGenerator(tiny_llama_of_depth(2, seed=4), max_seq_len=32, compile=True)
-    assert fastgen.compiling_for() is None
-    list(first.generate(ids, max_new_tokens=4))
-    assert len(seen) == 1 and seen[0] is not None and seen[0] >= 0
-    assert fastgen.compiling_for() is None
-    second = FastGenerator(tiny_llama_of_depth(2, seed=5), max_seq_len=32, compile=True)  # the same structure
-    seen.clear()
-    list(second.generate(ids, max_new_tokens=4))
-    assert second.reuses_compiled_step and seen == [] and fastgen.compiling_for() is None
+    fresh = FastGenerator(tiny_llama_of_depth(2, seed=6), max_seq_len=64, compile=True)
+    other = FastGenerator(tiny_llama_of_depth(2, seed=7), max_seq_len=64)  # not compiled: eager
+    expected = greedy(fresh.model, ids, 40)
+    served = {}
+    tokens = fresh.generate(ids, max_new_tokens=40, served=served)
+    got = [next(tokens) for _ in range(10)]
+    assert fresh.compiling_for() is not None and fresh.serving == EAGER_STEP  # waiting for `release`
+    assert list(other.generate(ids, max_new_tokens=12)) == greedy(other.model, ids, 12)
+    backend.release.set()
+    assert fresh.wait_compiled(60) and fresh.compiling_for() is None
+    got += list(tokens)
+    assert got == expected
+    assert served[EAGER_STEP] >= 9 and served[COMPILED_STEP] >= 1 and sum(served.values()) == 39
+    assert fresh.serving == COMPILED_STEP
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_compiled_step_samples_as_the_eager_step_does(monkeypatch, penalty):
+    # the same seed through the compiled step: its picks read the same draws and settings
+    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": CountingBackend()})
+    model = tiny_llama_of_depth(2, seed=8)
+    settings = dict(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=20, min_p=0.02, repetition_penalty=penalty)
+    eager = list(FastGenerator(model, max_seq_len=64).generate(torch.tensor([[1, 5, 9]]), seed=4, **settings))
+    served = {}
+    fast = compiled_generator(model, 64)
+    assert list(fast.generate(torch.tensor([[1, 5, 9]]), seed=4, served=served, **settings)) == eager
+    assert served == {COMPILED_STEP: 23}

@@ -12,13 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import merger.assemble
 from merger.__main__ import main
 from merger.assemble import assemble
 from merger.lens import (
     MERGE,
+    ResidualRecorder,
     TokenChunks,
     capture,
     duplication_drift,
+    duplication_perplexities,
     duplication_recipe,
     perplexity,
     point_labels,
@@ -258,7 +261,7 @@ def test_duplication_drift_equals_measured_scores_of_the_whole_assembled_merge(a
     ref = str(request.getfixturevalue(arch))
     L = make_plan(passthrough((ref, 0, 1)), ANY_PATH).models[ref].num_layers
     parent = build(ref, (0, L), dtype=dtype)
-    drift = duplication_drift(ref, parent, CHUNKS, blocks, batch_size=2, resolver=ANY_PATH)
+    drift = duplication_drift(parent, CHUNKS, blocks, batch_size=2)
     for a, b in blocks:  # the tail shortcut against the real merge, run in lockstep with the parent
         plan = make_plan(duplication_recipe(ref, L, a, b).model_copy(update={"dtype": dtype}), ANY_PATH)
         scores = score_seams(plan, CHUNKS, parents={ref: parent}, batch_size=2)
@@ -283,13 +286,78 @@ def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama
     )
     sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT, max_tokens=60)
     parent = build(ref, (0, 6), dtype=dtype)
-    drift = duplication_drift(ref, parent, sample, [(s.start, s.end) for s in result.ranked], resolver=ANY_PATH)
+    drift = duplication_drift(parent, sample, [(s.start, s.end) for s in result.ranked])
     assert [s.drift for s in result.ranked] == sorted(drift[(s.start, s.end)].output for s in result.ranked)
     held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     assert result.parent_perplexity == perplexity(parent, held)
     for s in result.confirmed:
         plan = make_plan(duplication_recipe(ref, 6, s.start, s.end).model_copy(update={"dtype": dtype}), ANY_PATH)
         assert s.perplexity == perplexity(assemble(plan), held)
+
+
+@pytest.fixture
+def file_opens(monkeypatch) -> list[str]:
+    """Every safetensors file assembly opens, from now on."""
+    opened = []
+    real = merger.assemble.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(merger.assemble, "safe_open", counting)
+    return opened
+
+
+@pytest.mark.parametrize("rank_by", ["drift", "predicted"])
+def test_suggestions_read_the_parent_once_and_build_every_candidate_from_its_tensors(tiny_llama, file_opens, rank_by):
+    ref = str(tiny_llama)
+    messages = []
+    progress = lambda f, m: messages.append((f, m))  # noqa: E731
+    result = suggest_duplications(
+        ref,
+        calibration=TEXT,
+        heldout=HELDOUT,
+        top_k=3,
+        max_size=3,
+        rank_by=rank_by,
+        resolver=ANY_PATH,
+        progress=progress,
+    )
+    assert len(file_opens) == 1  # the parent's one file; its 9 tails are its own layers, its 3 merges its tensors
+    held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
+    for s in result.confirmed:  # the same figure as the whole merge read from disk
+        plan = make_plan(duplication_recipe(ref, 6, s.start, s.end), ANY_PATH)
+        assert s.perplexity == perplexity(assemble(plan), held)
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m.startswith("perplexity of duplicating [") and " left" in m for _, m in messages)
+    if rank_by == "drift":
+        assert any(m.startswith("drift of duplicating blocks [") for _, m in messages)
+
+
+def test_duplication_perplexities_of_no_block_is_the_parents_alone(tiny_llama):
+    parent = build(str(tiny_llama), (0, 6))
+    held = tokenize(load_tokenizer(make_plan(passthrough((str(tiny_llama), 0, 6)), ANY_PATH)), HELDOUT)
+    assert duplication_perplexities(parent, held, []) == (perplexity(parent, held), {})
+
+
+def test_seam_scores_and_the_recurrence_sweep_read_each_parent_once(tiny_llama, file_opens):
+    ref = str(tiny_llama)
+    score_seams(make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH), CHUNKS)
+    assert len(file_opens) == 1  # the parent; the merge is built from its tensors
+    lens = capture(build(ref, (0, 6)), CHUNKS, name=ref)
+    file_opens.clear()
+    recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH)
+    assert len(file_opens) == 1
+
+
+def test_recorder_keeps_only_the_points_asked_for(tiny_llama):
+    model = build(str(tiny_llama), (0, 6))
+    ids = CHUNKS.chunks[0][None]
+    with torch.inference_mode(), ResidualRecorder(model) as every, ResidualRecorder(model, points=[5, 2, 6]) as some:
+        model.model(input_ids=ids, use_cache=False)
+        assert torch.equal(some.take(), every.take()[:, [5, 2, 6]])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from merger.cards import roleplay_prompt, stop_strings
-from merger.chat import GenerationSettings, ReplyStats, SideReply, format_prompt, stream_reply, stream_side_by_side
+from merger.chat import GenerationSettings, ReplyStats, format_prompt, stream_reply, stream_side_by_side
 from merger.errors import UserError
 from merger.params import count
 from merger.plan import Plan, make_plan
@@ -119,9 +119,12 @@ def built_status(built: Built) -> str:
     elif built.device.startswith("cuda") and (why := compile_unavailable()):
         status += f" Its decode step runs uncompiled ({why}): replies replay a CUDA graph instead."
     elif built.decoder.reuses_compiled_step:
-        status += " Its fast decode step was compiled for an earlier build of this shape: no wait."
+        status += " Its fast decode step was compiled for an earlier build of this shape: it serves at once."
     elif built.decoder.compiled:
-        status += " The fast decode step is compiling now; the first reply waits for it."
+        status += (
+            " Replies start now on the eager step in a CUDA graph; the fast decode step compiles meanwhile "
+            "(42-74 s for an 8B model on an H200) and takes over once ready."
+        )
     return status
 
 
@@ -206,20 +209,6 @@ def turns_of(history: list[dict[str, Any]] | None) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
 
 
-def gpu_wait_note() -> str:
-    """What a reply waits for before its first token, when the GPU's decode loop is compiling a
-    fresh build's step (every reply waits for that); "" when it is not."""
-    from merger.fastgen import compiling_for
-
-    seconds = compiling_for()
-    if seconds is None:
-        return ""
-    return (
-        f"Waiting for the GPU: it is compiling a fresh build's decode step ({seconds:.0f} s so far; "
-        "42-74 s for an 8B model on an H200). Replies start when it is done."
-    )
-
-
 def stream_turns(
     request: gr.Request | None,
     turns: list[dict[str, str]],
@@ -280,8 +269,8 @@ def reply_frames(
     prompting: dict[str, Any],
 ) -> Iterator[tuple[tuple[list[dict[str, Any]], str], tuple[list[dict[str, Any]], str]]]:
     """In a GPU call: the reply of the build under `key` as it streams, each frame (the conversation
-    with the reply so far and what shows under it, the same with the speed so far); first, if the
-    GPU is compiling, what the reply waits for. A mistake (too long for the window) is said."""
+    with the reply so far and what shows under it, the same with the speed so far); at the end, its
+    speed and the step that decoded it. A mistake (too long for the window) is said."""
     try:
         built = held_build(SESSIONS, key, version)
     except UserError as exc:
@@ -292,8 +281,6 @@ def reply_frames(
         conversation = [*shown, {"role": "assistant", "content": prefix + reply}]
         return (conversation, note), (conversation, speed_line(stats, settings))
 
-    if note := gpu_wait_note():
-        yield frame("", note)
     reply = ""
     try:
         with closing(stream_reply(built, turns, settings, None, stats, **prompting)) as pieces:
@@ -533,8 +520,7 @@ def compare_send(
     request: gr.Request,
 ):
     """The message, settings and seed sent to the merge and to the comparison model at once; both
-    replies stream next to each other, each under its own speed (first, if the GPU is compiling,
-    what they wait for)."""
+    replies stream next to each other, each under its own speed and the step that decoded it."""
     if not (message or "").strip():
         raise gr.Error("Type a message first.")
     held = tuple((slot(request, name), built_for(request, name).version) for name in (None, COMPARE))
@@ -569,9 +555,6 @@ def side_by_side_frames(
         shown_speeds = speeds if done else ["", ""]
         return (*chats, *shown_speeds), (*chats, *speeds)
 
-    if note := gpu_wait_note():
-        chats = frame([SideReply(), SideReply()], done=False)[0][:2]
-        yield (*chats, note, note), (*chats, note, note)
     replies = None
     with closing(stream_side_by_side(requests, settings)) as frames:
         for replies in frames:

@@ -71,20 +71,31 @@ def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], Non
     """The lens of model `ref` on `text` (None: the bundled calibration text), cached."""
     from merger.lens import CALIBRATION_TEXT, capture, chunks_for, load_model
 
-    key = (ref, _text_key(text))
-    with _lenses_lock:
-        if key in _lenses:
-            _lenses.move_to_end(key)
-            return _lenses[key]
+    lens = cached_lens(ref, text)
+    if lens is not None:
+        return lens
     built = load_model(ref, resolver=model_info)
     chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
     lens = capture(built.model, chunks, name=ref, progress=progress)
     del built
+    keep_lens(ref, text, lens)
+    return lens
+
+
+def cached_lens(ref: str, text: str | None) -> Any:
+    """`parent_lens`'s result if it is cached, else None."""
+    key = (ref, _text_key(text))
     with _lenses_lock:
-        _lenses[key] = lens
+        if key in _lenses:
+            _lenses.move_to_end(key)
+        return _lenses.get(key)
+
+
+def keep_lens(ref: str, text: str | None, lens: Any) -> None:
+    with _lenses_lock:
+        _lenses[(ref, _text_key(text))] = lens
         while len(_lenses) > CACHED_LENSES:
             _lenses.popitem(last=False)
-    return lens
 
 
 def _text_and_lens(ref: str | None, text: str, progress: gr.Progress, share: float) -> tuple[str | None, Any]:
@@ -189,16 +200,19 @@ def suggest_blocks(
     from merger.lens import suggest_duplications
     from merger.plots import suggestions_figure
 
-    user_text, lens = _text_and_lens(ref, text, progress, 0.2)
-    found = suggest_duplications(
+    if not ref:
+        raise gr.Error("Add a model to the stack first.")
+    user_text = _user_text(text)
+    found = suggest_duplications(  # its one load of the parent also makes the lens, unless cached
         ref,
         resolver=model_info,
         calibration=user_text,
-        lens=lens,
+        lens=cached_lens(ref, user_text),
         rank_by=RANKINGS.get(ranking, "drift"),
         max_tokens=LENS_TOKENS.value,
-        progress=_progress(progress, 0.2, 0.8),
+        progress=_progress(progress),
     )
+    keep_lens(ref, user_text, found.lens)
     rows = "\n".join(
         f"| {s.label} | {s.size} | {s.predicted:.4f} | {'' if s.drift is None else f'{s.drift:.4f}'} "
         f"| {s.perplexity:.2f} | {found.num_layers + s.size} |"
