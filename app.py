@@ -104,6 +104,8 @@ def preview_markdown(counts: dict[str, Any]) -> str:
     parents = ", ".join(f"{md(ref.removeprefix('bundled:'))} {n:,}" for ref, n in counts["parent_params"].items())
     seams = len(counts["seams"])
     blended = f", {human_bytes(counts['blend_bytes'])} of it blended or scaled tensors" if counts["blend_bytes"] else ""
+    if counts.get("lora_bytes"):
+        blended += f", {human_bytes(counts['lora_bytes'])} of it tensors with a LoRA merged in"
     return (
         f"### {counts['total_params']:,} parameters ({human_params(counts['total_params'])})\n"
         f"**{counts['num_layers']} layers** · {counts['dtype']} · export size {human_bytes(counts['bytes'])} · "

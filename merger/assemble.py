@@ -60,21 +60,24 @@ def load_parent_tensors(
     """Every parent tensor the plan passes through, on `device`, or with a split placement on each
     device that holds it (accelerate's `disk` offload takes it from the CPU)."""
     models = {ref: download_weights(info) for ref, info in plan.models.items()}
-    wanted = sorted({(src.model, src.name) for src in plan.tensors.values() if isinstance(src, TensorSource)})
+    sources = {(src.model, src.name): src for src in plan.tensors.values() if isinstance(src, TensorSource)}
+    wanted = sorted(sources)
     loaded: dict[tuple[str, str, str], torch.Tensor] = {}
     by_file: dict[str, list[tuple[str, str]]] = {}
     for ref, name in wanted:
         by_file.setdefault(models[ref].tensors[name].file, []).append((ref, name))
     done = 0
-    for file, keys in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for ref, name in keys:
-                tensor = f.get_tensor(name)
-                for target in _holders(placement, (ref, name), device):
-                    loaded[(ref, name, target)] = tensor.to(device=storage_device(target), dtype=dtype)
-                done += 1
-                if progress and done % 16 == 0:
-                    progress(done / len(wanted), f"loading {ref}")
+    with ParentReader(models) as reader:  # for the tensors a LoRA adapter changes
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for ref, name in keys:
+                    src = sources[(ref, name)]
+                    tensor = f.get_tensor(name) if src.delta is None else reader.read(src, device="cpu", dtype=dtype)
+                    for target in _holders(placement, (ref, name), device):
+                        loaded[(ref, name, target)] = tensor.to(device=storage_device(target), dtype=dtype)
+                    done += 1
+                    if progress and done % 16 == 0:
+                        progress(done / len(wanted), f"loading {ref}")
     return LoadedTensors(loaded, models)
 
 

@@ -8,9 +8,11 @@ import os
 
 import torch
 
+from merger import lora
 from merger.catalog import ModelInfo
 from merger.methods import blend
 from merger.plan import Blend, TensorSource
+from merger.safetensors_files import TORCH_NAMES, TensorMeta
 
 ST_TO_TORCH = {
     "F64": torch.float64,
@@ -44,7 +46,17 @@ class ParentReader:
         self._fds.clear()
 
     def read(self, src: TensorSource, *, device: str, dtype: torch.dtype) -> torch.Tensor:
-        meta = self._models[src.model].tensors[src.name]
+        """One parent tensor in `dtype` on `device`; a tensor a LoRA adapter changes is merged with
+        it first (merger.lora), in the parent's own dtype on the CPU, as mergekit merges it."""
+        model = self._models[src.model]
+        if src.delta is None:
+            return self._read(model.tensors[src.name]).to(device=device, dtype=dtype)
+        weight = self._read(model.tensors[src.name]).to(ST_TO_TORCH[TORCH_NAMES[model.declared_dtype]])
+        a, b = (self._read(model.adapter.tensors[name]) for name in (src.delta.a, src.delta.b))
+        return lora.merged(weight, a, b, src.delta).to(device=device, dtype=dtype)
+
+    def _read(self, meta: TensorMeta) -> torch.Tensor:
+        """A stored tensor as it is stored, on the CPU."""
         fd = self._fds.get(meta.file)
         if fd is None:
             fd = self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
@@ -57,9 +69,8 @@ class ParentReader:
                 raise OSError(f"{meta.file} ended early")
             pos += n
         if not raw:
-            return torch.empty(meta.shape, dtype=dtype, device=device)
-        tensor = torch.frombuffer(raw, dtype=ST_TO_TORCH[meta.dtype]).reshape(meta.shape)
-        return tensor.to(device=device, dtype=dtype)
+            return torch.empty(meta.shape, dtype=ST_TO_TORCH[meta.dtype])
+        return torch.frombuffer(raw, dtype=ST_TO_TORCH[meta.dtype]).reshape(meta.shape)
 
 
 def compute_blend(

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from merger import lora
 from merger.errors import ModelRefError
 
 CACHE_ENV = "FRANKENMERGE_CACHE"
@@ -50,9 +51,10 @@ def model_of(ref: str) -> BundledModel | None:
 
 
 def public_ref(ref: str) -> str:
-    """A reference as mergekit and the Hub can resolve it: a bundled model's Hub id, any other as it is."""
-    model = model_of(ref)
-    return model.hub_id if model else ref
+    """A reference as mergekit and the Hub can resolve it: a bundled model's Hub id, any other as it
+    is (each half of a `model+lora` reference)."""
+    halves = [model.hub_id if (model := model_of(half)) else half for half in ref.split(lora.SEPARATOR)]
+    return lora.SEPARATOR.join(halves)
 
 
 def cache_root() -> Path:

@@ -8,6 +8,7 @@ default: the CLI's admits any path, the web app's only folders under operator-se
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -16,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merger import bundled
+from merger import bundled, lora
 from merger.errors import ModelRefError, UnsafeCheckpointError
 from merger.limits import LAYERS
-from merger.safetensors_files import CheckpointError, TensorMeta, read_header
+from merger.safetensors_files import TORCH_NAMES, CheckpointError, TensorMeta, read_header
 from merger.untrusted_json import json_object
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -33,6 +34,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "generation_config.json",
 )
+ST_TO_DTYPE = {code: name for name, code in TORCH_NAMES.items()}
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 LOCAL_ROOTS_ENV = "FRANKENMERGE_LOCAL_DIRS"
 
@@ -67,6 +69,7 @@ class ModelInfo:
     commit: str | None = None
     license: str | None = None
     tokenizer_dir: Path | None = None
+    adapter: lora.Adapter | None = None  # a `model+lora` reference's adapter, merged in when tensors are read
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,6 +93,19 @@ class ModelInfo:
         if flag is None:
             return "lm_head.weight" not in self.tensors
         return bool(flag)
+
+    @property
+    def declared_dtype(self) -> str:
+        """The dtype the model is loaded in by default: its config's, else its first stored float type."""
+        declared = self.config.get("dtype") or self.config.get("torch_dtype")
+        if declared in TORCH_NAMES:
+            return declared
+        codes = {m.dtype for m in self.tensors.values()}
+        return next((ST_TO_DTYPE[code] for code in ("BF16", "F16", "F32") if code in codes), "float32")
+
+    def delta_for(self, name: str) -> lora.LoraDelta | None:
+        """What the reference's adapter adds to tensor `name` (None: the tensor as stored)."""
+        return self.adapter.deltas.get(name) if self.adapter else None
 
     @property
     def label(self) -> str:
@@ -126,32 +142,67 @@ def resolver_for(policy: LocalPolicy) -> Resolver:
 
 
 def resolve(ref: str, policy: LocalPolicy) -> ModelInfo:
-    """Metadata for one model reference; raises ModelRefError in the user's words."""
+    """Metadata for one model reference (`model+lora` included: both halves under `policy`);
+    raises ModelRefError in the user's words."""
     ref = ref.strip()
+    model_ref, adapter_ref = lora.split_ref(ref)
+    if adapter_ref is None:
+        return _resolve_model(ref, policy)
+    base = _resolve_model(model_ref, policy)
+    adapter = _resolve_adapter(adapter_ref, policy)
+    lora.check_fits(adapter, model_ref, base.tensors, tied=base.tied)
+    return dataclasses.replace(base, ref=ref, adapter=adapter)
+
+
+def _resolve_model(ref: str, policy: LocalPolicy) -> ModelInfo:
     if ref.startswith("bundled:"):
         name = ref.removeprefix("bundled:")
         if name not in bundled.MODELS:
             known = ", ".join(f"bundled:{n}" for n in bundled.MODELS)
             raise ModelRefError(f"unknown model '{ref}': the bundled models are {known}")
         return read_local(bundled.ensure(name), ref=ref)
-    if policy.allow_any_path:
-        if is_local_ref(ref):
-            path = Path(ref).expanduser()
-            if not _is_dir(path, ref):
-                raise ModelRefError(f"unknown model '{ref}': no such folder")
-            return read_local(path, ref=ref)
-    else:
-        found = allowed_folder(ref, policy)
-        if found is not None:
-            root, local = found
-            return read_local(local, ref=ref, root=root)
+    found = local_folder(ref, policy)
+    if found is not None:
+        folder, root = found
+        return read_local(folder, ref=ref, root=root)
+    _check_hub_id(ref)
+    from merger import hub  # imported lazily: only Hub references need huggingface_hub
+
+    return hub.read_hub(ref)
+
+
+def _resolve_adapter(ref: str, policy: LocalPolicy) -> lora.Adapter:
+    if ref.startswith("bundled:"):
+        raise ModelRefError(f"'{ref}' is a model, not a LoRA adapter; write MODEL+LORA")
+    found = local_folder(ref, policy)
+    if found is not None:
+        folder, root = found
+        return read_local_adapter(folder, ref=ref, root=root)
+    _check_hub_id(ref)
+    from merger import hub
+
+    return hub.read_hub_adapter(ref)
+
+
+def _check_hub_id(ref: str) -> None:
     if not HUB_ID_RE.match(ref):
         raise ModelRefError(
             f"unknown model '{ref}': expected bundled:NAME, a local folder, or a Hub id like owner/name"
         )
-    from merger import hub  # imported lazily: only Hub references need huggingface_hub
 
-    return hub.read_hub(ref)
+
+def local_folder(ref: str, policy: LocalPolicy) -> tuple[Path, Path | None] | None:
+    """The local folder `ref` names under `policy` and the allowed root it lies in (None: any path
+    allowed), or None when it names no local folder (then it is a Hub id)."""
+    if policy.allow_any_path:
+        if not is_local_ref(ref):
+            return None
+        path = Path(ref).expanduser()
+        if not _is_dir(path, ref):
+            raise ModelRefError(f"unknown model '{ref}': no such folder")
+        return path, None
+    found = allowed_folder(ref, policy)
+    return None if found is None else (found[1], found[0])
 
 
 def allowed_folder(ref: str, policy: LocalPolicy) -> tuple[Path, Path] | None:
@@ -233,6 +284,39 @@ def read_local(path: Path, *, ref: str, root: Path | None = None) -> ModelInfo:
     info = ModelInfo(ref=ref, config=config, tensors=tensors, local_dir=path, tokenizer_dir=path)
     check_supported(info)
     return info
+
+
+def read_local_adapter(path: Path, *, ref: str, root: Path | None = None) -> lora.Adapter:
+    """A local LoRA adapter folder's metadata (adapter_config.json, adapter_model.safetensors);
+    with `root`, every file in it must resolve inside that root."""
+    if root is not None:
+        check_files_inside(path, root, ref)
+    weights = path / lora.WEIGHTS_FILE
+    if not weights.is_file():
+        refuse_missing_adapter_weights(ref, [p.name for p in path.iterdir()])
+    config = read_adapter_config(path / lora.CONFIG_FILE, ref)
+    try:
+        tensors = read_header(weights)[0]
+    except CheckpointError as exc:
+        raise CheckpointError(f"'{ref}': {exc}") from None
+    return lora.parse_adapter(ref, config, tensors, local_dir=path)
+
+
+def refuse_missing_adapter_weights(ref: str, files: list[str]) -> None:
+    """An adapter without adapter_model.safetensors: pickled weights are never opened."""
+    pickled = sorted(name for name in files if name in lora.PICKLED_WEIGHTS)
+    if pickled:
+        raise UnsafeCheckpointError(
+            f"adapter '{ref}' only has pickled weights ({', '.join(pickled)}); they can run code when loaded, "
+            "so we never open them. Save the adapter as safetensors first"
+        )
+    raise ModelRefError(f"'{ref}' has no {lora.WEIGHTS_FILE}, so it is not a PEFT LoRA adapter")
+
+
+def read_adapter_config(path: Path, ref: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelRefError(f"'{ref}' has no {lora.CONFIG_FILE}, so it is not a PEFT LoRA adapter")
+    return json_object(lambda: path.read_bytes(), f"the {lora.CONFIG_FILE} of '{ref}'", ModelRefError)
 
 
 def read_config(path: Path, ref: str) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def export_plan(
 
 
 def _on_disk(info: ModelInfo) -> ModelInfo:
-    if info.local_dir is not None:
+    if info.local_dir is not None and (info.adapter is None or info.adapter.local_dir is not None):
         return info  # local parents skip importing the Hub client (a fifth of a small build's time)
     from merger.hub import download_weights
 
@@ -164,7 +164,7 @@ def _write_shard(
         write_all(fd, head)
         for name in tensor_names:
             src = plan.tensors[name]
-            if isinstance(src, Blend):
+            if isinstance(src, Blend) or src.delta is not None:
                 write_all(fd, blender.bytes_of(src))
             else:
                 stored = models[src.model].tensors[src.name]
@@ -272,8 +272,9 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 class _Blender:
-    """Computes a plan's blended tensors for the writer; opens parent files (and imports torch)
-    only when the plan has blends, so a passthrough export stays a byte copy."""
+    """Computes a plan's blended tensors (and the tensors a LoRA adapter changes) for the writer;
+    opens parent files (and imports torch) only when the plan has some, so a passthrough export
+    stays a byte copy."""
 
     def __init__(self, plan: Plan, models: dict, device: str) -> None:
         self._plan, self._models, self._device = plan, models, device
@@ -286,7 +287,7 @@ class _Blender:
         if self._reader is not None:
             self._reader.__exit__(*exc)
 
-    def bytes_of(self, item: Blend) -> bytes:
+    def bytes_of(self, item: Blend | TensorSource) -> bytes:
         import torch
 
         from merger.blend_tensors import ParentReader, compute_blend
@@ -294,6 +295,8 @@ class _Blender:
         if self._reader is None:
             self._reader = ParentReader(self._models)
         dtype = getattr(torch, self._plan.dtype)
+        if isinstance(item, TensorSource):
+            return tensor_bytes(self._reader.read(item, device=self._device, dtype=dtype))
         return tensor_bytes(compute_blend(item, self._reader, device=self._device, dtype=dtype))
 
 
@@ -339,6 +342,7 @@ def model_card(plan: Plan) -> str:
     counts = count(plan)
     # the Hub's base_model names Hub repos: bundled models by their Hub ids, local folders not at all
     bases = [m.hub_id if (m := bundled.model_of(ref)) else info.repo_id for ref, info in plan.models.items()]
+    bases += [info.adapter.repo_id for info in plan.models.values() if info.adapter]
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergekit", "- frankenmerge"]
     if any(bases):
         front += ["base_model:", *(f"- {repo}" for repo in dict.fromkeys(bases) if repo)]

@@ -10,6 +10,7 @@ does not answer (a connection error, or nothing within FRANKENMERGE_HUB_TIMEOUT_
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterator
@@ -28,7 +29,16 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from merger.catalog import PICKLE_SUFFIXES, TOKENIZER_FILES, ModelInfo, check_supported, read_config
+from merger import lora
+from merger.catalog import (
+    PICKLE_SUFFIXES,
+    TOKENIZER_FILES,
+    ModelInfo,
+    check_supported,
+    read_adapter_config,
+    read_config,
+    refuse_missing_adapter_weights,
+)
 from merger.errors import HubUnavailableError, ModelRefError, UnsafeCheckpointError, UserError
 from merger.safetensors_files import TensorMeta, read_header, tensor_meta
 from merger.space import on_space
@@ -73,12 +83,13 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-def read_hub(ref: str) -> ModelInfo:
+@contextmanager
+def hub_refusals(ref: str) -> Iterator[None]:
+    """The Hub's refusals to read `ref` (missing, gated, no such revision) as one sentence each."""
     repo_id, revision = split_ref(ref)
-    token = current_token()
     try:
         with hub_answers():
-            info, paths, st_meta = _read_metadata(ref, repo_id, revision, token)
+            yield
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         gated = isinstance(exc, GatedRepoError)
         why = "is gated: accept its licence on the Hub and sign in" if gated else "was not found on the Hub"
@@ -87,6 +98,13 @@ def read_hub(ref: str) -> ModelInfo:
         raise ModelRefError(f"'{repo_id}' has no revision '{revision}'") from None
     except (EntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise ModelRefError(f"could not read '{ref}' from the Hub: {type(exc).__name__}") from None
+
+
+def read_hub(ref: str) -> ModelInfo:
+    repo_id, revision = split_ref(ref)
+    token = current_token()
+    with hub_refusals(ref):
+        info, paths, st_meta = _read_metadata(ref, repo_id, revision, token)
     tensors = {
         name: tensor_meta(name, t.dtype, t.shape, ref)
         for file_meta in st_meta.files_metadata.values()
@@ -131,9 +149,57 @@ def _read_metadata(ref: str, repo_id: str, revision: str | None, token: str | bo
     return info, paths, st_meta
 
 
+def read_hub_adapter(ref: str) -> lora.Adapter:
+    """A LoRA adapter repo's metadata: its adapter_config.json and its safetensors header (read by
+    range requests, as a model's are); the weights download only on build."""
+    repo_id, revision = split_ref(ref)
+    token = current_token()
+    with hub_refusals(ref):
+        api = HfApi()
+        info = api.model_info(repo_id, revision=revision, files_metadata=True, token=token, timeout=HUB_TIMEOUT_SECONDS)
+        names = [s.rfilename for s in info.siblings or []]
+        if lora.WEIGHTS_FILE not in names:
+            refuse_missing_adapter_weights(ref, names)
+        if lora.CONFIG_FILE not in names:
+            raise ModelRefError(f"'{ref}' has no {lora.CONFIG_FILE}, so it is not a PEFT LoRA adapter")
+        commit = info.sha or revision
+        config_path = hf_hub_download(
+            repo_id, lora.CONFIG_FILE, revision=commit, token=token, etag_timeout=HUB_TIMEOUT_SECONDS
+        )
+        header = api.parse_safetensors_file_metadata(
+            repo_id, lora.WEIGHTS_FILE, revision=commit, token=token, timeout=HUB_TIMEOUT_SECONDS
+        )
+    tensors = {name: tensor_meta(name, t.dtype, t.shape, ref) for name, t in header.tensors.items()}
+    config = read_adapter_config(Path(config_path), ref)
+    return lora.parse_adapter(ref, config, tensors, repo_id=repo_id, commit=commit)
+
+
+def download_adapter(adapter: lora.Adapter) -> lora.Adapter:
+    """The same adapter with its weights on disk (and byte offsets known)."""
+    if adapter.local_dir is not None:
+        return adapter
+    with hub_refusals(adapter.ref):
+        path = Path(
+            hf_hub_download(
+                adapter.repo_id,
+                lora.WEIGHTS_FILE,
+                revision=adapter.commit,
+                token=current_token(),
+                etag_timeout=HUB_TIMEOUT_SECONDS,
+            )
+        )
+    tensors = read_header(path)[0]
+    if {n: m.shape for n, m in tensors.items()} != {n: m.shape for n, m in adapter.tensors.items()}:
+        raise ModelRefError(f"adapter '{adapter.ref}' changed on the Hub while it was read; try again")
+    return dataclasses.replace(adapter, tensors=tensors, local_dir=path.parent)
+
+
 def download_weights(model: ModelInfo) -> ModelInfo:
-    """The same model with its safetensors on disk (and byte offsets known); the Hub cache is then
-    kept within the disk budget (`merger.disk`), least recently used models evicted first."""
+    """The same model (and its adapter) with its safetensors on disk (and byte offsets known); the
+    Hub cache is then kept within the disk budget (`merger.disk`), least recently used models
+    evicted first."""
+    if model.adapter is not None and model.adapter.local_dir is None:
+        model = dataclasses.replace(model, adapter=download_adapter(model.adapter))
     if model.local_dir is not None:
         return model
     from merger import disk

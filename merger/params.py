@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from merger.plan import Blend, Plan
+from merger.plan import Blend, Plan, TensorSource
 
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -20,6 +20,7 @@ class Counts:
     memory_bytes: int  # parameter memory of the in-memory build at `dtype`
     blend_bytes: int  # the part of memory_bytes that blended or scaled tensors take (computed, not shared)
     parent_params: dict[str, int]
+    lora_bytes: int = 0  # the part of memory_bytes that tensors with a LoRA adapter merged in take
 
     @property
     def shared_params(self) -> int:
@@ -42,6 +43,11 @@ def count(plan: Plan) -> Counts:
     per_param = BYTES_PER_PARAM[plan.dtype]
     total = sum(src.meta.numel for src in plan.tensors.values())
     unique = dict(tensor_storage(plan).values())
+    adapted = {  # distinct parent tensors a LoRA adapter changes (those inside blends are blend_bytes)
+        (src.model, src.name): src.meta.numel
+        for src in plan.tensors.values()
+        if isinstance(src, TensorSource) and src.delta is not None
+    }
     parents = {
         ref: sum(m.numel for n, m in info.tensors.items() if not (info.tied and n.startswith("lm_head.")))
         for ref, info in plan.models.items()
@@ -54,7 +60,9 @@ def count(plan: Plan) -> Counts:
         memory_bytes=sum(unique.values()) * per_param,
         blend_bytes=sum(b.meta.numel for b in plan.blends) * per_param,
         parent_params=parents,
+        lora_bytes=sum(adapted.values()) * per_param,
     )
+
 
 
 def human_bytes(n: float) -> str:

@@ -12,14 +12,14 @@ from typing import Any
 
 from merger.catalog import ModelInfo, Resolver
 from merger.errors import RecipeError
+from merger.lora import LoraDelta
 from merger.method_specs import METHODS, PASSTHROUGH
-from merger.recipe import DTYPES, Recipe, Slice, resolve_parameter
-from merger.safetensors_files import TORCH_NAMES, TensorMeta
+from merger.recipe import Recipe, Slice, resolve_parameter
+from merger.safetensors_files import TensorMeta
 from merger.vocabulary import shipped_tokenizer
 
 # Config keys that describe the parent checkpoint rather than the merged model.
 DROPPED_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version")
-ST_TO_DTYPE = {code: name for name, code in TORCH_NAMES.items()}
 PRE_LAYER_PREFIXES = ("model.embed_tokens.",)
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # vocabulary along axis 0
 
@@ -29,6 +29,7 @@ class TensorSource:
     model: str  # model reference
     name: str  # tensor name inside that model
     meta: TensorMeta
+    delta: LoraDelta | None = None  # the reference's LoRA adapter changes this tensor (merger.lora)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:
         if name in tensors
         for src in (tensors[name].sources if isinstance(tensors[name], Blend) else (tensors[name],))
     ]
-    dtype = recipe.dtype or _parent_dtype(primary)
+    dtype = recipe.dtype or primary.declared_dtype
     return Plan(
         recipe=recipe,
         models=models,
@@ -154,7 +155,10 @@ class _Blender:
 
     def origin(self, s: Slice, input_names: list[str], out_name: str, *, t: float) -> Origin:
         pairs = zip(s.sources, input_names, strict=True)
-        sources = tuple(TensorSource(src.model, name, self._meta(src.model, name)) for src, name in pairs)
+        sources = tuple(
+            TensorSource(src.model, name, self._meta(src.model, name), self.models[src.model].delta_for(name))
+            for src, name in pairs
+        )
         if self.spec.name == PASSTHROUGH:
             return self._scaled(s, sources[0], t)
         if not s.blended:
@@ -239,17 +243,6 @@ def _check_same_shape(out_name: str, sources: tuple[TensorSource, ...]) -> None:
             f"cannot blend {out_name}: {first.model}'s {first.name} has shape {list(first.meta.shape)} but "
             f"{other.model}'s {other.name} has {list(other.meta.shape)}"
         )
-
-
-def _parent_dtype(model: ModelInfo) -> str:
-    declared = model.config.get("dtype") or model.config.get("torch_dtype")
-    if declared in DTYPES:
-        return declared
-    codes = {m.dtype for m in model.tensors.values()}
-    for code in ("BF16", "F16", "F32"):
-        if code in codes:
-            return ST_TO_DTYPE[code]
-    return "float32"
 
 
 def _check_stackable(slices: tuple[Slice, ...], models: dict[str, ModelInfo], primary: ModelInfo) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.catalog import PICKLE_SUFFIXES, ModelInfo, Resolver
+from merger.errors import ModelRefError
 from merger.export import ByteCopier, atomic_folder, encode_header, reserve_space, write_all
 from merger.safetensors_files import TensorMeta, read_header
 
@@ -97,6 +98,8 @@ def slim_model(ref: str, out_dir: Path, *, resolver: Resolver) -> SlimResult:
     """Write `ref` without its redundant tensors to `out_dir`; write nothing if none are."""
     start = time.perf_counter()
     info = resolver(ref)
+    if info.adapter is not None:
+        raise ModelRefError(f"'{ref}' names a LoRA adapter; slim copies a model's files: give the model alone")
     if _metadata_verdict(info) is None and info.local_dir is None:
         from merger.hub import download_weights
 
