@@ -51,7 +51,8 @@ class ParentReader:
         model = self._models[src.model]
         if src.delta is None:
             return self._read(model.tensors[src.name]).to(device=device, dtype=dtype)
-        weight = self._read(model.tensors[src.name]).to(ST_TO_TORCH[TORCH_NAMES[model.declared_dtype]])
+        stored = model.adapter.tensors[src.delta.saved_layer] if src.delta.saved_layer else model.tensors[src.name]
+        weight = self._read(stored).to(ST_TO_TORCH[TORCH_NAMES[model.declared_dtype]])
         a, b = (self._read(model.adapter.tensors[name]) for name in (src.delta.a, src.delta.b))
         return lora.merged(weight, a, b, src.delta).to(device=device, dtype=dtype)
 

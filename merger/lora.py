@@ -34,8 +34,16 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
 KEY_PREFIX = "base_model.model."  # PEFT's prefix on every saved key
-LINEAR_KEYS = (".lora_A.weight", ".lora_B.weight")
-EMBEDDING_KEYS = (".lora_embedding_A", ".lora_embedding_B")
+# saved key suffix -> which tensor. PEFT saves the whole layer beside an adapter on embeddings
+# (save_embedding_layers, `.base_layer.weight`); loading the adapter loads it into the model, so the
+# delta is added to it rather than to the base's tensor
+KEY_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_embedding_A": "embedding_A",
+    ".lora_embedding_B": "embedding_B",
+    ".base_layer.weight": "layer",
+}
 LAYER_INDEX_RE = re.compile(r"\.layers\.(\d+)\.")
 # config fields whose non-empty value changes what merging does in ways merged here never are
 UNSUPPORTED_FEATURES = {
@@ -73,6 +81,7 @@ class LoraDelta:
     b: str
     scaling: float
     embedding: bool  # lora_embedding_A/B: the product is transposed and rounded before the add
+    saved_layer: str | None = None  # the adapter's own copy of the base tensor, which replaces it
 
 
 @dataclass
@@ -101,6 +110,7 @@ def parse_adapter(ref: str, config: dict[str, Any], tensors: dict[str, TensorMet
     deltas = {}
     for module, keys in pairs.items():
         kind = ("embedding_A", "embedding_B") if module in embedding else ("A", "B")
+        saved_layer = keys.pop("layer", None)
         if set(keys) != set(kind):
             raise ModelRefError(f"adapter '{ref}' does not hold both LoRA matrices of {module}")
         settings.check_targeted(module)
@@ -112,7 +122,11 @@ def parse_adapter(ref: str, config: dict[str, Any], tensors: dict[str, TensorMet
                 f"not the rank {rank} its adapter_config.json gives"
             )
         deltas[f"{module}.weight"] = LoraDelta(
-            a=keys[kind[0]], b=keys[kind[1]], scaling=settings.scaling(module), embedding=module in embedding
+            a=keys[kind[0]],
+            b=keys[kind[1]],
+            scaling=settings.scaling(module),
+            embedding=module in embedding,
+            saved_layer=saved_layer,
         )
     if not deltas:
         raise ModelRefError(f"adapter '{ref}' holds no LoRA matrices")
@@ -127,7 +141,8 @@ def check_fits(adapter: Adapter, model_ref: str, base: dict[str, TensorMeta], *,
         meta = base.get(name)
         if meta is None:
             raise ModelRefError(f"adapter '{adapter.ref}' changes {name}, which '{model_ref}' does not have")
-        if meta.shape != product:
+        saved = adapter.tensors[delta.saved_layer].shape if delta.saved_layer else meta.shape
+        if meta.shape != product or saved != meta.shape:
             raise ModelRefError(
                 f"adapter '{adapter.ref}' changes {name} by a {list(product)} product, but '{model_ref}' has it "
                 f"with shape {list(meta.shape)}: the adapter was trained on another model"
@@ -152,10 +167,9 @@ def merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, delta: LoraDe
 
 def _module_of(ref: str, key: str) -> tuple[str, str]:
     """(module path in the base model, which matrix) of one adapter file key."""
-    for suffixes, parts in ((LINEAR_KEYS, ("A", "B")), (EMBEDDING_KEYS, ("embedding_A", "embedding_B"))):
-        for suffix, part in zip(suffixes, parts, strict=True):
-            if key.startswith(KEY_PREFIX) and key.endswith(suffix) and len(key) > len(KEY_PREFIX) + len(suffix):
-                return key[len(KEY_PREFIX) : -len(suffix)], part
+    for suffix, part in KEY_SUFFIXES.items():
+        if key.startswith(KEY_PREFIX) and key.endswith(suffix) and len(key) > len(KEY_PREFIX) + len(suffix):
+            return key[len(KEY_PREFIX) : -len(suffix)], part
     shown = key if len(key) <= 120 else key[:120] + "..."
     raise ModelRefError(f"adapter '{ref}' holds {shown}, which is not a LoRA matrix of a PEFT adapter")
 

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hubserver import start_session_hub
-from tiny import make_finetune, make_tiny
+from tiny import make_finetune, make_lora, make_tiny, with_dtype
 
 # huggingface_hub reads HF_ENDPOINT and friends once, at import: start the fake Hub first.
 HUB = start_session_hub()
@@ -53,6 +53,36 @@ def tiny_llama_ft1(tiny_llama, tmp_path_factory) -> Path:
 def tiny_llama_ft2(tiny_llama, tmp_path_factory) -> Path:
     """A second, different fine-tune of tiny_llama."""
     return make_finetune(tiny_llama, tmp_path_factory.mktemp("models") / "tiny-llama-ft2", seed=12, scale=0.03)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_lora(tiny_llama, tmp_path_factory) -> Path:
+    """A PEFT LoRA adapter for tiny_llama on q_proj, v_proj and down_proj (rank 4, alpha 8)."""
+    path = tmp_path_factory.mktemp("adapters") / "tiny-llama-lora"
+    return make_lora(tiny_llama, path, seed=21, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bf16(tiny_llama, tmp_path_factory) -> Path:
+    return with_dtype(tiny_llama, tmp_path_factory.mktemp("models") / "tiny-llama-bf16", "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bf16_lora(tiny_llama_bf16, tmp_path_factory) -> Path:
+    """An adapter of every kind of scaling for the bf16 parent: rsLoRA, a module of another rank
+    and another alpha, and the (tied) embeddings, saved with PEFT's copy of the embedding layer."""
+    return make_lora(
+        tiny_llama_bf16,
+        tmp_path_factory.mktemp("adapters") / "tiny-llama-bf16-lora",
+        seed=22,
+        dtype="bfloat16",
+        r=4,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "o_proj", "gate_proj", "embed_tokens"],
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"gate_proj": 4},
+    )
 
 
 @pytest.fixture(scope="session")

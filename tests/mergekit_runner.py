@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 # Runs every job in one process: {out_dir: mergekit config} on stdin, {out_dir: error or null}
-# written to argv[1] (mergekit logs on stdout/stderr).
+# written to argv[1] (mergekit logs on stdout/stderr); LoRA references are merged into argv[2].
 MERGEKIT_DRIVER = """
 import json, sys
 from mergekit.config import MergeConfiguration
@@ -21,7 +21,8 @@ from mergekit.merge import MergeOptions, run_merge
 results = {}
 for out, config in json.load(sys.stdin).items():
     try:
-        run_merge(MergeConfiguration.model_validate(config), out, MergeOptions(copy_tokenizer=True, quiet=True))
+        options = MergeOptions(copy_tokenizer=True, quiet=True, lora_merge_cache=sys.argv[2])
+        run_merge(MergeConfiguration.model_validate(config), out, options)
         results[out] = None
     except Exception as exc:
         results[out] = f"{type(exc).__name__}: {exc}"
@@ -34,7 +35,7 @@ def run_mergekit(configs: dict[str, dict], root: Path) -> dict[str, tuple[Path, 
     """name -> (mergekit's output folder under `root`, its error or None)."""
     jobs = {str(root / name): config for name, config in configs.items()}
     done = subprocess.run(
-        [sys.executable, "-c", MERGEKIT_DRIVER, str(root / "results.json")],
+        [sys.executable, "-c", MERGEKIT_DRIVER, str(root / "results.json"), str(root / "lora-merged")],
         input=json.dumps(jobs),
         capture_output=True,
         text=True,

@@ -140,3 +140,32 @@ def make_vocab_variant(base: Path, path: Path, *, added_tokens: tuple[str, ...] 
     config = json.loads((base / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
     return path
+
+
+def make_lora(base: Path, path: Path, *, seed: int, dtype: str | None = None, **lora_config) -> Path:
+    """A PEFT LoRA adapter for `base`, saved as PEFT saves one (adapter_config.json,
+    adapter_model.safetensors). Both matrices random (PEFT starts B at zero, as if untrained), so
+    the adapter changes every tensor it targets; `dtype` loads the base (and so the adapter) in it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype) if dtype else None)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_config))
+    with torch.no_grad():  # PEFT's random A and B make deltas far larger than the weights: a fine-tune's are small
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.2)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def with_dtype(base: Path, path: Path, dtype: str) -> Path:
+    """A copy of `base` with its weights (and config) in `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return path
