@@ -1,5 +1,6 @@
-"""Tiny random models for fast tests: real architectures (llama, gemma3_text), a few MB each,
-with a small byte-level BPE tokenizer trained on the spot (ChatML template for the instruct kind)."""
+"""Tiny random models for fast tests: real architectures (llama, gemma3_text, qwen2, qwen3, mixtral,
+qwen3_moe, phi3), a few MB each, with a small byte-level BPE tokenizer trained on the spot (ChatML
+template for the instruct kind)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,16 @@ def tiny_model(arch: str = "llama", layers: int = 6, seed: int = 0, **config):
     """A random model of `arch` with `layers` decoder layers (float32, tied embeddings), in memory;
     `config` adds to or overrides the shared settings (vocabulary size, special token ids)."""
     import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=320,
@@ -60,6 +70,17 @@ def tiny_model(arch: str = "llama", layers: int = 6, seed: int = 0, **config):
         # a 6-layer pattern like the real model's (5 sliding, 1 full) and a small window,
         # so seams off the pattern change masks and RoPE
         settings = Gemma3TextConfig(**common, sliding_window=4, query_pre_attn_scalar=16)
+    elif arch in ("qwen2", "qwen3"):
+        # sliding attention from layer 3 on (as max_window_layers puts it) with a small window, so
+        # a seam that moves layers across that line changes their masks
+        kind = Qwen2Config if arch == "qwen2" else Qwen3Config
+        settings = kind(**common, use_sliding_window=True, sliding_window=4, max_window_layers=layers // 2)
+    elif arch == "mixtral":
+        settings = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    elif arch == "qwen3_moe":
+        settings = Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    elif arch == "phi3":  # q/k/v in one qkv_proj, gate and up in one gate_up_proj
+        settings = Phi3Config(**common)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -70,8 +91,9 @@ def tiny_model(arch: str = "llama", layers: int = 6, seed: int = 0, **config):
     return model.eval()
 
 
-def make_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0, chat: bool = True) -> Path:
-    """Save a random model of `arch` with `layers` decoder layers (float32, tied embeddings) to `path`."""
+def make_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0, chat: bool = True, **config) -> Path:
+    """Save a random model of `arch` with `layers` decoder layers (float32, tied embeddings unless
+    `config` says otherwise) to `path`."""
     tokenizer = tiny_tokenizer(chat)
     model = tiny_model(
         arch,
@@ -81,6 +103,7 @@ def make_tiny(path: Path, arch: str = "llama", layers: int = 6, seed: int = 0, c
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
+        **config,
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
