@@ -18,8 +18,9 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from merger import families
 from merger.blend_tensors import ParentReader, compute_blend
-from merger.catalog import ModelInfo
+from merger.catalog import LAYER_RE, ModelInfo
 from merger.hub import download_weights
 from merger.placement import Placement, dispatch, storage_device
 from merger.plan import Blend, Plan, TensorSource
@@ -135,6 +136,9 @@ def assemble_loaded(
             state[out] = parents.by_source[(src.model, src.name, where)]
     if plan.tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    experts = families.STACKED_EXPERTS.get(plan.config.get("model_type"))
+    if experts is not None:
+        state = stack_experts(state, experts)
     with PARAMETERS_LOCK:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -146,6 +150,40 @@ def assemble_loaded(
         model.to(device)  # buffers (rotary tables) were made real on the CPU
     model.eval()
     return model
+
+
+def stack_experts(state: dict[str, torch.Tensor], experts: families.StackedExperts) -> dict[str, torch.Tensor]:
+    """A state dict by checkpoint names -> by transformers 5's module names, each layer's experts
+    stacked into one tensor per projection. Depths that repeat one parent layer (the same tensors)
+    share one stacked tensor, so repeated MoE layers still cost nothing."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        found = LAYER_RE.match(name)
+        if found is None:
+            out[name] = tensor
+        else:
+            layers.setdefault(f"model.layers.{found.group(1)}.", {})[found.group(2)] = tensor
+    stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    for prefix, tensors in layers.items():
+        count = sum(
+            1
+            for suffix in tensors
+            if suffix.startswith(f"{experts.prefix}.") and suffix.endswith(f".{experts.down}.weight")
+        )
+        gates = [tensors.pop(experts.stored(e, experts.gate)) for e in range(count)]
+        ups = [tensors.pop(experts.stored(e, experts.up)) for e in range(count)]
+        downs = [tensors.pop(experts.stored(e, experts.down)) for e in range(count)]
+        key = tuple(id(t) for t in (*gates, *ups, *downs))
+        if key not in stacked:
+            gate_up = torch.stack([torch.cat([gate, up]) for gate, up in zip(gates, ups, strict=True)])
+            stacked[key] = (gate_up, torch.stack(downs))
+        out[f"{prefix}{experts.into}.gate_up_proj"], out[f"{prefix}{experts.into}.down_proj"] = stacked[key]
+        for suffix, tensor in tensors.items():
+            for old, new in experts.renames:
+                suffix = new + suffix.removeprefix(old) if suffix.startswith(old) else suffix
+            out[prefix + suffix] = tensor
+    return out
 
 
 def tensors_of(model: PreTrainedModel, plan: Plan, device: str) -> LoadedTensors:

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from merger import families
 from merger.catalog import ModelInfo, Resolver
 from merger.errors import RecipeError
 from merger.lora import LoraDelta
@@ -295,20 +296,23 @@ def _first_difference(shapes: dict[str, tuple], reference: dict[str, tuple], lay
 def merged_config(
     primary: ModelInfo, models: dict[str, ModelInfo], layer_sources: list[tuple[str, int]], dtype: str
 ) -> dict[str, Any]:
-    """The primary's config with the layer count set and every per-layer list rebuilt in recipe
-    order (Gemma 3's `layer_types`: a default pattern would give wrong RoPE and masks)."""
+    """The primary's config with the layer count set and every per-layer setting rebuilt in recipe
+    order (Gemma 3's and Qwen's `layer_types`: a default pattern would give wrong RoPE and masks;
+    merger.families says what each family states per layer)."""
     config = {k: v for k, v in primary.config.items() if k not in DROPPED_CONFIG_KEYS}
-    parent_layers = primary.num_layers
-    for key, value in primary.config.items():
-        if isinstance(value, list) and len(value) == parent_layers and parent_layers > 1:
-            for ref in {ref for ref, _ in layer_sources}:
-                theirs = models[ref].config.get(key)
-                if not isinstance(theirs, list) or len(theirs) != models[ref].num_layers:
-                    raise RecipeError(
-                        f"{ref}'s config has no per-layer `{key}` list of its {models[ref].num_layers} layers, "
-                        f"which {primary.ref}'s config has; they cannot be stacked"
-                    )
-            config[key] = [models[ref].config[key][layer] for ref, layer in layer_sources]
+    per_layer = {
+        ref: families.per_layer_settings(models[ref].config, models[ref].num_layers)
+        for ref in {ref for ref, _ in layer_sources}
+    }
+    for key in families.per_layer_settings(primary.config, primary.num_layers):
+        for ref, theirs in per_layer.items():
+            if key not in theirs:
+                raise RecipeError(
+                    f"{ref}'s config has no per-layer `{key}` list of its {models[ref].num_layers} layers, "
+                    f"which {primary.ref}'s config has; they cannot be stacked"
+                )
+        config[key] = [per_layer[ref][key][layer] for ref, layer in layer_sources]
+    config = families.restate_layer_settings(config)
     config["num_hidden_layers"] = len(layer_sources)
     config["dtype"] = dtype
     config.pop("torch_dtype", None)

@@ -1,0 +1,83 @@
+"""What differs between model families, as data: which config settings speak of each layer (so a
+merge restates them in recipe order), and how a checkpoint's tensors map onto transformers 5's
+modules where the two differ (mixture-of-experts layers).
+
+No torch at import: the plan (and the preview) read the config facts; assembly reads the tensor
+mapping and imports torch itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Families whose `layer_types` transformers derives, when a config has none (configs written before
+# transformers 5), from `max_window_layers`: layers from that index on use the sliding window.
+SLIDING_FROM_MAX_WINDOW_LAYERS = ("qwen2", "qwen3")
+QWEN_DEFAULT_MAX_WINDOW_LAYERS = 28  # transformers' default for those configs
+# Families whose layers are sparse (experts) or dense by `decoder_sparse_step` and `mlp_only_layers`.
+SPARSE_STEP_FAMILIES = ("qwen3_moe",)
+DENSE_MLP = "mlp_only"  # per-layer flag the plan carries for those families (not a config key)
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")  # Hub configs' name, then transformers 5's
+DEFAULT_EXPERTS = 128  # Qwen3MoeConfig's default
+
+
+def per_layer_settings(config: dict[str, Any], num_layers: int) -> dict[str, list]:
+    """Every setting of `config` that holds one value per layer, as a list over the parent's layers:
+    lists as long as the stack (Gemma 3's `layer_types`), and what a family says per layer in
+    other forms (an index from which layers slide, a list of dense layers)."""
+    lists = {k: v for k, v in config.items() if isinstance(v, list) and len(v) == num_layers and num_layers > 1}
+    family = config.get("model_type")
+    if family in SLIDING_FROM_MAX_WINDOW_LAYERS and "layer_types" not in lists:
+        slides = bool(config.get("use_sliding_window")) and config.get("sliding_window") is not None
+        first = config.get("max_window_layers", QWEN_DEFAULT_MAX_WINDOW_LAYERS)
+        lists["layer_types"] = [
+            "sliding_attention" if slides and i >= first else "full_attention" for i in range(num_layers)
+        ]
+    if family in SPARSE_STEP_FAMILIES:
+        step = config.get("decoder_sparse_step", 1) or 1
+        dense = set(config.get("mlp_only_layers") or ())
+        experts = next((config[k] for k in EXPERT_COUNT_KEYS if config.get(k) is not None), DEFAULT_EXPERTS)
+        lists[DENSE_MLP] = [i in dense or not (experts > 0 and (i + 1) % step == 0) for i in range(num_layers)]
+    return lists
+
+
+def restate_layer_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The merged config with the settings derived from its per-layer lists written again: Qwen's
+    `max_window_layers` (where its sliding layers start: exact for readers that only know it when
+    they are the stack's last ones; `layer_types` says each layer's kind) and the Qwen MoE's dense
+    layers as `mlp_only_layers` with a sparse step of 1."""
+    config = dict(config)
+    family = config.get("model_type")
+    if family in SLIDING_FROM_MAX_WINDOW_LAYERS and "layer_types" in config:
+        types = config["layer_types"]
+        config["max_window_layers"] = next((i for i, t in enumerate(types) if t == "sliding_attention"), len(types))
+    if DENSE_MLP in config:
+        dense = config.pop(DENSE_MLP)
+        config["decoder_sparse_step"] = 1
+        config["mlp_only_layers"] = [i for i, flag in enumerate(dense) if flag]
+    return config
+
+
+@dataclass(frozen=True)
+class StackedExperts:
+    """A mixture-of-experts layer that checkpoints store one tensor per expert
+    (`{prefix}.{e}.{name}.weight`) and transformers 5 holds stacked (`{into}.gate_up_proj`:
+    [experts, 2 x intermediate, hidden], gate rows then up rows; `{into}.down_proj`)."""
+
+    prefix: str  # in-layer prefix of the stored experts
+    gate: str
+    up: str
+    down: str
+    into: str = "mlp.experts"
+    renames: tuple[tuple[str, str], ...] = ()  # other in-layer prefixes that moved (stored -> module)
+
+    def stored(self, expert: int, name: str) -> str:
+        return f"{self.prefix}.{expert}.{name}.weight"
+
+
+STACKED_EXPERTS = {
+    "mixtral": StackedExperts(
+        "block_sparse_moe.experts", "w1", "w3", "w2", renames=(("block_sparse_moe.gate.", "mlp.gate."),)
+    ),
+    "qwen3_moe": StackedExperts("mlp.experts", "gate_proj", "up_proj", "down_proj"),
+}
