@@ -65,12 +65,14 @@ def parse_size(text: str) -> int:
 
 def cmd_build(args: argparse.Namespace) -> None:
     from merger.export import export_plan
-    from merger.plan import make_plan
+    from merger.plan import make_plan, text_model_plan
 
     recipe = load_recipe(args.recipe)
     if args.dtype:
         recipe = recipe.model_copy(update={"dtype": args.dtype})
     plan = make_plan(recipe, RESOLVE)
+    if args.text_only:
+        plan = text_model_plan(plan)
     result = export_plan(
         plan, Path(args.out_dir), shard_size=parse_size(args.shard_size), progress=_print_progress, device=args.device
     )
@@ -221,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where dtype conversion and blends run")
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--shard-size", default="5GB")
+    p.add_argument(
+        "--text-only", action="store_true", help="of a multimodal model (Gemma 3, Mistral 3): the text model alone"
+    )
     p.add_argument("--push", metavar="REPO", help="publish the folder as a new Hub repo (name or owner/name)")
     p.add_argument("--private", action="store_true", help="with --push: make the repo private")
     p.set_defaults(func=cmd_build)

@@ -20,10 +20,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from merger import families
 from merger.blend_tensors import ParentReader, compute_blend
-from merger.catalog import LAYER_RE, ModelInfo
+from merger.catalog import ModelInfo
 from merger.hub import download_weights
 from merger.placement import Placement, dispatch, storage_device
-from merger.plan import Blend, Plan, TensorSource
+from merger.plan import Blend, Plan, TensorSource, text_model_plan
 
 Progress = Callable[[float, str], None]
 
@@ -59,7 +59,9 @@ def load_parent_tensors(
     placement: Placement | None = None,
 ) -> LoadedTensors:
     """Every parent tensor the plan passes through, on `device`, or with a split placement on each
-    device that holds it (accelerate's `disk` offload takes it from the CPU)."""
+    device that holds it (accelerate's `disk` offload takes it from the CPU); of a multimodal
+    checkpoint, its text tower's."""
+    plan = text_model_plan(plan)
     models = {ref: download_weights(info) for ref, info in plan.models.items()}
     sources = {(src.model, src.name): src for src in plan.tensors.values() if isinstance(src, TensorSource)}
     wanted = sorted(sources)
@@ -123,7 +125,8 @@ def assemble_loaded(
     offload_dir: str | None = None,
 ) -> PreTrainedModel:
     """The merged model from parent tensors (and blends) already where they belong (read from files
-    or made in memory)."""
+    or made in memory): the text model (a multimodal checkpoint's text tower alone)."""
+    plan = text_model_plan(plan)
     config = AutoConfig.for_model(**plan.config)
     split = placement is not None and placement.is_split
     blended = blended or {}
@@ -159,11 +162,11 @@ def stack_experts(state: dict[str, torch.Tensor], experts: families.StackedExper
     layers: dict[str, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        found = LAYER_RE.match(name)
+        found = families.CAUSAL_LM.layer_of(name)
         if found is None:
             out[name] = tensor
         else:
-            layers.setdefault(f"model.layers.{found.group(1)}.", {})[found.group(2)] = tensor
+            layers.setdefault(families.CAUSAL_LM.layer_prefix(found[0]), {})[found[1]] = tensor
     stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     for prefix, tensors in layers.items():
         count = sum(
@@ -192,6 +195,7 @@ def tensors_of(model: PreTrainedModel, plan: Plan, device: str) -> LoadedTensors
     a file, their tensors the model's own."""
     if plan.blends:
         raise ValueError("a model with blended tensors does not hold its parents' tensors")
+    plan = text_model_plan(plan)
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(model.named_buffers(remove_duplicate=False))
     return LoadedTensors({(src.model, src.name, device): state[out] for out, src in plan.tensors.items()})
@@ -206,7 +210,9 @@ def blend_all(
     progress: Progress | None = None,
     placement: Placement | None = None,
 ) -> dict[tuple[Blend, str], torch.Tensor]:
-    """Every distinct blend of the plan, computed one at a time on each device that holds it."""
+    """Every distinct blend of the plan (of its text model), computed one at a time on each device
+    that holds it."""
+    plan = text_model_plan(plan)
     blends = plan.blends
     if not blends:
         return {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merger import bundled, lora
+from merger import bundled, families, lora
 from merger.errors import ModelRefError, UnsafeCheckpointError
 from merger.limits import LAYERS
 from merger.safetensors_files import TORCH_NAMES, CheckpointError, TensorMeta, read_header
@@ -73,8 +73,18 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def layout(self) -> families.Layout:
+        """Where the checkpoint keeps its text decoder (a multimodal model's text tower included)."""
+        return families.layout_of(self.config)
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        """The text decoder's config: a multimodal model's `text_config`, else the config."""
+        return self.layout.text_settings(self.config)
+
+    @property
     def num_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
+        return int(self.text_config["num_hidden_layers"])
 
     @property
     def architecture(self) -> str:
@@ -83,15 +93,15 @@ class ModelInfo:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.config["hidden_size"])
+        return int(self.text_config["hidden_size"])
 
     @property
     def tied(self) -> bool:
         """Whether the head reuses the embeddings. A config without the flag is tied exactly
         when the checkpoint has no separate head."""
-        flag = self.config.get("tie_word_embeddings")
+        flag = self.config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings"))
         if flag is None:
-            return "lm_head.weight" not in self.tensors
+            return self.layout.head not in self.tensors
         return bool(flag)
 
     @property
@@ -112,12 +122,13 @@ class ModelInfo:
         return self.ref.removeprefix("bundled:")
 
     def layer_tensors(self, layer: int) -> dict[str, TensorMeta]:
-        """Tensors of one decoder layer, keyed by the name below `model.layers.N.`."""
-        prefix = f"model.layers.{layer}."
+        """Tensors of one decoder layer, keyed by the name below `model.layers.N.` (or the text
+        tower's `language_model.model.layers.N.`)."""
+        prefix = self.layout.layer_prefix(layer)
         return {n[len(prefix) :]: m for n, m in self.tensors.items() if n.startswith(prefix)}
 
     def non_layer_tensors(self) -> dict[str, TensorMeta]:
-        return {n: m for n, m in self.tensors.items() if not LAYER_RE.match(n)}
+        return {n: m for n, m in self.tensors.items() if self.layout.layer_of(n) is None}
 
 
 def is_local_ref(ref: str) -> bool:
@@ -334,17 +345,19 @@ def check_supported(info: ModelInfo) -> None:
     config = info.config
     if config.get("auto_map"):
         raise ModelRefError(f"'{info.ref}' needs custom code (auto_map in its config); we never run remote code")
-    if "num_hidden_layers" not in config or "hidden_size" not in config:
+    text = info.text_config
+    if "num_hidden_layers" not in text or "hidden_size" not in text:
         nested = "text_config" in config
-        why = " (a multimodal model: pick its text-only variant)" if nested else ""
+        why = " (a multimodal model of a family whose text tower this app does not know)" if nested else ""
         raise ModelRefError(f"'{info.ref}' has no num_hidden_layers/hidden_size in its config{why}")
     for key in ("num_hidden_layers", "hidden_size"):
-        if not _whole(config[key]) or config[key] < 1:
-            shown = str(config[key])[:40]
+        if not _whole(text[key]) or text[key] < 1:
+            shown = str(text[key])[:40]
             raise ModelRefError(f"'{info.ref}' has {key} {shown!r} in its config, not a whole number of at least 1")
-    LAYERS.check(config["num_hidden_layers"], f"'{info.ref}'")
+    LAYERS.check(text["num_hidden_layers"], f"'{info.ref}'")
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
         raise ModelRefError(f"'{info.ref}' has `architectures` in its config that is not a list of names")
-    if not any(LAYER_RE.match(n) for n in info.tensors):
-        raise ModelRefError(f"'{info.ref}' has no tensors named model.layers.N.*; its layout is not supported")
+    if not any(info.layout.layer_of(n) for n in info.tensors):
+        where = f"{info.layout.text}layers.N.*"
+        raise ModelRefError(f"'{info.ref}' has no tensors named {where}; its layout is not supported")

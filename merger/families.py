@@ -81,3 +81,81 @@ STACKED_EXPERTS = {
     ),
     "qwen3_moe": StackedExperts("mlp.experts", "gate_proj", "up_proj", "down_proj"),
 }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a checkpoint keeps its text decoder: a causal LM's at `model.`; a multimodal model's
+    text tower under `language_model.model.` (Gemma 3 4B and up, Mistral 3: the Hub's names, which
+    transformers 5 also writes), its config under `text_config`, beside a vision tower and a
+    projector that a merge carries along untouched. The merge is built and chatted with as the
+    text model alone; `text_name` maps a tensor to that model's name (None: not part of it)."""
+
+    text: str = "model."  # prefix of embed_tokens, layers and the final norm
+    head: str = "lm_head.weight"
+    text_config: str | None = None  # key of the text decoder's config (None: the config itself)
+    text_architecture: str | None = None  # the causal LM class of the text decoder alone
+
+    @property
+    def embeddings(self) -> str:
+        return f"{self.text}embed_tokens.weight"
+
+    @property
+    def vocabulary_tensors(self) -> tuple[str, str]:
+        """The tensors with the vocabulary along axis 0."""
+        return self.embeddings, self.head
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.text}layers.{layer}."
+
+    def layer_of(self, name: str) -> tuple[int, str] | None:
+        """(layer, name inside it) of a decoder-layer tensor, else None."""
+        rest = name.removeprefix(f"{self.text}layers.")
+        index, _, inner = rest.partition(".")
+        if rest == name or not index.isdigit() or not inner:
+            return None
+        return int(index), inner
+
+    def after_layers(self, name: str) -> bool:
+        """Whether a non-layer tensor comes after the layers (final norm, head: a stack takes it
+        from its last slice) rather than before them (embeddings; a vision tower and its
+        projector, which feed the embeddings: from the first slice)."""
+        text_not_embeddings = name.startswith(self.text) and not name.startswith(f"{self.text}embed_tokens.")
+        return name == self.head or text_not_embeddings
+
+    def text_name(self, name: str) -> str | None:
+        if name == self.head:
+            return CAUSAL_LM.head
+        if name.startswith(self.text):
+            return CAUSAL_LM.text + name.removeprefix(self.text)
+        return None
+
+    def text_settings(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The text decoder's config."""
+        inner = config.get(self.text_config) if self.text_config else config
+        return inner if isinstance(inner, dict) else {}
+
+
+CAUSAL_LM = Layout()
+MULTIMODAL = {  # model_type of the checkpoint -> where its text tower is
+    "gemma3": Layout("language_model.model.", "language_model.lm_head.weight", "text_config", "Gemma3ForCausalLM"),
+    "mistral3": Layout("language_model.model.", "language_model.lm_head.weight", "text_config", "MistralForCausalLM"),
+}
+
+
+def layout_of(config: dict[str, Any]) -> Layout:
+    return MULTIMODAL.get(config.get("model_type"), CAUSAL_LM)
+
+
+def text_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the text model alone (what is built to chat, and the text-only export): a
+    multimodal config's `text_config`, with the dtype and the tied head said at the top."""
+    layout = layout_of(config)
+    if layout.text_config is None:
+        return config
+    text = dict(layout.text_settings(config))
+    for key in ("dtype", "tie_word_embeddings"):
+        if key in config:
+            text[key] = config[key]
+    text["architectures"] = [layout.text_architecture]
+    return text

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from merger.plan import Blend, Plan, TensorSource
+from merger.plan import Blend, Plan, TensorSource, text_model_plan
 
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -17,7 +17,7 @@ class Counts:
     num_layers: int
     dtype: str
     bytes: int  # exported size at `dtype`
-    memory_bytes: int  # parameter memory of the in-memory build at `dtype`
+    memory_bytes: int  # parameter memory of the in-memory build at `dtype` (of a multimodal model: its text tower)
     blend_bytes: int  # the part of memory_bytes that blended or scaled tensors take (computed, not shared)
     parent_params: dict[str, int]
     lora_bytes: int = 0  # the part of memory_bytes that tensors with a LoRA adapter merged in take
@@ -42,10 +42,11 @@ def tensor_storage(plan: Plan) -> dict[str, tuple[tuple[str, str] | Blend, int]]
 def count(plan: Plan) -> Counts:
     per_param = BYTES_PER_PARAM[plan.dtype]
     total = sum(src.meta.numel for src in plan.tensors.values())
-    unique = dict(tensor_storage(plan).values())
+    built = text_model_plan(plan)  # what a build holds: a multimodal checkpoint's text tower
+    unique = dict(tensor_storage(built).values())
     adapted = {  # distinct parent tensors a LoRA adapter changes (those inside blends are blend_bytes)
         (src.model, src.name): src.meta.numel
-        for src in plan.tensors.values()
+        for src in built.tensors.values()
         if isinstance(src, TensorSource) and src.delta is not None
     }
     parents = {
@@ -58,11 +59,10 @@ def count(plan: Plan) -> Counts:
         dtype=plan.dtype,
         bytes=total * per_param,
         memory_bytes=sum(unique.values()) * per_param,
-        blend_bytes=sum(b.meta.numel for b in plan.blends) * per_param,
+        blend_bytes=sum(b.meta.numel for b in built.blends) * per_param,
         parent_params=parents,
         lora_bytes=sum(adapted.values()) * per_param,
     )
-
 
 
 def human_bytes(n: float) -> str:

@@ -26,9 +26,10 @@ from typing import Any
 
 from merger.catalog import LAYER_RE
 from merger.errors import PlacementError
+from merger.families import CAUSAL_LM
 from merger.limits import CONTEXT_TOKENS
 from merger.params import BYTES_PER_PARAM, human_bytes, tensor_storage
-from merger.plan import PRE_LAYER_PREFIXES, Plan
+from merger.plan import Plan, text_model_plan
 
 WORKING_FRACTION = 0.15
 WORKING_MIN_BYTES = 256 * 2**20
@@ -176,6 +177,7 @@ def place(
     PlacementError, with the numbers, when nothing fits."""
     if not devices:
         raise ValueError("no device to place the build on")
+    plan = text_model_plan(plan)  # what is built: a multimodal checkpoint's text tower
     # the KV cache holds CONTEXT_TOKENS (or the model's maximum, if lower)
     tokens = context_tokens or min(CONTEXT_TOKENS.value, plan.config.get("max_position_embeddings") or 1 << 30)
     per_depth = _depth_units(plan, dtype, kv_bytes_per_depth(plan.config, dtype, tokens))
@@ -212,7 +214,7 @@ def _depth_units(plan: Plan, dtype: str, kv_per_depth: int) -> list[_Unit]:
         match = LAYER_RE.match(out)
         if match:
             depths[int(match[1])][key] = numel * per_param
-        elif out.startswith(PRE_LAYER_PREFIXES):
+        elif not CAUSAL_LM.after_layers(out):
             before[key] = numel * per_param
             before_modules.add(module_of(out))
         else:

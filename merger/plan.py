@@ -5,6 +5,7 @@ read the plan; none re-derives tensor names or parameters."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -21,8 +22,6 @@ from merger.vocabulary import shipped_tokenizer
 
 # Config keys that describe the parent checkpoint rather than the merged model.
 DROPPED_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version")
-PRE_LAYER_PREFIXES = ("model.embed_tokens.",)
-VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # vocabulary along axis 0
 
 
 @dataclass(frozen=True)
@@ -105,29 +104,28 @@ def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:
     # end of the stack keeps the tensors it was trained with (blended at t=0 when that slice
     # blends). The config comes from `primary`.
     first, last = slices[0], slices[-1]
-    tied = primary.tied
+    tied, layout = primary.tied, primary.layout
     tensors: dict[str, Origin] = {}
     for name in models[first.source.model].non_layer_tensors():
-        if name.startswith(PRE_LAYER_PREFIXES):
+        if not layout.after_layers(name):
             tensors[name] = blender.origin(first, [name] * len(first.sources), name, t=0.0)
     depth = 0
     for s in slices:
         for _ in range(s.repeat):
             for offset in range(s.span):
                 t = offset / (s.span - 1) if s.span > 1 else 1.0  # mergekit's gradient position
+                out = layout.layer_prefix(depth)
                 for suffix in models[s.source.model].layer_tensors(s.source.start + offset):
-                    inputs = [f"model.layers.{src.start + offset}.{suffix}" for src in s.sources]
-                    tensors[f"model.layers.{depth}.{suffix}"] = blender.origin(
-                        s, inputs, f"model.layers.{depth}.{suffix}", t=t
-                    )
+                    inputs = [f"{layout.layer_prefix(src.start + offset)}{suffix}" for src in s.sources]
+                    tensors[out + suffix] = blender.origin(s, inputs, out + suffix, t=t)
                 depth += 1
     for name in models[last.source.model].non_layer_tensors():
-        if not name.startswith(PRE_LAYER_PREFIXES) and not (tied and name.startswith("lm_head.")):
+        if layout.after_layers(name) and not (tied and name == layout.head):
             tensors[name] = blender.origin(last, [name] * len(last.sources), name, t=0.0)
 
     vocab_rows = [
         (src.model, src.meta.shape[0])
-        for name in VOCAB_TENSORS
+        for name in layout.vocabulary_tensors
         if name in tensors
         for src in (tensors[name].sources if isinstance(tensors[name], Blend) else (tensors[name],))
     ]
@@ -142,6 +140,22 @@ def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:
         tied=tied,
         tokenizer_ref=shipped_tokenizer(recipe, models, vocab_rows),
     )
+
+
+def text_model_plan(plan: Plan) -> Plan:
+    """The plan of the text model alone: for a multimodal checkpoint (merger.families.Layout), its
+    text tower's tensors under a causal LM's names and its text config; the vision tower and
+    projector left out. This is what is built to chat with, and the text-only export. A causal
+    LM's plan is returned as it is."""
+    layout = plan.primary.layout
+    if layout.text_config is None:
+        return plan
+    tensors = {}
+    for name, origin in plan.tensors.items():
+        text_name = layout.text_name(name)
+        if text_name is not None:
+            tensors[text_name] = origin
+    return dataclasses.replace(plan, tensors=tensors, config=families.text_model_config(plan.config))
 
 
 class _Blender:
@@ -164,7 +178,7 @@ class _Blender:
             return self._scaled(s, sources[0], t)
         if not s.blended:
             return sources[0]
-        _check_same_shape(out_name, sources)
+        _check_same_shape(out_name, sources, self.models[s.source.model].layout.vocabulary_tensors)
         base = self.recipe.base_model if self.spec.needs_base else None
         base_index = next((i for i, src in enumerate(s.sources) if src.model == base), None)
         shared = {
@@ -228,12 +242,12 @@ class _Blender:
             )
 
 
-def _check_same_shape(out_name: str, sources: tuple[TensorSource, ...]) -> None:
+def _check_same_shape(out_name: str, sources: tuple[TensorSource, ...], vocabulary: tuple[str, ...]) -> None:
     first = sources[0]
     for other in sources[1:]:
         if other.meta.shape == first.meta.shape:
             continue
-        if out_name in VOCAB_TENSORS and other.meta.shape[1:] == first.meta.shape[1:]:
+        if out_name in vocabulary and other.meta.shape[1:] == first.meta.shape[1:]:
             raise RecipeError(
                 f"cannot blend {out_name}: {first.model} has a vocabulary of {first.meta.shape[0]:,} tokens and "
                 f"{other.model} of {other.meta.shape[0]:,}; blended models need one vocabulary. mergekit aligns "
@@ -271,8 +285,8 @@ def _check_stackable(slices: tuple[Slice, ...], models: dict[str, ModelInfo], pr
                 if shapes != reference_layer:
                     raise RecipeError(
                         f"slice {i}: layer {layer} of {model.ref} has different tensors from {primary.ref}'s "
-                        f"layers ({_first_difference(shapes, reference_layer, layer)}; another size of the same "
-                        "architecture?), so they cannot be stacked or blended"
+                        f"layers ({_first_difference(shapes, reference_layer, model.layout.layer_prefix(layer))}; "
+                        "another size of the same architecture?), so they cannot be stacked or blended"
                     )
 
 
@@ -284,10 +298,10 @@ def stacking_key(info: ModelInfo) -> str:
     return hashlib.sha256(facts.encode()).hexdigest()[:16]
 
 
-def _first_difference(shapes: dict[str, tuple], reference: dict[str, tuple], layer: int) -> str:
+def _first_difference(shapes: dict[str, tuple], reference: dict[str, tuple], prefix: str) -> str:
     suffix = next(k for k in sorted(shapes.keys() | reference.keys()) if shapes.get(k) != reference.get(k))
     mine, theirs = shapes.get(suffix), reference.get(suffix)
-    name = f"model.layers.{layer}.{suffix}"
+    name = prefix + suffix
     if mine is None or theirs is None:
         return f"{name} is only in one of them"
     return f"{name} has shape {list(mine)} where theirs have {list(theirs)}"
@@ -300,20 +314,26 @@ def merged_config(
     order (Gemma 3's and Qwen's `layer_types`: a default pattern would give wrong RoPE and masks;
     merger.families says what each family states per layer)."""
     config = {k: v for k, v in primary.config.items() if k not in DROPPED_CONFIG_KEYS}
+    layout = primary.layout
+    text = dict(layout.text_settings(config))  # a multimodal model's text_config, else the config itself
     per_layer = {
-        ref: families.per_layer_settings(models[ref].config, models[ref].num_layers)
+        ref: families.per_layer_settings(models[ref].text_config, models[ref].num_layers)
         for ref in {ref for ref, _ in layer_sources}
     }
-    for key in families.per_layer_settings(primary.config, primary.num_layers):
+    for key in families.per_layer_settings(primary.text_config, primary.num_layers):
         for ref, theirs in per_layer.items():
             if key not in theirs:
                 raise RecipeError(
                     f"{ref}'s config has no per-layer `{key}` list of its {models[ref].num_layers} layers, "
                     f"which {primary.ref}'s config has; they cannot be stacked"
                 )
-        config[key] = [per_layer[ref][key][layer] for ref, layer in layer_sources]
-    config = families.restate_layer_settings(config)
-    config["num_hidden_layers"] = len(layer_sources)
+        text[key] = [per_layer[ref][key][layer] for ref, layer in layer_sources]
+    text = families.restate_layer_settings(text)
+    text["num_hidden_layers"] = len(layer_sources)
+    if layout.text_config:
+        config[layout.text_config] = text
+    else:
+        config = text
     config["dtype"] = dtype
     config.pop("torch_dtype", None)
     return config
