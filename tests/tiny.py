@@ -192,3 +192,56 @@ def with_dtype(base: Path, path: Path, dtype: str) -> Path:
     AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)).save_pretrained(path)
     AutoTokenizer.from_pretrained(base).save_pretrained(path)
     return path
+
+
+def make_tiny_multimodal(path: Path, family: str, layers: int = 6, seed: int = 0) -> Path:
+    """A random multimodal model (`gemma3`: Gemma 3 4B's kind, a SigLIP tower; `mistral3`: Mistral
+    3's, a Pixtral tower) whose text tower is `layers` decoder layers like tiny_model's, under the
+    Hub's names (language_model.model.layers.N.*, and Gemma 3's vision_tower.vision_model.*, which
+    transformers 5 reads but writes as vision_tower.*)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, Gemma3Config, Mistral3Config
+
+    tokenizer = tiny_tokenizer(chat=True)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28)
+    if family == "gemma3":
+        settings = Gemma3Config(
+            text_config=dict(**text, sliding_window=4, query_pre_attn_scalar=16),
+            vision_config=dict(**vision, patch_size=14, vision_use_head=False),  # as Gemma 3's SigLIP
+            mm_tokens_per_image=4,
+        )
+    elif family == "mistral3":  # an untied head, as Mistral Small 3.1 has
+        settings = Mistral3Config(
+            text_config=dict(**text, model_type="mistral"),
+            vision_config=dict(**vision, patch_size=14, head_dim=16),
+            tie_word_embeddings=False,
+        )
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(settings)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if family == "gemma3":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path / "model.safetensors")
+        hub_name = {n: n.replace("vision_tower.", "vision_tower.vision_model.", 1) for n in tensors}
+        save_file({hub_name[n]: t for n, t in tensors.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    return path
