@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from merger import bundled
+import yaml
+
+from merger import bundled, families
 from merger.catalog import TOKENIZER_FILES, ModelInfo
 from merger.errors import UserError
 from merger.method_specs import PASSTHROUGH
@@ -309,13 +311,27 @@ def write_metadata_files(plan: Plan, models: dict, out: Path) -> None:
         source_dir = primary_dir if name == "generation_config.json" else tok_dir
         if source_dir and (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out / name)
-    (out / "mergekit_config.yml").write_text(public_recipe(plan).to_yaml())
+    (out / "mergekit_config.yml").write_text(mergekit_yaml(plan))
     (out / "README.md").write_text(model_card(plan))
 
 
 def public_recipe(plan: Plan) -> Recipe:
     """The recipe as mergekit and the Hub can resolve it elsewhere: bundled models by their Hub ids."""
     return plan.recipe.with_models(bundled.public_ref)
+
+
+def mergekit_yaml(plan: Plan) -> str:
+    """The recipe as mergekit runs it. A multimodal model's slices go in mergekit's `modules:` form
+    (which it needs for them): the slices for the text decoder, the first slice's models whole for
+    the other modules (what the merge takes them from)."""
+    config = public_recipe(plan).to_mergekit()
+    layout = plan.primary.layout
+    if layout.mergekit_modules and "slices" in config:
+        first = [{"model": source["model"]} for source in config["slices"][0]["sources"]]
+        modules = {families.MERGEKIT_TEXT_MODULE: {"slices": config.pop("slices")}}
+        modules |= {name: {"models": first} for name in layout.mergekit_modules}
+        config = {"modules": modules, **config}
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
 
 
 def _parent_line(ref: str, info: ModelInfo) -> str:
@@ -362,7 +378,7 @@ def model_card(plan: Plan) -> str:
             "",
             "## Recipe (mergekit YAML)",
             "```yaml",
-            public_recipe(plan).to_yaml().rstrip(),
+            mergekit_yaml(plan).rstrip(),
             "```",
             "",
         ]

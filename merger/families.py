@@ -95,6 +95,8 @@ class Layout:
     head: str = "lm_head.weight"
     text_config: str | None = None  # key of the text decoder's config (None: the config itself)
     text_architecture: str | None = None  # the causal LM class of the text decoder alone
+    # mergekit's names of the other modules, which its `modules:` form needs beside `text_decoder`
+    mergekit_modules: tuple[str, ...] = ()
 
     @property
     def embeddings(self) -> str:
@@ -138,9 +140,16 @@ class Layout:
 
 CAUSAL_LM = Layout()
 MULTIMODAL = {  # model_type of the checkpoint -> where its text tower is
-    "gemma3": Layout("language_model.model.", "language_model.lm_head.weight", "text_config", "Gemma3ForCausalLM"),
-    "mistral3": Layout("language_model.model.", "language_model.lm_head.weight", "text_config", "MistralForCausalLM"),
+    family: Layout(
+        "language_model.model.",
+        "language_model.lm_head.weight",
+        "text_config",
+        text_architecture,
+        mergekit_modules=("vision_tower", "multi_modal_projector"),
+    )
+    for family, text_architecture in (("gemma3", "Gemma3ForCausalLM"), ("mistral3", "MistralForCausalLM"))
 }
+MERGEKIT_TEXT_MODULE = "text_decoder"
 
 
 def layout_of(config: dict[str, Any]) -> Layout:

@@ -1,8 +1,9 @@
 """A text tower inside a multimodal checkpoint (Gemma 3 4B and up, Mistral 3): spliced under the
 checkpoint's own names with the vision tower and projector carried along untouched, built and
 chatted as the text model alone, exported whole (loads as the multimodal model) or as the text
-model only, as the user chooses; equal to mergekit 0.1.5 (in its `modules:` form, which it needs
-for a multimodal model's slices); the exact count of the real models from their Hub metadata alone."""
+model only, as the user chooses; equal to mergekit 0.1.5 running the exported recipe (in its
+`modules:` form, which it needs for a multimodal model's slices); the exact count of the real
+models from their Hub metadata alone."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -110,25 +112,23 @@ def test_gemma3_sliding_layers_are_restated_in_the_text_config(multimodal_models
     assert text_model_plan(splice_plan(multimodal_models["gemma3"])).config["architectures"] == ["Gemma3ForCausalLM"]
 
 
-def mergekit_modules(path: Path, ranges) -> dict:
-    """The recipe in mergekit's `modules:` form, which it needs for a multimodal model's slices."""
-    slices = [{"sources": [{"model": str(path), "layer_range": [a, b]}]} for a, b in ranges]
-    whole = {"models": [{"model": str(path)}]}
-    modules = {"text_decoder": {"slices": slices}, "vision_tower": whole, "multi_modal_projector": whole}
-    return {"modules": modules, "merge_method": "passthrough"}
-
-
 @pytest.fixture(scope="module")
-def mergekit_outputs(multimodal_models, tmp_path_factory):
-    configs = {family: mergekit_modules(path, SPLICE) for family, path in multimodal_models.items()}
-    return run_mergekit(configs, tmp_path_factory.mktemp("mk"))
+def exports_and_mergekit(multimodal_models, tmp_path_factory):
+    """Our export of the splice of each family, and mergekit's run of the mergekit_config.yml it
+    holds (mergekit's `modules:` form, which it needs for a multimodal model's slices)."""
+    root = tmp_path_factory.mktemp("mk")
+    ours = {
+        family: export_plan(splice_plan(path), root / f"ours-{family}").path
+        for family, path in multimodal_models.items()
+    }
+    configs = {family: yaml.safe_load((folder / "mergekit_config.yml").read_text()) for family, folder in ours.items()}
+    return ours, run_mergekit(configs, root)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_text_tower_splice_exports_equal_to_mergekit(family, multimodal_models, mergekit_outputs, tmp_path):
-    folder, error = mergekit_outputs[family]
+def test_a_text_tower_splice_exports_equal_to_mergekit_running_the_exported_recipe(family, exports_and_mergekit):
+    ours_folder, (folder, error) = exports_and_mergekit[0][family], exports_and_mergekit[1][family]
     assert error is None, error
-    ours_folder = export_plan(splice_plan(multimodal_models[family]), tmp_path / "ours").path
     ours, theirs = tensors_of(ours_folder), tensors_of(folder)
     assert sorted(ours) == sorted(theirs)
     for name, tensor in theirs.items():
