@@ -24,7 +24,7 @@ from merger.errors import PlacementError, UserError
 from merger.export import export_plan
 from merger.hub import current_token, push_folder
 from merger.params import count, human_bytes, human_params
-from merger.plan import Plan
+from merger.plan import Plan, text_model_plan
 from merger.recipe import DTYPES, Recipe, from_share_token, passthrough, recipe_from_yaml, to_share_token
 from merger.runtime import free_memory, plan_placement
 from merger.slim import slim_model
@@ -503,21 +503,26 @@ def export_merge(
     repo_name: str,
     private: bool,
     token_text: str,
+    text_only: bool = False,
     oauth_token: gr.OAuthToken | None = None,
     request: gr.Request = None,
     progress: gr.Progress = gr.Progress(),
     state: State | None = None,
 ) -> tuple[str, str | None]:
     """Export: the page's recipe (`state`), at its own dtype; for the /export endpoint, which has no
-    page, the recipe's YAML at `dtype` (empty: the recipe's own). Written as a Hugging Face folder,
-    offered as an archive when small enough and published when a repo name is given; the visitor's
-    sign-in (or pasted token) is used for this call only."""
+    page, the recipe's YAML at `dtype` (empty: the recipe's own). Written as a Hugging Face folder
+    (of a multimodal model: whole, or with `text_only` its text model alone), offered as an archive
+    when small enough and published when a repo name is given; the visitor's sign-in (or pasted
+    token) is used for this call only."""
     with visitor(oauth_token, token_text):
         if state is not None:
             plan = page_plan(state, recipe_yaml)
         else:
             recipe = recipe_from_yaml(recipe_yaml)
             plan = plan_recipe(recipe.model_copy(update={"dtype": dtype or recipe.dtype}))
+
+        if text_only:
+            plan = text_model_plan(plan)
 
         def write(folder: Path) -> tuple[str, Path | None, int]:
             result = export_plan(plan, folder, progress=bytes_progress(progress))
@@ -625,6 +630,7 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 repo_box = gr.Textbox(label="Publish as (repo name; empty: download only)", scale=2)
                 private_box = gr.Checkbox(label="Private repo", value=True)
+                text_only_box = gr.Checkbox(label="Text model only (a multimodal model's vision tower left out)")
             if on_space():  # the sign-in above replaces a pasted token
                 hub_token_box = gr.Textbox(visible=False)
             else:
@@ -704,7 +710,7 @@ def build_demo() -> gr.Blocks:
         build_btn.click(build_page, [recipe_state, yaml_box], [build_status, build_btn], **private).success(
             build_status_now, recipe_state, [build_status, build_btn], **private
         )
-        export_inputs = [yaml_box, dtype_box, repo_box, private_box, hub_token_box]
+        export_inputs = [yaml_box, dtype_box, repo_box, private_box, hub_token_box, text_only_box]
         export_btn.click(export_merge, [*export_inputs, recipe_state], [export_status, export_file], **private)
         # The HTTP API takes a recipe's YAML (no page state): endpoints without a trigger on the page
         gr.on([], build_model, yaml_box, build_status, api_name="build")

@@ -238,3 +238,24 @@ def test_real_size_multimodal_counts_from_hub_metadata_alone(repo, model, total,
     assert merge.total_params == total + (layers - 16) * per_layer
     assert merge.memory_bytes == 2 * (total - outside_text)  # the build holds the text tower alone
     assert sum(hub.weight_bytes_served.values()) == 0
+
+
+def test_the_page_exports_the_text_model_alone_when_asked(multimodal_models, monkeypatch):
+    import zipfile
+
+    import app
+    import ui.models
+    from merger.catalog import LocalPolicy
+
+    parent = multimodal_models["gemma3"]
+    monkeypatch.setattr(ui.models, "POLICY", LocalPolicy(allow_any_path=False, roots=(parent.parent.resolve(),)))
+    ui.models.public_info.cache_clear()
+    recipe = passthrough((parent.name, 0, 4), (parent.name, 2, 6)).to_yaml()
+    try:
+        for text_only, architecture in ((False, "Gemma3ForConditionalGeneration"), (True, "Gemma3ForCausalLM")):
+            _, archive = app.export_merge(recipe, "", "", False, "", text_only, progress=lambda *a, **k: None)
+            with zipfile.ZipFile(archive) as z:
+                config = json.loads(z.read("config.json"))
+            assert config["architectures"] == [architecture]
+    finally:
+        ui.models.public_info.cache_clear()

@@ -118,7 +118,7 @@ def test_an_export_archive_is_served_from_gradios_cache_and_deleted_when_the_vis
     publish(hub, "org/exported", tiny_llama)
     request = SimpleNamespace(session_hash="archive-visitor")
     recipe = passthrough(("org/exported", 0, 3)).to_yaml()
-    status, archive = app.export_merge(recipe, "bfloat16", "", False, "", None, request, lambda *a, **k: None)
+    status, archive = app.export_merge(recipe, "bfloat16", "", False, "", False, None, request, lambda *a, **k: None)
     assert "Download it below" in status
     assert archive.startswith(str(get_upload_folder()))  # Gradio serves it where it is: no second copy
     with zipfile.ZipFile(archive) as z:
