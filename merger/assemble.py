@@ -198,7 +198,34 @@ def tensors_of(model: PreTrainedModel, plan: Plan, device: str) -> LoadedTensors
     plan = text_model_plan(plan)
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(model.named_buffers(remove_duplicate=False))
+    experts = families.STACKED_EXPERTS.get(plan.config.get("model_type"))
+    if experts is not None:
+        state |= unstacked_experts(state, experts)
     return LoadedTensors({(src.model, src.name, device): state[out] for out, src in plan.tensors.items()})
+
+
+def unstacked_experts(state: dict[str, torch.Tensor], experts: families.StackedExperts) -> dict[str, torch.Tensor]:
+    """Each expert's tensors under the checkpoint's names, as views of a built model's stacked ones
+    (what stack_experts made), and the other renamed tensors under their stored names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        found = families.CAUSAL_LM.layer_of(name)
+        if found is None:
+            continue
+        prefix, inner = families.CAUSAL_LM.layer_prefix(found[0]), found[1]
+        if inner == f"{experts.into}.gate_up_proj":
+            half = tensor.shape[1] // 2
+            for e, rows in enumerate(tensor):
+                out[prefix + experts.stored(e, experts.gate)], out[prefix + experts.stored(e, experts.up)] = (
+                    rows[:half],
+                    rows[half:],
+                )
+        elif inner == f"{experts.into}.down_proj":
+            out |= {prefix + experts.stored(e, experts.down): rows for e, rows in enumerate(tensor)}
+        for stored, moved in experts.renames:
+            if inner.startswith(moved):
+                out[prefix + stored + inner.removeprefix(moved)] = tensor
+    return out
 
 
 def blend_all(

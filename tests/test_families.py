@@ -279,3 +279,16 @@ def test_real_size_counts_from_hub_metadata_alone(repo, total, per_layer, hub):
     assert merge.total_params == total + (layers - 16) * per_layer
     assert merge.memory_bytes == 2 * total  # bf16, every repeated layer shared
     assert sum(hub.weight_bytes_served.values()) == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_an_moe_merge_rebuilt_from_its_parent_in_memory_equals_its_build(family, family_models):
+    """The Lens's seam scores and sweeps build merges from the parents' tensors in memory: a
+    parent's stacked experts give back each expert's tensors."""
+    from merger.lens import assemble_from, load_parents
+
+    plan = splice_plan(family_models[family])
+    from_memory = assemble_from(plan, load_parents(plan, device="cpu", dtype="float32"), "cpu")
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert torch.equal(from_memory(ids).logits, assemble(plan)(ids).logits)

@@ -259,3 +259,14 @@ def test_the_page_exports_the_text_model_alone_when_asked(multimodal_models, mon
             assert config["architectures"] == [architecture]
     finally:
         ui.models.public_info.cache_clear()
+
+
+def test_a_text_tower_merge_rebuilt_from_its_parent_in_memory_equals_its_build(multimodal_models):
+    """The Lens's seam scores and sweeps build merges from the parents' tensors in memory."""
+    from merger.lens import assemble_from, load_parents
+
+    plan = splice_plan(multimodal_models["gemma3"])
+    from_memory = assemble_from(plan, load_parents(plan, device="cpu", dtype="float32"), "cpu")
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert torch.equal(from_memory(ids).logits, assemble(plan)(ids).logits)
