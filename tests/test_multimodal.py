@@ -270,3 +270,10 @@ def test_a_text_tower_merge_rebuilt_from_its_parent_in_memory_equals_its_build(m
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         assert torch.equal(from_memory(ids).logits, assemble(plan)(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_pages_fast_decoding_replies_as_generate_on_a_text_tower(family, multimodal_models):
+    from test_families import fast_greedy_equals_generate
+
+    fast_greedy_equals_generate(assemble(splice_plan(multimodal_models[family])))
