@@ -32,7 +32,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -625,10 +624,11 @@ def tail_view(model: torch.nn.Module, start: int) -> torch.nn.Module:
     layers [start, L), as assembling that tail would make it."""
     from transformers import AutoConfig
 
+    from merger.catalog import ModelInfo
     from merger.plan import merged_config
 
     layers = decoder_layers(model)
-    whole = SimpleNamespace(config=model.config.to_dict(), num_layers=len(layers))  # as a catalog ModelInfo
+    whole = ModelInfo(ref="", config=model.config.to_dict(), tensors={})  # its layers' config facts only
     sources = [("", layer) for layer in range(start, len(layers))]
     config = AutoConfig.for_model(**merged_config(whole, {"": whole}, sources, DTYPE_NAMES[model.dtype]))
     config._attn_implementation = model.config._attn_implementation  # the masks the layers expect
