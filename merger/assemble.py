@@ -22,6 +22,7 @@ from merger import families
 from merger.blend_tensors import ParentReader, compute_blend
 from merger.catalog import ModelInfo
 from merger.hub import download_weights
+from merger.params import storage_key
 from merger.placement import Placement, dispatch, storage_device
 from merger.plan import Blend, Plan, TensorSource, text_model_plan
 
@@ -70,14 +71,20 @@ def load_parent_tensors(
     for ref, name in wanted:
         by_file.setdefault(models[ref].tensors[name].file, []).append((ref, name))
     done = 0
+    held: dict[tuple[object, str], torch.Tensor] = {}  # (storage key, device) -> tensor: each read once
     with ParentReader(models) as reader:  # for the tensors a LoRA adapter changes
         for file, keys in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for ref, name in keys:
                     src = sources[(ref, name)]
-                    tensor = f.get_tensor(name) if src.delta is None else reader.read(src, device="cpu", dtype=dtype)
-                    for target in _holders(placement, (ref, name), device):
-                        loaded[(ref, name, target)] = tensor.to(device=storage_device(target), dtype=dtype)
+                    key = storage_key(plan, src)
+                    for target in _holders(placement, key, device):
+                        if (key, target) not in held:
+                            stored = (
+                                f.get_tensor(name) if src.delta is None else reader.read(src, device="cpu", dtype=dtype)
+                            )
+                            held[(key, target)] = stored.to(device=storage_device(target), dtype=dtype)
+                        loaded[(ref, name, target)] = held[(key, target)]
                     done += 1
                     if progress and done % 16 == 0:
                         progress(done / len(wanted), f"loading {ref}")

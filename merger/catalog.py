@@ -113,6 +113,11 @@ class ModelInfo:
         codes = {m.dtype for m in self.tensors.values()}
         return next((ST_TO_DTYPE[code] for code in ("BF16", "F16", "F32") if code in codes), "float32")
 
+    @property
+    def weights_ref(self) -> str:
+        """The reference whose stored tensors these are: a `model+lora` reference's model."""
+        return lora.split_ref(self.ref)[0] if self.adapter else self.ref
+
     def delta_for(self, name: str) -> lora.LoraDelta | None:
         """What the reference's adapter adds to tensor `name` (None: the tensor as stored)."""
         return self.adapter.deltas.get(name) if self.adapter else None

@@ -30,13 +30,21 @@ class Counts:
         return asdict(self)
 
 
+def storage_key(plan: Plan, origin: Blend | TensorSource) -> tuple[str, str] | Blend:
+    """What one built tensor is: a distinct blend, or a parent tensor by (reference, name). A
+    `model+lora` reference's tensors that its adapter leaves as stored are the model's own, so a
+    recipe that also uses the model alone holds them once."""
+    if isinstance(origin, Blend):
+        return origin
+    if origin.delta is None:
+        return plan.models[origin.model].weights_ref, origin.name
+    return origin.model, origin.name
+
+
 def tensor_storage(plan: Plan) -> dict[str, tuple[tuple[str, str] | Blend, int]]:
     """Output tensor name -> (storage key, parameters): outputs with one key are one tensor when built
     (a parent tensor passed through, or one distinct blend)."""
-    return {
-        out: (src if isinstance(src, Blend) else (src.model, src.name), src.meta.numel)
-        for out, src in plan.tensors.items()
-    }
+    return {out: (storage_key(plan, src), src.meta.numel) for out, src in plan.tensors.items()}
 
 
 def count(plan: Plan) -> Counts:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merger.assemble import assemble
+from merger.assemble import assemble, parameter_bytes
 from merger.catalog import LocalPolicy, resolve
 from merger.errors import ModelRefError, UnsafeCheckpointError
 from merger.export import export_plan
@@ -88,6 +88,7 @@ def test_a_built_lora_merge_chats_as_its_export_loaded_by_transformers(tiny_llam
 
     plan = make_plan(passthrough((f"{tiny_llama}+{tiny_llama_lora}", 0, 4), (str(tiny_llama), 2, 6)), ANY_PATH)
     built = assemble(plan)
+    assert parameter_bytes(built) == count(plan).memory_bytes  # unchanged tensors shared with the plain model's
     exported = AutoModelForCausalLM.from_pretrained(export_plan(plan, tmp_path / "out").path).eval()
     ids = torch.tensor([[1, 5, 9, 30, 2]])
     with torch.no_grad():
@@ -116,9 +117,9 @@ def test_preview_counts_the_tensors_the_adapter_changes(tiny_llama, tiny_llama_l
     per_layer = 64 * 64 + 32 * 64 + 64 * 128  # q_proj, v_proj, down_proj of the tiny llama
     assert counts.total_params == plain.total_params
     assert counts.lora_bytes == 4 * per_layer * 4  # layers 0-3 from the adapted model, float32
-    # layers 2-3 come from both the adapted and the plain model: the adapted model's are held apart
-    # (even the tensors its adapter leaves as they are), so nothing in this stack is shared
-    assert plain.memory_bytes < plain.bytes and counts.memory_bytes == counts.bytes
+    # layers 2-3 come from both the adapted and the plain model: only the tensors the adapter
+    # changes are held twice; the rest are the plain model's own
+    assert counts.memory_bytes == plain.memory_bytes + 2 * per_layer * 4
     parent = plain.parent_params[str(tiny_llama)]
     assert counts.parent_params == {lora: parent, str(tiny_llama): parent}
 
