@@ -253,3 +253,25 @@ def test_pickled_adapters_and_malformed_references_are_refused(tiny_llama, tiny_
 def test_slim_refuses_a_lora_reference(tiny_llama, tiny_llama_lora, tmp_path):
     with pytest.raises(ModelRefError, match="names a LoRA adapter"):
         slim_model(f"{tiny_llama}+{tiny_llama_lora}", tmp_path / "out", resolver=ANY_PATH)
+
+
+def test_the_page_previews_a_lora_reference_from_allowed_folders_and_refuses_one_from_elsewhere(
+    tiny_llama, tiny_llama_lora, monkeypatch
+):
+    import gradio as gr
+
+    import app
+    import ui.models
+
+    roots = (tiny_llama.parent.resolve(), tiny_llama_lora.parent.resolve())
+    monkeypatch.setattr(ui.models, "POLICY", LocalPolicy(allow_any_path=False, roots=roots))
+    ui.models.public_info.cache_clear()
+    try:
+        lora = f"{tiny_llama.name}+{tiny_llama_lora.name}"
+        counts = app.preview(passthrough((lora, 0, 4), (tiny_llama.name, 2, 6)).to_yaml())
+        assert counts["lora_bytes"] == 4 * (64 * 64 + 32 * 64 + 64 * 128) * 4
+        assert "tensors with a LoRA merged in" in app.preview_markdown(counts)
+        with pytest.raises(gr.Error, match="absolute paths are not allowed"):
+            app.preview(passthrough((f"{tiny_llama.name}+{tiny_llama_lora}", 0, 4)).to_yaml())
+    finally:
+        ui.models.public_info.cache_clear()
