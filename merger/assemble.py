@@ -88,7 +88,40 @@ def load_parent_tensors(
                     done += 1
                     if progress and done % 16 == 0:
                         progress(done / len(wanted), f"loading {ref}")
+    experts = families.STACKED_EXPERTS.get(plan.config.get("model_type"))
+    if experts is not None:
+        pack_experts(loaded, experts)
     return LoadedTensors(loaded, models)
+
+
+def pack_experts(loaded: dict[tuple[str, str, str], torch.Tensor], experts: families.StackedExperts) -> None:
+    """Each mixture-of-experts layer's expert tensors, as read, moved into one stacked tensor per
+    projection (the layout transformers 5 holds: stack_experts then takes it as it is), one layer at
+    a time and in place of the tensors read, so a build never holds its experts twice."""
+    layers: dict[tuple[str, int, str], dict[str, tuple[str, str, str]]] = {}
+    for key in loaded:
+        ref, name, target = key
+        found = families.CAUSAL_LM.layer_of(name)
+        if found is not None and found[1].startswith(f"{experts.prefix}."):
+            layers.setdefault((ref, found[0], target), {})[found[1]] = key
+    for keys in layers.values():
+        count = sum(1 for inner in keys if inner.endswith(f".{experts.down}.weight"))
+        names = [[experts.stored(e, part) for e in range(count)] for part in (experts.gate, experts.up, experts.down)]
+        if any(inner not in keys for group in names for inner in group):
+            continue  # not the layout this family stores (left to stack_experts, which says what is missing)
+        gates, ups, downs = ([loaded[keys[inner]] for inner in group] for group in names)
+        gate_up = torch.empty(
+            (count, 2 * gates[0].shape[0], gates[0].shape[1]), dtype=gates[0].dtype, device=gates[0].device
+        )
+        down = torch.empty((count, *downs[0].shape), dtype=downs[0].dtype, device=downs[0].device)
+        rows = gates[0].shape[0]
+        for e in range(count):
+            gate_up[e, :rows].copy_(gates[e])
+            gate_up[e, rows:].copy_(ups[e])
+            down[e].copy_(downs[e])
+            loaded[keys[names[0][e]]], loaded[keys[names[1][e]]] = gate_up[e, :rows], gate_up[e, rows:]
+            loaded[keys[names[2][e]]] = down[e]
+        del gates, ups, downs  # the tensors read: their memory goes back before the next layer is packed
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -186,14 +219,32 @@ def stack_experts(state: dict[str, torch.Tensor], experts: families.StackedExper
         downs = [tensors.pop(experts.stored(e, experts.down)) for e in range(count)]
         key = tuple(id(t) for t in (*gates, *ups, *downs))
         if key not in stacked:
-            gate_up = torch.stack([torch.cat([gate, up]) for gate, up in zip(gates, ups, strict=True)])
-            stacked[key] = (gate_up, torch.stack(downs))
+            gate_up, down = _packed(gates, ups), _packed(downs)
+            if gate_up is None:
+                gate_up = torch.stack([torch.cat([gate, up]) for gate, up in zip(gates, ups, strict=True)])
+            stacked[key] = (gate_up, torch.stack(downs) if down is None else down)
         out[f"{prefix}{experts.into}.gate_up_proj"], out[f"{prefix}{experts.into}.down_proj"] = stacked[key]
         for suffix, tensor in tensors.items():
             for old, new in experts.renames:
                 suffix = new + suffix.removeprefix(old) if suffix.startswith(old) else suffix
             out[prefix + suffix] = tensor
     return out
+
+
+def _packed(first: list[torch.Tensor], second: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+    """The stacked tensor that `first` (and `second`) are exactly the rows of (pack_experts' or a
+    built model's: expert e's rows of `first`, then of `second`), else None."""
+    base = first[0]._base
+    if base is None or base.dim() != 3 or base.shape[0] != len(first):
+        return None
+    rows = first[0].shape[0]
+    for e, tensor in enumerate(first):
+        if tensor._base is not base or tensor.data_ptr() != base[e].data_ptr():
+            return None
+        if second is not None and (second[e]._base is not base or second[e].data_ptr() != base[e, rows:].data_ptr()):
+            return None
+    whole = rows * (2 if second is not None else 1)
+    return base if base.shape[1] == whole and first[0].shape[1:] == base.shape[2:] else None
 
 
 def tensors_of(model: PreTrainedModel, plan: Plan, device: str) -> LoadedTensors:

@@ -311,3 +311,23 @@ def fast_greedy_equals_generate(model, new_tokens: int = 24) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_pages_fast_decoding_replies_as_generate(family, family_models):
     fast_greedy_equals_generate(assemble(splice_plan(family_models[family])))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_an_moe_build_holds_its_experts_once_as_read(family, family_models):
+    """The experts are read into transformers 5's stacked layout (not read, then stacked again):
+    the built model's stacked tensors are the very memory the parent's experts were read into."""
+    from merger.assemble import assemble_loaded, load_parent_tensors
+
+    plan = splice_plan(family_models[family])
+    parents = load_parent_tensors(plan, device="cpu", dtype=torch.float32)
+    built = assemble_loaded(plan, parents, device="cpu", dtype=torch.float32)
+    block, gate, _, down = STORED_EXPERTS[family]
+    ref = str(family_models[family])
+    for depth, layer in enumerate(ORDER):
+        experts = built.model.layers[depth].mlp.experts
+        read_gate = parents.by_source[(ref, f"model.layers.{layer}.{block}.experts.0.{gate}.weight", "cpu")]
+        read_down = parents.by_source[(ref, f"model.layers.{layer}.{block}.experts.0.{down}.weight", "cpu")]
+        assert experts.gate_up_proj.data_ptr() == read_gate.data_ptr()
+        assert experts.down_proj.data_ptr() == read_down.data_ptr()
+    assert parameter_bytes(built) == count(plan).memory_bytes
