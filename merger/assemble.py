@@ -88,6 +88,7 @@ def load_parent_tensors(
                     done += 1
                     if progress and done % 16 == 0:
                         progress(done / len(wanted), f"loading {ref}")
+    del held  # `loaded` holds the only references: packing the experts frees each layer's as read
     experts = families.STACKED_EXPERTS.get(plan.config.get("model_type"))
     if experts is not None:
         pack_experts(loaded, experts)
