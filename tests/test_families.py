@@ -294,23 +294,12 @@ def test_an_moe_merge_rebuilt_from_its_parent_in_memory_equals_its_build(family,
         assert torch.equal(from_memory(ids).logits, assemble(plan)(ids).logits)
 
 
-def fast_greedy_equals_generate(model, new_tokens: int = 24) -> None:
-    """The page's decode path (a static cache, the next token chosen on the device) replies as
-    transformers' generate() does."""
-    from merger.fastgen import FastGenerator
-
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        expected = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, len(PROMPT) :].tolist()
-    eos = model.generation_config.eos_token_id
-    stop = [eos] if isinstance(eos, int) else list(eos or [])
-    fast = FastGenerator(model, max_seq_len=len(PROMPT) + new_tokens)
-    assert list(fast.generate(ids, max_new_tokens=new_tokens, stop_ids=stop)) == expected
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_pages_fast_decoding_replies_as_generate(family, family_models):
-    fast_greedy_equals_generate(assemble(splice_plan(family_models[family])))
+    """The page's decode path (a static cache, the next token chosen on the device)."""
+    from test_fastgen import assert_greedy_equals_generate
+
+    assert_greedy_equals_generate(assemble(splice_plan(family_models[family])), PROMPT, new_tokens=24, fuse=False)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
