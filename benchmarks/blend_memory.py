@@ -23,11 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger.assemble import assemble, parameter_bytes
-from merger.catalog import LocalPolicy, resolver_for
-from merger.params import count, human_bytes
+from merger.build.assemble import assemble, parameter_bytes
 from merger.plan import make_plan
-from merger.recipe import passthrough, recipe_from_dict
+from merger.plan.counts import count
+from merger.recipe import passthrough
+from merger.recipe.mergekit_yaml import recipe_from_dict
+from merger.sizes import human_bytes
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 

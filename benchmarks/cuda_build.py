@@ -21,10 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger.assemble import assemble, parameter_bytes
-from merger.catalog import LocalPolicy, resolver_for
+from merger.build.assemble import assemble, parameter_bytes
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 

@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generation import copy_bandwidth  # this folder is on the path when run as a script
 
-from merger.decode_attention import (
+from merger.generate.attention import (
     combine_chunks,
     flex_decode_attention,
     grouped_decode_attention,
     triton_decode_attention,
 )
-from merger.fastgen import STEP_COMPILE
+from merger.generate.generator import STEP_COMPILE
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 GROUPS = HEADS // KV_HEADS

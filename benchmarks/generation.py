@@ -44,17 +44,22 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger import decode_attention, fastgen
-from merger.aot_step import compile_step
-from merger.assemble import assemble, parameter_bytes
-from merger.catalog import LocalPolicy, resolver_for
-from merger.chat import GenerationSettings, ReplyStats, stream_reply
+from merger.build.assemble import assemble, parameter_bytes
+from merger.chat.replies import ReplyStats, stream_reply
 from merger.errors import exception_line
-from merger.fastgen import CUDA_CHUNK, LOOP, FastGenerator, ModelDecoder, fuse_projections
+from merger.generate import attention as decode_attention
+from merger.generate import generator as fastgen
+from merger.generate.aot import compile_step
+from merger.generate.fuse import fuse_projections
+from merger.generate.generator import CUDA_CHUNK, FastGenerator
+from merger.generate.loop import LOOP, ModelDecoder
+from merger.generate.sampling import GenerationSettings
 from merger.limits import CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
 from merger.recipe import passthrough
-from merger.runtime import Built, plan_placement, prepare_for_chat
+from merger.runtime.builds import Built, prepare_for_chat
+from merger.runtime.devices import plan_placement
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 

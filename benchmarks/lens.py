@@ -29,18 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from merger.catalog import LocalPolicy, resolver_for
-from merger.lens import (
-    CALIBRATION_TEXT,
-    PairStats,
-    ResidualRecorder,
-    TokenChunks,
-    capture,
-    load_model,
-    read_text,
-    suggest_duplications,
-    tokenize,
-)
+from merger.lens.capture import CALIBRATION_TEXT, PairStats, ResidualRecorder, TokenChunks, capture, read_text, tokenize
+from merger.lens.search import load_model, suggest_duplications
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 

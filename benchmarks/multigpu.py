@@ -49,14 +49,17 @@ from generation import (
     weight_bytes_per_token,
 )
 
-from merger.assemble import LoadedTensors, assemble_loaded, parameter_bytes
-from merger.catalog import ModelInfo
-from merger.fastgen import FastGenerator, fuse_projections
-from merger.params import count, human_bytes
-from merger.placement import Placement, place, storage_device
+from merger.build.assemble import LoadedTensors, assemble_loaded, parameter_bytes
+from merger.dtypes import code_of
+from merger.generate.fuse import fuse_projections
+from merger.generate.generator import FastGenerator
 from merger.plan import Plan, make_plan
+from merger.plan.counts import count
+from merger.plan.placement import Placement, place, storage_device
 from merger.recipe import passthrough
-from merger.safetensors_files import TORCH_NAMES, TensorMeta
+from merger.sizes import human_bytes
+from merger.sources.model_info import ModelInfo
+from merger.sources.safetensors_files import TensorMeta
 
 LLAMA3_70B_SHAPE = {
     **LLAMA3_8B_SHAPE,
@@ -90,7 +93,7 @@ def meta_model_info(ref: str, shape: dict[str, Any], dtype: str = "bfloat16") ->
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     tensors = {
-        name: TensorMeta(tuple(t.shape), TORCH_NAMES[dtype])
+        name: TensorMeta(tuple(t.shape), code_of(dtype))
         for name, t in model.state_dict().items()
         if not (config.tie_word_embeddings and name == "lm_head.weight")
     }

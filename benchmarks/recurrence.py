@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger.catalog import LocalPolicy, resolver_for
-from merger.lens import recurrence_sweep, suggest_duplications
+from merger.lens.search import recurrence_sweep, suggest_duplications
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 

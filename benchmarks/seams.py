@@ -46,22 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from merger.assemble import assemble
-from merger.catalog import LocalPolicy, resolver_for
-from merger.lens import (
-    CALIBRATION_TEXT,
-    HELDOUT_TEXT,
-    capture,
-    duplication_drift,
-    load_model,
-    next_token_loss,
-    rank_duplications,
-    read_text,
-    suggest_duplications,
-    tokenize,
-)
+from merger.build.assemble import assemble
+from merger.lens.capture import CALIBRATION_TEXT, HELDOUT_TEXT, capture, read_text, tokenize
+from merger.lens.search import duplication_drift, load_model, next_token_loss, rank_duplications, suggest_duplications
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
@@ -94,7 +84,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 def tail_perplexities(ref: str, parent, held, blocks: list[tuple[int, int]], batch_size: int) -> dict:
     """Perplexity on `held` of every duplication merge, from the parent's cached x_b through the
     tail [a, L) and the head."""
-    from merger.lens import ResidualRecorder
+    from merger.lens.capture import ResidualRecorder
 
     L = parent.config.num_hidden_layers
     batches = list(held.batches(batch_size))

@@ -7,10 +7,11 @@ import pickle
 import pytest
 import torch
 
-from merger import aot_step
-from merger.aot_step import AotLoadError, AotStep, compile_step
-from merger.assemble import assemble
-from merger.fastgen import FastGenerator
+from merger.build.assemble import assemble
+from merger.errors import AotLoadError
+from merger.generate import aot as aot_step
+from merger.generate.aot import AotStep, compile_step
+from merger.generate.generator import FastGenerator
 from merger.plan import make_plan
 from merger.recipe import passthrough
 

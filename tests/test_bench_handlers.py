@@ -10,11 +10,14 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from merger import aot_step, fastgen, runtime
-from merger import zero_gpu as zero_gpu_module
-from merger.chat import format_prompt, stream_reply
+from merger.chat.prompts import format_prompt
+from merger.chat.replies import stream_reply
+from merger.generate import aot as aot_step
+from merger.generate import generator as fastgen
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.runtime import builds as runtime
+from merger.runtime import zero_gpu as zero_gpu_module
 from ui import chat as bench
 
 from refs import ANY_PATH

@@ -14,10 +14,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from merger.errors import RecipeError
-from merger.methods import linear, magnitude_prune, random_prune, slerp
-from merger.params import count
+from merger.methods.functions import linear, magnitude_prune, random_prune, slerp
 from merger.plan import Blend, TensorSource, make_plan
-from merger.recipe import Recipe, from_share_token, recipe_from_dict, recipe_from_yaml, to_share_token
+from merger.plan.counts import count
+from merger.recipe import Recipe
+from merger.recipe.mergekit_yaml import recipe_from_dict, recipe_from_yaml
+from merger.recipe.share_links import from_share_token, to_share_token
 
 from refs import ANY_PATH
 
@@ -335,10 +337,11 @@ def mixed_recipe(tiny_llama, tiny_llama_ft1):
 def test_mixed_blend_and_passthrough_recipe_builds_chats_and_exports_the_same_model(mixed_recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from merger.assemble import parameter_bytes
-    from merger.chat import GenerationSettings, stream_reply
-    from merger.export import export_plan
-    from merger.runtime import build
+    from merger.build.assemble import parameter_bytes
+    from merger.build.export import export_plan
+    from merger.chat.replies import stream_reply
+    from merger.generate.sampling import GenerationSettings
+    from merger.runtime.builds import build
 
     plan = make_plan(mixed_recipe, ANY_PATH)
     assert plan.num_layers == 3 + 4 + 2

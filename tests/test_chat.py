@@ -7,11 +7,13 @@ import threading
 import pytest
 import torch
 
-from merger.chat import GenerationSettings, ReplyStats, format_prompt, stream_reply
+from merger.chat.prompts import format_prompt
+from merger.chat.replies import ReplyStats, stream_reply
 from merger.errors import UserError
+from merger.generate.sampling import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime import build, prepare_for_chat
+from merger.runtime.builds import build, prepare_for_chat
 
 from refs import ANY_PATH
 
@@ -104,7 +106,7 @@ def test_a_conversation_longer_than_the_window_is_refused_in_words(tiny_llama):
 
 
 def test_replies_streamed_side_by_side_equal_separate_runs(tiny_llama, tiny_llama_b):
-    from merger.chat import stream_side_by_side
+    from merger.chat.replies import stream_side_by_side
 
     merge, parent = built_tiny(tiny_llama, (0, 4), (2, 6)), built_tiny(tiny_llama_b, (0, 6))
     settings = GenerationSettings(temperature=0.9, max_new_tokens=20, seed=11)

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from merger.cards import card_from_dict, roleplay_prompt
-from merger.chat import GenerationSettings, format_prompt
-from merger.chat_template import ChatTemplateError
-from merger.errors import UserError
+from merger.chat.cards import card_from_dict, roleplay_prompt
+from merger.chat.prompts import format_prompt
+from merger.errors import ChatTemplateError, UserError
+from merger.generate.sampling import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
 from ui import chat as bench

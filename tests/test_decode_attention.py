@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from attention_reference import attended_slots, sdpa_over
 
-import merger.decode_attention as decode_attention
-import merger.fastgen as fastgen
-from merger.assemble import assemble
-from merger.fastgen import FastGenerator
+import merger.generate.attention as decode_attention
+import merger.generate.generator as fastgen
+from merger.build.assemble import assemble
+from merger.generate.generator import FastGenerator
 from merger.plan import make_plan
 from merger.recipe import passthrough
 

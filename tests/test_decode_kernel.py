@@ -10,7 +10,7 @@ import pytest
 import torch
 from attention_reference import attended_slots, sdpa_over
 
-from merger import decode_attention
+from merger.generate import attention as decode_attention
 
 pytest.importorskip("triton")
 

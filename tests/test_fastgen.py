@@ -8,12 +8,14 @@ import weakref
 import pytest
 import torch
 
-import merger.fastgen as fastgen
-from merger.assemble import assemble, parameter_bytes
-from merger.fastgen import COMPILED_STEP, EAGER_STEP, FastGenerator, fuse_projections
+import merger.generate.generator as fastgen
+from merger.build.assemble import assemble, parameter_bytes
+from merger.generate.fuse import fuse_projections
+from merger.generate.generator import FastGenerator
+from merger.generate.sampling import SamplingState, sample
+from merger.generate.steps import COMPILED_STEP, EAGER_STEP
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.sampling import SamplingState, sample
 
 from refs import ANY_PATH
 from tiny import tiny_model

@@ -7,17 +7,11 @@ inside the graph, seeded; the uncompiled step (a ZeroGPU worker's) in a CUDA gra
 import pytest
 import torch
 
-from merger import decode_attention
-from merger.assemble import assemble
-from merger.fastgen import (
-    COMPILED_STEP,
-    EAGER_STEP,
-    GREEDY,
-    IN_A_CUDA_GRAPH,
-    SAMPLED,
-    FastGenerator,
-    fuse_projections,
-)
+from merger.build.assemble import assemble
+from merger.generate import attention as decode_attention
+from merger.generate.fuse import fuse_projections
+from merger.generate.generator import FastGenerator
+from merger.generate.steps import COMPILED_STEP, EAGER_STEP, GREEDY, IN_A_CUDA_GRAPH, SAMPLED
 from merger.plan import make_plan
 from merger.recipe import passthrough
 

@@ -12,36 +12,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import merger.assemble
+import merger.build.assemble
 from merger.__main__ import main
-from merger.assemble import assemble
-from merger.lens import (
-    MERGE,
-    ResidualRecorder,
-    TokenChunks,
-    capture,
-    duplication_drift,
-    duplication_perplexities,
-    duplication_recipe,
-    perplexity,
-    point_labels,
-    rank_duplications,
-    recurrence_recipe,
-    recurrence_sweep,
-    score_seams,
-    suggest_duplications,
-    tokenize,
-)
-from merger.plan import make_plan
-from merger.plots import (
+from merger.build.assemble import assemble
+from merger.lens.capture import MERGE, ResidualRecorder, TokenChunks, capture, point_labels, tokenize
+from merger.lens.plots import (
     angular_distance_figure,
     block_influence_figure,
     recurrence_figure,
     seam_scores_figure,
     suggestions_figure,
 )
+from merger.lens.seams import score_seams
+from merger.lens.search import (
+    duplication_drift,
+    duplication_perplexities,
+    duplication_recipe,
+    perplexity,
+    rank_duplications,
+    recurrence_recipe,
+    recurrence_sweep,
+    suggest_duplications,
+)
+from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime import load_tokenizer
+from merger.runtime.builds import load_tokenizer
 
 from refs import ANY_PATH
 
@@ -472,7 +467,7 @@ def test_figures_carry_exact_values_and_mark_the_recipe(tiny_llama):
     assert list(seam_fig.data[0].y) == list(scores.predicted) and list(seam_fig.data[1].y) == list(scores.measured)
     assert len(seam_fig.layout.shapes) == 1  # one seam line
 
-    from merger.lens import RecurrencePoint, Suggestion, Suggestions
+    from merger.lens.search import RecurrencePoint, Suggestion, Suggestions
 
     ranked = tuple(rank_duplications(lens, max_size=3))
     confirmed = (Suggestion(ranked[0].start, ranked[0].end, ranked[0].predicted, 12.5),)

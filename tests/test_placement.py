@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from benchmarks.multigpu import LLAMA3_70B_SHAPE, merge_plan, meta_model_info
-from merger.assemble import assemble
+from merger.build.assemble import assemble
 from merger.errors import PlacementError
-from merger.fastgen import FastGenerator
-from merger.placement import DEPTH_RANGES, SHARED, WORKING_MIN_BYTES, place
+from merger.generate.generator import FastGenerator
 from merger.plan import make_plan
+from merger.plan.placement import DEPTH_RANGES, SHARED, WORKING_MIN_BYTES, place
 from merger.recipe import passthrough
 from ui.placement import placement_markdown, refusal_markdown
 

@@ -9,12 +9,15 @@ import weakref
 import psutil
 import pytest
 
-from merger import runtime
-from merger.chat import GenerationSettings, stream_reply
+from merger.chat.replies import stream_reply
 from merger.errors import PlacementError, UserError
+from merger.generate.sampling import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime import SessionModels, build, needed_bytes, prepare_for_chat
+from merger.runtime import builds as runtime
+from merger.runtime.builds import build, prepare_for_chat
+from merger.runtime.devices import needed_bytes
+from merger.runtime.sessions import SessionModels
 
 from refs import ANY_PATH
 

@@ -12,11 +12,13 @@ import psutil
 import pytest
 from gradio.utils import get_upload_folder
 
-from merger import container, disk, runtime
 from merger.errors import PlacementError, UserError
-from merger.hub import download_weights
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.runtime import builds as runtime
+from merger.runtime import container
+from merger.sources import disk
+from merger.sources.hub import download_weights
 from ui import models
 
 from refs import ANY_PATH

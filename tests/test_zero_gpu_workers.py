@@ -12,10 +12,11 @@ import gradio as gr
 import pytest
 import torch
 
-from merger import runtime, zero_gpu
-from merger.assemble import parameter_bytes
+from merger.build.assemble import parameter_bytes
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.runtime import builds as runtime
+from merger.runtime import zero_gpu
 
 from refs import ANY_PATH
 

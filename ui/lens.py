@@ -69,7 +69,8 @@ def _text_key(text: str | None) -> str:
 
 def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], None]) -> Any:
     """The lens of model `ref` on `text` (None: the bundled calibration text), cached."""
-    from merger.lens import CALIBRATION_TEXT, capture, chunks_for, load_model
+    from merger.lens.capture import CALIBRATION_TEXT, capture
+    from merger.lens.search import chunks_for, load_model
 
     lens = cached_lens(ref, text)
     if lens is not None:
@@ -125,7 +126,7 @@ def analyze_model(
     request: gr.Request = None,
 ) -> tuple[str, Any, Any]:
     """Heatmap (the stack's slices and seams of this model marked) and block-influence curve."""
-    from merger.plots import angular_distance_figure, block_influence_figure
+    from merger.lens.plots import angular_distance_figure, block_influence_figure
 
     _, lens = _text_and_lens(ref, text, progress, 1.0)
     recipe = recipe_of(state)
@@ -162,9 +163,12 @@ def score_stack_seams(
 ) -> tuple[Any, str, Any]:
     """Predicted and measured damage at every seam of the page's recipe: the scores (with the recipe
     they belong to, for `seam_scores_shown`), a summary and a plot."""
-    from merger.lens import CALIBRATION_TEXT, chunks_for, score_seams, seam_depths
-    from merger.plots import seam_scores_figure
-    from merger.runtime import best_device, load_tokenizer
+    from merger.lens.capture import CALIBRATION_TEXT
+    from merger.lens.plots import seam_scores_figure
+    from merger.lens.seams import score_seams, seam_depths
+    from merger.lens.search import chunks_for
+    from merger.runtime.builds import load_tokenizer
+    from merger.runtime.devices import best_device
 
     plan = plan_of(state)
     if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
@@ -197,8 +201,8 @@ def suggest_blocks(
     ref: str | None, text: str, ranking: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> tuple[str, Any, gr.Dropdown]:
     """Rank every 2-8-layer block of `ref` to duplicate; build the best five and measure them."""
-    from merger.lens import suggest_duplications
-    from merger.plots import suggestions_figure
+    from merger.lens.plots import suggestions_figure
+    from merger.lens.search import suggest_duplications
 
     if not ref:
         raise gr.Error("Add a model to the stack first.")
@@ -238,7 +242,7 @@ def suggestion_recipe(
     pick: str | None, ref: str | None, columns: list[dict[str, Any]]
 ) -> tuple[Recipe, list[dict[str, Any]]]:
     """The duplication of the picked block, [0, end) + [start, L), and the columns to show it with."""
-    from merger.lens import duplication_recipe
+    from merger.lens.search import duplication_recipe
 
     start, end = _block(pick)
     if not ref:
@@ -259,8 +263,8 @@ def sweep_block(
     request: gr.Request = None,
 ) -> tuple[str, Any]:
     """Perplexity and predicted seam damage of the picked block run 1..max_repeats times."""
-    from merger.lens import recurrence_sweep
-    from merger.plots import recurrence_figure
+    from merger.lens.plots import recurrence_figure
+    from merger.lens.search import recurrence_sweep
 
     start, end = _block(pick)
     _, lens = _text_and_lens(ref, text, progress, 0.1)
@@ -286,11 +290,13 @@ def measure_perplexities(
     state: State, text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> str:
     """Perplexity of the merge on screen and of each parent, on held-out text and on the user's."""
-    from merger.assemble import assemble
-    from merger.lens import HELDOUT_TEXT, chunks_for, perplexity
+    from merger.build.assemble import assemble
+    from merger.lens.capture import HELDOUT_TEXT
+    from merger.lens.search import chunks_for, perplexity
     from merger.plan import make_plan
     from merger.recipe import passthrough
-    from merger.runtime import best_device, build_dtype, load_tokenizer
+    from merger.runtime.builds import load_tokenizer
+    from merger.runtime.devices import best_device, build_dtype
 
     plan = plan_of(state)
     user_text = _user_text(text)

@@ -165,7 +165,7 @@ def test_stack_widget_edits_reach_python_draw_seams_and_escape_model_names(app, 
 
 
 def recipe_from_value(value: dict):
-    from merger.recipe import recipe_from_dict
+    from merger.recipe.mergekit_yaml import recipe_from_dict
     from ui.recipe_value import stack_mapping
 
     return recipe_from_dict(stack_mapping(value))
