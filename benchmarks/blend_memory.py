@@ -7,7 +7,7 @@ folder. Two 40-layer recipes, each half passthrough and half blended (linear, 0.
     duplicated range 10-19 comes back blended, so it is materialized);
   - "duplicate shared, rest blended": [0,20) and [10,20) passed through (the repeat shares its
     tensors), then [20,30) blended.
-Prints, per build, the measured unique parameter bytes (merger.assemble.parameter_bytes), the
+Prints, per build, the measured unique parameter bytes (merger.build.assemble.parameter_bytes), the
 plan's prediction (memory_bytes, blend_bytes) and the ratio to the parent's build.
 
     python benchmarks/blend_memory.py [--workdir DIR]

@@ -1,18 +1,18 @@
-"""Decode speed at batch 1 on a GPU: plain `generate()` against merger.fastgen, parent against merge.
+"""Decode speed at batch 1 on a GPU: plain `generate()` against merger.generate.generator, parent against merge.
 
 Makes a random model of Llama-3-8B's shape (bf16, written as safetensors to local disk), builds it
-and the merge [0,24)+[16,32) (40 layers, 8 repeated, shared tensors) with merger.assemble, and
+and the merge [0,24)+[16,32) (40 layers, 8 repeated, shared tensors) with merger.build.assemble, and
 reports as JSON, for both: the first reply right after the build (on the eager step's CUDA graph,
 while the step compiles in the background), another visitor's reply speed during that compile
-against its speed alone, then tokens/s of the page's chat path (merger.chat.stream_reply on a
-build prepared by merger.runtime.prepare_for_chat: fused projections, the compiled step in a CUDA
+against its speed alone, then tokens/s of the page's chat path (merger.chat.replies.stream_reply on a
+build prepared by merger.runtime.builds.prepare_for_chat: fused projections, the compiled step in a CUDA
 graph, text decoded as it streams), greedy and sampled, of plain `generate()` and of
 FastGenerator called directly (unfused, then fused), time to first text for a 512-token prompt,
 and each speed against the memory-bandwidth bound (weight bytes one step reads / device copy
 bandwidth measured in this run); then a second merge of the same depth with its seam moved (its
 first reply, its compile, its speed), and the step as a ZeroGPU Space runs it: unfused and
 uncompiled, its eager step captured in a CUDA graph against the same step left eager (`zero_gpu_`),
-and compiled ahead of time by merger.aot_step (`aot_`).
+and compiled ahead of time by merger.generate.aot (`aot_`).
 Stages run in order of importance and stop starting new ones when the time budget runs low; the
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
@@ -47,8 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from merger.build.assemble import assemble, parameter_bytes
 from merger.chat.replies import ReplyStats, stream_reply
 from merger.errors import exception_line
-from merger.generate import attention as decode_attention
-from merger.generate import generator as fastgen
+from merger.generate import attention, generator
 from merger.generate.aot import compile_step
 from merger.generate.fuse import fuse_projections
 from merger.generate.generator import CUDA_CHUNK, FastGenerator
@@ -482,12 +481,12 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help="the random parent's folder: written there if missing, kept")
     parser.add_argument("--only", nargs="+", default=(), help="run only the stages whose names start so")
     parser.add_argument(
-        "--decode-attention", choices=("grouped", "flex", "triton"), default=decode_attention.DECODE_KERNEL
+        "--decode-attention", choices=("grouped", "flex", "triton"), default=attention.DECODE_KERNEL
     )
     parser.add_argument(
         "--step-options",
         type=json.loads,
-        default=fastgen.STEP_COMPILE["options"],
+        default=generator.STEP_COMPILE["options"],
         help="inductor options for the compiled step, as JSON (e.g. '{\"triton.cudagraphs\": true}': no tuning)",
     )
     args = parser.parse_args()
@@ -498,8 +497,8 @@ def main() -> None:
     assert args.smoke or torch.cuda.is_available(), "needs a CUDA GPU (or --smoke)"
     report = Report(args.out, args.budget_s, args.only)
     data = report.data
-    decode_attention.DECODE_KERNEL = data["decode_attention"] = args.decode_attention
-    fastgen.STEP_COMPILE = {"options": args.step_options}
+    attention.DECODE_KERNEL = data["decode_attention"] = args.decode_attention
+    generator.STEP_COMPILE = {"options": args.step_options}
     data["step_options"] = args.step_options
     data["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     data["torch"], data["transformers"] = torch.__version__, transformers.__version__

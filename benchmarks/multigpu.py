@@ -1,9 +1,9 @@
 """A merge bigger than one GPU: Llama-3-70B's self-merge [0,70)+[10,80) (140 layers, about 122B
 effective parameters) built with shared tensors over several GPUs and decoded at batch 1.
 
-No disk: the parent's random bf16 tensors are made directly on the GPUs that merger.placement
+No disk: the parent's random bf16 tensors are made directly on the GPUs that merger.plan.placement
 names for them (a tensor placed on two GPUs is made on each). The merge is then assembled by
-assignment and spread with accelerate's `dispatch_model` (merger.assemble.assemble_loaded), exactly
+assignment and spread with accelerate's `dispatch_model` (merger.build.assemble.assemble_loaded), exactly
 as a build from files would be. Reported as JSON (rewritten after every stage, so a cut-off run keeps
 what it measured): the placement, the build time once the parent is on the GPUs, memory per GPU
 against the parent's share plus the KV cache, time to first token (512-token prompt) and tokens/s

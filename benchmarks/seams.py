@@ -6,7 +6,7 @@ Reports Spearman's ρ between each predictor and perplexity (ranks, ties average
 whether the five best blocks by a predictor fall in the best quartile by perplexity. Predictors:
     predicted        d(x_b, x_a) from the lens (calibration text; no merge is run)
     measured_seam    the merge's stream arriving at the seam vs what layer a received in the
-                     parent (merger.lens.duplication_drift; for a duplication this is d(x_b, x_a)
+                     parent (merger.lens.search.duplication_drift; for a duplication this is d(x_b, x_a)
                      again, on the first --drift-tokens calibration tokens)
     measured_mean    that distance averaged over every depth from the seam to the top
     measured_output  the merge's stream leaving the stack vs the parent's, before the final norm

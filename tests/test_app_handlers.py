@@ -227,11 +227,11 @@ def test_preview_of_a_parent_as_it_is_has_no_seams():
 
 def test_placement_next_to_the_preview_names_the_device_or_the_refusal(monkeypatch):
     from merger.plan import make_plan
-    from merger.runtime import builds as runtime
+    from merger.runtime import devices
 
     plan = make_plan(passthrough((SMOL, 0, 20), (SMOL, 10, 30)), app.model_info)
     assert app.placement_preview(plan).startswith("**Placement**: one device, `cpu`, all 40 layers")
-    monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
+    monkeypatch.setattr(devices, "free_memory", lambda device: 10 * 2**20)
     assert "but only 10.00 MiB is free" in shown(app.placement_preview(plan))
 
 

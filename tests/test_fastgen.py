@@ -8,8 +8,8 @@ import weakref
 import pytest
 import torch
 
-import merger.generate.generator as fastgen
 from merger.build.assemble import assemble, parameter_bytes
+from merger.generate import generator
 from merger.generate.fuse import fuse_projections
 from merger.generate.generator import FastGenerator
 from merger.generate.sampling import SamplingState, sample
@@ -151,7 +151,7 @@ def test_step_that_fails_to_compile_runs_eagerly(tiny_llama, monkeypatch):
     def failing_backend(graph_module, example_inputs):
         raise RuntimeError("no kernel for this architecture")
 
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": failing_backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": failing_backend})
     model = build(str(tiny_llama), (0, 4), (2, 6))
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.inference_mode():
@@ -213,7 +213,7 @@ def compiled_generator(model, max_seq_len: int = 32) -> FastGenerator:
 def test_every_model_structure_gets_a_compiled_step(monkeypatch):
     # dynamo stops compiling one code object after 8 entries: a ninth depth would run eagerly
     backend = CountingBackend()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
     for layers in range(1, 12):
         fast = FastGenerator(tiny_llama_of_depth(layers), max_seq_len=32, compile=True)
@@ -233,7 +233,7 @@ def test_every_model_structure_gets_a_compiled_step(monkeypatch):
 
 def test_models_of_one_structure_share_a_compiled_step_with_their_own_weights(monkeypatch):
     backend = CountingBackend()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
     first = compiled_generator(tiny_llama_of_depth(3, seed=1))
     replies = [list(first.generate(ids, max_new_tokens=8))]
@@ -249,7 +249,7 @@ def test_models_of_one_structure_share_a_compiled_step_with_their_own_weights(mo
 def test_merges_of_one_depth_repeating_other_layers_get_their_own_compiled_step(tiny_llama, monkeypatch):
     # a step compiled where layers 4-5 repeat 2-3 takes them as one input: it cannot serve 5-6 repeating 3-4
     backend = CountingBackend()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
     for ranges in (((0, 4), (2, 6)), ((0, 5), (3, 6))):
         fast = FastGenerator(build(str(tiny_llama), *ranges), max_seq_len=32, compile=True)
@@ -262,7 +262,7 @@ def test_merges_of_one_depth_repeating_other_layers_get_their_own_compiled_step(
 
 def test_compiled_step_is_freed_with_its_last_generator(monkeypatch):
     backend = CountingBackend()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     fast = compiled_generator(tiny_llama_of_depth(2, seed=3))
     assert backend.compiled and all(ref() is not None for ref in backend.compiled)
     del fast
@@ -274,7 +274,7 @@ def test_a_compiling_step_blocks_no_reply_and_takes_over_at_the_next_token_once_
     # the compile runs on its own thread: its model's reply and another model's go on meanwhile
     backend = CountingBackend()
     backend.release.clear()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
     fresh = FastGenerator(tiny_llama_of_depth(2, seed=6), max_seq_len=64, compile=True)
     other = FastGenerator(tiny_llama_of_depth(2, seed=7), max_seq_len=64)  # not compiled: eager
@@ -295,7 +295,7 @@ def test_a_compiling_step_blocks_no_reply_and_takes_over_at_the_next_token_once_
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_compiled_step_samples_as_the_eager_step_does(monkeypatch, penalty):
     # the same seed through the compiled step: its picks read the same draws and settings
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": CountingBackend()})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": CountingBackend()})
     model = tiny_llama_of_depth(2, seed=8)
     settings = dict(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=20, min_p=0.02, repetition_penalty=penalty)
     eager = list(FastGenerator(model, max_seq_len=64).generate(torch.tensor([[1, 5, 9]]), seed=4, **settings))

@@ -17,8 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # `merger.methods.specs` departs from its package: it is data (no torch) the recipe validates against
 # and the widget draws from, so it sits with the facts; the methods' functions come after the plan.
 STAGES = (
-    ("facts", ("merger.errors", "merger.dtypes", "merger.architecture", "merger.limits", "merger.locks",
-               "merger.sizes", "merger.host", "merger.methods.specs")),
+    (
+        "facts",
+        (
+            "merger.errors",
+            "merger.dtypes",
+            "merger.architecture",
+            "merger.limits",
+            "merger.locks",
+            "merger.sizes",
+            "merger.host",
+            "merger.methods.specs",
+        ),
+    ),
     ("recipe", ("merger.recipe",)),
     ("sources", ("merger.sources",)),
     ("plan", ("merger.plan",)),
@@ -65,8 +76,9 @@ def imports_of(module: str) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if node.level:  # relative: from the package, `level` - 1 packages up
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
             names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
         else:
             continue

@@ -294,13 +294,13 @@ def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama
 def file_opens(monkeypatch) -> list[str]:
     """Every safetensors file assembly opens, from now on."""
     opened = []
-    real = merger.assemble.safe_open
+    real = merger.build.assemble.safe_open
 
     def counting(path, *args, **kwargs):
         opened.append(str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(merger.assemble, "safe_open", counting)
+    monkeypatch.setattr(merger.build.assemble, "safe_open", counting)
     return opened
 
 

@@ -2,7 +2,7 @@
 resend, clear), in-character replies for the Roleplay tab, and a side-by-side comparison with a
 parent or a second recipe on the same prompt, settings and seed.
 
-Built models live in SESSIONS (merger.runtime.SessionModels), keyed by the browser session: its
+Built models live in SESSIONS (merger.runtime.sessions.SessionModels), keyed by the browser session: its
 merge under the session id, its comparison model under `<id>:compare`, within one memory budget.
 Handlers check what they can refuse here, then stream from a generating function run inside
 `gpu_task` (ZeroGPU's `spaces.GPU` on such a Space, in a forked worker), which names the builds it

@@ -2,7 +2,7 @@
 
 Shard headers are known from the plan before any weight is read, so each tensor's bytes go
 straight from the parent's file to the output (same dtype) or through one conversion (other
-dtype); a blended tensor is computed from its inputs (merger.blend_tensors) and written: memory
+dtype); a blended tensor is computed from its inputs (merger.build.parent_reader) and written: memory
 stays about one tensor and its inputs whatever the model's size. Same-dtype bytes move with
 `os.copy_file_range` (the kernel copies, no user-space buffer: about twice a read/write loop's
 speed here), each parent file opened once. The folder is written under a temporary sibling name

@@ -60,7 +60,7 @@ def find_redundant(info: ModelInfo) -> Redundancy:
         return verdict
     head, embeddings = info.tensors[HEAD], info.tensors[EMBEDDINGS]
     if head.file is None or embeddings.file is None:
-        raise ValueError(f"{info.ref}: weights are not on disk; call merger.hub.download_weights first")
+        raise ValueError(f"{info.ref}: weights are not on disk; call merger.sources.hub.download_weights first")
     if not _same_bytes(head, embeddings):
         return Redundancy(
             info.ref,

@@ -1,6 +1,5 @@
-"""Chat with a built model: prompt formatting (chat template, or plain completion for base
-models without one) and replies streamed through the model's fast decoder (merger.fastgen), which a
-Stop button can interrupt."""
+"""Replies from a built model, streamed through its fast decoder (merger.generate.loop), which a
+Stop button can interrupt; several models side by side."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from merger.chat.prompts import format_prompt, has_chat_template, stop_token_ids
 from merger.errors import LimitError, UserError
@@ -17,7 +16,19 @@ from merger.generate.sampling import GenerationSettings
 from merger.limits import CONTEXT_TOKENS
 
 if TYPE_CHECKING:
-    from merger.runtime.builds import Built
+    from merger.generate.loop import ModelDecoder
+    from merger.plan import Plan
+
+
+class Chattable(Protocol):
+    """What a reply needs of a build (merger.runtime.builds.Built is one)."""
+
+    model: Any
+    tokenizer: Any
+    plan: Plan
+
+    @property
+    def decoder(self) -> ModelDecoder: ...
 
 
 @dataclass
@@ -54,7 +65,7 @@ class ReplyStats:
 
 
 def stream_reply(
-    built: Built,
+    built: Chattable,
     history: list[dict[str, str]],
     settings: GenerationSettings,
     stop: threading.Event | None = None,
@@ -141,7 +152,7 @@ _END = object()
 
 
 def stream_side_by_side(
-    requests: Sequence[tuple[Built, list[dict[str, str]], dict[str, Any]]],
+    requests: Sequence[tuple[Chattable, list[dict[str, str]], dict[str, Any]]],
     settings: GenerationSettings,
     stop: threading.Event | None = None,
 ) -> Iterator[list[SideReply]]:
@@ -153,7 +164,7 @@ def stream_side_by_side(
     updates: queue.SimpleQueue = queue.SimpleQueue()
     halt = threading.Event()  # the user's Stop, or the reader went away
 
-    def run(i: int, built: Built, history: list[dict[str, str]], options: dict[str, Any]) -> None:
+    def run(i: int, built: Chattable, history: list[dict[str, str]], options: dict[str, Any]) -> None:
         try:
             for text in stream_reply(built, history, settings, halt, replies[i].stats, **options):
                 updates.put((i, text))

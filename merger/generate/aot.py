@@ -9,7 +9,7 @@ Two choices make it work for our builds:
   torch 2.13: the logits went wrong from the third token);
 - the package leaves the weights out, and each build's own tensors are loaded into it without a
   copy (`user_managed`). Duplicated layers stay one tensor, and one package serves every build of
-  a structure (`merger.fastgen.model_structure`: the same depth, shapes and repeated layers).
+  a structure (`merger.generate.steps.model_structure`: the same depth, shapes and repeated layers).
 On the CPU it gives `generate()`'s greedy tokens (tests/test_aot_step.py). On the H200 (torch 2.11)
 AOTInductor's loader crashes the process on any CUDA package, torch's own included (README), so a
 new package is first loaded in a fresh process (`check_loads`), and ZeroGPU uses it only on request.

@@ -4,7 +4,7 @@ Inside torch.compile, transformers' SDPA path repeats every key/value head once 
 its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writes and reads the
 whole cache window several times over; the masked kernel also parallelizes over heads only.
 Three replacements, chosen by `DECODE_KERNEL` (FRANKENMERGE_DECODE_ATTENTION):
-- "triton" (the default; CUDA GPUs from Ampere on): `merger.decode_kernel`'s flash-decoding
+- "triton" (the default; CUDA GPUs from Ampere on): `merger.generate.kernel`'s flash-decoding
   kernel, which reads only the slots up to the position, its chunks combined by `combine_chunks`.
   On the H200 it gave the fastest plain 8B measured, and the smallest gap between a merge and its
   parent (README);
@@ -128,7 +128,7 @@ def triton_decode_attention(
     chunk: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query token [1, H, 1, D] at `position` over the static cache key/value
-    [1, KV, W, D] through `merger.decode_kernel` (only the slots attended are read; `chunk` slots
+    [1, KV, W, D] through `merger.generate.kernel` (only the slots attended are read; `chunk` slots
     per program, by default its CHUNK). Returns [1, H, 1, D]."""
     from merger.generate import kernel as decode_kernel
 

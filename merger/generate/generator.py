@@ -4,11 +4,11 @@ A few structural choices instead of `generate()`'s machinery:
 - one static KV cache, allocated once per generator and reset in place, so every decode step sees
   the same tensor addresses;
 - the prompt runs eagerly (prefill); on one GPU the one-token step, the next token's choice
-  included (`merger.sampling`: greedy or sampled, settings read from the device), is captured in
+  included (`merger.generate.sampling`: greedy or sampled, settings read from the device), is captured in
   a CUDA graph and replayed: one launch per token. The step is first the eager one, so replies
   start right after a build; it is compiled meanwhile on a thread of its own (`COMPILER`), then
   captured likewise and takes over at the next token. Its attention is
-  `merger.decode_attention`'s, which reads only the cached keys and values in use. Where it is
+  `merger.generate.attention`'s, which reads only the cached keys and values in use. Where it is
   not compiled (a ZeroGPU worker forbids torch.compile), the eager step's graph serves;
 - the host reads tokens back only every `chunk` tokens, while the GPU already works on the next
   chunk: no sync per token, so the CPU stays ahead of the GPU. Stop tokens are checked on those reads.
@@ -92,7 +92,7 @@ class FastGenerator:
     minutes); each layer's cache lives on that layer's device. A step that fails to compile or be
     captured leaves the form before it serving: slower, never broken; `compile_error` says why.
 
-    With `aot_step` (`merger.aot_step`: where torch.compile is forbidden) the step is that package,
+    With `aot_step` (`merger.generate.aot`: where torch.compile is forbidden) the step is that package,
     loaded with this model's weights, and nothing compiles here; a package that fails to load
     leaves the step eager (in a CUDA graph on one GPU).
     """

@@ -1,7 +1,7 @@
 """A Triton flash-decoding kernel for one query token over a static KV cache, reading only the
 slots up to the step's position (or its sliding window).
 
-The compiled step's other attentions (`merger.decode_attention`) read the whole cache window every
+The compiled step's other attentions (`merger.generate.attention`) read the whole cache window every
 step, or (FlexAttention) build a block mask per layer. Here each program takes one key/value head
 and one chunk of the window: it loads that head's group of query heads once, walks its chunk's
 slots up to the position in blocks (a loop bound read from the device, so a CUDA graph replays it

@@ -36,6 +36,9 @@ import torch
 from merger.errors import UserError
 
 Progress = Callable[[float, str], None]
+# (plan, *, device) -> a build of it with `model`, `tokenizer`, `device` and `plan`
+# (merger.runtime.builds.build): the lens runs models its caller builds, and never places them itself
+BuildFunction = Callable[..., Any]
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

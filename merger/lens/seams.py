@@ -10,10 +10,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from merger.build.assemble import LoadedTensors, assemble, assemble_loaded, build_dtype, tensors_of
 from merger.dtypes import name_of
 from merger.lens.capture import (
     MAX_LENGTH,
     MERGE,
+    BuildFunction,
     JointLens,
     Lens,
     PairStats,
@@ -83,8 +85,6 @@ class SeamScores:
 
 def load_parents(plan: Plan, *, device: str, dtype: str) -> dict[str, torch.nn.Module]:
     """Each parent as it is (all its layers in order), built like the merge."""
-    from merger.build.assemble import assemble
-
     known = plan.models.__getitem__  # the plan's models, already resolved under its caller's policy
     return {
         ref: assemble(make_plan(passthrough((ref, 0, info.num_layers)), known), device=device, dtype=dtype)
@@ -96,8 +96,6 @@ def load_parents(plan: Plan, *, device: str, dtype: str) -> dict[str, torch.nn.M
 def assemble_from(plan: Plan, parents: Mapping[str, torch.nn.Module], device: str) -> torch.nn.Module:
     """`plan`'s merge (no blends) from its parents' tensors in memory (each parent built as it is,
     all its layers in order, as load_parents builds them): no file read, its tensors theirs."""
-    from merger.build.assemble import LoadedTensors, assemble_loaded, tensors_of
-
     tensors: dict[tuple[str, str, str], torch.Tensor] = {}
     for ref, parent in parents.items():
         own = make_plan(passthrough((ref, 0, len(decoder_layers(parent)))), plan.models.__getitem__)
@@ -119,9 +117,6 @@ def score_seams(
     """Predicted and measured damage at every depth of `plan`'s merge, in one pass over `chunks`
     that runs the parents and the merge in lockstep. Models not given are assembled here (the
     merge from the parents' tensors in memory, unless it blends)."""
-    from merger.build.assemble import assemble
-    from merger.runtime.devices import build_dtype
-
     if merged is None:
         device = device or "cpu"
         dtype = build_dtype(plan, device)
@@ -160,6 +155,7 @@ def analyze(
     recipe: Recipe,
     *,
     resolver: Resolver,
+    build: BuildFunction,
     text: str,
     source: str,
     name: str | None = None,
@@ -168,10 +164,8 @@ def analyze(
     device: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """The lens of a recipe's merge (or of a model, as the recipe [0, L)) as the CLI's JSON; for a
-    recipe with seams, also its seam scores against its parents on the same text."""
-    from merger.runtime.builds import build
-
+    """The lens of a recipe's merge (or of a model, as the recipe [0, L)), built by `build`, as the
+    CLI's JSON; for a recipe with seams, also its seam scores against its parents on the same text."""
     plan = make_plan(recipe, resolver)
     built = build(plan, device=device)
     chunks = tokenize(built.tokenizer, text, max_length=max_length, max_tokens=max_tokens, source=source)

@@ -23,6 +23,7 @@ from merger.lens.capture import (
     DRIFT_TOKENS,
     HELDOUT_TEXT,
     MAX_LENGTH,
+    BuildFunction,
     Lens,
     Progress,
     ResidualRecorder,
@@ -34,7 +35,7 @@ from merger.lens.capture import (
     tokenize,
 )
 from merger.lens.seams import assemble_from, predict_seams, token_angles
-from merger.plan import make_plan
+from merger.plan import as_it_is, make_plan
 from merger.recipe import Recipe, Slice, Source, passthrough
 from merger.sources.model_info import Resolver
 
@@ -319,11 +320,11 @@ class Suggestions:
         }
 
 
-def load_model(ref: str, *, resolver: Resolver, device: str | None = None, dtype: str | None = None) -> Any:
-    """A model as it is (merger.runtime.Built: model, tokenizer, device), in `dtype` (None: the
-    build's default for the device)."""
-    from merger.runtime.builds import as_it_is, build
-
+def load_model(
+    ref: str, *, resolver: Resolver, build: BuildFunction, device: str | None = None, dtype: str | None = None
+) -> Any:
+    """A model as it is, built by `build` (model, tokenizer, device), in `dtype` (None: the build's
+    default for the device)."""
     recipe = as_it_is(ref, resolver).model_copy(update={"dtype": dtype})
     return build(make_plan(recipe, resolver), device=device)
 
@@ -350,6 +351,7 @@ def suggest_duplications(
     model_ref: str,
     *,
     resolver: Resolver,
+    build: BuildFunction,
     calibration: str | None = None,
     heldout: str | None = None,
     top_k: int = 5,
@@ -376,7 +378,7 @@ def suggest_duplications(
     Every model runs in `dtype` (None: the build's default for the device). Progress says what is
     measured and the time left.
     """
-    parent = load_model(model_ref, resolver=resolver, device=device, dtype=dtype)
+    parent = load_model(model_ref, resolver=resolver, build=build, device=device, dtype=dtype)
     L = len(decoder_layers(parent.model))
     calib = (
         None
@@ -438,6 +440,7 @@ def recurrence_sweep(
     end: int,
     *,
     resolver: Resolver,
+    build: BuildFunction,
     max_repeats: int = 8,
     lens: Lens | None = None,
     calibration: str | None = None,
@@ -452,7 +455,7 @@ def recurrence_sweep(
     its predicted seam damage (from `lens`, or a lens on `calibration`) for every k, each merge
     assembled from the parent's tensors in memory, in `dtype` (None: the build's default for the
     device)."""
-    parent = load_model(model_ref, resolver=resolver, device=device, dtype=dtype)
+    parent = load_model(model_ref, resolver=resolver, build=build, device=device, dtype=dtype)
     if lens is None:
         lens = capture(
             parent.model,

@@ -5,7 +5,7 @@ parameter names (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp; a
 Each function takes the input tensors already in the build dtype and on the build device, and
 returns the blended tensor in that dtype. Internal precision follows mergekit: linear and slerp
 work in float32 (float64 inputs stay float64); the task-vector methods work in the input dtype.
-merger.method_specs describes their parameters (names, scopes, defaults) as data.
+merger.methods.specs describes their parameters (names, scopes, defaults) as data.
 """
 
 from __future__ import annotations

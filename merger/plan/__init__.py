@@ -15,7 +15,7 @@ from merger.dtypes import BUILD_DTYPES, name_of_code
 from merger.errors import RecipeError
 from merger.methods.specs import METHODS, PASSTHROUGH
 from merger.plan.vocabulary import shipped_tokenizer
-from merger.recipe import Recipe, Slice
+from merger.recipe import Recipe, Slice, passthrough
 from merger.recipe.parameters import resolve_parameter
 from merger.sources.model_info import ModelInfo, Resolver
 from merger.sources.safetensors_files import TensorMeta
@@ -60,7 +60,7 @@ class Plan:
     layer_sources: list[tuple[str, int]]  # (model, parent layer) per merged depth
     dtype: str  # output dtype: float32 | bfloat16 | float16
     tied: bool
-    tokenizer_ref: str  # the model whose tokenizer the merge ships (merger.vocabulary)
+    tokenizer_ref: str  # the model whose tokenizer the merge ships (merger.plan.vocabulary)
 
     @property
     def num_layers(self) -> int:
@@ -318,3 +318,8 @@ def merged_config(
     config["dtype"] = dtype
     config.pop("torch_dtype", None)
     return config
+
+
+def as_it_is(model_ref: str, resolver: Resolver) -> Recipe:
+    """The recipe of a model as it is: all its layers, in order."""
+    return passthrough((model_ref, 0, resolver(model_ref).num_layers))

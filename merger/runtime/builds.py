@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from merger.errors import exception_line
 from merger.host import on_zero_gpu
 from merger.limits import CONTEXT_TOKENS
-from merger.plan import Plan, make_plan
-from merger.recipe import Recipe, passthrough
+from merger.plan import Plan, as_it_is, make_plan
+from merger.recipe import Recipe
 from merger.runtime.devices import best_device, chat_dtype, compile_unavailable, plan_placement
 
 if TYPE_CHECKING:
@@ -70,8 +70,6 @@ class Built:
         """The model's fast decoder (made on first use; `prepare_for_chat` makes it at build time)."""
         with _decoder_lock:
             if self._decoder is None:
-                from merger.generate.loop import ModelDecoder
-
                 zero = on_zero_gpu()  # no torch.compile there, and each GPU call runs in a forked process
                 compile = False if zero or compile_unavailable() else None
                 self._decoder = ModelDecoder(
@@ -173,8 +171,3 @@ def build_for_chat(
 ) -> Built:
     """A recipe's merge, or a single model as it is (all its layers in order), ready to chat."""
     return prepare_for_chat(build(make_plan(recipe or as_it_is(model_ref, resolver), resolver), device=device))
-
-
-def as_it_is(model_ref: str, resolver: Resolver) -> Recipe:
-    """The recipe of a model as it is: all its layers, in order."""
-    return passthrough((model_ref, 0, resolver(model_ref).num_layers))

@@ -6,6 +6,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
+from merger.build.assemble import build_dtype
 from merger.host import on_zero_gpu
 from merger.plan import Plan
 from merger.runtime.container import memory_available, memory_total
@@ -28,17 +29,12 @@ ZERO_GPU_DEFAULT_GB = 48  # a ZeroGPU Space's card (DESIGN.md); FRANKENMERGE_ZER
 
 def best_device() -> str:
     """Where builds are assembled: CUDA when present; the CPU on ZeroGPU, whose GPU exists only inside
-    GPU calls (each call moves the builds it uses onto it: `merger.zero_gpu`)."""
+    GPU calls (each call moves the builds it uses onto it: `merger.runtime.zero_gpu`)."""
     if on_zero_gpu():
         return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_dtype(plan: Plan, device: str) -> str:
-    """bfloat16 on CUDA (half the memory, full speed); the recipe's dtype on the CPU."""
-    return "bfloat16" if device == "cuda" and plan.recipe.dtype is None else plan.dtype
 
 
 def chat_dtype(plan: Plan, device: str) -> str:

@@ -13,7 +13,7 @@ import threading
 from merger.errors import exception_line
 
 log = logging.getLogger(__name__)
-MODEL_CODE = ("merger.assemble", "merger.lens", "transformers.models.auto.tokenization_auto")
+MODEL_CODE = ("merger.build.assemble", "merger.lens.search", "transformers.models.auto.tokenization_auto")
 
 _imported = threading.Event()
 _imported.set()  # nothing is importing until import_in_background() is called

@@ -88,7 +88,7 @@ def ensure(name: str) -> Path:
 
 
 def _package_dir(model: BundledModel) -> Path:
-    from merger.host import on_space  # merger.space reads this module's table
+    from merger.host import on_space  # merger.sources.space reads this module's table
 
     spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:

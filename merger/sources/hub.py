@@ -133,7 +133,7 @@ def _read_metadata(ref: str, repo_id: str, revision: str | None, token: str | bo
 
 def download_weights(model: ModelInfo) -> ModelInfo:
     """The same model with its safetensors on disk (and byte offsets known); the Hub cache is then
-    kept within the disk budget (`merger.disk`), least recently used models evicted first."""
+    kept within the disk budget (`merger.sources.disk`), least recently used models evicted first."""
     if model.local_dir is not None:
         return model
     from merger.sources import disk
