@@ -480,9 +480,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script only")
     parser.add_argument("--weights", type=Path, help="the random parent's folder: written there if missing, kept")
     parser.add_argument("--only", nargs="+", default=(), help="run only the stages whose names start so")
-    parser.add_argument(
-        "--decode-attention", choices=("grouped", "flex", "triton"), default=attention.DECODE_KERNEL
-    )
+    parser.add_argument("--decode-attention", choices=("grouped", "flex", "triton"), default=attention.DECODE_KERNEL)
     parser.add_argument(
         "--step-options",
         type=json.loads,

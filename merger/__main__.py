@@ -146,7 +146,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     from merger.lens.capture import CALIBRATION_TEXT, read_text
     from merger.lens.seams import analyze
-    from merger.runtime.builds import as_it_is
+    from merger.plan import as_it_is
+    from merger.runtime.builds import build
 
     ref = args.model_ref
     is_recipe = ref.endswith((".yml", ".yaml"))
@@ -156,6 +157,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     result = analyze(
         recipe,
         resolver=RESOLVE,
+        build=build,
         text=text,
         source=str(text_path),
         name=ref,
@@ -176,10 +178,12 @@ def write_json(path: str, data: dict) -> None:
 def cmd_suggest(args: argparse.Namespace) -> None:
     from merger.lens.capture import DRIFT_TOKENS, read_text
     from merger.lens.search import suggest_duplications
+    from merger.runtime.builds import build
 
     found = suggest_duplications(
         args.model_ref,
         resolver=RESOLVE,
+        build=build,
         calibration=read_text(args.text) if args.text else None,
         heldout=read_text(args.heldout) if args.heldout else None,
         top_k=args.top_k,

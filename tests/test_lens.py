@@ -36,6 +36,7 @@ from merger.lens.search import (
 )
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.runtime import builds
 from merger.runtime.builds import load_tokenizer
 
 from refs import ANY_PATH
@@ -223,7 +224,15 @@ def test_tokenize_puts_the_tokenizer_prefix_on_every_chunk():
 def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplexity(tiny_llama):
     ref = str(tiny_llama)
     result = suggest_duplications(
-        ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3, rank_by="predicted", resolver=ANY_PATH
+        ref,
+        calibration=TEXT,
+        heldout=HELDOUT,
+        top_k=3,
+        min_size=2,
+        max_size=3,
+        rank_by="predicted",
+        resolver=ANY_PATH,
+        build=builds.build,
     )
     lens = result.lens
     assert [(s.start, s.end) for s in result.ranked] == [(s.start, s.end) for s in rank_duplications(lens, max_size=3)]
@@ -277,6 +286,7 @@ def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama
         rank_by="drift",
         drift_tokens=60,
         resolver=ANY_PATH,
+        build=builds.build,
         dtype=dtype,
     )
     sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT, max_tokens=60)
@@ -317,6 +327,7 @@ def test_suggestions_read_the_parent_once_and_build_every_candidate_from_its_ten
         max_size=3,
         rank_by=rank_by,
         resolver=ANY_PATH,
+        build=builds.build,
         progress=progress,
     )
     assert len(file_opens) == 1  # the parent's one file; its 9 tails are its own layers, its 3 merges its tensors
@@ -343,7 +354,7 @@ def test_seam_scores_and_the_recurrence_sweep_read_each_parent_once(tiny_llama, 
     assert len(file_opens) == 1  # the parent; the merge is built from its tensors
     lens = capture(build(ref, (0, 6)), CHUNKS, name=ref)
     file_opens.clear()
-    recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH)
+    recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH, build=builds.build)
     assert len(file_opens) == 1
 
 
@@ -360,7 +371,9 @@ def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_ll
     ref = str(tiny_llama)
     parent = build(ref, (0, 6), dtype=dtype)
     lens = capture(parent, tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT), name=ref)
-    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH, dtype=dtype)
+    points = recurrence_sweep(
+        ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH, build=builds.build, dtype=dtype
+    )
     held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     seam = float(lens.angular_distance[4, 2])
     assert [p.repeats for p in points] == [1, 2, 3] and [p.num_layers for p in points] == [6, 8, 10]
@@ -433,7 +446,7 @@ def test_suggest_cli_ranks_by_prediction_and_confirms_top_k_with_the_lens_number
     assert main(["suggest", ref, *args, "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     expected = suggest_duplications(
-        ref, calibration=TEXT, heldout=TEXT, top_k=2, rank_by="predicted", resolver=ANY_PATH
+        ref, calibration=TEXT, heldout=TEXT, top_k=2, rank_by="predicted", resolver=ANY_PATH, build=builds.build
     ).as_dict()
     assert data == expected and data["dtype"] == "float32" and len(data["confirmed"]) == 2
     assert [b["predicted"] for b in data["ranked"]] == sorted(b["predicted"] for b in data["ranked"])

@@ -71,11 +71,12 @@ def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], Non
     """The lens of model `ref` on `text` (None: the bundled calibration text), cached."""
     from merger.lens.capture import CALIBRATION_TEXT, capture
     from merger.lens.search import chunks_for, load_model
+    from merger.runtime.builds import build
 
     lens = cached_lens(ref, text)
     if lens is not None:
         return lens
-    built = load_model(ref, resolver=model_info)
+    built = load_model(ref, resolver=model_info, build=build)
     chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
     lens = capture(built.model, chunks, name=ref, progress=progress)
     del built
@@ -203,6 +204,7 @@ def suggest_blocks(
     """Rank every 2-8-layer block of `ref` to duplicate; build the best five and measure them."""
     from merger.lens.plots import suggestions_figure
     from merger.lens.search import suggest_duplications
+    from merger.runtime.builds import build
 
     if not ref:
         raise gr.Error("Add a model to the stack first.")
@@ -210,6 +212,7 @@ def suggest_blocks(
     found = suggest_duplications(  # its one load of the parent also makes the lens, unless cached
         ref,
         resolver=model_info,
+        build=build,
         calibration=user_text,
         lens=cached_lens(ref, user_text),
         rank_by=RANKINGS.get(ranking, "drift"),
@@ -265,6 +268,7 @@ def sweep_block(
     """Perplexity and predicted seam damage of the picked block run 1..max_repeats times."""
     from merger.lens.plots import recurrence_figure
     from merger.lens.search import recurrence_sweep
+    from merger.runtime.builds import build
 
     start, end = _block(pick)
     _, lens = _text_and_lens(ref, text, progress, 0.1)
@@ -273,6 +277,7 @@ def sweep_block(
         start,
         end,
         resolver=model_info,
+        build=build,
         max_repeats=int(max_repeats),
         lens=lens,
         max_tokens=LENS_TOKENS.value,
@@ -290,13 +295,13 @@ def measure_perplexities(
     state: State, text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> str:
     """Perplexity of the merge on screen and of each parent, on held-out text and on the user's."""
-    from merger.build.assemble import assemble
+    from merger.build.assemble import assemble, build_dtype
     from merger.lens.capture import HELDOUT_TEXT
     from merger.lens.search import chunks_for, perplexity
     from merger.plan import make_plan
     from merger.recipe import passthrough
     from merger.runtime.builds import load_tokenizer
-    from merger.runtime.devices import best_device, build_dtype
+    from merger.runtime.devices import best_device
 
     plan = plan_of(state)
     user_text = _user_text(text)
