@@ -13,6 +13,7 @@ import pytest
 from merger.chat.prompts import format_prompt
 from merger.chat.replies import stream_reply
 from merger.generate import aot as aot_step
+from merger.generate import loop
 from merger.plan import make_plan
 from merger.recipe import passthrough
 from merger.runtime import builds, devices
@@ -304,7 +305,7 @@ def test_without_a_c_compiler_a_gpu_build_replays_a_cuda_graph_and_says_why(visi
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(devices.shutil, "which", lambda name: None)  # a Space image without gcc
     made = []
-    monkeypatch.setattr(builds, "ModelDecoder", lambda model, **options: made.append(options) or SimpleNamespace())
+    monkeypatch.setattr(loop, "ModelDecoder", lambda model, **options: made.append(options) or SimpleNamespace())
     on_gpu = builds.Built(plan=built.plan, model=built.model, tokenizer=None, device="cuda", seconds=0.1)
     assert on_gpu.decoder is not None and made[-1]["compile"] is False
     status = bench.built_status(on_gpu)

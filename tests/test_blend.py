@@ -388,3 +388,12 @@ def test_widget_value_keeps_every_blend_setting(text):
     again = recipe_from_dict({**stack_mapping(value_from_recipe(recipe, columns)), "dtype": recipe.dtype})
     slices = recipe.as_slices(dict.fromkeys(recipe.models, 8))
     assert again == recipe.model_copy(update={"slices": slices, "model_entries": ()})
+
+
+def test_every_merge_method_has_its_function_and_no_function_lacks_a_method():
+    """A method is its spec (merger.methods.specs) and its function (merger.methods.functions.BLENDS):
+    one without the other fails here, not in a visitor's build."""
+    from merger.methods.functions import BLENDS
+    from merger.methods.specs import METHODS
+
+    assert set(BLENDS) == set(METHODS)

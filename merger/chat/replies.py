@@ -92,14 +92,14 @@ def stream_reply(
         )
     stops = stop_token_ids(tokenizer, model)
     stats = stats if stats is not None else ReplyStats()
-    cancel = threading.Event()
+    decoder_stop = threading.Event()  # ends the decoder's generation when this reply ends early
     tokens: list[int] = []
     text = shown = ""
     start = time.perf_counter()
     try:
         for token in decoder.stream(
             ids,
-            cancel=cancel,
+            stop=decoder_stop,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
             top_p=settings.top_p,
@@ -126,7 +126,7 @@ def stream_reply(
             if cut != text:
                 break  # the model began to speak for the user
     finally:
-        cancel.set()
+        decoder_stop.set()
         stats.new_tokens = len(tokens)
         stats.seconds = time.perf_counter() - start
         stats.compiling_s = decoder.compiling_for()
@@ -162,11 +162,11 @@ def stream_side_by_side(
     (a prompt too long for one model's window) fills that column with the reason."""
     replies = [SideReply() for _ in requests]
     updates: queue.SimpleQueue = queue.SimpleQueue()
-    halt = threading.Event()  # the user's Stop, or the reader went away
+    stop_all = threading.Event()  # the user's Stop, or the reader went away
 
     def run(i: int, built: Chattable, history: list[dict[str, str]], options: dict[str, Any]) -> None:
         try:
-            for text in stream_reply(built, history, settings, halt, replies[i].stats, **options):
+            for text in stream_reply(built, history, settings, stop_all, replies[i].stats, **options):
                 updates.put((i, text))
         except Exception as exc:  # reported in the reader's thread
             updates.put((i, exc))
@@ -182,19 +182,19 @@ def stream_side_by_side(
         while running:
             i, item = updates.get()
             if stop is not None and stop.is_set():
-                halt.set()
+                stop_all.set()
             if item is _END:
                 running -= 1
             elif isinstance(item, UserError):
                 replies[i].error = str(item)
             elif isinstance(item, Exception):
                 failure = failure or item
-                halt.set()
+                stop_all.set()
             else:
                 replies[i].text = item
                 yield replies
     finally:
-        halt.set()
+        stop_all.set()
         for thread in threads:
             thread.join()
     if failure is not None:

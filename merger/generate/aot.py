@@ -31,6 +31,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from merger.errors import AotLoadError
+from merger.generate.attention import use_decode_attention
+from merger.generate.steps import allocated_static_cache
 
 # The package holds the step's code and kernels; each build's weights are loaded into it. The
 # weights go to a separate artifact that is left out, as `spaces.aoti_compile` does (torch 2.10 on).
@@ -129,9 +131,6 @@ def compile_step(model: nn.Module, window: int, compile_exported: Callable | Non
     """Export `model`'s one-token step over a static cache of `window` slots and compile it ahead of
     time; `compile_exported` (ExportedProgram -> package bytes) replaces AOTInductor's own packaging
     (a Space's `spaces.aoti_compile`). Raises AotLoadError for a package this machine cannot load."""
-    from merger.generate.attention import use_decode_attention
-    from merger.generate.steps import allocated_static_cache
-
     use_decode_attention(model)  # the step reads each cached key and value once; prefill keeps SDPA
     cache = allocated_static_cache(model, window)  # its own: the export swaps the layers' tensors
     device = next(model.parameters()).device

@@ -31,7 +31,7 @@ class _Job:
     input_ids: torch.Tensor | None
     options: dict[str, Any]
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
     call: Callable[[], Any] | None = None
     tokens: Iterator[int] | None = None  # None until it starts
 
@@ -84,7 +84,7 @@ class DecodeLoop(_JobThread):
             if job.call is not None:
                 job.out.put(job.call())
                 raise StopIteration
-            if job.cancel.is_set() or job.decoder.closed:
+            if job.stop.is_set() or job.decoder.closed:
                 raise StopIteration
             if job.tokens is None:
                 job.tokens = job.decoder.tokens(job.input_ids, job.options)
@@ -158,16 +158,16 @@ class ModelDecoder:
         to it, so the window bounds its memory and time."""
         return prompt_tokens + max_new_tokens <= self.window
 
-    def stream(self, input_ids: torch.Tensor, *, cancel: threading.Event, **options: Any) -> Iterator[int]:
-        """New token ids as they arrive (options as FastGenerator.generate's). Setting `cancel`, or
+    def stream(self, input_ids: torch.Tensor, *, stop: threading.Event, **options: Any) -> Iterator[int]:
+        """New token ids as they arrive (options as FastGenerator.generate's). Setting `stop`, or
         closing the iterator, ends the generation after the token in flight."""
         if not self._threaded:
             for token in self.tokens(input_ids, options):
                 yield token
-                if cancel.is_set():
+                if stop.is_set():
                     return
             return
-        job = _Job(self, input_ids, options, cancel=cancel)
+        job = _Job(self, input_ids, options, stop=stop)
         LOOP.submit(job)
         try:
             while (item := job.out.get()) is not _DONE:
@@ -175,7 +175,7 @@ class ModelDecoder:
                     raise item
                 yield item
         finally:
-            cancel.set()
+            stop.set()
 
     def warm_up(self, input_ids: torch.Tensor) -> None:
         """Queue a two-token generation: it captures the eager step's CUDA graph and starts the

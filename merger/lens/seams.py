@@ -27,15 +27,9 @@ from merger.lens.capture import (
     decoder_layers,
     tokenize,
 )
-from merger.plan import Plan, make_plan
+from merger.plan import Plan, expected_points, make_plan, seam_depths
 from merger.recipe import Recipe, passthrough
 from merger.sources.model_info import Resolver
-
-
-def expected_points(layer_sources: Sequence[tuple[str, int]], primary: str) -> list[tuple[str, int]]:
-    """For every merged depth, the parent capture point that the previous depth's layer hands on
-    in its own parent: (m', p+1) after layer p of m', and the primary's embeddings at depth 0."""
-    return [(primary, 0)] + [(m, p + 1) for m, p in layer_sources[:-1]]
 
 
 def predict_seams(layer_sources: Sequence[tuple[str, int]], lens: Lens | JointLens, primary: str) -> list[float]:
@@ -44,13 +38,6 @@ def predict_seams(layer_sources: Sequence[tuple[str, int]], lens: Lens | JointLe
         0.0 if (m, a) == expected else lens.distance(expected[0], expected[1], m, a)
         for (m, a), expected in zip(layer_sources, expected_points(layer_sources, primary), strict=True)
     ]
-
-
-def seam_depths(layer_sources: Sequence[tuple[str, int]], primary: str) -> list[int]:
-    """Depths whose layer does not receive what it received in its parent: Plan.seams(), plus
-    depth 0 when the stack does not start at the primary's first layer."""
-    expected = expected_points(layer_sources, primary)
-    return [d for d, source in enumerate(layer_sources) if source != expected[d]]
 
 
 def token_angles(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ class Drift:
     output: float  # the stream leaving the merge vs leaving the parent, before the final norm
 
 
-class Work:
+class TokenLayerWork:
     """Progress over a job counted in token-layers (one token through one decoder layer: every pass
     costs about its tokens times its layers), each message saying what is measured and the time
     left at the pace so far."""
@@ -185,7 +185,7 @@ def duplication_drift(
     blocks: Sequence[tuple[int, int]],
     *,
     batch_size: int = 2,
-    work: Work | None = None,
+    work: TokenLayerWork | None = None,
 ) -> dict[tuple[int, int], Drift]:
     """Measured damage of duplicating each block [a, b) of `parent`.
 
@@ -241,7 +241,7 @@ def duplication_perplexities(
     blocks: Sequence[tuple[int, int]],
     *,
     batch_size: int = 1,
-    work: Work | None = None,
+    work: TokenLayerWork | None = None,
 ) -> tuple[float, dict[tuple[int, int], float]]:
     """The perplexity of `parent` on `chunks` and of each duplication
     [0, b) + [a, L) of `blocks`: the merge's first b layers are the parent's own, so its tail [a, L)
@@ -394,7 +394,7 @@ def suggest_duplications(
         + (drift_work(L, sum(len(c) for c in sample.chunks), blocks) if rank_by == "drift" else 0)
         + (0 if calib is None else sum(len(c) for c in calib.chunks) * L)
     )
-    work = Work(total, progress)
+    work = TokenLayerWork(total, progress)
     if calib is not None:
         work.add(0, "lens: the residual stream of the calibration text")
         lens = capture(parent.model, calib, name=model_ref, progress=work.part(sum(len(c) for c in calib.chunks) * L))
@@ -466,7 +466,7 @@ def recurrence_sweep(
     if not 0 <= start < end <= L:
         raise UserError(f"block [{start}, {end}) is not inside {model_ref}'s {L} layers")
     depths = [L + (k - 1) * (end - start) for k in range(1, max_repeats + 1)]
-    work = Work(held.num_tokens * sum(depths), progress)
+    work = TokenLayerWork(held.num_tokens * sum(depths), progress)
     points = []
     for k, depth in enumerate(depths, start=1):
         work.add(0, f"perplexity of block {start}-{end} x{k}")

@@ -11,7 +11,8 @@ merger.methods.specs describes their parameters (names, scopes, defaults) as dat
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -195,6 +196,89 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+@dataclass(frozen=True)
+class BlendInputs:
+    """One output tensor's inputs: `tensors` in mergekit's input order, `per_source` the resolved
+    per-source parameters (empty for the base), `seed_keys` one name per source for DARE's masks."""
+
+    tensors: Sequence[torch.Tensor]
+    base_index: int | None
+    shared: dict[str, Any]
+    per_source: Sequence[dict[str, Any]]
+    seed_keys: Sequence[str]
+
+    @property
+    def others(self) -> list[int]:
+        """The sources other than the base, by index."""
+        return [i for i in range(len(self.tensors)) if i != self.base_index]
+
+    def base(self, method: str) -> torch.Tensor:
+        if self.base_index is None:
+            raise ValueError(f"{method} needs a base tensor")
+        return self.tensors[self.base_index]
+
+    def of_others(self, name: str) -> list[Any]:
+        """The per-source parameter `name` of every source but the base."""
+        return [self.per_source[i][name] for i in self.others]
+
+
+def _passthrough(x: BlendInputs) -> torch.Tensor:
+    return x.tensors[0] * x.per_source[0]["scale"]  # as mergekit: one multiply in the input dtype
+
+
+def _linear(x: BlendInputs) -> torch.Tensor:
+    return linear(x.tensors, [p["weight"] for p in x.per_source], normalize=x.shared["normalize"])
+
+
+def _slerp(x: BlendInputs) -> torch.Tensor:
+    return slerp(x.shared["t"], x.base("slerp"), x.tensors[x.others[0]])
+
+
+def _task_vectors(method: str, combine: Callable[..., torch.Tensor]) -> Callable[[BlendInputs], torch.Tensor]:
+    """A task-vector method: the base alone when there is nothing to add to it, else `combine` of the
+    base, the others and their weights (and whatever else `combine` reads from the inputs)."""
+
+    def run(x: BlendInputs) -> torch.Tensor:
+        base = x.base(method)
+        if not x.others:
+            return base
+        inputs = [x.tensors[i] for i in x.others]
+        common = {"normalize": x.shared["normalize"], "lambda_": x.shared["lambda"]}
+        return combine(x, base, inputs, x.of_others("weight"), **common)
+
+    return run
+
+
+def _task_arithmetic(x: BlendInputs, base, inputs, weights, **common) -> torch.Tensor:
+    return task_arithmetic(base, inputs, weights, **common)
+
+
+def _ties(x: BlendInputs, base, inputs, weights, **common) -> torch.Tensor:
+    return ties(base, inputs, weights, x.of_others("density"), rescale=x.shared["rescale"], **common)
+
+
+def _dare(consensus: bool) -> Callable[..., torch.Tensor]:
+    def run(x: BlendInputs, base, inputs, weights, **common) -> torch.Tensor:
+        seeds = [stable_seed(x.shared["seed"], x.seed_keys[i]) for i in x.others]
+        densities = x.of_others("density")
+        return dare(base, inputs, weights, densities, seeds, consensus=consensus, rescale=x.shared["rescale"], **common)
+
+    return run
+
+
+# Each method's function, by the name merger.methods.specs gives it: a new method is a spec there
+# and a line here.
+BLENDS: dict[str, Callable[[BlendInputs], torch.Tensor]] = {
+    "passthrough": _passthrough,
+    "linear": _linear,
+    "task_arithmetic": _task_vectors("task_arithmetic", _task_arithmetic),
+    "ties": _task_vectors("ties", _ties),
+    "dare_ties": _task_vectors("dare_ties", _dare(consensus=True)),
+    "dare_linear": _task_vectors("dare_linear", _dare(consensus=False)),
+    "slerp": _slerp,
+}
+
+
 def blend(
     method: str,
     tensors: Sequence[torch.Tensor],
@@ -204,31 +288,8 @@ def blend(
     per_source: Sequence[dict[str, Any]],
     seed_keys: Sequence[str] = (),
 ) -> torch.Tensor:
-    """Dispatch one output tensor's blend: `tensors` in mergekit's input order, `per_source`
-    the resolved per-source parameters (empty for the base), `seed_keys` one name per source
-    for DARE's masks."""
-    if method == "passthrough":  # as mergekit: one multiply in the input dtype
-        return tensors[0] * per_source[0]["scale"]
-    if method == "linear":
-        return linear(tensors, [p["weight"] for p in per_source], normalize=shared["normalize"])
-    if base_index is None:
-        raise ValueError(f"{method} needs a base tensor")
-    base = tensors[base_index]
-    others = [i for i in range(len(tensors)) if i != base_index]
-    if method == "slerp":
-        return slerp(shared["t"], base, tensors[others[0]])
-    if not others:
-        return base
-    inputs = [tensors[i] for i in others]
-    weights = [per_source[i]["weight"] for i in others]
-    densities = [per_source[i]["density"] for i in others]
-    common = {"normalize": shared["normalize"], "lambda_": shared["lambda"]}
-    if method == "task_arithmetic":
-        return task_arithmetic(base, inputs, weights, **common)
-    if method == "ties":
-        return ties(base, inputs, weights, densities, rescale=shared["rescale"], **common)
-    if method in ("dare_ties", "dare_linear"):
-        seeds = [stable_seed(shared["seed"], seed_keys[i]) for i in others]
-        consensus = method == "dare_ties"
-        return dare(base, inputs, weights, densities, seeds, consensus=consensus, rescale=shared["rescale"], **common)
-    raise ValueError(f"unknown blend method '{method}'")
+    """One output tensor's blend by `method` (BlendInputs says what the arguments hold)."""
+    function = BLENDS.get(method)
+    if function is None:
+        raise ValueError(f"unknown blend method '{method}'")
+    return function(BlendInputs(tensors, base_index, shared, per_source, seed_keys))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,11 +82,23 @@ class Plan:
 
     def seams(self) -> list[int]:
         """Merged depths whose layer did not follow the previous depth's layer in its parent."""
-        return [
-            d
-            for d in range(1, self.num_layers)
-            if self.layer_sources[d] != (self.layer_sources[d - 1][0], self.layer_sources[d - 1][1] + 1)
-        ]
+        return [d for d in seam_depths(self.layer_sources, self.recipe.primary_model) if d > 0]
+
+
+# The seam rule, the one every stage reads (the plan, the lens, the page's stack widget): a depth's
+# layer is at a seam unless it receives what it received in its own parent.
+def expected_points(layer_sources: Sequence[tuple[str, int]], primary: str) -> list[tuple[str, int]]:
+    """For every merged depth, the parent capture point that the previous depth's layer hands on
+    in its own parent: (m', p+1) after layer p of m', and the primary's embeddings at depth 0."""
+    return [(primary, 0)] + [(m, p + 1) for m, p in layer_sources[:-1]]
+
+
+def seam_depths(layer_sources: Sequence[tuple[str, int]], primary: str) -> list[int]:
+    """Depths whose layer does not receive what it received in its parent: the seams between
+    slices and repeats (Plan.seams), and depth 0 when the stack does not start at the primary's
+    first layer."""
+    expected = expected_points(layer_sources, primary)
+    return [d for d, source in enumerate(layer_sources) if source != expected[d]]
 
 
 def make_plan(recipe: Recipe, resolver: Resolver) -> Plan:

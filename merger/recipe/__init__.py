@@ -58,6 +58,7 @@ TOKENIZER_KEYS = ("source",)  # of mergekit's `tokenizer:` mapping, the ones thi
 
 
 Settings = dict[str, Any]  # parameter name -> setting, as written in the YAML
+MAX_REPEAT = 64  # the largest `repeat` of one slice (the widget's repeat box takes it too)
 
 
 class Source(BaseModel):
@@ -105,7 +106,7 @@ class Slice(BaseModel):
 
     sources: tuple[Source, ...]
     parameters: Settings = Field(default_factory=dict)
-    repeat: int = Field(default=1, ge=1, le=64)
+    repeat: int = Field(default=1, ge=1, le=MAX_REPEAT)
 
     @model_validator(mode="before")
     @classmethod

@@ -70,6 +70,8 @@ class Built:
         """The model's fast decoder (made on first use; `prepare_for_chat` makes it at build time)."""
         with _decoder_lock:
             if self._decoder is None:
+                from merger.generate.loop import ModelDecoder
+
                 zero = on_zero_gpu()  # no torch.compile there, and each GPU call runs in a forked process
                 compile = False if zero or compile_unavailable() else None
                 self._decoder = ModelDecoder(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger.errors import ModelRefError
+from merger.host import on_space
+from merger.locks import PARAMETERS_LOCK
 
 CACHE_ENV = "FRANKENMERGE_CACHE"
 
@@ -88,8 +90,6 @@ def ensure(name: str) -> Path:
 
 
 def _package_dir(model: BundledModel) -> Path:
-    from merger.host import on_space  # merger.sources.space reads this module's table
-
     spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
         if on_space():  # a visitor cannot install anything: point at the Hub copy instead
@@ -109,8 +109,6 @@ def _gguf_path(model: BundledModel, workdir: Path) -> Path:
 
 def _convert(name: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    from merger.locks import PARAMETERS_LOCK
 
     model = MODELS[name]
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

@@ -30,6 +30,7 @@ from huggingface_hub.errors import (
 
 from merger.errors import HubUnavailableError, ModelRefError, UnsafeCheckpointError, UserError
 from merger.host import on_space
+from merger.sources import disk
 from merger.sources.model_info import PICKLE_SUFFIXES, TOKENIZER_FILES, ModelInfo, check_supported, read_config
 from merger.sources.safetensors_files import TensorMeta, read_header, tensor_meta
 
@@ -136,7 +137,6 @@ def download_weights(model: ModelInfo) -> ModelInfo:
     kept within the disk budget (`merger.sources.disk`), least recently used models evicted first."""
     if model.local_dir is not None:
         return model
-    from merger.sources import disk
 
     disk.check_fits(model)
     try:
