@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Sizes for people to read: bytes (KiB, MiB, ...) and parameter counts (K, M, B)."""
 
 from __future__ import annotations
 

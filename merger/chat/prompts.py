@@ -1,14 +1,10 @@
-"""TODO docstring."""
+"""The exact text a model receives: the chat template's conversation, or plain completion for base
+models without one; and the tokens a reply stops on."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from merger.architecture import TURN_END_TOKENS
 from merger.chat.templates import check_conversation, render_chat_template
-
-if TYPE_CHECKING:
-    pass
 
 
 def has_chat_template(tokenizer) -> bool:

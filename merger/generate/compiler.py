@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The thread that compiles decode steps off the decode loop, so replies keep streaming meanwhile."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import logging
 import queue
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 # Python's thread switch interval while a step compiles: the compile holds the GIL for whole
 # intervals, and every torch call of a decode loop gives the GIL up and waits for it again, so at

@@ -1,10 +1,10 @@
-"""TODO docstring."""
+"""The build-time half of fast decoding: one q/k/v and one gate/up matrix per layer, so a decode
+step launches fewer, larger kernels (which modules fuse: merger.architecture)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,6 @@ from transformers.cache_utils import Cache
 
 from merger.architecture import FUSABLE_ATTENTION, FUSABLE_MLP
 from merger.locks import PARAMETERS_LOCK
-
-if TYPE_CHECKING:
-    pass
 
 
 def fuse_projections(model: nn.Module) -> int:

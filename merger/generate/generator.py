@@ -59,10 +59,7 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-
 CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's run-ahead, so read rarely
-
 
 # Inductor's code alone, without its CUDA graphs: the step is captured in a CUDA graph by hand
 # (`_capture`), which any thread may replay, so it compiles on the compiler thread while replies go

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The decode loop every threaded reply runs on (`DecodeLoop`: one thread, a token of each request
+in turn), and `ModelDecoder`, every generation of one built model."""
 
 from __future__ import annotations
 

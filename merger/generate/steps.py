@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The one-token decode step: the static KV cache it writes, the device state it reads and writes
+(`DecodeState`), its forms (eager, compiled, compiled ahead of time; each captured in a CUDA graph
+on one GPU) and the compiled step's code shared by models of one structure."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,23 +19,12 @@ from transformers.cache_utils import Cache, StaticLayer
 from merger.errors import exception_line
 from merger.generate.sampling import SamplingState
 
-if TYPE_CHECKING:
-    pass
-
-
 GREEDY, SAMPLED = "greedy", "sampled"  # a step's two forms: argmax, or the request's sampling settings
-
 
 # What served a reply's tokens, as its status says
 EAGER_STEP = "eager step"
-
-
 COMPILED_STEP = "compiled step"
-
-
 AHEAD_OF_TIME_STEP = "step compiled ahead of time"
-
-
 IN_A_CUDA_GRAPH = " in a CUDA graph"
 
 
@@ -159,8 +149,6 @@ def _capture(step: _Step, inputs: StepInputs, state: DecodeState, mode: str, str
 # its compiled step, every new structure compiles, and a structure's entries are dropped once no
 # generator uses it.
 _STEP_CODES: weakref.WeakValueDictionary[str, types.FunctionType] = weakref.WeakValueDictionary()
-
-
 _STEP_CODES_LOCK = threading.Lock()
 
 

@@ -39,26 +39,12 @@ Progress = Callable[[float, str], None]
 # (plan, *, device) -> a build of it with `model`, `tokenizer`, `device` and `plan`
 # (merger.runtime.builds.build): the lens runs models its caller builds, and never places them itself
 BuildFunction = Callable[..., Any]
-
-
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
-
 CALIBRATION_TEXT = ASSETS / "calibration.txt"
-
-
 HELDOUT_TEXT = ASSETS / "heldout.txt"
-
-
 MAX_LENGTH = 256  # tokens per chunk: the models' attention is quadratic in it, the statistics are not
-
-
 REDUCE_ROWS = 256  # tokens per float64 reduction step: bounds that temporary at points x 256 x hidden
-
-
 DRIFT_TOKENS = 256  # calibration tokens each candidate's drift is measured on (benchmarks/seams.py)
-
-
 MERGE = "(merge)"  # the assembled model's name beside its parents in a joint lens
 
 

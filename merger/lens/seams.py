@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""How much a merge's seams hurt: the damage predicted from the parents' lens, and measured on the
+assembled merge beside its parents on the same tokens (the formulas are in merger.lens.capture's
+docstring); `analyze` is the CLI's lens of a recipe."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Which block to duplicate: every candidate ranked by predicted damage or measured drift, the best
+confirmed by perplexity on held-out text; and a block's recurrence (run k times in a row). Each
+model comes from the caller's build function; candidates are assembled from the parent's tensors in
+memory and run only the layers they do not share with it."""
 
 from __future__ import annotations
 

@@ -34,29 +34,18 @@ from merger.recipe.parameters import check_setting_size, check_settings
 
 MERGE_METHODS = tuple(METHODS)
 
-
 # mergekit keys we read but do not act on yet: kept verbatim and written back out.
 PRESERVED_TOP_KEYS = ("chat_template", "tokenizer", "out_dtype")
 
-
 # keys of older mergekit recipes that 0.1.5 reads and ignores: accepted, kept, and said so
 IGNORED_TOP_KEYS = {"embed_slerp": "mergekit 0.1.5 ignores it, and so does this app"}
-
-
 KNOWN_TOP_KEYS = {"slices", "models", "merge_method", "dtype", "tokenizer_source", "base_model", "parameters"}
-
 
 # mergekit's vocabulary modes for `tokenizer_source` (else it names a model): the base model's
 # vocabulary, or the union of every model's
 VOCABULARY_MODES = ("base", "union")
-
-
 LEGACY_MODEL_PREFIX = "model:"  # older mergekit's `tokenizer_source: model:org/name`; 0.1.5 takes the plain name
-
-
 TOKENIZER_KEYS = ("source",)  # of mergekit's `tokenizer:` mapping, the ones this app builds
-
-
 Settings = dict[str, Any]  # parameter name -> setting, as written in the YAML
 MAX_REPEAT = 64  # the largest `repeat` of one slice (the widget's repeat box takes it too)
 

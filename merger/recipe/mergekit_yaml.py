@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""mergekit YAML (or its mapping) -> Recipe, within the recipe limits: every problem is a
+RecipeError that names where it is (a line and column for malformed YAML)."""
 
 from __future__ import annotations
 

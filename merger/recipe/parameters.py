@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Merge parameters as mergekit reads them: checked when a recipe is made (names, types, sizes), and
+resolved per tensor when it is planned (precedence source > slice > recipe; a scalar, a gradient
+over a slice's layers, or `{filter, value}` entries matched against the tensor name)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Share links: a recipe (and the page's settings) as a compact, URL-safe, versioned token, and
+back; a damaged or oversized link is one sentence, never a traceback."""
 
 from __future__ import annotations
 

@@ -32,11 +32,7 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-
 _decoder_lock = threading.Lock()
-
-
 _VERSIONS = itertools.count(1)
 
 
@@ -140,8 +136,6 @@ def zero_gpu_aot() -> bool:
 
 
 _AOT_STEPS: weakref.WeakValueDictionary[str, AotStep] = weakref.WeakValueDictionary()  # by structure
-
-
 _AOT_LOCK = threading.Lock()  # one compile at a time: builds of one structure wait for the first
 
 

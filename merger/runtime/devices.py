@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Where a build goes: the device, the dtype a build for chat is made in, the free memory of each
+device (ZeroGPU's card, a container's limit), its placement, and the budget of all built models."""
 
 from __future__ import annotations
 

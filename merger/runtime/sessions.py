@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""Who holds built models: `SessionModels`, keyed by the browser session (its chat model and its
+comparison model), within a memory budget (least recently used evicted first, their owners told
+why); a new build frees the previous one. `gr.State` is deep-copied per session, so it holds ids,
+never models."""
 
 from __future__ import annotations
 
@@ -7,15 +10,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from merger.errors import PlacementError
 from merger.host import on_zero_gpu
 from merger.runtime.builds import Built
 from merger.sizes import human_bytes
-
-if TYPE_CHECKING:
-    pass
 
 
 class SessionModels:

@@ -20,8 +20,6 @@ from merger.sources.model_info import PICKLE_SUFFIXES, ModelInfo, Resolver, chec
 from merger.sources.safetensors_files import TensorMeta, read_header
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-
-
 LOCAL_ROOTS_ENV = "FRANKENMERGE_LOCAL_DIRS"
 
 

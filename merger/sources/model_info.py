@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""What a model is, read from its metadata (config, tensor index, tokenizer files): `ModelInfo`,
+and the checks that refuse what we would misbuild."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from merger.sources.safetensors_files import TensorMeta
 from merger.sources.untrusted_json import json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
