@@ -1,6 +1,6 @@
 """The Lens tab: residual-stream plots of a parent, seam scores of the recipe on screen (coloured on
 the stack), suggested blocks to duplicate (one click puts one in the stack), a recurrence sweep and
-perplexities. Model logic lives in merger/lens.py; figures in merger/plots.py.
+perplexities. Model logic lives in merger/lens/; figures in merger/lens/plots.py.
 
 Lens runs are heavy (each loads the models it measures), so they share one queue slot
 (`concurrency_id="lens"`, limit 1) and a parent's lens is cached per (model, text). Each checks

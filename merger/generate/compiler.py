@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 COMPILE_SWITCH_INTERVAL_S = 0.0002
 
 
-class _JobThread:
+class JobThread:
     """A daemon thread, started by the first job submitted, that serves the queued jobs (`_serve`)."""
 
     def __init__(self, name: str) -> None:
@@ -35,7 +35,7 @@ class _JobThread:
         raise NotImplementedError
 
 
-class BackgroundCompiler(_JobThread):
+class BackgroundCompiler(JobThread):
     """The thread that compiles decode steps, one at a time, off the decode loop: replies keep
     streaming meanwhile. While it works, the thread switch interval is short (COMPILE_SWITCH_INTERVAL_S)."""
 

@@ -6,7 +6,7 @@ A few structural choices instead of `generate()`'s machinery:
 - the prompt runs eagerly (prefill); on one GPU the one-token step, the next token's choice
   included (`merger.generate.sampling`: greedy or sampled, settings read from the device), is captured in
   a CUDA graph and replayed: one launch per token. The step is first the eager one, so replies
-  start right after a build; it is compiled meanwhile on a thread of its own (`COMPILER`), then
+  start right after a build; it is compiled meanwhile on a thread of its own (`compiler.COMPILER`), then
   captured likewise and takes over at the next token. Its attention is
   `merger.generate.attention`'s, which reads only the cached keys and values in use. Where it is
   not compiled (a ZeroGPU worker forbids torch.compile), the eager step's graph serves;
@@ -14,8 +14,8 @@ A few structural choices instead of `generate()`'s machinery:
   chunk: no sync per token, so the CPU stays ahead of the GPU. Stop tokens are checked on those reads.
 On the CPU the same loop runs without graphs, reading every token back (syncs cost nothing there).
 
-`fuse_projections` is the build-time half: one q/k/v and one gate/up matrix per layer, so a decode
-step launches fewer, larger kernels.
+The step itself and its forms are in `steps`; `fuse` is the build-time half (one q/k/v and one
+gate/up matrix per layer, so a step launches fewer, larger kernels); `loop` runs every reply.
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ from merger.generate.steps import (
     GREEDY,
     SAMPLED,
     DecodeState,
+    Step,
     StepInputs,
-    _capture,
-    _Step,
-    _step_code_for,
     allocated_static_cache,
+    capture_step,
     decode,
     forward_one,
     static_cache,
+    step_code_for,
 )
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's run-ahead, so read rarely
 
 # Inductor's code alone, without its CUDA graphs: the step is captured in a CUDA graph by hand
-# (`_capture`), which any thread may replay, so it compiles on the compiler thread while replies go
+# (`capture_step`), which any thread may replay, so it compiles on the compiler thread while replies go
 # on. No gpt-fast coordinate-descent tuning, which turns batch-1 matrix products into inductor
 # reductions: cuBLAS's kernels read the weights faster on the H200, and the first compile took 42 s
 # instead of 104 (README, 2026-12-02 runs c and d)
@@ -111,12 +111,12 @@ class FastGenerator:
         self.state = DecodeState(vocab, max_seq_len, self.chunk, self.device)
         self.compile_error: str | None = None
         self.ahead_of_time = False  # the step is a package compiled ahead of time
-        self._step = _Step(forward_one, EAGER_STEP)
+        self._step = Step(forward_one, EAGER_STEP)
         if aot_step is not None:
             self._bind(aot_step)
         self.graphed = one_gpu and not self.ahead_of_time
         self.compiled = not self.ahead_of_time and (one_gpu if compile is None else compile)
-        self._compiled: _Step | None = None  # the compiled step, once ready, until the next step takes it up
+        self._compiled: Step | None = None  # the compiled step, once ready, until the next step takes it up
         self._compile_lock = threading.Lock()
         self._compile_started: float | None = None  # time.monotonic() when its compile began
         self._compile_done = threading.Event()
@@ -127,7 +127,7 @@ class FastGenerator:
         if self.compiled or self.graphed:
             use_decode_attention(model)  # the compiled step reads each cached key and value once
         if self.compiled:
-            self._step_code = _step_code_for(model)
+            self._step_code = step_code_for(model)
             self.reuses_compiled_step = self._step_code.compiled_once
         else:
             self._compile_done.set()
@@ -158,7 +158,7 @@ class FastGenerator:
             self.compile_error = exception_line(exc)
             log.warning("decode step compiled ahead of time did not load, running without it: %s", self.compile_error)
             return
-        self._step = _Step(lambda inputs, token, position: bound(token, position), AHEAD_OF_TIME_STEP)
+        self._step = Step(lambda inputs, token, position: bound(token, position), AHEAD_OF_TIME_STEP)
         self.ahead_of_time = True
 
     @torch.inference_mode()
@@ -257,7 +257,7 @@ class FastGenerator:
             COMPILER.submit(functools.partial(self._compile, weakref.ref(self)))
         return step.form(mode, self.graphed)
 
-    def _first_graphed_step(self, step: _Step, mode: str) -> None:
+    def _first_graphed_step(self, step: Step, mode: str) -> None:
         """The step's first run in `mode` on one GPU: for real on a side stream (which also warms up
         cuBLAS and the kernels there), then captured in a CUDA graph that later steps replay."""
         current = torch.cuda.current_stream(self.device)
@@ -268,7 +268,7 @@ class FastGenerator:
         with torch.cuda.stream(side):
             decode(step.forward, self.inputs, self.state, mode)
         current.wait_stream(side)
-        error = _capture(step, self.inputs, self.state, mode, side)
+        error = capture_step(step, self.inputs, self.state, mode, side)
         if error is not None:
             self.compile_error = error
             log.warning("%s not captured in a CUDA graph, running it eagerly: %s", step.kind, error)
@@ -282,7 +282,7 @@ class FastGenerator:
         if self is None:  # freed before its turn
             return
         try:
-            step = _Step(torch.compile(self._step_code, **STEP_COMPILE), COMPILED_STEP)
+            step = Step(torch.compile(self._step_code, **STEP_COMPILE), COMPILED_STEP)
             scratch = StepInputs(self.model, allocated_static_cache(self.model, self.max_seq_len, as_prefill=True))
             graphed = self.graphed
             with torch.inference_mode():
@@ -302,7 +302,7 @@ class FastGenerator:
                     # over the real cache and state, whose tensors the compiled code must take as they
                     # are: a recompile here would mean the scratch ones differed, so refuse it
                     with torch.compiler.set_stance("fail_on_recompile"):
-                        errors = [_capture(step, self.inputs, self.state, mode, side) for mode in (GREEDY, SAMPLED)]
+                        errors = [capture_step(step, self.inputs, self.state, mode, side) for mode in (GREEDY, SAMPLED)]
                     if errors[0] is not None:  # uncaptured, the compiled step would be no faster: keep the eager graph
                         raise RuntimeError(f"the compiled step was not captured in a CUDA graph: {errors[0]}")
                     if errors[1] is not None:

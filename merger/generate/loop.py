@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from merger.generate.compiler import _JobThread
+from merger.generate.compiler import JobThread
 from merger.generate.generator import FastGenerator
 from merger.generate.steps import EAGER_STEP
 
@@ -37,7 +37,7 @@ class _Job:
     tokens: Iterator[int] | None = None  # None until it starts
 
 
-class DecodeLoop(_JobThread):
+class DecodeLoop(JobThread):
     """The one thread that runs every threaded decoder's requests, a token at a time in turn.
 
     Requests for different models interleave, so side-by-side replies and several visitors
@@ -143,7 +143,7 @@ class ModelDecoder:
 
     @property
     def serving(self) -> str:
-        """The step form the next token runs on (fastgen.EAGER_STEP, COMPILED_STEP, ...)."""
+        """The step form the next token runs on (steps.EAGER_STEP, COMPILED_STEP, ...)."""
         return self._shared.serving if self._shared is not None else EAGER_STEP
 
     def compiling_for(self) -> float | None:

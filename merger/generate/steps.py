@@ -100,7 +100,7 @@ def decode(forward: Forward, inputs: StepInputs, state: DecodeState, mode: str) 
 
 
 @dataclass
-class _Step:
+class Step:
     """A decode step (`forward` then the pick) and, on one GPU, its CUDA graph for each mode used so
     far (None for a mode whose capture failed: that mode runs eagerly)."""
 
@@ -115,7 +115,7 @@ class _Step:
 
 
 @contextmanager
-def _capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> Iterator[None]:
+def capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> Iterator[None]:
     """Record the block's work on `stream` into `graph`, running nothing. torch.cuda.graph would
     first synchronize the device, collect garbage and empty the allocator's cache: a pause for every
     thread's replies. Thread-local: other threads keep using the GPU meanwhile."""
@@ -127,13 +127,15 @@ def _capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> Iterat
             graph.capture_end()
 
 
-def _capture(step: _Step, inputs: StepInputs, state: DecodeState, mode: str, stream: torch.cuda.Stream) -> str | None:
+def capture_step(
+    step: Step, inputs: StepInputs, state: DecodeState, mode: str, stream: torch.cuda.Stream
+) -> str | None:
     """Capture `step` in `mode` in a CUDA graph on `stream` (into step.graphs, its logits into
     step.logits), reading and writing `inputs` and `state` where they are now; None, or why it
     failed (a host sync or a host-to-device copy inside the step): the mode then runs eagerly."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with _capturing(graph, stream):
+        with capturing(graph, stream):
             logits = decode(step.forward, inputs, state, mode)
     except Exception as exc:
         step.graphs[mode] = None
@@ -182,7 +184,7 @@ def shared_tensors(model: nn.Module) -> list[str]:
     return shared
 
 
-def _step_code_for(model: nn.Module) -> types.FunctionType:
+def step_code_for(model: nn.Module) -> types.FunctionType:
     """`forward_one` under a code object shared by the models of `model`'s structure
     (`model_structure`). `compiled_once` tells whether a compiled step of it has run."""
     structure = model_structure(model)

@@ -293,11 +293,11 @@ class JointLens:
         )
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _lockstep(
+def lockstep(
     models: Mapping[str, torch.nn.Module], chunks: TokenChunks, *, batch_size: int, progress: Progress | None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Every batch through every model in turn; yields each model's [tokens, L+1, H] points."""
@@ -309,7 +309,7 @@ def _lockstep(
         for done, ids in enumerate(chunks.batches(batch_size), start=1):
             points = {}
             for name, model in models.items():
-                model.model(input_ids=ids.to(_device(model)), use_cache=False)  # no head: only the stream matters
+                model.model(input_ids=ids.to(model_device(model)), use_cache=False)  # no head: only the stream matters
                 points[name] = recorders[name].take()
             yield points
             if progress:
@@ -326,8 +326,8 @@ def capture_joint(
     """Run `chunks` through each model (same hidden size) and compare every pair of capture points."""
     first = next(iter(models.values()))
     counts = tuple(len(decoder_layers(m)) for m in models.values())
-    stats = PairStats([n + 1 for n in counts], device=_device(first))
-    for points in _lockstep(models, chunks, batch_size=batch_size, progress=progress):
+    stats = PairStats([n + 1 for n in counts], device=model_device(first))
+    for points in lockstep(models, chunks, batch_size=batch_size, progress=progress):
         stats.add([points[name] for name in models])
     angle, cos = stats.means()
     return JointLens(tuple(models), counts, angle, cos, stats.tokens, chunks.source)

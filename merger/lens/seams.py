@@ -23,10 +23,10 @@ from merger.lens.capture import (
     PairStats,
     Progress,
     TokenChunks,
-    _device,
-    _lockstep,
     capture,
     decoder_layers,
+    lockstep,
+    model_device,
     tokenize,
 )
 from merger.plan import Plan, expected_points, make_plan, seam_depths
@@ -119,9 +119,9 @@ def score_seams(
     primary = plan.recipe.primary_model
     models = {**parents, MERGE: merged}
     counts = tuple(len(decoder_layers(m)) for m in models.values())
-    stats = PairStats([n + 1 for n in counts], device=_device(merged))
-    measured = torch.zeros(len(sources) + 1, dtype=torch.float64, device=_device(merged))
-    for points in _lockstep(models, chunks, batch_size=batch_size, progress=progress):
+    stats = PairStats([n + 1 for n in counts], device=model_device(merged))
+    measured = torch.zeros(len(sources) + 1, dtype=torch.float64, device=model_device(merged))
+    for points in lockstep(models, chunks, batch_size=batch_size, progress=progress):
         stats.add([points[name] for name in models])
         here = points[MERGE]
         for d, (m, a) in enumerate(sources):

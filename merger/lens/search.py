@@ -31,9 +31,9 @@ from merger.lens.capture import (
     Progress,
     ResidualRecorder,
     TokenChunks,
-    _device,
     capture,
     decoder_layers,
+    model_device,
     read_text,
     tokenize,
 )
@@ -63,7 +63,7 @@ def perplexity(
         for done, ids in enumerate(chunks.batches(batch_size), start=1):
             if ids.shape[1] <= max(chunks.prefix_len, 1):
                 continue
-            ids = ids.to(_device(model))
+            ids = ids.to(model_device(model))
             loss, n = next_token_loss(model(input_ids=ids, use_cache=False).logits, ids, chunks.prefix_len)
             total, count = total + loss, count + n
             if progress:

@@ -328,7 +328,7 @@ class Recipe(BaseModel):
             )
             return (Slice(sources=sources),)
         except ValidationError as exc:
-            raise RecipeError(f"models: {_first_message(exc)}") from None
+            raise RecipeError(f"models: {first_problem(exc)}") from None
 
     def with_models(self, rename: Callable[[str], str]) -> Recipe:
         """The same recipe with every model reference passed through `rename` (exports name bundled
@@ -400,7 +400,7 @@ def _check_source_count(method: str, count: int, least: int, most: int | None, w
         raise ValueError(f"{method} blends {wanted} models (the base model included); {where} has {count}")
 
 
-def _first_message(exc: ValidationError) -> str:
+def first_problem(exc: ValidationError) -> str:
     """The first problem as a clause that names where it is (pydantic's own wording names no field)."""
     err = exc.errors()[0]
     msg = str(err["msg"]).removeprefix("Value error, ")

@@ -20,8 +20,8 @@ from merger.recipe import (
     Settings,
     Slice,
     Source,
-    _first_message,
     bounded_yaml,
+    first_problem,
 )
 
 
@@ -69,7 +69,7 @@ def _parse_slice(raw: Any, index: int) -> Slice:
             repeat=raw.get("repeat", 1),
         )
     except ValidationError as exc:
-        raise RecipeError(f"{where}: {_first_message(exc)}") from None
+        raise RecipeError(f"{where}: {first_problem(exc)}") from None
 
 
 def _parse_model_entry(raw: Any, index: int) -> ModelEntry:
@@ -111,7 +111,7 @@ def recipe_from_dict(data: Any) -> Recipe:
             preserved={k: data[k] for k in (*PRESERVED_TOP_KEYS, *IGNORED_TOP_KEYS) if k in data},
         )
     except ValidationError as exc:
-        raise RecipeError(_first_message(exc)) from None
+        raise RecipeError(first_problem(exc)) from None
 
 
 def recipe_from_yaml(text: str) -> Recipe:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from merger.errors import RecipeError, UserError
 from merger.limits import SHARE_LINK_BYTES, SHARE_LINK_CHARS
-from merger.recipe import Recipe, _first_message
+from merger.recipe import Recipe, first_problem
 
 SHARE_VERSION = "v1"
 
@@ -44,7 +44,7 @@ def from_share_token(token: str) -> tuple[Recipe, dict[str, Any]]:
     except UserError:
         raise
     except ValidationError as exc:
-        why = _first_message(exc)
+        why = first_problem(exc)
         raise RecipeError(f"this share link's recipe cannot be used ({why}); showing the default stack") from None
     except (ValueError, KeyError, TypeError, RecursionError, zlib.error, binascii.Error):
         raise RecipeError(damaged) from None
