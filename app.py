@@ -21,7 +21,7 @@ from merger.build.export import export_plan
 from merger.build.slim import slim_model
 from merger.dtypes import BUILD_DTYPES as DTYPES
 from merger.errors import PlacementError, UserError
-from merger.generate.sampling import GenerationSettings, setting_ranges
+from merger.generate.settings import GenerationSettings, setting_ranges
 from merger.host import on_space, on_zero_gpu
 from merger.plan import Plan
 from merger.plan.counts import count

@@ -52,7 +52,7 @@ from merger.generate.aot import compile_step
 from merger.generate.fuse import fuse_projections
 from merger.generate.generator import CUDA_CHUNK, FastGenerator
 from merger.generate.loop import LOOP, ModelDecoder
-from merger.generate.sampling import GenerationSettings
+from merger.generate.settings import GenerationSettings
 from merger.limits import CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
 from merger.recipe import passthrough

@@ -112,7 +112,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from merger.chat.cards import parse_card, roleplay_prompt, stop_strings
     from merger.chat.prompts import format_prompt
     from merger.chat.replies import stream_reply
-    from merger.generate.sampling import GenerationSettings
+    from merger.generate.settings import GenerationSettings
     from merger.runtime.builds import build_for_chat
 
     card = None

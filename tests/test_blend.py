@@ -340,7 +340,7 @@ def test_mixed_blend_and_passthrough_recipe_builds_chats_and_exports_the_same_mo
     from merger.build.assemble import parameter_bytes
     from merger.build.export import export_plan
     from merger.chat.replies import stream_reply
-    from merger.generate.sampling import GenerationSettings
+    from merger.generate.settings import GenerationSettings
     from merger.runtime.builds import build
 
     plan = make_plan(mixed_recipe, ANY_PATH)

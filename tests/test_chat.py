@@ -10,7 +10,7 @@ import torch
 from merger.chat.prompts import format_prompt
 from merger.chat.replies import ReplyStats, stream_reply
 from merger.errors import UserError
-from merger.generate.sampling import GenerationSettings
+from merger.generate.settings import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
 from merger.runtime.builds import build, prepare_for_chat

@@ -12,7 +12,7 @@ import pytest
 from merger.chat.cards import card_from_dict, roleplay_prompt
 from merger.chat.prompts import format_prompt
 from merger.errors import ChatTemplateError, UserError
-from merger.generate.sampling import GenerationSettings
+from merger.generate.settings import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
 from ui import chat as bench

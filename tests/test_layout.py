@@ -166,3 +166,11 @@ def test_the_preview_path_never_imports_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_page_starts_without_torch():
+    """The app's module imports no torch: the model code loads in the background after start-up
+    (merger.runtime.startup), so every stage the page imports at the top stays torch-free."""
+    code = "import sys, app; print(sorted(m for m in ('torch', 'transformers.modeling_utils') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -164,7 +164,7 @@ def test_capture_memory_does_not_grow_with_the_number_of_tokens():
     script = """
 import resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from merger.lens import TokenChunks, capture
+from merger.lens.capture import TokenChunks, capture
 torch.manual_seed(0)
 torch.set_num_threads(1)
 config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=4,

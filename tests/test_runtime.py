@@ -11,7 +11,7 @@ import pytest
 
 from merger.chat.replies import stream_reply
 from merger.errors import PlacementError, UserError
-from merger.generate.sampling import GenerationSettings
+from merger.generate.settings import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
 from merger.runtime import devices

@@ -26,20 +26,12 @@ from merger.chat.cards import roleplay_prompt, stop_strings
 from merger.chat.prompts import format_prompt
 from merger.chat.replies import ReplyStats, stream_reply, stream_side_by_side
 from merger.errors import UserError
-from merger.generate.sampling import GenerationSettings
+from merger.generate.settings import GenerationSettings
 from merger.host import on_zero_gpu
-from merger.plan import Plan, make_plan
+from merger.plan import Plan, as_it_is, make_plan
 from merger.plan.counts import count
 from merger.recipe import Recipe
-from merger.runtime.builds import (
-    AOT_COMPILE_SECONDS,
-    Built,
-    as_it_is,
-    attach_aot_step,
-    build,
-    prepare_for_chat,
-    zero_gpu_aot,
-)
+from merger.runtime.builds import AOT_COMPILE_SECONDS, Built, attach_aot_step, build, prepare_for_chat, zero_gpu_aot
 from merger.runtime.devices import best_device, compile_unavailable, default_budget, needed_bytes
 from merger.runtime.sessions import SessionModels
 from merger.runtime.zero_gpu import gpu_task, held_build, reply_seconds

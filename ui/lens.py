@@ -18,7 +18,10 @@ from typing import Any
 import gradio as gr
 
 from merger.limits import LENS_TEXT_CHARS, LENS_TOKENS, check_text
-from merger.recipe import Recipe
+from merger.plan import build_dtype, make_plan
+from merger.recipe import Recipe, passthrough
+from merger.runtime.builds import build, load_tokenizer
+from merger.runtime.devices import best_device
 from ui.guard import check_current, stop_work, web_handler
 from ui.models import model_info
 from ui.recipe_state import State, plan_of, recipe_of
@@ -71,7 +74,6 @@ def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], Non
     """The lens of model `ref` on `text` (None: the bundled calibration text), cached."""
     from merger.lens.capture import CALIBRATION_TEXT, capture
     from merger.lens.search import chunks_for, load_model
-    from merger.runtime.builds import build
 
     lens = cached_lens(ref, text)
     if lens is not None:
@@ -166,10 +168,9 @@ def score_stack_seams(
     they belong to, for `seam_scores_shown`), a summary and a plot."""
     from merger.lens.capture import CALIBRATION_TEXT
     from merger.lens.plots import seam_scores_figure
-    from merger.lens.seams import score_seams, seam_depths
+    from merger.lens.seams import score_seams
     from merger.lens.search import chunks_for
-    from merger.runtime.builds import load_tokenizer
-    from merger.runtime.devices import best_device
+    from merger.plan import seam_depths
 
     plan = plan_of(state)
     if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
@@ -204,7 +205,6 @@ def suggest_blocks(
     """Rank every 2-8-layer block of `ref` to duplicate; build the best five and measure them."""
     from merger.lens.plots import suggestions_figure
     from merger.lens.search import suggest_duplications
-    from merger.runtime.builds import build
 
     if not ref:
         raise gr.Error("Add a model to the stack first.")
@@ -268,7 +268,6 @@ def sweep_block(
     """Perplexity and predicted seam damage of the picked block run 1..max_repeats times."""
     from merger.lens.plots import recurrence_figure
     from merger.lens.search import recurrence_sweep
-    from merger.runtime.builds import build
 
     start, end = _block(pick)
     _, lens = _text_and_lens(ref, text, progress, 0.1)
@@ -295,13 +294,9 @@ def measure_perplexities(
     state: State, text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> str:
     """Perplexity of the merge on screen and of each parent, on held-out text and on the user's."""
-    from merger.build.assemble import assemble, build_dtype
+    from merger.build.assemble import assemble
     from merger.lens.capture import HELDOUT_TEXT
     from merger.lens.search import chunks_for, perplexity
-    from merger.plan import make_plan
-    from merger.recipe import passthrough
-    from merger.runtime.builds import load_tokenizer
-    from merger.runtime.devices import best_device
 
     plan = plan_of(state)
     user_text = _user_text(text)

@@ -181,8 +181,3 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[p.data_ptr()] = p.numel() * p.element_size()
     return sum(seen.values())
-
-
-def build_dtype(plan: Plan, device: str) -> str:
-    """bfloat16 on CUDA (half the memory, full speed); the recipe's dtype on the CPU."""
-    return "bfloat16" if device == "cuda" and plan.recipe.dtype is None else plan.dtype

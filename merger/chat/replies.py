@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from merger.chat.prompts import format_prompt, has_chat_template, stop_token_ids
 from merger.errors import LimitError, UserError
-from merger.generate.sampling import GenerationSettings
+from merger.generate.settings import GenerationSettings
 from merger.limits import CONTEXT_TOKENS
 
 if TYPE_CHECKING:

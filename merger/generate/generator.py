@@ -65,7 +65,7 @@ CUDA_CHUNK = 8  # tokens between host reads on a GPU: a read ends the queue's ru
 # (`capture_step`), which any thread may replay, so it compiles on the compiler thread while replies go
 # on. No gpt-fast coordinate-descent tuning, which turns batch-1 matrix products into inductor
 # reductions: cuBLAS's kernels read the weights faster on the H200, and the first compile took 42 s
-# instead of 104 (README, 2026-12-02 runs c and d)
+# instead of 104 (README, "Benchmarks"; benchmarks/results/generation-h200-*-triton-c and -cublas-d)
 STEP_COMPILE: dict[str, Any] = {"options": {"triton.cudagraphs": False}}
 
 

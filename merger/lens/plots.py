@@ -12,8 +12,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from merger.lens.capture import Lens
-from merger.lens.seams import SeamScores, expected_points
+from merger.lens.seams import SeamScores
 from merger.lens.search import RecurrencePoint, Suggestions
+from merger.plan import expected_points
 from merger.recipe import Recipe
 
 SEAM_COLOR = "#d62728"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from merger.build.assemble import LoadedTensors, assemble, assemble_loaded, build_dtype, tensors_of
+from merger.build.assemble import LoadedTensors, assemble, assemble_loaded, tensors_of
 from merger.dtypes import name_of
 from merger.lens.capture import (
     MAX_LENGTH,
@@ -29,7 +29,7 @@ from merger.lens.capture import (
     model_device,
     tokenize,
 )
-from merger.plan import Plan, expected_points, make_plan, seam_depths
+from merger.plan import Plan, build_dtype, expected_points, make_plan, seam_depths
 from merger.recipe import Recipe, passthrough
 from merger.sources.model_info import Resolver
 

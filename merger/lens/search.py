@@ -38,7 +38,7 @@ from merger.lens.capture import (
     tokenize,
 )
 from merger.lens.seams import assemble_from, predict_seams, token_angles
-from merger.plan import as_it_is, make_plan
+from merger.plan import as_it_is, make_plan, merged_config
 from merger.recipe import Recipe, Slice, Source, passthrough
 from merger.sources.model_info import Resolver
 
@@ -165,8 +165,6 @@ def tail_view(model: torch.nn.Module, start: int) -> torch.nn.Module:
     stream entering layer `start` (inputs_embeds), it is the top of any merge that ends with
     layers [start, L), as assembling that tail would make it."""
     from transformers import AutoConfig
-
-    from merger.plan import merged_config
 
     layers = decoder_layers(model)
     whole = SimpleNamespace(config=model.config.to_dict(), num_layers=len(layers))  # as a catalog ModelInfo

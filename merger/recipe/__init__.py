@@ -22,13 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merger.dtypes import BUILD_DTYPES
 from merger.errors import LimitError, RecipeError
-from merger.limits import (
-    LAYERS,
-    MODELS,
-    SLICES,
-    check_text,
-    count_text,
-)
+from merger.limits import LAYERS, MODELS, SLICES, check_text, count_text
 from merger.methods.specs import BLEND_METHODS, METHODS, PASSTHROUGH
 from merger.recipe.parameters import check_setting_size, check_settings
 

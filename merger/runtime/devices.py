@@ -7,9 +7,9 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
-from merger.build.assemble import build_dtype
 from merger.host import on_zero_gpu
-from merger.plan import Plan
+from merger.plan import Plan, build_dtype
+from merger.plan.placement import place
 from merger.runtime.container import memory_available, memory_total
 
 if TYPE_CHECKING:
@@ -70,8 +70,6 @@ def plan_placement(plan: Plan, device: str | None = None) -> Placement:
     """Where a build of `plan` on `device` (cpu|cuda) would go, from the plan's sizes and the free
     memory now; raises PlacementError, with the numbers, when it cannot fit. On ZeroGPU a build is
     held on the CPU and runs on the card inside GPU calls: it must fit both."""
-    from merger.plan.placement import place
-
     device = device or best_device()
     dtype = chat_dtype(plan, device)
     if on_zero_gpu():
@@ -81,8 +79,6 @@ def plan_placement(plan: Plan, device: str | None = None) -> Placement:
 
 def needed_bytes(plan: Plan, device: str | None = None) -> int:
     """What a build of `plan` on `device` will hold (weights, KV cache, working memory), whatever is free now."""
-    from merger.plan.placement import place
-
     device = device or best_device()
     return place(plan, dtype=chat_dtype(plan, device), devices=[(device, 1 << 62)]).needed_bytes
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from merger.errors import StaleWorker, UserError
 from merger.host import on_zero_gpu
+from merger.runtime.devices import free_memory
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +149,6 @@ class CallCopies:
             return copy_
 
     def _make_room(self, nbytes: int, device: str) -> None:
-        from merger.runtime.devices import free_memory
 
         card = free_memory("cuda") if device == "cuda" else None
         while self._copies and card is not None and sum(b.nbytes for b in self._copies.values()) + nbytes > card:
