@@ -276,8 +276,10 @@ GREEDY_REPLY = dict(temperature=0.0, max_new_tokens=FAST_TOKENS)
 SAMPLED_REPLY = dict(
     temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1, seed=5, max_new_tokens=FAST_TOKENS
 )
-GREEDY_SETTINGS = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, penalty=1.0)  # as FastGenerator.start takes them
-SAMPLED_SETTINGS = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, penalty=1.1)
+GREEDY_SETTINGS = dict(
+    temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0
+)  # as FastGenerator.start takes them
+SAMPLED_SETTINGS = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1)
 
 
 def measure_chat_path(

@@ -126,7 +126,7 @@ def test_sample_keeps_to_the_top_k():
 def test_sampling_past_its_draws_wraps_instead_of_reading_out_of_range():
     # on a GPU an out-of-range read is a device-side assert, fatal to every reply of the process
     state = SamplingState(vocab=5, rows=2, device=torch.device("cpu"))
-    state.start(torch.tensor([[0]]), temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, penalty=1.0)
+    state.start(torch.tensor([[0]]), temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0)
     state.refill(torch.Generator().manual_seed(0))
     for _ in range(5):  # more draws than the two rows hold, as a step that skipped its refill would take
         assert 0 <= int(state.pick(torch.zeros(1, 5))) < 5

@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from merger.chat.prompts import format_prompt, has_chat_template, stop_token_ids
@@ -100,15 +100,9 @@ def stream_reply(
         for token in decoder.stream(
             ids,
             stop=decoder_stop,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            min_p=settings.min_p,
-            repetition_penalty=settings.repetition_penalty,
-            seed=settings.seed,
             stop_ids=stops,
             served=stats.served,
+            **asdict(settings),  # whole: a new setting reaches the sampler with no edit here
         ):
             tokens.append(token)
             stats.new_tokens, stats.seconds = len(tokens), time.perf_counter() - start  # the speed so far

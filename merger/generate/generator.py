@@ -167,17 +167,14 @@ class FastGenerator:
         input_ids: torch.Tensor,
         *,
         max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
         seed: int = 0,
         stop_ids: Sequence[int] = (),
         served: dict[str, int] | None = None,
+        **sampling: float,
     ) -> Iterator[int]:
         """Yield new token ids as they arrive; a stop id is yielded, then generation ends. `served`
-        counts the steps of each form (`serving`) the reply ran on."""
+        counts the steps of each form (`serving`) the reply ran on. `sampling`: the rest of a
+        GenerationSettings, as SamplingState.start takes it (none: greedy)."""
         prompt = input_ids.reshape(1, -1).to(self.device)  # [1, T]
         length = prompt.shape[1]
         if length == 0 or max_new_tokens < 1:
@@ -186,8 +183,7 @@ class FastGenerator:
             raise ValueError(
                 f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({self.max_seq_len})"
             )
-        settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, penalty=repetition_penalty)
-        mode = self.start(prompt, seed=seed, **settings)
+        mode = self.start(prompt, seed=seed, **sampling)
         served = {} if served is None else served
         stops = set(stop_ids)
         tokens = self.state.tokens
@@ -212,17 +208,15 @@ class FastGenerator:
                     return
             pending = ahead
 
-    def start(self, prompt: torch.Tensor, *, seed: int = 0, **settings: float) -> str:
+    def start(self, prompt: torch.Tensor, *, seed: int = 0, **sampling: float) -> str:
         """A request's prompt [1, T] through the model (`prefill`) and its first new token chosen under
-        `settings` (sampling.SamplingState.start's); returns the mode its steps run in (GREEDY or SAMPLED)."""
+        `sampling` (SamplingState.start's); returns the mode its steps run in (GREEDY or SAMPLED)."""
         state = self.state
-        greedy = settings["temperature"] <= 0 and settings["penalty"] == 1.0
-        mode = GREEDY if greedy else SAMPLED
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(seed)
         state.count.zero_()
         state.position.fill_(prompt.shape[1])
-        state.sampling.start(prompt, **settings)
+        mode = GREEDY if state.sampling.start(prompt, **sampling) else SAMPLED
         self.draw_ahead(mode)
         state.pick(self.prefill(prompt), mode)
         return mode

@@ -87,25 +87,36 @@ class SamplingState:
         def scalar(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.full((1,), value, dtype=dtype, device=device)
 
-        self.temperature, self.top_p, self.min_p, self.penalty = scalar(0.0), scalar(1.0), scalar(0.0), scalar(1.0)
+        self.temperature, self.top_p, self.min_p = scalar(0.0), scalar(1.0), scalar(0.0)
+        self.repetition_penalty = scalar(1.0)
         self.top_k = scalar(0, torch.long)
         self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # tokens in the text so far
         self.noise = torch.ones(rows, vocab, dtype=torch.float32, device=device)
         self.row = scalar(0, torch.long)  # the noise row the next draw reads
 
     def start(
-        self, prompt: torch.Tensor, *, temperature: float, top_p: float, top_k: int, min_p: float, penalty: float
-    ) -> None:
-        """Settings for a request whose prompt is `prompt` [1, T] (its tokens count as seen)."""
+        self,
+        prompt: torch.Tensor,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+    ) -> bool:
+        """Settings for a request whose prompt is `prompt` [1, T] (its tokens count as seen), named as
+        GenerationSettings names them (each unset one leaves the logits as they are). Returns whether
+        they choose greedily: the argmax of unchanged logits, with no draw."""
         for tensor, value in (
             (self.temperature, temperature),
             (self.top_p, top_p),
             (self.top_k, top_k),
             (self.min_p, min_p),
-            (self.penalty, penalty),
+            (self.repetition_penalty, repetition_penalty),
         ):
             tensor.fill_(value)
         self.seen.zero_().scatter_(1, prompt, True)
+        return temperature <= 0 and repetition_penalty == 1.0
 
     def refill(self, generator: torch.Generator) -> None:
         """Fresh draws for the next `rows` tokens."""
@@ -114,7 +125,7 @@ class SamplingState:
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token [1] under the request's settings; marks it seen and uses up a noise row."""
-        penalized = penalize(logits, self.seen, self.penalty)
+        penalized = penalize(logits, self.seen, self.repetition_penalty)
         noise = self.noise.index_select(0, self.row)  # [1, V]
         # wraps rather than ever reading past the buffer, should a caller step on without `refill`:
         # an out-of-range index is a device-side assert, which ends the process's CUDA context

@@ -39,7 +39,7 @@ Progress = Callable[[float, str], None]
 # (plan, *, device) -> a build of it with `model`, `tokenizer`, `device` and `plan`
 # (merger.runtime.builds.build): the lens runs models its caller builds, and never places them itself
 BuildFunction = Callable[..., Any]
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 CALIBRATION_TEXT = ASSETS / "calibration.txt"
 HELDOUT_TEXT = ASSETS / "heldout.txt"
 MAX_LENGTH = 256  # tokens per chunk: the models' attention is quadratic in it, the statistics are not
