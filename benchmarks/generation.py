@@ -83,7 +83,7 @@ SMOKE_SHAPE.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, bo
 PARENT = ((0, 32),)
 MERGE = ((0, 24), (16, 32))
 RESEAMED = ((0, 20), (12, 32))  # the merge's depth (40 layers, 8 repeated) with its seam moved
-MAX_SEQ_LEN = CONTEXT_TOKENS.value  # the window the page's builds hold, so both paths attend over the same cache
+PAGE_CONTEXT_TOKENS = CONTEXT_TOKENS.value  # the page's builds hold it: both paths attend over one cache size
 PROMPT_LEN = 32  # decode-speed prompt
 TTFT_PROMPT_LEN = 512
 FAST_TOKENS = 256
@@ -408,7 +408,7 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
     host_ms, device_ms = run()
     run(settings=SAMPLED_SETTINGS)
     _, sampled_device_ms = run(settings=SAMPLED_SETTINGS)
-    late = fast.max_seq_len * 3 // 4  # a long chat: attention that reads only the slots in use costs more here
+    late = fast.context_tokens * 3 // 4  # a long chat: attention that reads only the slots in use costs more here
     _, late_device_ms = run(late)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
@@ -440,7 +440,7 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
 
 
 def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bound: float, label: str) -> dict:
-    fast = FastGenerator(model, max_seq_len=MAX_SEQ_LEN)
+    fast = FastGenerator(model, context_tokens=PAGE_CONTEXT_TOKENS)
     start = time.perf_counter()
     list(fast.generate(ids, max_new_tokens=16))  # captures the eager step and starts the compile
     fast.wait_compiled()
@@ -615,7 +615,9 @@ def main() -> None:
         built = as_built(plan, assemble_bf16(plan))
         runs = {}
         for way in ("graphed", "eager"):
-            built._decoder = ModelDecoder(built.model, window=built.window, threaded=False, compile=False)
+            built._decoder = ModelDecoder(
+                built.model, context_tokens=built.context_tokens, threaded=False, compile=False
+            )
             fast = built._decoder._shared  # None on the CPU (--smoke): eager there
             if fast is not None:
                 fast.graphed = fast.graphed and way == "graphed"
@@ -632,7 +634,7 @@ def main() -> None:
         plan = splice(ranges[name])
         built = as_built(plan, assemble_bf16(plan))
         start = time.perf_counter()
-        built.aot_step = compile_step(built.model, built.window)
+        built.aot_step = compile_step(built.model, built.context_tokens)
         compile_s = round(time.perf_counter() - start, 1)
         result = measure_chat_path(f"{name} ahead of time", built, bounds[name], prepare=lambda b: b.decoder)
         shared = built.decoder._shared

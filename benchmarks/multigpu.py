@@ -249,7 +249,7 @@ def main() -> None:
     long_ids = torch.randint(0, shape["vocab_size"], (1, lengths.ttft_prompt), generator=gen).to(placement.input_device)
 
     def decode(label: str, compile: bool) -> None:
-        fast = FastGenerator(model, max_seq_len=placement.context_tokens, compile=compile)
+        fast = FastGenerator(model, context_tokens=placement.context_tokens, compile=compile)
         list(fast.generate(ids, max_new_tokens=lengths.decode))  # warm-up (compiles the step when asked)
         speed = fast_decode(fast, ids, lengths.decode)
         result = {**speed, "fraction_of_bound (goal >= 0.5)": round(speed["decode_tok_s"] / bound, 3)}
@@ -302,7 +302,7 @@ def compare_with_one_device(data: dict[str, Any], plan: Plan, model: Any, ids: t
     with torch.inference_mode():
         same_logits = torch.equal(one(ids).logits, model(ids).logits)
     tokens = [
-        list(FastGenerator(m, max_seq_len=lengths.context).generate(ids, max_new_tokens=lengths.greedy))
+        list(FastGenerator(m, context_tokens=lengths.context).generate(ids, max_new_tokens=lengths.greedy))
         for m in (one, model)
     ]
     data["equal_to_one_device"] = {"logits": same_logits, "greedy_tokens": tokens[0] == tokens[1]}

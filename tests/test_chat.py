@@ -99,7 +99,7 @@ def test_stop_string_ends_the_reply_before_it(tiny_llama):
 
 def test_a_conversation_longer_than_the_window_is_refused_in_words(tiny_llama):
     built = built_tiny(tiny_llama, (0, 6))
-    built.decoder.window = 16
+    built.decoder.context_tokens = 16
     built.decoder._shared = object()  # a GPU decoder's fixed window, simulated
     with pytest.raises(UserError, match="16-token window this build holds; clear the chat"):
         next(stream_reply(built, HELLO, GenerationSettings(max_new_tokens=64)))

@@ -54,7 +54,7 @@ def test_a_conversation_longer_than_the_window_is_refused_on_the_cpu_too(visitor
     request, built = visitor
     assert next(built.model.parameters()).device.type == "cpu"
     history = [{"role": r, "content": "hello there"} for _ in range(200) for r in ("user", "assistant")]
-    with pytest.raises(gr.Error, match=rf"longer than the {built.decoder.window:,}-token window"):
+    with pytest.raises(gr.Error, match=rf"longer than the {built.decoder.context_tokens:,}-token window"):
         run_within(60, reply, request, "and now?", history)
 
 

@@ -91,7 +91,9 @@ def compile_decode_step(key: str, version: int) -> AotStep:
     from merger.generate.aot import compile_step
 
     built = held_build(SESSIONS, key, version)
-    return compile_step(built.model, built.window, lambda program: spaces.aoti_compile(program).archive_file.getvalue())
+    return compile_step(
+        built.model, built.context_tokens, lambda program: spaces.aoti_compile(program).archive_file.getvalue()
+    )
 
 
 def built_status(built: Built) -> str:

@@ -87,7 +87,7 @@ def stream_reply(
     if not decoder.fits(ids.shape[1], settings.max_new_tokens):
         raise LimitError(
             f"the conversation ({ids.shape[1]:,} tokens) plus {settings.max_new_tokens:,} new tokens is longer than "
-            f"the {decoder.window:,}-token window this build holds; clear the chat or ask for fewer tokens "
+            f"the {decoder.context_tokens:,}-token window this build holds; clear the chat or ask for fewer tokens "
             f"(an operator can raise {CONTEXT_TOKENS.variable}, up to the model's own maximum)"
         )
     stops = stop_token_ids(tokenizer, model)

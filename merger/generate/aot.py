@@ -127,12 +127,12 @@ def check_loads(package: bytes) -> None:
         raise AotLoadError(f"AOTInductor's loader failed: {last[0][:300]}")
 
 
-def compile_step(model: nn.Module, window: int, compile_exported: Callable | None = None) -> AotStep:
-    """Export `model`'s one-token step over a static cache of `window` slots and compile it ahead of
+def compile_step(model: nn.Module, context_tokens: int, compile_exported: Callable | None = None) -> AotStep:
+    """Export `model`'s one-token step over a static cache of `context_tokens` slots and compile it ahead of
     time; `compile_exported` (ExportedProgram -> package bytes) replaces AOTInductor's own packaging
     (a Space's `spaces.aoti_compile`). Raises AotLoadError for a package this machine cannot load."""
     use_decode_attention(model)  # the step reads each cached key and value once; prefill keeps SDPA
-    cache = allocated_static_cache(model, window)  # its own: the export swaps the layers' tensors
+    cache = allocated_static_cache(model, context_tokens)  # its own: the export swaps the layers' tensors
     device = next(model.parameters()).device
     example = (torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, dtype=torch.long, device=device))
     with torch.no_grad():

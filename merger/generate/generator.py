@@ -77,7 +77,7 @@ class _Chunk:
 
 
 class FastGenerator:
-    """Batch-1 streaming generation over one model with a static cache of `max_seq_len` positions.
+    """Batch-1 streaming generation over one model with a static cache of `context_tokens` positions (its KV capacity).
 
     Not reentrant: one generation at a time per generator (they share the cache). `compile`
     defaults to True on CUDA: the step is then compiled on the compiler thread (tens of seconds for
@@ -95,20 +95,22 @@ class FastGenerator:
     """
 
     def __init__(
-        self, model: nn.Module, *, max_seq_len: int, compile: bool | None = None, aot_step: AotStep | None = None
+        self, model: nn.Module, *, context_tokens: int, compile: bool | None = None, aot_step: AotStep | None = None
     ) -> None:
         self.model = model
-        self.max_seq_len = max_seq_len
+        self.context_tokens = context_tokens
         self.device = next(model.parameters()).device
         spread = len({p.device for p in model.parameters()}) > 1  # dispatched over several devices
         one_gpu = self.device.type == "cuda" and not spread
         self.chunk = CUDA_CHUNK if self.device.type == "cuda" else 1
         # a step compiled ahead of time takes the cache's tensors as inputs: allocated now
         allocated = aot_step is not None
-        cache = allocated_static_cache(model, max_seq_len) if allocated else static_cache(model.config, max_seq_len)
+        cache = (
+            allocated_static_cache(model, context_tokens) if allocated else static_cache(model.config, context_tokens)
+        )
         self.inputs = StepInputs(model, cache)
         vocab = model.get_output_embeddings().weight.shape[0]
-        self.state = DecodeState(vocab, max_seq_len, self.chunk, self.device)
+        self.state = DecodeState(vocab, context_tokens, self.chunk, self.device)
         self.compile_error: str | None = None
         self.ahead_of_time = False  # the step is a package compiled ahead of time
         self._step = Step(forward_one, EAGER_STEP)
@@ -179,9 +181,9 @@ class FastGenerator:
         length = prompt.shape[1]
         if length == 0 or max_new_tokens < 1:
             raise ValueError("generation needs a non-empty prompt and max_new_tokens >= 1")
-        if length + max_new_tokens > self.max_seq_len:
+        if length + max_new_tokens > self.context_tokens:
             raise ValueError(
-                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({self.max_seq_len})"
+                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds context_tokens ({self.context_tokens})"
             )
         mode = self.start(prompt, seed=seed, **sampling)
         served = {} if served is None else served
@@ -277,7 +279,7 @@ class FastGenerator:
             return
         try:
             step = Step(torch.compile(self._step_code, **STEP_COMPILE), COMPILED_STEP)
-            scratch = StepInputs(self.model, allocated_static_cache(self.model, self.max_seq_len, as_prefill=True))
+            scratch = StepInputs(self.model, allocated_static_cache(self.model, self.context_tokens, as_prefill=True))
             graphed = self.graphed
             with torch.inference_mode():
                 scratch_state = DecodeState(self.state.sampling.seen.shape[-1], 1, 1, self.device)

@@ -107,7 +107,7 @@ LOOP = DecodeLoop()
 class ModelDecoder:
     """Every generation of one built model.
 
-    On a GPU it keeps one FastGenerator with a fixed window (the KV cache the placement budgeted),
+    On a GPU it keeps one FastGenerator with a fixed `context_tokens` (the KV cache the placement budgeted),
     its step compiled in the background unless `compile` is False, or running `aot_step`
     (compiled ahead of time); on the CPU
     each request gets an uncompiled generator sized to it. Requests run on the process's
@@ -120,15 +120,17 @@ class ModelDecoder:
         self,
         model: nn.Module,
         *,
-        window: int,
+        context_tokens: int,
         threaded: bool = True,
         compile: bool | None = None,
         aot_step: AotStep | None = None,
     ) -> None:
         self.model = model
-        self.window = window
+        self.context_tokens = context_tokens
         on_gpu = next(model.parameters()).device.type == "cuda"
-        self._shared = FastGenerator(model, max_seq_len=window, compile=compile, aot_step=aot_step) if on_gpu else None
+        self._shared = (
+            FastGenerator(model, context_tokens=context_tokens, compile=compile, aot_step=aot_step) if on_gpu else None
+        )
         self._threaded = threaded
         self.closed = False
 
@@ -155,9 +157,9 @@ class ModelDecoder:
         return self._shared is None or self._shared.wait_compiled(timeout)
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
-        """Whether a request fits the window: on the CPU too, where each request's cache is sized
-        to it, so the window bounds its memory and time."""
-        return prompt_tokens + max_new_tokens <= self.window
+        """Whether a request fits `context_tokens`: on the CPU too, where each request's cache is sized
+        to it, so that bounds its memory and time."""
+        return prompt_tokens + max_new_tokens <= self.context_tokens
 
     def stream(self, input_ids: torch.Tensor, *, stop: threading.Event, **options: Any) -> Iterator[int]:
         """New token ids as they arrive (options as FastGenerator.generate's). Setting `stop`, or
@@ -187,7 +189,7 @@ class ModelDecoder:
     def tokens(self, input_ids: torch.Tensor, options: dict[str, Any]) -> Iterator[int]:
         """The request's tokens, generated in the calling thread."""
         needed = input_ids.shape[-1] + options["max_new_tokens"]
-        generator = self._shared or FastGenerator(self.model, max_seq_len=needed)
+        generator = self._shared or FastGenerator(self.model, context_tokens=needed)
         return generator.generate(input_ids, **options)
 
     def close(self) -> None:

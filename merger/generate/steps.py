@@ -28,15 +28,15 @@ AHEAD_OF_TIME_STEP = "step compiled ahead of time"
 IN_A_CUDA_GRAPH = " in a CUDA graph"
 
 
-def static_cache(config, max_seq_len: int) -> Cache:
+def static_cache(config, context_tokens: int) -> Cache:
     """One full-length static layer per depth, for sliding-window layers too: the model's masks
     already limit what those see, while transformers' sliding static layer branches on a Python
     counter, which a compiled step would guard on and recompile for."""
     layers = config.get_text_config(decoder=True).num_hidden_layers
-    return Cache(layers=[StaticLayer(max_cache_len=max_seq_len) for _ in range(layers)])
+    return Cache(layers=[StaticLayer(max_cache_len=context_tokens) for _ in range(layers)])
 
 
-def allocated_static_cache(model: nn.Module, max_seq_len: int, *, as_prefill: bool = False) -> Cache:
+def allocated_static_cache(model: nn.Module, context_tokens: int, *, as_prefill: bool = False) -> Cache:
     """`static_cache`, its tensors allocated now (zeros) on the model's device and in its dtype,
     rather than by the first prefill: a step compiled ahead of time takes them as inputs. With
     `as_prefill`, the keys and values are inference tensors, as a prefill makes them (a compiled
@@ -44,7 +44,7 @@ def allocated_static_cache(model: nn.Module, max_seq_len: int, *, as_prefill: bo
     config = model.config.get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     parameter = next(model.parameters())
-    cache = static_cache(model.config, max_seq_len)
+    cache = static_cache(model.config, context_tokens)
     with torch.inference_mode(as_prefill):
         cache.early_initialization(1, config.num_key_value_heads, head_dim, parameter.dtype, parameter.device)
     return cache

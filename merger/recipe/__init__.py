@@ -7,9 +7,12 @@ mergekit has no `repeat`: on the way out it is expanded into the same slice writ
 times, so the YAML we write always runs in mergekit.
 
 Parameters (a blend's `weight`, `density`, `t`, ...; passthrough's `scale`) may sit on a source (or
-a `models:` entry), a slice or the recipe; `resolve_parameter` applies mergekit's precedence
-(source > slice > recipe) and its value forms: a scalar, a gradient list interpolated over a slice's layers, or
-`{filter, value}` entries matched against the tensor name.
+a `models:` entry), a slice or the recipe; `parameters.resolve_parameter` applies mergekit's
+precedence (source > slice > recipe) and its value forms: a scalar, a gradient list interpolated over
+a slice's layers, or `{filter, value}` entries matched against the tensor name.
+
+This package's root holds the recipe itself; `mergekit_yaml` reads YAML into it, `share_links`
+packs it into a link and back, `parameters` checks and resolves its parameters.
 """
 
 from __future__ import annotations

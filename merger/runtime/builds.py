@@ -57,7 +57,7 @@ class Built:
         return self.placement.needed_bytes if self.placement is not None else 0
 
     @property
-    def window(self) -> int:
+    def context_tokens(self) -> int:
         """The tokens of context its KV cache holds (as placed)."""
         return self.placement.context_tokens if self.placement else CONTEXT_TOKENS.value
 
@@ -71,7 +71,11 @@ class Built:
                 zero = on_zero_gpu()  # no torch.compile there, and each GPU call runs in a forked process
                 compile = False if zero or compile_unavailable() else None
                 self._decoder = ModelDecoder(
-                    self.model, window=self.window, threaded=not zero, compile=compile, aot_step=self.aot_step
+                    self.model,
+                    context_tokens=self.context_tokens,
+                    threaded=not zero,
+                    compile=compile,
+                    aot_step=self.aot_step,
                 )
             return self._decoder
 
@@ -147,7 +151,7 @@ def attach_aot_step(built: Built, compile_on_gpu: Callable[[], AotStep]) -> None
     from merger.generate.steps import model_structure
 
     use_decode_attention(built.model)  # as `compile_step` does: its attention is part of the structure
-    structure = f"{built.window} {model_structure(built.model)}"
+    structure = f"{built.context_tokens} {model_structure(built.model)}"
     with _AOT_LOCK:
         step = _AOT_STEPS.get(structure)
         if step is None:
