@@ -8,10 +8,10 @@ import sys
 import threading
 from typing import Any
 
+log = logging.getLogger(__name__)
 # Python's thread switch interval while a step compiles: the compile holds the GIL for whole
 # intervals, and every torch call of a decode loop gives the GIL up and waits for it again, so at
 # the default 5 ms the other visitors' replies would crawl (one replay a token, a few calls a chunk)
-log = logging.getLogger(__name__)
 COMPILE_SWITCH_INTERVAL_S = 0.0002
 
 
