@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from merger.assemble import assemble, parameter_bytes
-from merger.export import export_plan
-from merger.params import count
+from merger.build.assemble import assemble, parameter_bytes
+from merger.build.export import export_plan
 from merger.plan import make_plan
+from merger.plan.counts import count
 from merger.recipe import passthrough
 
 from hubserver import add_sharded_lazy_model
@@ -285,7 +285,7 @@ def test_real_size_counts_from_hub_metadata_alone(repo, total, per_layer, hub):
 def test_an_moe_merge_rebuilt_from_its_parent_in_memory_equals_its_build(family, family_models):
     """The Lens's seam scores and sweeps build merges from the parents' tensors in memory: a
     parent's stacked experts give back each expert's tensors."""
-    from merger.lens import assemble_from, load_parents
+    from merger.lens.seams import assemble_from, load_parents
 
     plan = splice_plan(family_models[family])
     from_memory = assemble_from(plan, load_parents(plan, device="cpu", dtype="float32"), "cpu")
@@ -306,7 +306,7 @@ def test_the_pages_fast_decoding_replies_as_generate(family, family_models):
 def test_an_moe_build_holds_its_experts_once_as_read(family, family_models):
     """The experts are read into transformers 5's stacked layout (not read, then stacked again):
     the built model's stacked tensors are the very memory the parent's experts were read into."""
-    from merger.assemble import assemble_loaded, load_parent_tensors
+    from merger.build.assemble import assemble_loaded, load_parent_tensors
 
     plan = splice_plan(family_models[family])
     parents = load_parent_tensors(plan, device="cpu", dtype=torch.float32)

@@ -13,14 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merger.assemble import assemble, parameter_bytes
-from merger.catalog import LocalPolicy, resolve
+from merger.build.assemble import assemble, parameter_bytes
+from merger.build.export import export_plan
+from merger.build.slim import slim_model
 from merger.errors import ModelRefError, UnsafeCheckpointError
-from merger.export import export_plan
-from merger.params import count
 from merger.plan import make_plan
-from merger.recipe import Recipe, passthrough, recipe_from_dict
-from merger.slim import slim_model
+from merger.plan.counts import count
+from merger.recipe import Recipe, passthrough
+from merger.recipe.mergekit_yaml import recipe_from_dict
+from merger.sources.catalog import LocalPolicy, resolve
 
 from hubserver import add_sharded_lazy_model, llama3_8b_config, llama3_8b_tensors
 from mergekit_runner import run_mergekit, tensors_of

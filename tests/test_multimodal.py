@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from merger.__main__ import main
-from merger.assemble import assemble, parameter_bytes
-from merger.export import export_plan
-from merger.params import count
+from merger.build.assemble import assemble, parameter_bytes
+from merger.build.export import export_plan
 from merger.plan import make_plan, text_model_plan
+from merger.plan.counts import count
 from merger.recipe import passthrough
 
 from hubserver import add_sharded_lazy_model
@@ -245,7 +245,7 @@ def test_the_page_exports_the_text_model_alone_when_asked(multimodal_models, mon
 
     import app
     import ui.models
-    from merger.catalog import LocalPolicy
+    from merger.sources.catalog import LocalPolicy
 
     parent = multimodal_models["gemma3"]
     monkeypatch.setattr(ui.models, "POLICY", LocalPolicy(allow_any_path=False, roots=(parent.parent.resolve(),)))
@@ -263,7 +263,7 @@ def test_the_page_exports_the_text_model_alone_when_asked(multimodal_models, mon
 
 def test_a_text_tower_merge_rebuilt_from_its_parent_in_memory_equals_its_build(multimodal_models):
     """The Lens's seam scores and sweeps build merges from the parents' tensors in memory."""
-    from merger.lens import assemble_from, load_parents
+    from merger.lens.seams import assemble_from, load_parents
 
     plan = splice_plan(multimodal_models["gemma3"])
     from_memory = assemble_from(plan, load_parents(plan, device="cpu", dtype="float32"), "cpu")
