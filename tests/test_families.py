@@ -320,3 +320,15 @@ def test_an_moe_build_holds_its_experts_once_as_read(family, family_models):
         assert experts.gate_up_proj.data_ptr() == read_gate.data_ptr()
         assert experts.down_proj.data_ptr() == read_down.data_ptr()
     assert parameter_bytes(built) == count(plan).memory_bytes
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_an_moe_checkpoint_with_its_experts_already_stacked_builds_too(family, family_models, mergekit_outputs):
+    """mergekit 0.1.5 writes MoE merges in transformers 5's stacked layout: such a merge is a
+    parent like any other."""
+    folder, error = mergekit_outputs[family]
+    assert error is None, error
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        theirs = assemble(make_plan(passthrough((str(folder), 0, len(ORDER))), ANY_PATH))(ids).logits
+        assert torch.equal(theirs, assemble(splice_plan(family_models[family]))(ids).logits)

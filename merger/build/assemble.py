@@ -104,8 +104,8 @@ def pack_experts(loaded: dict[tuple[str, str, str], torch.Tensor], experts: arch
     for keys in layers.values():
         count = sum(1 for inner in keys if inner.endswith(f".{experts.down}.weight"))
         names = [[experts.stored(e, part) for e in range(count)] for part in (experts.gate, experts.up, experts.down)]
-        if any(inner not in keys for group in names for inner in group):
-            continue  # not the layout this family stores (left to stack_experts, which says what is missing)
+        if not count or any(inner not in keys for group in names for inner in group):
+            continue  # not one tensor per expert: left as stored
         gates, ups, downs = ([loaded[keys[inner]] for inner in group] for group in names)
         gate_up = torch.empty(
             (count, 2 * gates[0].shape[0], gates[0].shape[1]), dtype=gates[0].dtype, device=gates[0].device
@@ -207,16 +207,17 @@ def stack_experts(state: dict[str, torch.Tensor], experts: architecture.StackedE
             for suffix in tensors
             if suffix.startswith(f"{experts.prefix}.") and suffix.endswith(f".{experts.down}.weight")
         )
-        gates = [tensors.pop(experts.stored(e, experts.gate)) for e in range(count)]
-        ups = [tensors.pop(experts.stored(e, experts.up)) for e in range(count)]
-        downs = [tensors.pop(experts.stored(e, experts.down)) for e in range(count)]
-        key = tuple(id(t) for t in (*gates, *ups, *downs))
-        if key not in stacked:
-            gate_up, down = _packed(gates, ups), _packed(downs)
-            if gate_up is None:
-                gate_up = torch.stack([torch.cat([gate, up]) for gate, up in zip(gates, ups, strict=True)])
-            stacked[key] = (gate_up, torch.stack(downs) if down is None else down)
-        out[f"{prefix}{experts.into}.gate_up_proj"], out[f"{prefix}{experts.into}.down_proj"] = stacked[key]
+        if count:  # else the checkpoint already holds them stacked (as mergekit 0.1.5 writes them)
+            gates = [tensors.pop(experts.stored(e, experts.gate)) for e in range(count)]
+            ups = [tensors.pop(experts.stored(e, experts.up)) for e in range(count)]
+            downs = [tensors.pop(experts.stored(e, experts.down)) for e in range(count)]
+            key = tuple(id(t) for t in (*gates, *ups, *downs))
+            if key not in stacked:
+                gate_up, down = _packed(gates, ups), _packed(downs)
+                if gate_up is None:
+                    gate_up = torch.stack([torch.cat([gate, up]) for gate, up in zip(gates, ups, strict=True)])
+                stacked[key] = (gate_up, torch.stack(downs) if down is None else down)
+            out[f"{prefix}{experts.into}.gate_up_proj"], out[f"{prefix}{experts.into}.down_proj"] = stacked[key]
         for suffix, tensor in tensors.items():
             for old, new in experts.renames:
                 suffix = new + suffix.removeprefix(old) if suffix.startswith(old) else suffix
