@@ -96,8 +96,3 @@ def mcnemar_exact(only_merge: int, only_parent: int) -> float:
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
 
-
-def mean_stderr(values: list[float]) -> float:
-    """The standard error of a mean score (the sample standard deviation over the square root of n)."""
-    n = len(values)
-    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
