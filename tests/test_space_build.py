@@ -66,7 +66,8 @@ def test_every_pin_but_torch_has_a_wheel_for_the_spaces_python_but_the_pure_pyth
     # the resolver's own answer for a CPython 3.12 Linux machine: wheels only, metadata only, no install
     run = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
-         "--only-binary=:all:", f"--no-binary={','.join(SOURCE_ONLY)}", f"--python-version={python}", "--implementation=cp", f"--abi=cp{abi}",
+         "--only-binary=:all:", f"--no-binary={','.join(SOURCE_ONLY)}",
+         f"--python-version={python}", "--implementation=cp", f"--abi=cp{abi}",
          *platforms, f"--target={tmp_path / 'target'}", f"--report={report}", "-r", str(pins), "--quiet"],
         capture_output=True, text=True,
     )  # fmt: skip
