@@ -50,4 +50,4 @@ def test_eval_of_a_parent_not_in_the_recipe_is_one_sentence_and_exit_2(tmp_path,
     args = ["eval", str(recipe), "--tasks", MC_TASK, "--parents", "elsewhere/model", "--out", str(tmp_path / "o.json")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: elsewhere/model is not a model of this recipe; its parents: {ref}"
+    assert err == f"error: the recipe has no model elsewhere/model to score as a parent; its models: {ref}"

@@ -95,4 +95,3 @@ def mcnemar_exact(only_merge: int, only_parent: int) -> float:
     k = min(only_merge, only_parent)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
-

@@ -274,7 +274,9 @@ def candidates(plan: Plan, parents: Sequence[str], *, device: str, resolver: Cal
 
     unknown = [p for p in parents if p not in plan.models]
     if unknown:
-        raise UserError(f"{', '.join(unknown)} is not a model of this recipe; its parents: {', '.join(plan.models)}")
+        raise UserError(
+            f"the recipe has no model {', '.join(unknown)} to score as a parent; its models: {', '.join(plan.models)}"
+        )
     found = [Candidate(MERGE, plan, chat_dtype(plan, device), is_merge=True)]
     for ref in dict.fromkeys(parents):
         parent = make_plan(as_it_is(ref, resolver), resolver)
