@@ -28,7 +28,7 @@ def test_eval_endpoint_scores_the_merge_and_its_parent_on_the_same_items(app_url
     )
     # the same request again: every score is taken from the first run
     summary, again, _ = client.predict(recipe, [MC_TASK], 3, False, [ref], api_name="/eval")
-    assert "Taken from earlier runs" in summary
+    assert "were reused" in summary
     assert again["models"]["merge"]["results"][MC_TASK] == results["models"]["merge"]["results"][MC_TASK]
 
 

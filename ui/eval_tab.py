@@ -62,7 +62,7 @@ def task_choices() -> tuple[gr.Dropdown, str]:
     local = local_tasks()
     choices = [*(t.name for t in QUICK_SUITE), *local]
     if local:
-        note = "Tasks defined on this machine (they run without the Hub): " + ", ".join(f"`{md(n)}`" for n in local)
+        note = "Tasks defined on this machine (they run without the Hub): " + ", ".join(md(n) for n in local)
     else:
         note = "The tasks' data comes from the Hub; none are defined on this machine."
     return gr.Dropdown(choices=choices), note
@@ -202,7 +202,7 @@ def summary(report: EvalReport, seconds: float) -> str:
     text = f"Scored {models} on {len(report.tasks)} task(s) in {seconds:.1f} s."
     if report.reused:
         reused = ", ".join(f"{md(label.removeprefix('bundled:'))} on {md(task)}" for label, task in report.reused)
-        text += f" Taken from earlier runs (same model, items and settings): {reused}."
+        text += f" Scores already made (the same model, items and settings) were reused: {reused}."
     return text
 
 

@@ -324,20 +324,24 @@ def run_eval(
     score = score or _score_here(check)
     report = EvalReport(list(candidates), list(tasks), settings)
     counts = {t.name: settings.items_of(t) for t in tasks}
-    todo: list[tuple[Candidate, LoadedTask]] = []
-    for c in candidates:
-        for task in tasks:
-            cached = cache.get((c.identity, task.name, counts[task.name], settings))
-            if cached is not None:
-                report.scores[(c.label, task.name)] = cached
-                report.reused.append((c.label, task.name))
-            else:
-                todo.append((c, task))
+
+    def cached(c: Candidate, task: LoadedTask) -> bool:
+        score = cache.get((c.identity, task.name, counts[task.name], settings))
+        if score is not None:
+            report.scores[(c.label, task.name)] = score
+            report.reused.append((c.label, task.name))
+        return score is not None
+
+    todo = [(c, t) for c in candidates for t in tasks if not cached(c, t)]
     clock = _Clock(sum(counts[t.name] for _, t in todo), progress)
     for candidate in [c for c in candidates if any(c is d for d, _ in todo)]:
+        # a model scored earlier in this run under another label (the merge of a whole parent) is not scored twice
+        pending = [t for c, t in todo if c is candidate and not cached(c, t)]
+        if not pending:
+            continue
         clock.say(f"building {candidate.label}")
         with provide(candidate) as built:
-            for task in (t for c, t in todo if c is candidate):
+            for task in pending:
                 n = counts[task.name]
                 chunk = chunk_items(task) if chunk_items else n
                 result = _score_task(
