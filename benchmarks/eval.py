@@ -88,6 +88,17 @@ def fixture_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def model_folder(weights: Path, folder: Path, vocab_size: int) -> Path:
+    """The random parent with the fixtures' tokenizer: links to its config and shards (another
+    benchmark may have left its own tokenizer beside them) and our tokenizer."""
+    folder.mkdir(parents=True)
+    for path in weights.iterdir():
+        if path.suffix in (".json", ".safetensors") and not path.name.startswith(("tokenizer", "special_tokens")):
+            (folder / path.name).symlink_to(path.resolve())
+    fixture_tokenizer(vocab_size).save_pretrained(folder)
+    return folder
+
+
 class Bench:
     """The JSON report, rewritten after every stage; stages stop starting when the budget runs low."""
 
@@ -172,7 +183,12 @@ def score_hf(folder: str, tasks, items: dict[str, int], device: str) -> dict[str
         plain = [plain_sample(s) for s in result["samples"][task.name]]
         outcomes[task.name] = {(s["doc_id"], s["filter"]): s for s in plain}
     del lm
-    return {"load_s": round(load_s, 1), "seconds": times, "total_s": round(sum(times.values()), 1), "outcomes": outcomes}
+    return {
+        "load_s": round(load_s, 1),
+        "seconds": times,
+        "total_s": round(sum(times.values()), 1),
+        "outcomes": outcomes,
+    }
 
 
 def agreement(ours: dict, theirs: dict) -> dict[str, Any]:
@@ -208,14 +224,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="eval-bench-", dir=fast_scratch()))
     # --tiny: 16 new tokens a generation (a tiny 32-layer model decodes slowly on a shared CPU)
     os.environ[TASK_FOLDERS_VARIABLE] = str(materialize_tasks(tmp / "tasks", 16 if args.tiny else None))
-    folder = args.weights or tmp / "parent"
-    if not (folder / "config.json").is_file():  # setup: not a stage --only can skip
+    weights = args.weights or tmp / "parent"
+    if not (weights / "config.json").is_file():  # setup: not a stage --only can skip
         start = time.monotonic()
-        write_parent(folder, shape, device)
+        write_parent(weights, shape, device)
         data["write_weights_s"] = round(time.monotonic() - start, 1)
-    if not (folder / "tokenizer.json").is_file():
-        fixture_tokenizer(shape["vocab_size"]).save_pretrained(folder)
-    ref = str(folder)
+    ref = str(model_folder(weights, tmp / "model", shape["vocab_size"]))
     plans = {
         "parent": make_plan(passthrough(*[(ref, a, b) for a, b in PARENT]), ANY_PATH),
         "merge": make_plan(passthrough(*[(ref, a, b) for a, b in MERGE]), ANY_PATH),

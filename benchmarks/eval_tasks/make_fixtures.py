@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORDS = (
+WORDS_TEXT = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
     "they you were her she there been one all we their has would when if so no what up out about who them "
     "time can only new some could these two may first then do any like my now over such our man me even most "
@@ -20,7 +20,8 @@ WORDS = (
     "each just those people how too little state good very make world still own see men work long get here "
     "between both life being under never day same another know while last might us great old year off come "
     "since against go came right used take three water number apples train miles hours price total cost"
-).split()
+)
+WORDS = WORDS_TEXT.split()
 
 
 def sentence(rng: random.Random, words: int) -> str:
@@ -63,7 +64,10 @@ def main() -> None:
 
     # GSM8K: 5-shot word problems (about 45 words) with worked answers (about 60 words), 256 new tokens
     def problem() -> dict:
-        return {"question": paragraph(rng, rng.randint(30, 60)), "answer": paragraph(rng, rng.randint(40, 90)) + " #### 42"}
+        return {
+            "question": paragraph(rng, rng.randint(30, 60)),
+            "answer": paragraph(rng, rng.randint(40, 90)) + " #### 42",
+        }
 
     write(
         "bench_gsm8k",
@@ -93,10 +97,13 @@ def main() -> None:
 
     # ARC-Challenge: 0-shot, a short question and four short answers
     arc = [
-        {"question": paragraph(rng, rng.randint(12, 40)), "choices": [" " + sentence(rng, rng.randint(2, 9)) for _ in range(4)],
-         "label": rng.randrange(4)}
+        {
+            "question": paragraph(rng, rng.randint(12, 40)),
+            "choices": [" " + sentence(rng, rng.randint(2, 9)) for _ in range(4)],
+            "label": rng.randrange(4),
+        }
         for _ in range(80)
-    ]  # fmt: skip
+    ]
     write(
         "bench_arc_challenge",
         {"test": arc},
@@ -108,15 +115,18 @@ def main() -> None:
 
     # HellaSwag: 0-shot, a context of about 40 words and four endings of about 20
     hellaswag = [
-        {"query": paragraph(rng, rng.randint(25, 55)), "choices": [" " + paragraph(rng, rng.randint(12, 30)) for _ in range(4)],
-         "label": rng.randrange(4)}
+        {
+            "query": paragraph(rng, rng.randint(25, 55)),
+            "choices": [" " + paragraph(rng, rng.randint(12, 30)) for _ in range(4)],
+            "label": rng.randrange(4),
+        }
         for _ in range(80)
-    ]  # fmt: skip
+    ]
     write(
         "bench_hellaswag",
         {"test": hellaswag},
         'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\n'
-        "doc_to_target: label\ntarget_delimiter: \"\"\n"
+        'doc_to_target: label\ntarget_delimiter: ""\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n",
     )
