@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -96,37 +97,29 @@ def main() -> None:
     )
 
     # ARC-Challenge: 0-shot, a short question and four short answers
-    arc = [
-        {
-            "question": paragraph(rng, rng.randint(12, 40)),
-            "choices": [" " + sentence(rng, rng.randint(2, 9)) for _ in range(4)],
-            "label": rng.randrange(4),
-        }
-        for _ in range(80)
-    ]
-    write(
-        "bench_arc_challenge",
-        {"test": arc},
-        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\ntarget_delimiter: ""\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n",
-    )
-
+    four_choices(rng, "bench_arc_challenge", "question", (12, 40), lambda: sentence(rng, rng.randint(2, 9)),
+                 "Question: {{question}}\nAnswer:")  # fmt: skip
     # HellaSwag: 0-shot, a context of about 40 words and four endings of about 20
-    hellaswag = [
+    four_choices(rng, "bench_hellaswag", "query", (25, 55), lambda: paragraph(rng, rng.randint(12, 30)), "{{query}}")
+
+
+def four_choices(
+    rng: random.Random, name: str, field: str, words: tuple[int, int], choice: Callable[[], str], doc_to_text: str
+) -> None:
+    """A 0-shot task of 80 items: a text of `words` words in `field`, four continuations, acc and acc_norm."""
+    docs = [
         {
-            "query": paragraph(rng, rng.randint(25, 55)),
-            "choices": [" " + paragraph(rng, rng.randint(12, 30)) for _ in range(4)],
+            field: paragraph(rng, rng.randint(*words)),
+            "choices": [" " + choice() for _ in range(4)],
             "label": rng.randrange(4),
         }
         for _ in range(80)
     ]
     write(
-        "bench_hellaswag",
-        {"test": hellaswag},
-        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\n'
-        'doc_to_target: label\ntarget_delimiter: ""\n'
+        name,
+        {"test": docs},
+        f"test_split: test\noutput_type: multiple_choice\ndoc_to_text: {json.dumps(doc_to_text)}\n"
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\ntarget_delimiter: ""\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n",
     )
