@@ -95,3 +95,21 @@ def test_a_rerun_after_a_seam_move_rescores_only_the_merge(eval_tasks, tiny_llam
     (task, parent, difference), *_ = second.paired()
     assert (task.name, parent.label, difference.items) == (MC_TASK, ref, 3)
     assert [line.count('"doc_id"') for line in second.jsonl().splitlines()] == [1] * 6
+
+
+def test_items_scored_in_chunks_as_on_zero_gpu_give_the_scores_of_one_call(eval_tasks, tiny_llama):
+    ref = str(tiny_llama)
+    plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
+    tasks = load_tasks([MC_TASK, GEN_TASK])
+
+    def run(chunk_items):
+        models = candidates(plan, [], device="cpu", resolver=ANY_PATH)
+        provide = lambda c: built_here(c, "cpu")  # noqa: E731
+        return run_eval(models, tasks, EvalSettings(), provide=provide, chunk_items=chunk_items, cache=ScoreCache())
+
+    whole, chunked = run(None), run(lambda task: 2)  # 6 and 3 items: calls of 2, 2, 2 and 2, 1
+    for task in tasks:
+        a, b = whole.scores[("merge", task.name)], chunked.scores[("merge", task.name)]
+        assert a.metrics == b.metrics and a.per_item == b.per_item
+    text = [[s["response"] for s in report.scores[("merge", GEN_TASK)].samples] for report in (whole, chunked)]
+    assert text[0] == text[1]
