@@ -168,13 +168,14 @@ def show_progress(fraction: float, text: str) -> None:
     print(f"\r{100 * fraction:3.0f}%  {text:<90}", end="", file=sys.stderr, flush=True)
 
 
-def score_hf(folder: str, tasks, items: dict[str, int], device: str) -> dict[str, Any]:
-    """The same items through lm-eval's HFLM (batch size 1, its default): seconds per task and outcomes."""
+def score_hf(folder: str, tasks, items: dict[str, int], device: str, dtype: str) -> dict[str, Any]:
+    """The same items through lm-eval's HFLM (batch size 1, its default; in `dtype`, as ours runs):
+    seconds per task and outcomes."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     start = time.monotonic()
-    lm = HFLM(pretrained=folder, dtype="bfloat16" if device == "cuda" else "float32", device=device, batch_size=1)
+    lm = HFLM(pretrained=folder, dtype=dtype, device=device, batch_size=1)
     load_s = time.monotonic() - start
     times, outcomes = {}, {}
     for task in tasks:
@@ -202,13 +203,14 @@ def score_hf(folder: str, tasks, items: dict[str, int], device: str) -> dict[str
 
 
 def agreement(ours: dict, theirs: dict) -> dict[str, Any]:
-    """Per task: the items whose metric values are equal, and (generation) whose text is equal."""
+    """Per task: the items whose metric values are equal, and for generation whose text is equal
+    (a multiple-choice item's log-likelihoods differ in the last bits between batchings)."""
     found = {}
     for task, mine in ours.items():
         other = theirs[task]
-        same_metrics = sum(mine[k]["metrics"] == other[k]["metrics"] for k in mine)
-        same_text = sum(mine[k]["response"] == other[k]["response"] for k in mine)
-        found[task] = {"items": len(mine), "same_metrics": same_metrics, "same_response": same_text}
+        found[task] = {"items": len(mine), "same_metrics": sum(mine[k]["metrics"] == other[k]["metrics"] for k in mine)}
+        if task in GENERATION:
+            found[task]["same_text"] = sum(mine[k]["response"] == other[k]["response"] for k in mine)
     return found
 
 
@@ -275,7 +277,7 @@ def main() -> None:
         built.close()
         if device == "cuda":
             torch.cuda.empty_cache()
-        theirs = score_hf(ref, tasks, items, device)
+        theirs = score_hf(ref, tasks, items, device, chat_dtype(plans["parent"], device))
         data["versus_hf"] = {
             "items": items,
             "ours_s": ours["seconds"],

@@ -36,6 +36,7 @@ from lm_eval.models.utils import (
 )
 
 from merger.chat_template import ChatTemplateError, render_chat_template
+from merger.errors import UserError
 
 if TYPE_CHECKING:
     from merger.runtime import Built
@@ -212,7 +213,7 @@ class BuiltLM(TemplateLM):
         until = handle_stop_sequences(options.pop("until", None), eos=eos)
         max_new = int(options.pop("max_gen_toks"))
         if max_new >= self.max_length:
-            raise ValueError(
+            raise UserError(
                 f"the task asks for {max_new} new tokens, more than this build's {self.max_length}-token window"
             )
         ids = self._generation_prompt(context, self.max_length - max_new)
@@ -222,9 +223,14 @@ class BuiltLM(TemplateLM):
             "top_p": float(options.get("top_p") or 1.0) if sampled else 1.0,
             "top_k": int(options.get("top_k") or 0) if sampled else 0,
         }
+        # the end-of-text token stops the decoder itself; other stop strings are looked for, as hf's
+        # stopping criteria look, in the text of the last tokens (a stop's length in tokens, plus 2)
+        stops = [stop for stop in until if stop and stop != eos]
+        window = max((len(self.tokenizer.encode(stop, add_special_tokens=False)) + 2 for stop in stops), default=0)
         tokens: list[int] = []
-        for text in self._stream(ids, max_new, settings, tokens):
-            if any(stop and stop in text for stop in until):
+        for _ in self._stream(ids, max_new, settings, tokens):
+            tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False) if stops else ""
+            if any(stop in tail for stop in stops):
                 break
         return postprocess_generated_text(self.tokenizer.decode(tokens, skip_special_tokens=True), until, None)
 
@@ -238,9 +244,8 @@ class BuiltLM(TemplateLM):
         ids = self.tokenizer(context, return_tensors="pt", **options)["input_ids"]
         return ids[:, -room:]
 
-    def _stream(self, ids: torch.Tensor, max_new: int, settings: dict[str, Any], tokens: list[int]) -> Iterator[str]:
-        """Each new token appended to `tokens`, then their text so far (special tokens shown, as
-        hf's stop check reads them); ends at an end-of-text id."""
+    def _stream(self, ids: torch.Tensor, max_new: int, settings: dict[str, Any], tokens: list[int]) -> Iterator[int]:
+        """Each new token, appended to `tokens` before it is yielded; ends at an end-of-text id."""
         cancel = threading.Event()
         stream = self.built.decoder.stream(
             ids, cancel=cancel, max_new_tokens=max_new, stop_ids=self._stop_ids(), seed=0, **settings
@@ -249,7 +254,7 @@ class BuiltLM(TemplateLM):
             for token in stream:
                 self.check()
                 tokens.append(token)
-                yield self.tokenizer.decode(tokens, skip_special_tokens=False)
+                yield token
         finally:
             cancel.set()
             stream.close()
