@@ -127,15 +127,17 @@ def load_tasks(names: Sequence[str]) -> list[LoadedTask]:
         except UserError:
             raise
         except Exception as exc:  # the data did not load: offline, a gated dataset, a task that runs code
-            failed.append(f"{name} ({_why(exc)})")
+            failed.append(f"{name} ({why_not_loaded(exc, on_hub=name not in local)})")
     if failed:
         raise UserError(f"these tasks could not load: {'; '.join(failed)}{_local_offer(local)}")
     EVAL_TASKS.check(len(loaded), "the eval, its groups expanded,")
     return loaded
 
 
-def _why(exc: Exception) -> str:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+def why_not_loaded(exc: Exception, *, on_hub: bool) -> str:
+    """Why a task did not load: for an lm-eval task, whose data is on the Hub, that the Hub cannot be
+    reached (HF_HUB_OFFLINE) when so; else the error."""
+    if on_hub and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return "its data is on the Hub, which cannot be reached from here"
     return exception_line(exc)[:300]
 
