@@ -326,11 +326,11 @@ def run_eval(
     counts = {t.name: settings.items_of(t) for t in tasks}
 
     def cached(c: Candidate, task: LoadedTask) -> bool:
-        score = cache.get((c.identity, task.name, counts[task.name], settings))
-        if score is not None:
-            report.scores[(c.label, task.name)] = score
+        hit = cache.get((c.identity, task.name, counts[task.name], settings))
+        if hit is not None:
+            report.scores[(c.label, task.name)] = hit
             report.reused.append((c.label, task.name))
-        return score is not None
+        return hit is not None
 
     todo = [(c, t) for c in candidates for t in tasks if not cached(c, t)]
     clock = _Clock(sum(counts[t.name] for _, t in todo), progress)
