@@ -280,7 +280,8 @@ def candidates(plan: Plan, parents: Sequence[str], *, device: str, resolver: Cal
     found = [Candidate(MERGE, plan, chat_dtype(plan, device), is_merge=True)]
     for ref in dict.fromkeys(parents):
         parent = make_plan(as_it_is(ref, resolver), resolver)
-        found.append(Candidate(ref, parent, chat_dtype(parent, device)))
+        label = ref if ref != MERGE else f"{ref} (parent)"  # a folder named "merge" is not the merge
+        found.append(Candidate(label, parent, chat_dtype(parent, device)))
     return found
 
 
