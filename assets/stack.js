@@ -6,6 +6,10 @@
 //            Python and fires .change (the proxy compares by identity, so in-place edits do nothing)
 //   watch    watch("value", cb) runs cb after Python has sent a new value
 //
+// Facts come from Python as props (ui/stack.py stack_widget), never written here: blend_methods (the
+// blend methods, in the page's order), needs_base (those that take a base model), max_repeat (the
+// largest `repeat` a recipe takes).
+//
 // Everything below the shell is drawn here, from props.value plus a little local UI state (the drag
 // selection). All listeners are delegated on `element`, so redrawing never loses a handler.
 //
@@ -17,9 +21,9 @@
 
 const root = element.querySelector(".fs-root") || element;
 const PALETTE = ["#4f9dff", "#f5a524", "#2fc98f", "#e85d9a", "#a78bfa", "#22c3d6", "#f0d14a", "#ff7a59"];
-const MAX_REPEAT = 16;
-const BLEND_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"];
-const NEEDS_BASE = new Set(["task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]);
+const MAX_REPEAT = props.max_repeat;
+const BLEND_METHODS = props.blend_methods;
+const NEEDS_BASE = new Set(props.needs_base);
 const ICON_DUP =
   '<svg viewBox="0 0 16 16" width="12" height="12" aria-hidden="true"><rect x="5" y="5" width="9" height="9" rx="1.5" fill="none" stroke="currentColor" stroke-width="1.6"/><path d="M11 3.5V3a1 1 0 0 0-1-1H3a1 1 0 0 0-1 1v7a1 1 0 0 0 1 1h.5" fill="none" stroke="currentColor" stroke-width="1.6"/></svg>';
 const ICON_REMOVE =
@@ -199,8 +203,9 @@ function labelFor(ref, models) {
   return m ? m.label || m.ref : ref;
 }
 
-// Same rule as ui/stack.py seam_positions(): slice i > 0 starts with a seam unless it continues
-// slice i-1 exactly (same model, previous end == this start).
+// The plan's seam rule (merger.plan.seam_depths; ui/stack.py seam_positions() applies it to this value),
+// drawn at once on every edit: slice i > 0 starts with a seam unless it continues slice i-1 exactly
+// (same model, previous end == this start). tests/browser/test_stack_widget.py holds the two to one answer.
 function hasSeam(slices, i) {
   if (i <= 0) return false;
   const p = slices[i - 1];

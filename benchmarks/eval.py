@@ -35,13 +35,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from generation import LLAMA3_8B_SHAPE, MERGE, PARENT, SMOKE_SHAPE, fast_scratch, write_parent  # noqa: E402
 
-from merger.catalog import LocalPolicy, resolver_for  # noqa: E402
 from merger.errors import exception_line  # noqa: E402
 from merger.eval.runner import Candidate, EvalSettings, ScoreCache, run_eval  # noqa: E402
 from merger.eval.suite import TASK_FOLDERS_VARIABLE, default_items, load_tasks, task_manager  # noqa: E402
 from merger.plan import make_plan  # noqa: E402
 from merger.recipe import passthrough  # noqa: E402
-from merger.runtime import build, chat_dtype, prepare_for_chat  # noqa: E402
+from merger.runtime.builds import build, prepare_for_chat  # noqa: E402
+from merger.runtime.devices import chat_dtype  # noqa: E402
+from merger.sources.catalog import LocalPolicy, resolver_for  # noqa: E402
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())
 FIXTURES = ROOT / "benchmarks" / "eval_tasks"

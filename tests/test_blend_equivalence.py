@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger.export import export_plan
+from merger.build.export import export_plan
 from merger.plan import Blend, make_plan
-from merger.recipe import recipe_from_dict
+from merger.recipe.mergekit_yaml import recipe_from_dict
 
 if importlib.util.find_spec("mergekit") is None:
     pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)

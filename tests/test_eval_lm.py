@@ -11,9 +11,9 @@ from lm_eval.models.huggingface import HFLM
 from merger.eval.lm import BuiltLM
 from merger.eval.runner import EvalSettings, ScoreCache, built_here, candidates, consolidate, plain_sample, run_eval
 from merger.eval.suite import load_tasks, task_manager
-from merger.plan import make_plan
+from merger.plan import as_it_is, make_plan
 from merger.recipe import passthrough
-from merger.runtime import as_it_is, build
+from merger.runtime.builds import build
 
 from refs import ANY_PATH
 

@@ -23,16 +23,16 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from merger.eval.suite import QUICK_SUITE, LoadedTask, local_tasks, parse_task_names
+from merger.host import on_zero_gpu
 from merger.limits import EVAL_ITEMS
 from merger.plan import Plan
-from merger.zero_gpu import (
+from merger.runtime.zero_gpu import (
     ANONYMOUS_QUOTA_SECONDS,
     CALL_OVERHEAD_SECONDS,
     PESSIMISTIC_TOKENS_PER_SECOND,
     duration_factor,
     gpu_task,
     held_build,
-    on_zero_gpu,
 )
 from ui.chat import SESSIONS, build_into, slot
 from ui.guard import check_current, stop_work, web_handler
@@ -114,7 +114,7 @@ def evaluate(
     """The merge `plan` and the picked parents scored on the tasks (see the module's docstring)."""
     from merger.eval.runner import EvalSettings, candidates, run_eval
     from merger.eval.suite import load_tasks
-    from merger.runtime import best_device
+    from merger.runtime.devices import best_device
 
     names = parse_task_names(tasks or [])
     progress(0.0, desc="loading the tasks' data")

@@ -35,6 +35,10 @@ from typing import Any
 
 import gradio as gr
 
+from merger.methods.specs import BLEND_METHODS, METHODS
+from merger.plan import seam_depths
+from merger.recipe import MAX_REPEAT
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 # A static shell: stack.js draws everything inside it. Because the template never changes, Gradio's
@@ -52,6 +56,9 @@ def stack_widget(value: dict | None = None, **kwargs: Any) -> gr.HTML:
     kwargs.setdefault("container", False)
     kwargs.setdefault("padding", False)
     return gr.HTML(
+        blend_methods=list(BLEND_METHODS),
+        needs_base=[name for name, spec in METHODS.items() if spec.needs_base],
+        max_repeat=MAX_REPEAT,
         value=value if value is not None else empty_value(),
         html_template=HTML_TEMPLATE,
         css_template=(ASSETS / "stack.css").read_text(encoding="utf-8"),
@@ -74,16 +81,14 @@ def merged_layer_count(value: dict) -> int:
 
 
 def seam_positions(value: dict) -> list[int]:
-    """Indices of slices that begin with a seam (the same rule the widget draws).
-
-    Slice i > 0 starts with a seam unless it continues slice i - 1 exactly: same model and
-    ``slices[i-1].end == slices[i].start``. Repeats add internal seams inside a slice; those are not listed.
-    """
-    slices = _slices(value)
-    seams = []
-    for i in range(1, len(slices)):
-        prev, cur = slices[i - 1], slices[i]
-        continues = prev["model"] == cur["model"] and int(prev["end"]) == int(cur["start"])
-        if not continues:
-            seams.append(i)
-    return seams
+    """Indices of slices that begin with a seam, by the plan's seam rule (merger.plan.seam_depths, which
+    the widget draws too): slice i > 0 starts with a seam unless it continues slice i - 1 exactly (same
+    model, ``slices[i-1].end == slices[i].start``). Repeats add seams inside a slice; those are not listed."""
+    sources: list[tuple[str, int]] = []
+    starts = []
+    for s in _slices(value):
+        starts.append(len(sources))
+        layers = range(int(s["start"]), int(s["end"]))
+        sources += [(s["model"], layer) for _ in range(max(1, int(s.get("repeat", 1) or 1))) for layer in layers]
+    seams = set(seam_depths(sources, sources[0][0] if sources else ""))
+    return [i for i in range(1, len(starts)) if starts[i] in seams]

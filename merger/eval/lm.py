@@ -7,11 +7,11 @@ backend does) backed by our build.
   inputs are the same tokens (a multiple-choice question's one-token answers) share one row; only the
   positions scored are projected to the vocabulary (`logits_to_keep`), so a batch never holds a
   [batch, length, vocabulary] tensor;
-- generation: our fast decoder (`merger.fastgen`: static cache, the step in a CUDA graph on a GPU),
+- generation: our fast decoder (`merger.generate`: static cache, the step in a CUDA graph on a GPU),
   greedy unless the task asks to sample, stopping at the model's end-of-text ids and the task's
   stop strings, cut as lm-eval cuts them;
 - chat: the model's chat template, applied as lm-eval's `hf` backend applies it, within our
-  template limits (`merger.chat_template`).
+  template limits (`merger.chat.templates`).
 
 Tokenization, truncation and the scoring arithmetic follow `lm_eval.models.huggingface.HFLM`, so
 scores equal its scores on the same items (tests/test_eval_lm.py).
@@ -35,11 +35,11 @@ from lm_eval.models.utils import (
     resolve_max_length,
 )
 
-from merger.chat_template import ChatTemplateError, render_chat_template
-from merger.errors import UserError
+from merger.chat.templates import render_chat_template
+from merger.errors import ChatTemplateError, UserError
 
 if TYPE_CHECKING:
-    from merger.runtime import Built
+    from merger.runtime.builds import Built
 
 # tokens in one log-likelihood batch (rows x padded length): bounds the activations of a forward pass
 BATCH_TOKENS = {"cuda": 16384, "cpu": 2048}
@@ -69,7 +69,7 @@ class BuiltLM(TemplateLM):
         self.report = report or (lambda done, total: None)
         self.check = check or (lambda: None)
         model_max = resolve_max_length(self.model.config, self.tokenizer)
-        self._max_length = min(model_max, built.window)
+        self._max_length = min(model_max, built.context_tokens)
         self.add_bos_token: bool | None = None  # the tokenizer's own choice, as lm-eval's hf backend leaves it
 
     # ---- what lm-eval reads of a model ----
@@ -246,9 +246,9 @@ class BuiltLM(TemplateLM):
 
     def _stream(self, ids: torch.Tensor, max_new: int, settings: dict[str, Any], tokens: list[int]) -> Iterator[int]:
         """Each new token, appended to `tokens` before it is yielded; ends at an end-of-text id."""
-        cancel = threading.Event()
+        stop = threading.Event()
         stream = self.built.decoder.stream(
-            ids, cancel=cancel, max_new_tokens=max_new, stop_ids=self._stop_ids(), seed=0, **settings
+            ids, stop=stop, max_new_tokens=max_new, stop_ids=self._stop_ids(), seed=0, **settings
         )
         try:
             for token in stream:
@@ -256,7 +256,7 @@ class BuiltLM(TemplateLM):
                 tokens.append(token)
                 yield token
         finally:
-            cancel.set()
+            stop.set()
             stream.close()
 
     def _stop_ids(self) -> Sequence[int]:

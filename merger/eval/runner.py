@@ -28,7 +28,7 @@ from merger.limits import EVAL_ITEMS, EVAL_MODELS
 
 if TYPE_CHECKING:
     from merger.plan import Plan
-    from merger.runtime import Built
+    from merger.runtime.builds import Built
 
 STDERR_BOOTSTRAP = 1000  # lm-eval's bootstrap draws for a non-mean metric's standard error (its default: 100,000)
 MERGE = "merge"
@@ -269,8 +269,8 @@ Provider = Callable[[Candidate], AbstractContextManager["Built"]]
 def candidates(plan: Plan, parents: Sequence[str], *, device: str, resolver: Callable[[str], Any]) -> list[Candidate]:
     """The merge (`plan`) and each named parent as it is, in the dtype a build on `device` runs
     in. A parent must be one of the recipe's models."""
-    from merger.plan import make_plan
-    from merger.runtime import as_it_is, chat_dtype
+    from merger.plan import as_it_is, make_plan
+    from merger.runtime.devices import chat_dtype
 
     unknown = [p for p in parents if p not in plan.models]
     if unknown:
@@ -290,7 +290,7 @@ def built_here(candidate: Candidate, device: str) -> Iterator[Built]:
     """A candidate built on `device` (its decoder ready) for as long as it is scored, then freed."""
     import gc
 
-    from merger.runtime import build, prepare_for_chat
+    from merger.runtime.builds import build, prepare_for_chat
 
     built = prepare_for_chat(build(candidate.plan, device=device))
     try:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 import pytest
 
+from merger.methods.specs import BLEND_METHODS
+from merger.recipe import MAX_REPEAT
 from ui.stack import merged_layer_count, seam_positions, stack_widget
 
 from browserkit import free_port, sweep, wait_for
@@ -165,7 +167,7 @@ def test_stack_widget_edits_reach_python_draw_seams_and_escape_model_names(app, 
 
 
 def recipe_from_value(value: dict):
-    from merger.recipe import recipe_from_dict
+    from merger.recipe.mergekit_yaml import recipe_from_dict
     from ui.recipe_value import stack_mapping
 
     return recipe_from_dict(stack_mapping(value))
@@ -223,3 +225,25 @@ def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
     v = last_value(received, lambda v: "blend" not in v["slices"][0], "the unblend")
     assert (v["slices"][0]["model"], v["slices"][0]["start"], v["slices"][0]["end"]) == (SMOL, 0, 4)
     assert "layers 0–3 (4)" in page.get_by_test_id("slice-0").inner_text()
+
+
+def test_the_widget_takes_its_methods_and_repeat_limit_from_python(app, page) -> None:
+    """The repeat box goes up to the recipe's own limit and the blend menu lists merger.methods.specs'
+    methods: the widget is handed them (props), it does not keep copies that drift apart."""
+    url, received = app
+    page.goto(url)
+    page.get_by_test_id("cell-0-0").wait_for()
+    sweep(page, 0, 0, 1)
+    page.get_by_test_id("stack-add-0").click()
+    last_value(received, lambda v: len(v["slices"]) == 1, "a slice")
+    repeat = page.get_by_test_id("slice-repeat-0")
+    assert repeat.get_attribute("max") == str(MAX_REPEAT)
+    repeat.fill(str(MAX_REPEAT))
+    repeat.press("Enter")
+    v = last_value(received, lambda v: v["slices"][0]["repeat"] != 1, "the repeat")
+    assert v["slices"][0]["repeat"] == MAX_REPEAT
+
+    page.get_by_test_id("slice-blend-0").select_option(QWEN)
+    last_value(received, lambda v: v["slices"][0].get("blend"), "the blend")
+    drawn = page.get_by_test_id("blend-method").locator("option").evaluate_all("els => els.map(e => e.value)")
+    assert drawn == list(BLEND_METHODS)
