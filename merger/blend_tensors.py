@@ -1,5 +1,5 @@
 """A plan's blends -> tensors: each input read from its parent's safetensors file, cast to the
-build dtype on the build device, blended by merger.methods, one output tensor at a time.
+build dtype on the build device, blended by merger.method_table, one output tensor at a time.
 Assemble and export both use it, so the chatted and the exported model get the same blends."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import torch
 
 from merger.catalog import ModelInfo
-from merger.methods import blend
+from merger.method_table import blend
 from merger.plan import Blend, TensorSource
 
 ST_TO_TORCH = {

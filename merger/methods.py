@@ -1,10 +1,12 @@
 """Blend methods: small pure functions over tensors, with mergekit 0.1.5's semantics and
-parameter names (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp; and passthrough's
-`scale`, a blend of one tensor).
+parameter names: linear, slerp and the task-vector methods (task_arithmetic, ties, dare_ties,
+dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, sce). merger.spherical and
+merger.selective hold the others; merger.method_table maps each method's name to its function.
 
 Each function takes the input tensors already in the build dtype and on the build device, and
 returns the blended tensor in that dtype. Internal precision follows mergekit: linear and slerp
-work in float32 (float64 inputs stay float64); the task-vector methods work in the input dtype.
+work in float32 (float64 inputs stay float64); the task-vector methods work in the input dtype,
+except that random masks (DARE, DELLA) are drawn and applied in float32 on every device.
 merger.method_specs describes their parameters (names, scopes, defaults) as data.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -56,6 +57,43 @@ def random_prune(delta: torch.Tensor, density: float, *, seed: int, rescale: boo
     return _masked(delta.float(), mask, rescale=rescale).to(delta.dtype)
 
 
+def outlier_prune(delta: torch.Tensor, density: float, *, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Model Breadcrumbs: drop the `gamma` share of largest-magnitude entries as outliers, then
+    the smallest, keeping int(density * numel) (fewer outliers dropped when both cannot be)."""
+    if density >= 1:
+        return delta
+    numel = delta.numel()
+    kept = int(density * numel)
+    smallest_dropped = max(0, numel - kept - int(gamma * numel))
+    magnitude = delta.abs().reshape(-1)
+    if magnitude.device.type == "cpu":
+        magnitude = magnitude.float()
+    ascending = torch.sort(magnitude, descending=False).indices
+    mask = torch.zeros(numel, dtype=delta.dtype, device=delta.device)
+    mask[ascending[smallest_dropped : smallest_dropped + kept]] = 1
+    return _masked(delta, mask.reshape_as(delta), rescale=rescale)
+
+
+def della_prune(
+    delta: torch.Tensor, density: float, *, epsilon: float, seed: int, rescale: bool = True
+) -> torch.Tensor:
+    """DELLA's MagPrune: within each row, the entry of rank r (by magnitude, 0 the smallest) is kept
+    with probability density - epsilon + 2 * epsilon * r / (columns - 1). Drawn as DARE's masks
+    are: on the CPU from a generator seeded with `seed`. A 1-D tensor is one row."""
+    if density >= 1:
+        return delta
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta  # [rows, columns]
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    ranks = order.argsort(dim=1).to(torch.float32) + 1
+    lowest = ranks.min(dim=1, keepdim=True).values
+    highest = ranks.max(dim=1, keepdim=True).values
+    spread = ((ranks - lowest) / (highest - lowest).clamp(min=1)).clamp(0, 1)  # one column: rank 0
+    probabilities = (density - epsilon) + spread * 2 * epsilon
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.bernoulli(probabilities.cpu(), generator=generator).to(delta.device)
+    return _masked(rows.float(), mask, rescale=rescale).to(delta.dtype).reshape(delta.shape)
+
+
 def _masked(delta: torch.Tensor, mask: torch.Tensor, *, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
     """`delta * mask`; with `rescale`, scaled back to delta's L1 norm (mergekit's `rescale`)."""
     kept = delta * mask
@@ -82,8 +120,7 @@ def combine_task_vectors(
     w = w.reshape(-1, *([1] * base.dim()))  # [n, 1, ...]
     stacked.mul_(w)
     if consensus:
-        majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
-        agree = stacked.sign() == majority
+        agree = sign_agreement(stacked)
         mixed = (stacked * agree).sum(dim=0)
         divisor = (w * agree).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -96,6 +133,13 @@ def combine_task_vectors(
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(base.dtype)
+
+
+def sign_agreement(stacked: torch.Tensor) -> torch.Tensor:
+    """TIES's sign election over [n, *shape]: where each entry's sign agrees with the sign of the
+    entries' sum (mergekit's `sum` consensus; a zero sum elects +)."""
+    majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
+    return stacked.sign() == majority
 
 
 def task_arithmetic(
@@ -141,6 +185,73 @@ def dare(
         random_prune(t - base, d, seed=s, rescale=rescale) for t, d, s in zip(tensors, densities, seeds, strict=True)
     ]
     return combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def breadcrumbs(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    gammas: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """breadcrumbs_ties (consensus=True) and breadcrumbs (consensus=False)."""
+    deltas = [
+        outlier_prune(t - base, d, gamma=g, rescale=rescale) for t, d, g in zip(tensors, densities, gammas, strict=True)
+    ]
+    return combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def della(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    epsilons: Sequence[float],
+    seeds: Sequence[int],
+    *,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """della (consensus=True) and della_linear (consensus=False)."""
+    deltas = [
+        della_prune(t - base, d, epsilon=e, seed=s, rescale=rescale)
+        for t, d, e, s in zip(tensors, densities, epsilons, seeds, strict=True)
+    ]
+    return combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: float = 1.0) -> torch.Tensor:
+    """SCE: keep the `select_topk` share of entries where the task vectors vary most, elect signs
+    as TIES does, and weight each task vector by its mean square (its share of all of theirs)."""
+    if not tensors:
+        return base
+    vectors = torch.stack([t - base for t in tensors], dim=0)  # [n, *shape]
+    if select_topk < 1:
+        vectors = vectors * _most_varied(vectors, select_topk).unsqueeze(0)
+    energy = vectors.square().reshape(vectors.shape[0], -1).mean(dim=1)  # [n]
+    total = torch.sum(energy).item()
+    weights = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
+    weights = weights.reshape(-1, *([1] * base.dim()))  # [n, 1, ...]
+    kept = weights * sign_agreement(vectors)
+    return base + (vectors * kept).sum(dim=0) / torch.sum(kept, dim=0).clamp(min=1e-6)
+
+
+def _most_varied(vectors: torch.Tensor, share: float) -> torch.Tensor:
+    """A 0/1 mask over one tensor's entries: the int(share * nonzero) of largest variance across
+    the task vectors."""
+    variance = torch.var(vectors, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(variance) * share)
+    mask = torch.zeros_like(variance)
+    if k > 0:
+        mask.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True).indices] = 1
+    return mask
 
 
 SLERP_CHUNK = 1 << 20  # entries per step: bounds float32 scratch, and matches mergekit's reduction order
@@ -193,42 +304,3 @@ def stable_seed(*parts: object) -> int:
     """A 63-bit seed from its parts, equal across processes (unlike hash())."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def blend(
-    method: str,
-    tensors: Sequence[torch.Tensor],
-    *,
-    base_index: int | None,
-    shared: dict[str, Any],
-    per_source: Sequence[dict[str, Any]],
-    seed_keys: Sequence[str] = (),
-) -> torch.Tensor:
-    """Dispatch one output tensor's blend: `tensors` in mergekit's input order, `per_source`
-    the resolved per-source parameters (empty for the base), `seed_keys` one name per source
-    for DARE's masks."""
-    if method == "passthrough":  # as mergekit: one multiply in the input dtype
-        return tensors[0] * per_source[0]["scale"]
-    if method == "linear":
-        return linear(tensors, [p["weight"] for p in per_source], normalize=shared["normalize"])
-    if base_index is None:
-        raise ValueError(f"{method} needs a base tensor")
-    base = tensors[base_index]
-    others = [i for i in range(len(tensors)) if i != base_index]
-    if method == "slerp":
-        return slerp(shared["t"], base, tensors[others[0]])
-    if not others:
-        return base
-    inputs = [tensors[i] for i in others]
-    weights = [per_source[i]["weight"] for i in others]
-    densities = [per_source[i]["density"] for i in others]
-    common = {"normalize": shared["normalize"], "lambda_": shared["lambda"]}
-    if method == "task_arithmetic":
-        return task_arithmetic(base, inputs, weights, **common)
-    if method == "ties":
-        return ties(base, inputs, weights, densities, rescale=shared["rescale"], **common)
-    if method in ("dare_ties", "dare_linear"):
-        seeds = [stable_seed(shared["seed"], seed_keys[i]) for i in others]
-        consensus = method == "dare_ties"
-        return dare(base, inputs, weights, densities, seeds, consensus=consensus, rescale=shared["rescale"], **common)
-    raise ValueError(f"unknown blend method '{method}'")

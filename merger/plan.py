@@ -160,7 +160,7 @@ class _Blender:
         if not s.blended:
             return sources[0]
         _check_same_shape(out_name, sources)
-        base = self.recipe.base_model if self.spec.needs_base else None
+        base = self.recipe.base_model if self.spec.uses_base else None
         base_index = next((i for i, src in enumerate(s.sources) if src.model == base), None)
         shared = {
             p.name: self._resolve(p, [s.parameters, self.recipe.parameters], out_name, t, None)
@@ -178,6 +178,7 @@ class _Blender:
                 }
             )
         self._check_normalizable(shared, per_source, out_name, s)
+        self._check_keep_probabilities(per_source, out_name, s)
         return Blend(
             method=self.spec.name,
             sources=sources,
@@ -221,6 +222,21 @@ class _Blender:
                 f"the weights of {names} sum to zero for {out_name}, and normalize divides by that sum; "
                 "change a weight or set normalize: false"
             )
+
+    def _check_keep_probabilities(self, per_source: list[dict], out_name: str, s: Slice) -> None:
+        """DELLA keeps entries with probabilities from density - epsilon to density + epsilon, which
+        must lie inside (0, 1) (mergekit fails mid-merge otherwise)."""
+        for src, p in zip(s.sources, per_source, strict=True):
+            if (
+                "epsilon" in p
+                and p["density"] < 1
+                and not 0 < p["density"] - p["epsilon"] < p["density"] + p["epsilon"] < 1
+            ):
+                raise RecipeError(
+                    f"{self.spec.name} keeps entries of {src.model}'s {out_name} with probabilities from density - "
+                    f"epsilon to density + epsilon, here {p['density']:g} ± {p['epsilon']:g}, which must stay "
+                    "inside (0, 1); lower epsilon or move density toward 0.5"
+                )
 
 
 def _check_same_shape(out_name: str, sources: tuple[TensorSource, ...]) -> None:
