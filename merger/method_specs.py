@@ -30,8 +30,8 @@ class Interval:
         return above and below
 
     def __str__(self) -> str:
-        high = "∞" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open else '['}{self.low:g}, {high}{')' if self.high_open else ']'}"
+        high = "∞)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {high}"
 
 
 FRACTION_KEPT = Interval(0, 1, True, False, "it is the fraction of each task vector kept")

@@ -2,6 +2,12 @@
 and by our exporter must give every tensor equal within TOLERANCE, on tiny local models that
 genuinely differ (tiny_llama, an unrelated tiny_llama_b, and two "fine-tunes" of tiny_llama).
 
+Every method is here, most with a gradient or a `{filter, value}` on its own parameters; the
+preview's count of each plan must equal the number of values mergekit wrote. DELLA draws its masks
+at random (mergekit unseeded, we seeded per tensor): both sides run under
+mergekit_runner.fix_random_draws, so one fixed draw meets equal probabilities, and everything but
+the randomness is compared (tests/test_methods.py checks the seeded draws themselves).
+
 On these models every tensor comes out bit-equal today; the tests still compare within TOLERANCE,
 since bit-equality is in neither tool's contract. TOLERANCE: our methods run the same operations
 as mergekit in the same precision (float32 for linear and slerp, the input dtype for the
@@ -22,8 +28,9 @@ import pytest
 import torch
 
 from merger.export import export_plan
+from merger.params import count
 from merger.plan import Blend, make_plan
-from merger.recipe import recipe_from_dict
+from merger.recipe import recipe_from_dict, recipe_from_yaml
 
 if importlib.util.find_spec("mergekit") is None:
     pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
@@ -243,12 +250,13 @@ def test_blend_export_equals_mergekit_within_rounding(case, cases, mergekit_runs
     fix_random_draws()  # as in mergekit's run: DELLA's masks are then one fixed draw on both sides
     theirs_dir, error = mergekit_runs[case]
     assert error is None
-    recipe = recipe_from_dict(cases[case])
+    recipe = recipe_from_yaml(recipe_from_dict(cases[case]).to_yaml())  # as the page's YAML box and preview read it
     plan = make_plan(recipe, ANY_PATH)
     assert plan.blends, "the case must blend something"
     ours = tensors_of(export_plan(plan, tmp_path / case).path)
     theirs = tensors_of(theirs_dir)
     assert sorted(ours) == sorted(theirs)
+    assert count(plan).total_params == sum(t.numel() for t in theirs.values())  # the preview's count
     for name, tensor in ours.items():
         assert tensor.dtype == theirs[name].dtype, name
         torch.testing.assert_close(tensor, theirs[name], **TOLERANCE[tensor.dtype], msg=lambda m, n=name: f"{n}: {m}")
