@@ -90,4 +90,3 @@ class _Guard:
         if time.monotonic() > self.deadline:
             raise _Overrun(f"ran past {TEMPLATE_SECONDS.allowed()}")
         return self._in_template
-

@@ -213,6 +213,11 @@ class _Blender:
                 f"{self.spec.name} needs `{param.name}`{whose} ({tensor_name}); set it on the source, "
                 "its slice or the recipe's `parameters:`"
             ) from None
+        except ValueError as exc:
+            raise RecipeError(
+                f"{self.spec.name}'s `{param.name}` for {tensor_name}: {exc} (mergekit refuses it too); "
+                "choose values whose steps over the slice's layers are whole"
+            ) from None
 
     def _check_normalizable(self, shared: dict, per_source: list[dict], out_name: str, s: Slice) -> None:
         weights = [p["weight"] for p in per_source if "weight" in p]

@@ -480,8 +480,9 @@ def _check_value(param: Param, value: Any, where: str) -> None:
 
 def evaluate_setting(setting: Any, *, tensor_name: str, t: float, kind: type) -> Any:
     """One setting's value for one tensor (mergekit's rules): a scalar as written; a list of
-    numbers is a gradient, linearly interpolated at `t` in [0, 1]; `{filter, value}` entries give
-    the first whose filter occurs in `tensor_name` (no filter or '*' matches any), None if none."""
+    numbers is a gradient, linearly interpolated at `t` in [0, 1] (booleans: the one at or before
+    `t`; whole numbers must land on one, else ValueError); `{filter, value}` entries give the
+    first whose filter occurs in `tensor_name` (no filter or '*' matches any), None if none."""
     if isinstance(setting, dict):
         setting = [setting]
     if not isinstance(setting, list):
@@ -495,13 +496,18 @@ def evaluate_setting(setting: Any, *, tensor_name: str, t: float, kind: type) ->
                 return evaluate_setting(cond["value"], tensor_name=tensor_name, t=t, kind=kind)
         return None
     values = [kind(v) for v in setting]
-    if kind is not float:
+    if kind is bool:
         return values[int(t * (len(values) - 1))]
     scaled = t * (len(values) - 1)
     i0 = int(scaled)
     i1 = min(len(values) - 1, i0 + 1)
     frac = scaled - i0
-    return (1 - frac) * values[i0] + frac * values[i1]
+    value = (1 - frac) * values[i0] + frac * values[i1]
+    if kind is int:  # as mergekit: whole numbers interpolate, and must land on a whole number
+        if not float(value).is_integer():
+            raise ValueError(f"its gradient gives {value:g} here, not a whole number")
+        return int(value)
+    return value
 
 
 def resolve_parameter(param: Param, scopes: Sequence[Mapping[str, Any]], *, tensor_name: str, t: float) -> Any:

@@ -146,3 +146,13 @@ def test_della_keep_probabilities_outside_0_1_are_refused_with_the_model_and_ten
     with pytest.raises(RecipeError, match=f"of {tuned}'s model.layers.0.mlp.* 0.9 ± 0.15, which must stay inside"):
         make_plan(recipe_from_dict(data), ANY_PATH)
     make_plan(recipe_from_dict({**data, "parameters": {"epsilon": 0.05}}), ANY_PATH)  # 0.85 to 0.95: fine
+
+
+def test_a_whole_number_gradient_interpolates_as_mergekit_and_must_land_on_whole_numbers(tiny_llama, tiny_llama_b):
+    a, b = str(tiny_llama), str(tiny_llama_b)
+    data = {"models": [{"model": a}, {"model": b}], "merge_method": "karcher", "parameters": {"max_iter": [0, 10]}}
+    plan = make_plan(recipe_from_dict(data), ANY_PATH)  # 6 layers: 0, 2, 4, 6, 8, 10
+    steps = [dict(plan.tensors[f"model.layers.{i}.mlp.up_proj.weight"].shared)["max_iter"] for i in range(6)]
+    assert steps == [0, 2, 4, 6, 8, 10]
+    with pytest.raises(RecipeError, match=r"karcher's `max_iter` for model.layers.1.* gives 5.6 here, not a whole"):
+        make_plan(recipe_from_dict({**data, "parameters": {"max_iter": [2, 20]}}), ANY_PATH)
