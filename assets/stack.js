@@ -18,8 +18,37 @@
 const root = element.querySelector(".fs-root") || element;
 const PALETTE = ["#4f9dff", "#f5a524", "#2fc98f", "#e85d9a", "#a78bfa", "#22c3d6", "#f0d14a", "#ff7a59"];
 const MAX_REPEAT = 16;
-const BLEND_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"];
-const NEEDS_BASE = new Set(["task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]);
+// The blend menu: each method with how it treats the base model ("required", "optional" or "ignored", as in
+// mergekit) and what the stack edits for it: a weight per source, or one `t` per blended slice (its starting value
+// and what it means). The same facts as merger/method_specs.py (tests/test_methods.py checks that they agree).
+const METHODS = {
+  linear: { base: "ignored", weight: true },
+  task_arithmetic: { base: "required", weight: true },
+  ties: { base: "required", weight: true },
+  dare_ties: { base: "required", weight: true },
+  dare_linear: { base: "required", weight: true },
+  breadcrumbs: { base: "required", weight: true },
+  breadcrumbs_ties: { base: "required", weight: true },
+  della: { base: "required", weight: true },
+  della_linear: { base: "required", weight: true },
+  sce: { base: "required" },
+  slerp: { base: "required", t: { value: 0.5, max: 1, step: 0.05, hint: "slerp position: 0 = base, 1 = the other model" } },
+  nuslerp: { base: "optional", weight: true },
+  multislerp: { base: "optional", weight: true },
+  karcher: { base: "ignored" },
+  model_stock: { base: "required" },
+  nearswap: {
+    base: "required",
+    t: {
+      value: 0.001,
+      step: "any",
+      hint: "nearswap distance: entries of the other model closer than t to the base's are taken",
+    },
+  },
+  arcee_fusion: { base: "required" },
+};
+const BLEND_METHODS = Object.keys(METHODS);
+const factsOf = (method) => METHODS[method] || { base: "ignored" };
 const ICON_DUP =
   '<svg viewBox="0 0 16 16" width="12" height="12" aria-hidden="true"><rect x="5" y="5" width="9" height="9" rx="1.5" fill="none" stroke="currentColor" stroke-width="1.6"/><path d="M11 3.5V3a1 1 0 0 0-1-1H3a1 1 0 0 0-1 1v7a1 1 0 0 0 1 1h.5" fill="none" stroke="currentColor" stroke-width="1.6"/></svg>';
 const ICON_REMOVE =
@@ -81,21 +110,24 @@ function isNumber(x) {
   return typeof x === "number" && Number.isFinite(x);
 }
 
-// The parameters the widget edits, made to fit `method`: slerp takes one t per blended slice, the others
-// a weight per source (mergekit refuses parameters a method does not take). Non-numeric settings stay.
-function adaptToMethod(slices, method) {
+// The parameters the widget edits, made to fit `method` (switched to from `previous`): a weight per source, one t
+// per blended slice (a t that meant something else under `previous` starts again), or neither (mergekit refuses
+// parameters a method does not take). Non-numeric settings stay.
+function adaptToMethod(slices, method, previous = method) {
+  const facts = factsOf(method);
+  const tChanged = facts.t !== factsOf(previous).t;
   return slices.map((s) => {
     if (!(s.blend || []).length) return s;
     const sources = sourcesOf(s).map((src) => {
       const params = { ...(src.parameters || {}) };
-      if (method === "slerp" && isNumber(params.weight)) delete params.weight;
-      if (method !== "slerp" && params.weight === undefined) params.weight = 1;
+      if (!facts.weight && isNumber(params.weight)) delete params.weight;
+      if (facts.weight && params.weight === undefined) params.weight = 1;
       return { ...src, parameters: Object.keys(params).length ? params : undefined };
     });
     const out = withSources(s, sources);
     const sp = { ...(s.slice_parameters || {}) };
-    if (method === "slerp" && sp.t === undefined) sp.t = 0.5;
-    if (method !== "slerp" && isNumber(sp.t)) delete sp.t;
+    if (facts.t && (sp.t === undefined || (tChanged && isNumber(sp.t)))) sp.t = facts.t.value;
+    if (!facts.t && isNumber(sp.t)) delete sp.t;
     if (Object.keys(sp).length) out.slice_parameters = sp;
     else delete out.slice_parameters;
     return out;
@@ -116,7 +148,7 @@ function addSource(i, ref) {
   slices[i] = withSources(s, [...sourcesOf(s), { model: ref, start, end: start + n }]);
   const method = v.merge_method === "passthrough" ? "linear" : v.merge_method;
   const extra = { merge_method: method };
-  if (NEEDS_BASE.has(method) && !v.base_model) extra.base_model = s.model;
+  if (factsOf(method).base === "required" && !v.base_model) extra.base_model = s.model;
   commit(adaptToMethod(slices, method), extra);
 }
 
@@ -133,13 +165,13 @@ function removeSource(i, j) {
 }
 
 function renderSources(s, i, v) {
-  const slerp = v.merge_method === "slerp";
+  const facts = factsOf(v.merge_method);
   const rows = sourcesOf(s).map((src, j) => {
     const w = src.parameters ? src.parameters.weight : undefined;
-    const isBase = NEEDS_BASE.has(v.merge_method) && src.model === v.base_model;
+    const isBase = facts.base !== "ignored" && src.model === v.base_model;
     let weight = "";
-    if (slerp) weight = isBase ? '<span class="fs-muted">base</span>' : "";
-    else if (isBase && v.merge_method !== "linear") weight = '<span class="fs-muted">base</span>';
+    if (isBase) weight = '<span class="fs-muted">base</span>';
+    else if (!facts.weight) weight = "";
     else if (w === undefined || isNumber(w))
       weight = `<label class="fs-weight" title="weight">w <input type="number" step="0.05" value="${isNumber(w) ? w : ""}" data-testid="source-weight-${i}-${j}" data-slice="${i}" data-source="${j}" /></label>`;
     else weight = '<span class="fs-muted" title="a gradient or filter from the YAML">custom</span>';
@@ -153,11 +185,11 @@ function renderSources(s, i, v) {
       </div>`;
   });
   let t = "";
-  if (slerp) {
+  if (facts.t) {
     const raw = s.slice_parameters ? s.slice_parameters.t : undefined;
     t =
       raw === undefined || isNumber(raw)
-        ? `<label class="fs-weight" title="slerp position: 0 = base, 1 = the other model">t <input type="number" min="0" max="1" step="0.05" value="${isNumber(raw) ? raw : ""}" data-testid="slice-t-${i}" data-slice="${i}" /></label>`
+        ? `<label class="fs-weight" title="${esc(facts.t.hint)}">t <input type="number" min="0" ${facts.t.max === undefined ? "" : `max="${facts.t.max}"`} step="${facts.t.step}" value="${isNumber(raw) ? raw : ""}" data-testid="slice-t-${i}" data-slice="${i}" /></label>`
         : '<span class="fs-muted">t: custom</span>';
   }
   return `<div class="fs-sources" data-testid="slice-sources-${i}">${rows.join("")}${t}</div>`;
@@ -181,11 +213,14 @@ function renderBlendControls(v) {
   const methods = BLEND_METHODS.map(
     (m) => `<option value="${m}" ${m === v.merge_method ? "selected" : ""}>${m}</option>`,
   ).join("");
-  const base = NEEDS_BASE.has(v.merge_method)
-    ? `<label>base <select data-testid="blend-base" class="fs-blend-base">${v.models
-        .map((m) => `<option value="${esc(m.ref)}" ${m.ref === v.base_model ? "selected" : ""}>${esc(m.label || m.ref)}</option>`)
-        .join("")}</select></label>`
-    : "";
+  const policy = factsOf(v.merge_method).base;
+  const none = policy === "optional" ? `<option value="" ${v.base_model ? "" : "selected"}>none</option>` : "";
+  const base =
+    policy === "ignored"
+      ? ""
+      : `<label>base <select data-testid="blend-base" class="fs-blend-base">${none}${v.models
+          .map((m) => `<option value="${esc(m.ref)}" ${m.ref === v.base_model ? "selected" : ""}>${esc(m.label || m.ref)}</option>`)
+          .join("")}</select></label>`;
   return `<div class="fs-blend-controls"><label>blend <select data-testid="blend-method" class="fs-blend-method">${methods}</select></label>${base}</div>`;
 }
 
@@ -479,12 +514,12 @@ element.addEventListener("change", (e) => {
   if (e.target.closest(".fs-blend-method")) {
     const method = e.target.value;
     const extra = { merge_method: method };
-    if (NEEDS_BASE.has(method) && !v.base_model && v.slices.length) extra.base_model = v.slices[0].model;
-    commit(adaptToMethod(v.slices, method), extra);
+    if (factsOf(method).base === "required" && !v.base_model && v.slices.length) extra.base_model = v.slices[0].model;
+    commit(adaptToMethod(v.slices, method, v.merge_method), extra);
     return;
   }
   if (e.target.closest(".fs-blend-base")) {
-    commit(v.slices, { base_model: e.target.value });
+    commit(v.slices, { base_model: e.target.value || null });
     return;
   }
   const weight = e.target.closest(".fs-weight input");

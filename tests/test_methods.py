@@ -5,6 +5,9 @@ tests/test_blend_equivalence.py's)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -156,3 +159,27 @@ def test_a_whole_number_gradient_interpolates_as_mergekit_and_must_land_on_whole
     assert steps == [0, 2, 4, 6, 8, 10]
     with pytest.raises(RecipeError, match=r"karcher's `max_iter` for model.layers.1.* gives 5.6 here, not a whole"):
         make_plan(recipe_from_dict({**data, "parameters": {"max_iter": [2, 20]}}), ANY_PATH)
+
+
+def widget_methods() -> dict[str, dict]:
+    """assets/stack.js's METHODS table as {name: {base, weight, t}}, read from its source."""
+    source = (Path(__file__).parent.parent / "assets" / "stack.js").read_text(encoding="utf-8")
+    table = source[source.index("const METHODS = {") : source.index("\n};\n", source.index("const METHODS = {"))]
+    entries = re.split(r"\n  (\w+): ", table)[1:]
+    return {
+        name: {
+            "base": re.search(r'base: "(\w+)"', body).group(1),
+            "weight": "weight: true" in body,
+            "t": re.search(r"\bt: \{", body) is not None,
+        }
+        for name, body in zip(entries[::2], entries[1::2], strict=True)
+    }
+
+
+def test_the_widgets_blend_menu_offers_every_method_with_pythons_facts():
+    expected = {
+        name: {"base": spec.base, "weight": spec.param("weight") is not None, "t": spec.param("t") is not None}
+        for name, spec in METHODS.items()
+        if name in BLEND_METHODS
+    }
+    assert widget_methods() == expected

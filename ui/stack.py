@@ -12,10 +12,10 @@ Value (JSON-able dict: the stack's part of the page's recipe, which ui/recipe_st
         # others in "blend", each source's mergekit parameters (weight, density, ...) in "parameters"
         {"model": "a", "start": 20, "end": 30, "repeat": 1, "parameters": {"weight": 0.7},
          "blend": [{"model": "b", "start": 20, "end": 30, "parameters": {"weight": 0.3}}],
-         "slice_parameters": {"t": 0.5}},  # optional: the slice's own parameters (slerp's t)
+         "slice_parameters": {"t": 0.5}},  # optional: the slice's own parameters (slerp's or nearswap's t)
       ],
       "merge_method": "linear",  # optional (passthrough): how blended slices blend
-      "base_model": "a",  # optional: the base for task_arithmetic, ties, dare_*, slerp
+      "base_model": "a",  # optional: the base, for the methods that take one (stack.js's METHODS)
       "parameters": {},  # optional: recipe-wide parameters, kept as they came
       "seam_scores": {"1": {"measured": 0.2, "predicted": 0.18}, "1-rep-1": 0.1},  # optional, dropped on edit: seam
       # damage (angular distance) before slice i, or where pass r of slice i begins; a bare number is allowed
@@ -23,9 +23,10 @@ Value (JSON-able dict: the stack's part of the page's recipe, which ui/recipe_st
 
 Python sets the value; assets/stack.js draws it and answers every user edit with a new value object (everything
 but the slices copied through, a new slices list; the blend method and base when those are edited), which fires
-the component's ``.change``. The widget edits a source's ``weight`` (slerp: the slice's ``t``) when it is a plain
-number; gradients and filters pasted as YAML are shown as "custom" and kept. When an edit leaves no blended slice,
-ui/recipe_state.py drops the blend method, its base and its parameters and redraws the widget.
+the component's ``.change``. The widget edits a source's ``weight`` (slerp, nearswap: the slice's ``t``; neither
+for methods without them) when it is a plain number; gradients and filters pasted as YAML are shown as "custom" and
+kept. When an edit leaves no blended slice, ui/recipe_state.py drops the blend method, its base and its parameters
+and redraws the widget.
 """
 
 from __future__ import annotations
