@@ -6,21 +6,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from merger.method_specs import METHODS
 from merger.methods import (
-    breadcrumbs,
-    dare,
-    della,
+    combine_task_vectors,
+    della_prune,
     linear,
+    magnitude_prune,
+    outlier_prune,
+    random_prune,
     sce,
     slerp,
     stable_seed,
-    task_arithmetic,
-    ties,
 )
 from merger.selective import arcee_fusion, nearswap
 from merger.spherical import karcher, model_stock, multislerp, nuslerp
@@ -59,67 +60,68 @@ class BlendInputs:
         keys = [k for i, k in enumerate(self.seed_keys) if i != self.base_index]
         return [stable_seed(self.shared["seed"], key) for key in keys]
 
-    def task_vector_options(self) -> dict[str, Any]:
-        return {
-            "normalize": self.shared["normalize"],
-            "rescale": self.shared["rescale"],
-            "lambda_": self.shared["lambda"],
-        }
+
+Prune = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _task_arithmetic(b: BlendInputs) -> torch.Tensor:
-    weights = b.of_others("weight")  # nothing is pruned, so `rescale` changes nothing
-    return task_arithmetic(b.base, b.others, weights, normalize=b.shared["normalize"], lambda_=b.shared["lambda"])
+def _magnitude(b: BlendInputs) -> list[Prune]:
+    return [partial(magnitude_prune, density=d, rescale=b.shared["rescale"]) for d in b.of_others("density")]
 
 
-def _dare(consensus: bool) -> Callable[[BlendInputs], torch.Tensor]:
-    return lambda b: dare(
-        b.base,
-        b.others,
-        b.of_others("weight"),
-        b.of_others("density"),
-        b.seeds(),
-        consensus=consensus,
-        **b.task_vector_options(),
-    )
+def _random(b: BlendInputs) -> list[Prune]:
+    rescale = b.shared["rescale"]
+    return [
+        partial(random_prune, density=d, seed=s, rescale=rescale)
+        for d, s in zip(b.of_others("density"), b.seeds(), strict=True)
+    ]
 
 
-def _breadcrumbs(consensus: bool) -> Callable[[BlendInputs], torch.Tensor]:
-    return lambda b: breadcrumbs(
-        b.base,
-        b.others,
-        b.of_others("weight"),
-        b.of_others("density"),
-        b.of_others("gamma"),
-        consensus=consensus,
-        **b.task_vector_options(),
-    )
+def _outliers(b: BlendInputs) -> list[Prune]:
+    rescale = b.shared["rescale"]
+    return [
+        partial(outlier_prune, density=d, gamma=g, rescale=rescale)
+        for d, g in zip(b.of_others("density"), b.of_others("gamma"), strict=True)
+    ]
 
 
-def _della(consensus: bool) -> Callable[[BlendInputs], torch.Tensor]:
-    return lambda b: della(
-        b.base,
-        b.others,
-        b.of_others("weight"),
-        b.of_others("density"),
-        b.of_others("epsilon"),
-        b.seeds(),
-        consensus=consensus,
-        **b.task_vector_options(),
-    )
+def _della(b: BlendInputs) -> list[Prune]:
+    rescale = b.shared["rescale"]
+    return [
+        partial(della_prune, density=d, epsilon=e, seed=s, rescale=rescale)
+        for d, e, s in zip(b.of_others("density"), b.of_others("epsilon"), b.seeds(), strict=True)
+    ]
+
+
+def _task_vectors(
+    pruning: Callable[[BlendInputs], list[Prune]] | None, *, consensus: bool
+) -> Callable[[BlendInputs], torch.Tensor]:
+    """mergekit's generalized task arithmetic: each model's task vector (model - base) pruned its
+    own way (none, TIES's magnitude, DARE's random, Breadcrumbs' outliers, DELLA's ranks), then
+    weighted and summed, sign-elected with `consensus`."""
+
+    def merge(b: BlendInputs) -> torch.Tensor:
+        base, others = b.base, b.others
+        prunes = pruning(b) if pruning else [None] * len(others)
+        deltas = [t - base if prune is None else prune(t - base) for t, prune in zip(others, prunes, strict=True)]
+        normalize, lambda_ = b.shared["normalize"], b.shared["lambda"]
+        return combine_task_vectors(
+            base, deltas, b.of_others("weight"), consensus=consensus, normalize=normalize, lambda_=lambda_
+        )
+
+    return merge
 
 
 METHOD_FUNCTIONS: dict[str, Callable[[BlendInputs], torch.Tensor]] = {
     "passthrough": lambda b: b.tensors[0] * b.per_source[0]["scale"],  # as mergekit: one multiply in the input dtype
     "linear": lambda b: linear(b.tensors, b.of_all("weight"), normalize=b.shared["normalize"]),
-    "task_arithmetic": _task_arithmetic,
-    "ties": lambda b: ties(b.base, b.others, b.of_others("weight"), b.of_others("density"), **b.task_vector_options()),
-    "dare_ties": _dare(consensus=True),
-    "dare_linear": _dare(consensus=False),
-    "breadcrumbs": _breadcrumbs(consensus=False),
-    "breadcrumbs_ties": _breadcrumbs(consensus=True),
-    "della": _della(consensus=True),
-    "della_linear": _della(consensus=False),
+    "task_arithmetic": _task_vectors(None, consensus=False),
+    "ties": _task_vectors(_magnitude, consensus=True),
+    "dare_ties": _task_vectors(_random, consensus=True),
+    "dare_linear": _task_vectors(_random, consensus=False),
+    "breadcrumbs": _task_vectors(_outliers, consensus=False),
+    "breadcrumbs_ties": _task_vectors(_outliers, consensus=True),
+    "della": _task_vectors(_della, consensus=True),
+    "della_linear": _task_vectors(_della, consensus=False),
     "sce": lambda b: sce(b.base, b.others, select_topk=b.shared["select_topk"]),
     "slerp": lambda b: slerp(b.shared["t"], b.base, b.others[0]),
     "nuslerp": lambda b: nuslerp(

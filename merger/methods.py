@@ -1,7 +1,8 @@
 """Blend methods: small pure functions over tensors, with mergekit 0.1.5's semantics and
-parameter names: linear, slerp and the task-vector methods (task_arithmetic, ties, dare_ties,
-dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, sce). merger.spherical and
-merger.selective hold the others; merger.method_table maps each method's name to its function.
+parameter names: linear, slerp, sce, and the parts of the task-vector methods (task_arithmetic,
+ties, dare_*, breadcrumbs*, della*): each one's pruning of a task vector, and the weighted,
+optionally sign-elected combination of them. merger.spherical and merger.selective hold the other
+methods; merger.method_table maps each method's name to its function.
 
 Each function takes the input tensors already in the build dtype and on the build device, and
 returns the blended tensor in that dtype. Internal precision follows mergekit: linear and slerp
@@ -140,91 +141,6 @@ def sign_agreement(stacked: torch.Tensor) -> torch.Tensor:
     entries' sum (mergekit's `sum` consensus; a zero sum elects +)."""
     majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
     return stacked.sign() == majority
-
-
-def task_arithmetic(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
-    deltas = [t - base for t in tensors]
-    return combine_task_vectors(base, deltas, weights, consensus=False, normalize=normalize, lambda_=lambda_)
-
-
-def ties(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    *,
-    normalize: bool = True,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
-    deltas = [magnitude_prune(t - base, d, rescale=rescale) for t, d in zip(tensors, densities, strict=True)]
-    return combine_task_vectors(base, deltas, weights, consensus=True, normalize=normalize, lambda_=lambda_)
-
-
-def dare(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    seeds: Sequence[int],
-    *,
-    consensus: bool,
-    normalize: bool = False,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
-    """dare_ties (consensus=True) and dare_linear (consensus=False)."""
-    deltas = [
-        random_prune(t - base, d, seed=s, rescale=rescale) for t, d, s in zip(tensors, densities, seeds, strict=True)
-    ]
-    return combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
-
-
-def breadcrumbs(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    gammas: Sequence[float],
-    *,
-    consensus: bool,
-    normalize: bool = False,
-    rescale: bool = False,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
-    """breadcrumbs_ties (consensus=True) and breadcrumbs (consensus=False)."""
-    deltas = [
-        outlier_prune(t - base, d, gamma=g, rescale=rescale) for t, d, g in zip(tensors, densities, gammas, strict=True)
-    ]
-    return combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
-
-
-def della(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    epsilons: Sequence[float],
-    seeds: Sequence[int],
-    *,
-    consensus: bool,
-    normalize: bool,
-    rescale: bool = True,
-    lambda_: float = 1.0,
-) -> torch.Tensor:
-    """della (consensus=True) and della_linear (consensus=False)."""
-    deltas = [
-        della_prune(t - base, d, epsilon=e, seed=s, rescale=rescale)
-        for t, d, e, s in zip(tensors, densities, epsilons, seeds, strict=True)
-    ]
-    return combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: float = 1.0) -> torch.Tensor:

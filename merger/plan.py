@@ -39,7 +39,7 @@ class Blend:
 
     method: str
     sources: tuple[TensorSource, ...]  # in the recipe's source order (mergekit's input order)
-    base_index: int | None  # which source is the base model (None for linear)
+    base_index: int | None  # which source is the base model (None: the method ignores it, or has none)
     shared: tuple[tuple[str, Any], ...]  # resolved parameters that apply to the whole tensor
     per_source: tuple[tuple[tuple[str, Any], ...], ...]  # resolved per-source parameters (none for the base)
 

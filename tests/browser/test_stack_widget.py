@@ -171,13 +171,19 @@ def recipe_from_value(value: dict):
     return recipe_from_dict(stack_mapping(value))
 
 
-def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
+def one_slice(app, page, first: int, last: int) -> list[dict]:
+    """A fresh page whose stack is SmolLM2's layers first..last (inclusive); the values Python receives."""
     url, received = app
     page.goto(url)
     page.get_by_test_id("cell-0-0").wait_for()
-    sweep(page, 0, 0, 3)
+    sweep(page, 0, first, last)
     page.get_by_test_id("stack-add-0").click()
     last_value(received, lambda v: len(v["slices"]) == 1 and "blend" not in v["slices"][0], "a plain slice")
+    return received
+
+
+def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
+    received = one_slice(app, page, 0, 3)
 
     # 0. "+ blend" offers only the columns whose layers have this slice's shapes
     offered = page.get_by_test_id("slice-blend-0").locator("option").evaluate_all("els => els.map(e => e.value)")
@@ -228,12 +234,7 @@ def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
 def test_the_blend_menu_offers_every_method_and_fits_the_block_to_each(app, page) -> None:
     from merger.method_specs import BLEND_METHODS
 
-    url, received = app
-    page.goto(url)
-    page.get_by_test_id("cell-0-0").wait_for()
-    sweep(page, 0, 2, 5)
-    page.get_by_test_id("stack-add-0").click()
-    last_value(received, lambda v: len(v["slices"]) == 1 and "blend" not in v["slices"][0], "a plain slice")
+    received = one_slice(app, page, 2, 5)
     page.get_by_test_id("slice-blend-0").select_option(QWEN)
     last_value(received, lambda v: v["slices"][0].get("blend"), "the blend")
     menu = page.get_by_test_id("blend-method").locator("option").evaluate_all("els => els.map(e => e.value)")
