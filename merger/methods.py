@@ -75,35 +75,51 @@ def outlier_prune(delta: torch.Tensor, density: float, *, gamma: float, rescale:
     return _masked(delta, mask.reshape_as(delta), rescale=rescale)
 
 
+DELLA_CHUNK = 1 << 20  # entries ranked at a time: bounds the sorting's int64 scratch
+
+
 def della_prune(
     delta: torch.Tensor, density: float, *, epsilon: float, seed: int, rescale: bool = True
 ) -> torch.Tensor:
     """DELLA's MagPrune: within each row, the entry of rank r (by magnitude, 0 the smallest) is kept
     with probability density - epsilon + 2 * epsilon * r / (columns - 1). Drawn as DARE's masks
-    are: on the CPU from a generator seeded with `seed`. A 1-D tensor is one row."""
+    are: on the CPU from a generator seeded with `seed`. A 1-D tensor is one row. Rows are ranked
+    a few at a time, so the scratch beyond the float32 probabilities and mask stays small."""
     if density >= 1:
         return delta
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta  # [rows, columns]
-    order = torch.argsort(rows.abs(), dim=1, descending=False)
-    ranks = order.argsort(dim=1).to(torch.float32) + 1
-    lowest = ranks.min(dim=1, keepdim=True).values
-    highest = ranks.max(dim=1, keepdim=True).values
-    spread = ((ranks - lowest) / (highest - lowest).clamp(min=1)).clamp(0, 1)  # one column: rank 0
-    probabilities = (density - epsilon) + spread * 2 * epsilon
+    columns = rows.shape[1]
+    probabilities = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    rank_values = torch.arange(1, columns + 1, dtype=torch.float32, device=rows.device)  # rank + 1, as mergekit
+    step = max(1, DELLA_CHUNK // max(columns, 1))
+    for start in range(0, rows.shape[0], step):
+        order = torch.argsort(rows[start : start + step].abs(), dim=1, descending=False)
+        ranks = torch.empty(order.shape, dtype=torch.float32, device=rows.device)
+        ranks.scatter_(1, order, rank_values.expand_as(order))  # the inverse permutation: each entry's rank
+        spread = ((ranks - 1) / max(columns - 1, 1)).clamp(0, 1)  # one column: rank 0
+        probabilities[start : start + step] = (density - epsilon) + spread * 2 * epsilon
     generator = torch.Generator().manual_seed(seed)
-    mask = torch.bernoulli(probabilities.cpu(), generator=generator).to(delta.device)
-    return _masked(rows.float(), mask, rescale=rescale).to(delta.dtype).reshape(delta.shape)
+    kept = torch.bernoulli(probabilities.cpu(), generator=generator).to(delta.device)
+    del probabilities
+    kept.mul_(rows)
+    if rescale:
+        kept = _scaled_to_l1(kept, rows.abs().sum(dtype=torch.float32))
+    return kept.to(delta.dtype).reshape(delta.shape)
 
 
-def _masked(delta: torch.Tensor, mask: torch.Tensor, *, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+def _masked(delta: torch.Tensor, mask: torch.Tensor, *, rescale: bool) -> torch.Tensor:
     """`delta * mask`; with `rescale`, scaled back to delta's L1 norm (mergekit's `rescale`)."""
     kept = delta * mask
-    if not rescale:
+    return _scaled_to_l1(kept, delta.abs().sum()) if rescale else kept
+
+
+def _scaled_to_l1(kept: torch.Tensor, l1: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """`kept` (a masked tensor, scaled in place) brought back to the L1 norm `l1` it had before
+    masking, unless either norm is about 0."""
+    after = kept.abs().sum()
+    if l1 < eps or after < eps:
         return kept
-    before, after = delta.abs().sum(), kept.abs().sum()
-    if before < eps or after < eps:
-        return kept
-    return kept * (before / after)
+    return kept.mul_(l1 / after)
 
 
 def combine_task_vectors(

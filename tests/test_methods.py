@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger import selective
+from merger import methods, selective
 from merger.errors import RecipeError
 from merger.method_specs import BLEND_METHODS, METHODS
 from merger.method_table import METHOD_FUNCTIONS
@@ -46,6 +46,13 @@ def test_della_keeps_larger_entries_of_each_row_more_often_and_rescales_to_the_l
     torch.testing.assert_close(pruned[kept], delta[kept] * factor)
     unscaled = della_prune(delta, 0.5, epsilon=0.3, seed=7, rescale=False)
     assert torch.equal(unscaled[kept], delta[kept]) and torch.equal(unscaled != 0, kept)
+
+
+def test_della_ranks_rows_a_few_at_a_time_without_changing_the_result(monkeypatch):
+    delta = torch.randn(200, 500, generator=torch.Generator().manual_seed(2))
+    whole = della_prune(delta, 0.4, epsilon=0.2, seed=5)
+    monkeypatch.setattr(methods, "DELLA_CHUNK", 1_200)  # two rows and a bit per step
+    assert torch.equal(della_prune(delta, 0.4, epsilon=0.2, seed=5), whole)
 
 
 def test_della_treats_a_vector_as_one_row():
