@@ -54,7 +54,6 @@ class MethodSpec:
     min_sources: int = 1  # the base model included
     max_sources: int | None = None
     non_base_sources: int | None = None  # exactly this many besides the base (nuslerp)
-    seeded: bool = False  # draws at random: takes our `seed` (mergekit draws from its unseeded generator)
 
     @property
     def needs_base(self) -> bool:
@@ -69,7 +68,9 @@ class MethodSpec:
         return next((p for p in self.params if p.name == name), None)
 
 
-SEED = Param("seed", int, "shared", 0)  # ours, for every method that draws at random
+# ours, for every method that draws at random (mergekit draws from its unseeded generator)
+SEED = Param("seed", int, "shared", 0)
+NON_BASE_WEIGHT = Param("weight", float, "non_base")
 
 
 def _task_vector_spec(
@@ -77,7 +78,7 @@ def _task_vector_spec(
 ) -> MethodSpec:
     """mergekit's generalized task arithmetic: base + lambda * (weighted, pruned task vectors)."""
     params = (
-        Param("weight", float, "non_base"),
+        NON_BASE_WEIGHT,
         Param("density", float, "non_base", 1.0, FRACTION_KEPT),
         Param("normalize", bool, "shared", normalize),
         Param("rescale", bool, "shared", rescale),
@@ -85,14 +86,13 @@ def _task_vector_spec(
         Param("int8_mask", bool, "shared", False),  # mergekit's mask storage type: no numeric effect
         *extra,
     )
-    return MethodSpec(name, params + ((SEED,) if seeded else ()), base="required", seeded=seeded)
+    return MethodSpec(name, params + ((SEED,) if seeded else ()), base="required")
 
 
 # breadcrumbs: the largest `gamma` share of each task vector is dropped as outliers, then the smallest
 GAMMA = Param("gamma", float, "non_base", 0.01, Interval(0, 1, False, True, "it is the share of outliers dropped"))
 # della: each entry kept with a probability from density - epsilon (smallest) to density + epsilon (largest)
 EPSILON = Param("epsilon", float, "non_base", 0.15, Interval(0, 1, True, True, "it spreads the keep probabilities"))
-SPHERE_WEIGHT = Param("weight", float, "non_base")
 # sce: only the entries where the task vectors vary most (this share of them) are merged
 SELECT_TOPK = Param("select_topk", float, "shared", 1.0, Interval(0, 1, True, False, "it is the share of entries kept"))
 
@@ -124,7 +124,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "nuslerp",
             (
-                SPHERE_WEIGHT,
+                NON_BASE_WEIGHT,
                 Param("nuslerp_row_wise", bool, "shared", False),
                 Param("nuslerp_flatten", bool, "shared", True),
             ),
@@ -134,7 +134,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "multislerp",
             (
-                SPHERE_WEIGHT,
+                NON_BASE_WEIGHT,
                 Param("normalize_weights", bool, "shared", True),
                 Param("eps", float, "shared", 1e-8, Interval(0, 1, True, True, "it only guards divisions")),
             ),
@@ -156,7 +156,7 @@ METHODS: dict[str, MethodSpec] = {
             min_sources=2,
             max_sources=2,
         ),
-        MethodSpec("arcee_fusion", (SEED,), base="required", min_sources=2, max_sources=2, seeded=True),
+        MethodSpec("arcee_fusion", (SEED,), base="required", min_sources=2, max_sources=2),
     )
 }
 BLEND_METHODS = tuple(name for name in METHODS if name != PASSTHROUGH)
