@@ -409,8 +409,12 @@ def _check_source_count(spec: MethodSpec, models: set[str], base: str | None, wh
         raise ValueError(f"{spec.name} blends {wanted} models (the base model included); {where} has {count}")
     others = count - (base in models)
     if spec.non_base_sources is not None and others != spec.non_base_sources:
+        without_base = ""
+        if base in models and count == spec.non_base_sources and spec.base == "optional":
+            without_base = f" (without a base model, it would blend these {count} themselves)"
         raise ValueError(
-            f"{spec.name} blends exactly {spec.non_base_sources} models besides the base model; {where} has {others}"
+            f"{spec.name} blends exactly {spec.non_base_sources} models besides the base model; {where} has "
+            f"{others}{without_base}"
         )
 
 

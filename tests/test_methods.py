@@ -111,6 +111,11 @@ def test_a_parameter_a_method_does_not_take_is_refused_with_those_it_takes(metho
         (_blend_of("nuslerp"), "nuslerp blends exactly 2 models besides the base model; slice 1 has 3"),
         (_blend_of("nuslerp", base_model="a/x"), None),  # with the base, two others
         (
+            {"models": [{"model": "a/x"}, {"model": "b/y"}], "merge_method": "nuslerp", "base_model": "a/x"},
+            "nuslerp blends exactly 2 models besides the base model; the blend has 1 (without a base model, it "
+            "would blend these 2 themselves)",
+        ),
+        (
             {"models": [{"model": "a/x"}, {"model": "b/y"}], "merge_method": "model_stock", "base_model": "a/x"},
             "model_stock blends at least 3 models (the base model included); the blend has 2",
         ),
