@@ -3,10 +3,10 @@ and by our exporter must give every tensor equal within TOLERANCE, on tiny local
 genuinely differ (tiny_llama, an unrelated tiny_llama_b, and two "fine-tunes" of tiny_llama).
 
 Every method is here, most with a gradient or a `{filter, value}` on its own parameters; the
-preview's count of each plan must equal the number of values mergekit wrote. DELLA draws its masks
-at random (mergekit unseeded, we seeded per tensor): both sides run under
+preview's count of each plan must equal the number of values mergekit wrote. DARE and DELLA draw
+their masks at random (mergekit unseeded, we seeded per tensor): both sides run under
 mergekit_runner.fix_random_draws, so one fixed draw meets equal probabilities, and everything but
-the randomness is compared (tests/test_methods.py checks the seeded draws themselves).
+the randomness is compared (tests/test_blend.py and tests/test_methods.py check the seeded draws themselves).
 
 On these models every tensor comes out bit-equal today; the tests still compare within TOLERANCE,
 since bit-equality is in neither tool's contract. TOLERANCE: our methods run the same operations
@@ -84,6 +84,14 @@ def blend_recipes(a: str, b: str, t1: str, t2: str) -> dict[str, dict]:
             "base_model": a,
             "parameters": {"t": SLERP_T},
             "dtype": "bfloat16",
+        },
+        "dare_ties": {
+            "models": [
+                {"model": t1, "parameters": {"weight": 0.5, "density": [0.3, 0.9]}},
+                {"model": t2, "parameters": {"weight": 0.5, "density": MLP_SPARSER}},
+            ],
+            "merge_method": "dare_ties",
+            "base_model": a,
         },
         "della": {
             "models": [
@@ -217,6 +225,7 @@ CASES = [
     "ties",
     "slerp_gradient",
     "slerp_finetunes_bfloat16",
+    "dare_ties",
     "della",
     "della_linear_gradients",
     "breadcrumbs",
@@ -247,7 +256,7 @@ def mergekit_runs(cases, tmp_path_factory) -> dict[str, tuple[Path, str | None]]
 @pytest.mark.parametrize("case", CASES)
 def test_blend_export_equals_mergekit_within_rounding(case, cases, mergekit_runs, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "bernoulli", torch.bernoulli)  # undone after the test
-    fix_random_draws()  # as in mergekit's run: DELLA's masks are then one fixed draw on both sides
+    fix_random_draws()  # as in mergekit's run: DARE's and DELLA's masks are then one fixed draw on both sides
     theirs_dir, error = mergekit_runs[case]
     assert error is None
     recipe = recipe_from_yaml(recipe_from_dict(cases[case]).to_yaml())  # as the page's YAML box and preview read it
