@@ -17,20 +17,24 @@ from typing import Any, NamedTuple
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from merger import bundled
-from merger.catalog import list_allowed_folders
-from merger.chat import GenerationSettings, setting_ranges
+from merger.build.export import export_plan
+from merger.build.slim import slim_model
+from merger.dtypes import BUILD_DTYPES as DTYPES
 from merger.errors import PlacementError, UserError
-from merger.export import export_plan
-from merger.hub import current_token, push_folder
-from merger.params import count, human_bytes, human_params
+from merger.generate.settings import GenerationSettings, setting_ranges
+from merger.host import on_space, on_zero_gpu
 from merger.plan import Plan
-from merger.recipe import DTYPES, Recipe, from_share_token, passthrough, recipe_from_yaml, to_share_token
-from merger.runtime import free_memory, plan_placement
-from merger.slim import slim_model
-from merger.space import DEFAULT_HUB_MODEL, HUB_MODELS, on_space
-from merger.startup import import_in_background
-from merger.zero_gpu import on_zero_gpu
+from merger.plan.counts import count
+from merger.recipe import Recipe, passthrough
+from merger.recipe.mergekit_yaml import recipe_from_yaml
+from merger.recipe.share_links import from_share_token, to_share_token
+from merger.runtime.devices import free_memory, plan_placement
+from merger.runtime.startup import import_in_background
+from merger.sizes import human_bytes, human_params
+from merger.sources import bundled
+from merger.sources.catalog import list_allowed_folders
+from merger.sources.hub import current_token, push_folder
+from merger.sources.space import DEFAULT_HUB_MODEL, HUB_MODELS
 from ui.chat import (
     build_chat_tab,
     build_compare_tab,

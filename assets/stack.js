@@ -6,6 +6,11 @@
 //            Python and fires .change (the proxy compares by identity, so in-place edits do nothing)
 //   watch    watch("value", cb) runs cb after Python has sent a new value
 //
+// Facts come from Python as props (ui/stack.py stack_widget), never written here: blend_methods (the
+// blend methods, in the page's order, each {name, base, weight, t?}: how it treats the base model,
+// "required", "optional" or "ignored" as in mergekit; whether each source takes a weight; the slice's
+// `t` box {value, max?, step, hint} when it takes one), max_repeat (the largest `repeat` a recipe takes).
+//
 // Everything below the shell is drawn here, from props.value plus a little local UI state (the drag
 // selection). All listeners are delegated on `element`, so redrawing never loses a handler.
 //
@@ -17,37 +22,9 @@
 
 const root = element.querySelector(".fs-root") || element;
 const PALETTE = ["#4f9dff", "#f5a524", "#2fc98f", "#e85d9a", "#a78bfa", "#22c3d6", "#f0d14a", "#ff7a59"];
-const MAX_REPEAT = 16;
-// The blend menu: each method with how it treats the base model ("required", "optional" or "ignored", as in
-// mergekit) and what the stack edits for it: a weight per source, or one `t` per blended slice (its starting value
-// and what it means). The same facts as merger/method_specs.py (tests/test_methods.py checks that they agree).
-const METHODS = {
-  linear: { base: "ignored", weight: true },
-  task_arithmetic: { base: "required", weight: true },
-  ties: { base: "required", weight: true },
-  dare_ties: { base: "required", weight: true },
-  dare_linear: { base: "required", weight: true },
-  breadcrumbs: { base: "required", weight: true },
-  breadcrumbs_ties: { base: "required", weight: true },
-  della: { base: "required", weight: true },
-  della_linear: { base: "required", weight: true },
-  sce: { base: "required" },
-  slerp: { base: "required", t: { value: 0.5, max: 1, step: 0.05, hint: "slerp position: 0 = base, 1 = the other model" } },
-  nuslerp: { base: "optional", weight: true },
-  multislerp: { base: "optional", weight: true },
-  karcher: { base: "ignored" },
-  model_stock: { base: "required" },
-  nearswap: {
-    base: "required",
-    t: {
-      value: 0.001,
-      step: "any",
-      hint: "nearswap distance: entries of the other model closer than t to the base's are taken",
-    },
-  },
-  arcee_fusion: { base: "required" },
-};
-const BLEND_METHODS = Object.keys(METHODS);
+const MAX_REPEAT = props.max_repeat;
+const METHODS = Object.fromEntries(props.blend_methods.map((m) => [m.name, m]));
+const BLEND_METHODS = props.blend_methods.map((m) => m.name);
 const factsOf = (method) => METHODS[method] || { base: "ignored" };
 const ICON_DUP =
   '<svg viewBox="0 0 16 16" width="12" height="12" aria-hidden="true"><rect x="5" y="5" width="9" height="9" rx="1.5" fill="none" stroke="currentColor" stroke-width="1.6"/><path d="M11 3.5V3a1 1 0 0 0-1-1H3a1 1 0 0 0-1 1v7a1 1 0 0 0 1 1h.5" fill="none" stroke="currentColor" stroke-width="1.6"/></svg>';
@@ -234,8 +211,9 @@ function labelFor(ref, models) {
   return m ? m.label || m.ref : ref;
 }
 
-// Same rule as ui/stack.py seam_positions(): slice i > 0 starts with a seam unless it continues
-// slice i-1 exactly (same model, previous end == this start).
+// The plan's seam rule (merger.plan.seam_depths; ui/stack.py seam_positions() applies it to this value),
+// drawn at once on every edit: slice i > 0 starts with a seam unless it continues slice i-1 exactly
+// (same model, previous end == this start). tests/browser/test_stack_widget.py holds the two to one answer.
 function hasSeam(slices, i) {
   if (i <= 0) return false;
   const p = slices[i - 1];

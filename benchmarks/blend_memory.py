@@ -7,7 +7,7 @@ folder. Two 40-layer recipes, each half passthrough and half blended (linear, 0.
     duplicated range 10-19 comes back blended, so it is materialized);
   - "duplicate shared, rest blended": [0,20) and [10,20) passed through (the repeat shares its
     tensors), then [20,30) blended.
-Prints, per build, the measured unique parameter bytes (merger.assemble.parameter_bytes), the
+Prints, per build, the measured unique parameter bytes (merger.build.assemble.parameter_bytes), the
 plan's prediction (memory_bytes, blend_bytes) and the ratio to the parent's build.
 
     python benchmarks/blend_memory.py [--workdir DIR]
@@ -23,11 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger.assemble import assemble, parameter_bytes
-from merger.catalog import LocalPolicy, resolver_for
-from merger.params import count, human_bytes
+from merger.build.assemble import assemble, parameter_bytes
 from merger.plan import make_plan
-from merger.recipe import passthrough, recipe_from_dict
+from merger.plan.counts import count
+from merger.recipe import passthrough
+from merger.recipe.mergekit_yaml import recipe_from_dict
+from merger.sizes import human_bytes
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 

@@ -1,7 +1,7 @@
 """Build a splice on CUDA by assignment and check it against a deep-copied build, side by side.
 
 Makes a random model of SmolLM2-135M's shape (bf16 on disk, no download), builds the issue's
-recipe [0,20) + [10,30) on the GPU with merger.assemble, and prints as JSON: build time, GPU
+recipe [0,20) + [10,30) on the GPU with merger.build.assemble, and prints as JSON: build time, GPU
 parameter memory of the splice against the parent's, whether logits and a 64-token greedy
 generation equal a deep-copied build's, and plain `generate()` decode speed of both.
 
@@ -21,10 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger.assemble import assemble, parameter_bytes
-from merger.catalog import LocalPolicy, resolver_for
+from merger.build.assemble import assemble, parameter_bytes
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 

@@ -8,14 +8,14 @@ prints per layer the kernel time (profiled) and the wall time of each way to com
 event-timed figures far above the real step's profile, so kernel and wall time are now apart):
 - transformers_sdpa: transformers' SDPA function as it runs inside torch.compile (keys and values
   repeated per query head, then the masked SDPA kernel);
-- grouped: merger.decode_attention.grouped_decode_attention (query heads grouped per key/value
+- grouped: merger.generate.attention.grouped_decode_attention (query heads grouped per key/value
   head, no repeat, fp32 scores as one fused reduction);
 - grouped_matmul: the same grouping through bf16 matrix products (transformers' eager semantics);
 - split8, split32, split128: the same with the window cut into that many chunks attended in
   parallel, then combined (flash-decoding in tensor ops);
 - flex: FlexAttention reading only the blocks up to the current position (flash-decoding, split
   over the window, masked blocks skipped);
-- triton64, triton256: merger.decode_kernel's flash-decoding kernel, reading only the slots up to
+- triton64, triton256: merger.generate.kernel's flash-decoding kernel, reading only the slots up to
   the position, with that many slots per program (the product's CHUNK is 64);
 - sdpa_packed: the grouped query handed to the masked SDPA kernel (no repeat);
 - ideal: SDPA over only the positions in use, with no mask (a step's attention at best).
@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generation import copy_bandwidth  # this folder is on the path when run as a script
 
-from merger.decode_attention import (
+from merger.generate.attention import (
     combine_chunks,
     flex_decode_attention,
     grouped_decode_attention,
     triton_decode_attention,
 )
-from merger.fastgen import STEP_COMPILE
+from merger.generate.generator import STEP_COMPILE
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 GROUPS = HEADS // KV_HEADS
@@ -68,7 +68,7 @@ def grouped(q, k, v, mask):
 def split(splits: int):
     """Flash-decoding in tensor ops: the window cut into `splits` chunks attended in parallel, each
     with its own max and sum (grouped per key/value head, fp32), then combined as the Triton
-    kernel's chunks are (merger.decode_attention.combine_chunks)."""
+    kernel's chunks are (merger.generate.attention.combine_chunks)."""
 
     def attention(q, k, v, mask):
         chunk = k.shape[2] // splits
@@ -99,14 +99,14 @@ def last_attended(mask):
 
 
 def flex(q, k, v, mask):
-    """merger.decode_attention.flex_decode_attention: FlexAttention's flash-decoding kernel over the
+    """merger.generate.attention.flex_decode_attention: FlexAttention's flash-decoding kernel over the
     blocks up to the position."""
     return flex_decode_attention(q, k, v, last_attended(mask), scaling=SCALE)
 
 
 def triton(chunk: int):
-    """merger.decode_attention.triton_decode_attention with `chunk` slots per program:
-    merger.decode_kernel over the slots up to the position."""
+    """merger.generate.attention.triton_decode_attention with `chunk` slots per program:
+    merger.generate.kernel over the slots up to the position."""
 
     def attention(q, k, v, mask):
         return triton_decode_attention(q, k, v, last_attended(mask), scaling=SCALE, chunk=chunk)

@@ -1,18 +1,18 @@
-"""Decode speed at batch 1 on a GPU: plain `generate()` against merger.fastgen, parent against merge.
+"""Decode speed at batch 1 on a GPU: plain `generate()` against merger.generate.generator, parent against merge.
 
 Makes a random model of Llama-3-8B's shape (bf16, written as safetensors to local disk), builds it
-and the merge [0,24)+[16,32) (40 layers, 8 repeated, shared tensors) with merger.assemble, and
+and the merge [0,24)+[16,32) (40 layers, 8 repeated, shared tensors) with merger.build.assemble, and
 reports as JSON, for both: the first reply right after the build (on the eager step's CUDA graph,
 while the step compiles in the background), another visitor's reply speed during that compile
-against its speed alone, then tokens/s of the page's chat path (merger.chat.stream_reply on a
-build prepared by merger.runtime.prepare_for_chat: fused projections, the compiled step in a CUDA
+against its speed alone, then tokens/s of the page's chat path (merger.chat.replies.stream_reply on a
+build prepared by merger.runtime.builds.prepare_for_chat: fused projections, the compiled step in a CUDA
 graph, text decoded as it streams), greedy and sampled, of plain `generate()` and of
 FastGenerator called directly (unfused, then fused), time to first text for a 512-token prompt,
 and each speed against the memory-bandwidth bound (weight bytes one step reads / device copy
 bandwidth measured in this run); then a second merge of the same depth with its seam moved (its
 first reply, its compile, its speed), and the step as a ZeroGPU Space runs it: unfused and
 uncompiled, its eager step captured in a CUDA graph against the same step left eager (`zero_gpu_`),
-and compiled ahead of time by merger.aot_step (`aot_`).
+and compiled ahead of time by merger.generate.aot (`aot_`).
 Stages run in order of importance and stop starting new ones when the time budget runs low; the
 JSON is rewritten after every stage, so a cut-off run still reports what it measured.
 
@@ -44,17 +44,21 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger import decode_attention, fastgen
-from merger.aot_step import compile_step
-from merger.assemble import assemble, parameter_bytes
-from merger.catalog import LocalPolicy, resolver_for
-from merger.chat import GenerationSettings, ReplyStats, stream_reply
+from merger.build.assemble import assemble, parameter_bytes
+from merger.chat.replies import ReplyStats, stream_reply
 from merger.errors import exception_line
-from merger.fastgen import CUDA_CHUNK, LOOP, FastGenerator, ModelDecoder, fuse_projections
+from merger.generate import attention, generator
+from merger.generate.aot import compile_step
+from merger.generate.fuse import fuse_projections
+from merger.generate.generator import CUDA_CHUNK, FastGenerator
+from merger.generate.loop import LOOP, ModelDecoder
+from merger.generate.settings import GenerationSettings
 from merger.limits import CONTEXT_TOKENS
 from merger.plan import Plan, make_plan
 from merger.recipe import passthrough
-from merger.runtime import Built, plan_placement, prepare_for_chat
+from merger.runtime.builds import Built, prepare_for_chat
+from merger.runtime.devices import plan_placement
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
@@ -79,7 +83,7 @@ SMOKE_SHAPE.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, bo
 PARENT = ((0, 32),)
 MERGE = ((0, 24), (16, 32))
 RESEAMED = ((0, 20), (12, 32))  # the merge's depth (40 layers, 8 repeated) with its seam moved
-MAX_SEQ_LEN = CONTEXT_TOKENS.value  # the window the page's builds hold, so both paths attend over the same cache
+PAGE_CONTEXT_TOKENS = CONTEXT_TOKENS.value  # the page's builds hold it: both paths attend over one cache size
 PROMPT_LEN = 32  # decode-speed prompt
 TTFT_PROMPT_LEN = 512
 FAST_TOKENS = 256
@@ -272,8 +276,10 @@ GREEDY_REPLY = dict(temperature=0.0, max_new_tokens=FAST_TOKENS)
 SAMPLED_REPLY = dict(
     temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1, seed=5, max_new_tokens=FAST_TOKENS
 )
-GREEDY_SETTINGS = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, penalty=1.0)  # as FastGenerator.start takes them
-SAMPLED_SETTINGS = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, penalty=1.1)
+GREEDY_SETTINGS = dict(
+    temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0
+)  # as FastGenerator.start takes them
+SAMPLED_SETTINGS = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1)
 
 
 def measure_chat_path(
@@ -402,7 +408,7 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
     host_ms, device_ms = run()
     run(settings=SAMPLED_SETTINGS)
     _, sampled_device_ms = run(settings=SAMPLED_SETTINGS)
-    late = fast.max_seq_len * 3 // 4  # a long chat: attention that reads only the slots in use costs more here
+    late = fast.context_tokens * 3 // 4  # a long chat: attention that reads only the slots in use costs more here
     _, late_device_ms = run(late)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
@@ -434,7 +440,7 @@ def step_anatomy(fast: FastGenerator, ids: torch.Tensor, steps: int = 64) -> dic
 
 
 def measure_fast(name: str, model, ids: torch.Tensor, long_ids: torch.Tensor, bound: float, label: str) -> dict:
-    fast = FastGenerator(model, max_seq_len=MAX_SEQ_LEN)
+    fast = FastGenerator(model, context_tokens=PAGE_CONTEXT_TOKENS)
     start = time.perf_counter()
     list(fast.generate(ids, max_new_tokens=16))  # captures the eager step and starts the compile
     fast.wait_compiled()
@@ -476,13 +482,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script only")
     parser.add_argument("--weights", type=Path, help="the random parent's folder: written there if missing, kept")
     parser.add_argument("--only", nargs="+", default=(), help="run only the stages whose names start so")
-    parser.add_argument(
-        "--decode-attention", choices=("grouped", "flex", "triton"), default=decode_attention.DECODE_KERNEL
-    )
+    parser.add_argument("--decode-attention", choices=("grouped", "flex", "triton"), default=attention.DECODE_KERNEL)
     parser.add_argument(
         "--step-options",
         type=json.loads,
-        default=fastgen.STEP_COMPILE["options"],
+        default=generator.STEP_COMPILE["options"],
         help="inductor options for the compiled step, as JSON (e.g. '{\"triton.cudagraphs\": true}': no tuning)",
     )
     args = parser.parse_args()
@@ -493,8 +497,8 @@ def main() -> None:
     assert args.smoke or torch.cuda.is_available(), "needs a CUDA GPU (or --smoke)"
     report = Report(args.out, args.budget_s, args.only)
     data = report.data
-    decode_attention.DECODE_KERNEL = data["decode_attention"] = args.decode_attention
-    fastgen.STEP_COMPILE = {"options": args.step_options}
+    attention.DECODE_KERNEL = data["decode_attention"] = args.decode_attention
+    generator.STEP_COMPILE = {"options": args.step_options}
     data["step_options"] = args.step_options
     data["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     data["torch"], data["transformers"] = torch.__version__, transformers.__version__
@@ -611,7 +615,9 @@ def main() -> None:
         built = as_built(plan, assemble_bf16(plan))
         runs = {}
         for way in ("graphed", "eager"):
-            built._decoder = ModelDecoder(built.model, window=built.window, threaded=False, compile=False)
+            built._decoder = ModelDecoder(
+                built.model, context_tokens=built.context_tokens, threaded=False, compile=False
+            )
             fast = built._decoder._shared  # None on the CPU (--smoke): eager there
             if fast is not None:
                 fast.graphed = fast.graphed and way == "graphed"
@@ -628,7 +634,7 @@ def main() -> None:
         plan = splice(ranges[name])
         built = as_built(plan, assemble_bf16(plan))
         start = time.perf_counter()
-        built.aot_step = compile_step(built.model, built.window)
+        built.aot_step = compile_step(built.model, built.context_tokens)
         compile_s = round(time.perf_counter() - start, 1)
         result = measure_chat_path(f"{name} ahead of time", built, bounds[name], prepare=lambda b: b.decoder)
         shared = built.decoder._shared

@@ -29,18 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from merger.catalog import LocalPolicy, resolver_for
-from merger.lens import (
-    CALIBRATION_TEXT,
-    PairStats,
-    ResidualRecorder,
-    TokenChunks,
-    capture,
-    load_model,
-    read_text,
-    suggest_duplications,
-    tokenize,
-)
+from merger.lens.capture import CALIBRATION_TEXT, PairStats, ResidualRecorder, TokenChunks, capture, read_text, tokenize
+from merger.lens.search import load_model, suggest_duplications
+from merger.runtime.builds import build
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
@@ -145,7 +137,7 @@ def time_suggest(ref: str, device: str, texts: dict[str, str | None]) -> dict[st
         what = message.split(" · ")[0].split(" [")[0].split(",")[0]
         parts.setdefault(what, round(time.perf_counter() - start, 2))
 
-    found = suggest_duplications(ref, resolver=ANY_PATH, device=device, progress=progress, **texts)
+    found = suggest_duplications(ref, resolver=ANY_PATH, build=build, device=device, progress=progress, **texts)
     seconds = time.perf_counter() - start
     return {
         "seconds": round(seconds, 2),
@@ -181,7 +173,7 @@ def main() -> None:
         ref = random_parent(args.random_llama3_8b)
         texts = {"calibration": words(args.tokens, 11), "heldout": words(args.tokens, 12)}
     start = time.perf_counter()
-    built = load_model(ref, resolver=ANY_PATH, device=args.device)
+    built = load_model(ref, resolver=ANY_PATH, build=build, device=args.device)
     load_s = time.perf_counter() - start
     text = texts["calibration"] or read_text(CALIBRATION_TEXT)
     chunks = tokenize(built.tokenizer, text, max_tokens=args.tokens, source="calibration")

@@ -1,9 +1,9 @@
 """A merge bigger than one GPU: Llama-3-70B's self-merge [0,70)+[10,80) (140 layers, about 122B
 effective parameters) built with shared tensors over several GPUs and decoded at batch 1.
 
-No disk: the parent's random bf16 tensors are made directly on the GPUs that merger.placement
+No disk: the parent's random bf16 tensors are made directly on the GPUs that merger.plan.placement
 names for them (a tensor placed on two GPUs is made on each). The merge is then assembled by
-assignment and spread with accelerate's `dispatch_model` (merger.assemble.assemble_loaded), exactly
+assignment and spread with accelerate's `dispatch_model` (merger.build.assemble.assemble_loaded), exactly
 as a build from files would be. Reported as JSON (rewritten after every stage, so a cut-off run keeps
 what it measured): the placement, the build time once the parent is on the GPUs, memory per GPU
 against the parent's share plus the KV cache, time to first token (512-token prompt) and tokens/s
@@ -49,14 +49,17 @@ from generation import (
     weight_bytes_per_token,
 )
 
-from merger.assemble import LoadedTensors, assemble_loaded, parameter_bytes
-from merger.catalog import ModelInfo
-from merger.fastgen import FastGenerator, fuse_projections
-from merger.params import count, human_bytes
-from merger.placement import Placement, place, storage_device
+from merger.build.assemble import LoadedTensors, assemble_loaded, parameter_bytes
+from merger.dtypes import code_of
+from merger.generate.fuse import fuse_projections
+from merger.generate.generator import FastGenerator
 from merger.plan import Plan, make_plan
+from merger.plan.counts import count
+from merger.plan.placement import Placement, place, storage_device
 from merger.recipe import passthrough
-from merger.safetensors_files import TORCH_NAMES, TensorMeta
+from merger.sizes import human_bytes
+from merger.sources.model_info import ModelInfo
+from merger.sources.safetensors_files import TensorMeta
 
 LLAMA3_70B_SHAPE = {
     **LLAMA3_8B_SHAPE,
@@ -90,7 +93,7 @@ def meta_model_info(ref: str, shape: dict[str, Any], dtype: str = "bfloat16") ->
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     tensors = {
-        name: TensorMeta(tuple(t.shape), TORCH_NAMES[dtype])
+        name: TensorMeta(tuple(t.shape), code_of(dtype))
         for name, t in model.state_dict().items()
         if not (config.tie_word_embeddings and name == "lm_head.weight")
     }
@@ -246,7 +249,7 @@ def main() -> None:
     long_ids = torch.randint(0, shape["vocab_size"], (1, lengths.ttft_prompt), generator=gen).to(placement.input_device)
 
     def decode(label: str, compile: bool) -> None:
-        fast = FastGenerator(model, max_seq_len=placement.context_tokens, compile=compile)
+        fast = FastGenerator(model, context_tokens=placement.context_tokens, compile=compile)
         list(fast.generate(ids, max_new_tokens=lengths.decode))  # warm-up (compiles the step when asked)
         speed = fast_decode(fast, ids, lengths.decode)
         result = {**speed, "fraction_of_bound (goal >= 0.5)": round(speed["decode_tok_s"] / bound, 3)}
@@ -299,7 +302,7 @@ def compare_with_one_device(data: dict[str, Any], plan: Plan, model: Any, ids: t
     with torch.inference_mode():
         same_logits = torch.equal(one(ids).logits, model(ids).logits)
     tokens = [
-        list(FastGenerator(m, max_seq_len=lengths.context).generate(ids, max_new_tokens=lengths.greedy))
+        list(FastGenerator(m, context_tokens=lengths.context).generate(ids, max_new_tokens=lengths.greedy))
         for m in (one, model)
     ]
     data["equal_to_one_device"] = {"logits": same_logits, "greedy_tokens": tokens[0] == tokens[1]}

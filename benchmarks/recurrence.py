@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from merger.catalog import LocalPolicy, resolver_for
-from merger.lens import recurrence_sweep, suggest_duplications
+from merger.lens.search import recurrence_sweep, suggest_duplications
+from merger.runtime.builds import build
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
@@ -28,10 +29,17 @@ MODELS = {"smol": "bundled:smollm2-135m-instruct", "gemma": "bundled:gemma3-270m
 
 def measure(ref: str, *, rank_by: str, tokens: int, max_repeats: int) -> dict:
     start = time.perf_counter()
-    found = suggest_duplications(ref, rank_by=rank_by, max_tokens=tokens, top_k=5, resolver=ANY_PATH)
+    found = suggest_duplications(ref, rank_by=rank_by, max_tokens=tokens, top_k=5, resolver=ANY_PATH, build=build)
     best = min(found.confirmed, key=lambda s: s.perplexity)
     points = recurrence_sweep(
-        ref, best.start, best.end, max_repeats=max_repeats, lens=found.lens, max_tokens=tokens, resolver=ANY_PATH
+        ref,
+        best.start,
+        best.end,
+        max_repeats=max_repeats,
+        lens=found.lens,
+        max_tokens=tokens,
+        resolver=ANY_PATH,
+        build=build,
     )
     print(
         f"\n{ref}: {found.num_layers} layers; parent perplexity {found.parent_perplexity:.2f} "

@@ -6,7 +6,7 @@ Reports Spearman's ρ between each predictor and perplexity (ranks, ties average
 whether the five best blocks by a predictor fall in the best quartile by perplexity. Predictors:
     predicted        d(x_b, x_a) from the lens (calibration text; no merge is run)
     measured_seam    the merge's stream arriving at the seam vs what layer a received in the
-                     parent (merger.lens.duplication_drift; for a duplication this is d(x_b, x_a)
+                     parent (merger.lens.search.duplication_drift; for a duplication this is d(x_b, x_a)
                      again, on the first --drift-tokens calibration tokens)
     measured_mean    that distance averaged over every depth from the seam to the top
     measured_output  the merge's stream leaving the stack vs the parent's, before the final norm
@@ -46,22 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from merger.assemble import assemble
-from merger.catalog import LocalPolicy, resolver_for
-from merger.lens import (
-    CALIBRATION_TEXT,
-    HELDOUT_TEXT,
-    capture,
-    duplication_drift,
-    load_model,
-    next_token_loss,
-    rank_duplications,
-    read_text,
-    suggest_duplications,
-    tokenize,
-)
+from merger.build.assemble import assemble
+from merger.lens.capture import CALIBRATION_TEXT, HELDOUT_TEXT, capture, read_text, tokenize
+from merger.lens.search import duplication_drift, load_model, next_token_loss, rank_duplications, suggest_duplications
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.runtime.builds import build
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
 
@@ -94,7 +85,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 def tail_perplexities(ref: str, parent, held, blocks: list[tuple[int, int]], batch_size: int) -> dict:
     """Perplexity on `held` of every duplication merge, from the parent's cached x_b through the
     tail [a, L) and the head."""
-    from merger.lens import ResidualRecorder
+    from merger.lens.capture import ResidualRecorder
 
     L = parent.config.num_hidden_layers
     batches = list(held.batches(batch_size))
@@ -137,7 +128,7 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     ref = MODELS[name]
     t0 = time.perf_counter()
-    parent = load_model(ref, device="cpu", resolver=ANY_PATH)
+    parent = load_model(ref, device="cpu", resolver=ANY_PATH, build=build)
     L = parent.model.config.num_hidden_layers
     calibration = read_text(CALIBRATION_TEXT)
     calib = tokenize(parent.tokenizer, calibration, max_tokens=args.calibration_tokens, source="calibration")
@@ -182,6 +173,7 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
         device="cpu",
         rank_by="predicted",
         resolver=ANY_PATH,
+        build=build,
     )
     by_predicted = top5(rows, "predicted", ppl_rank, quartile)
     assert [tuple(c["block"]) for c in by_predicted] == [(s.start, s.end) for s in sugg.confirmed]

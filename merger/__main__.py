@@ -10,9 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from merger.catalog import LocalPolicy, resolver_for
+from merger.dtypes import BUILD_DTYPES
 from merger.errors import UserError
-from merger.recipe import DTYPES, Recipe, recipe_from_yaml
+from merger.recipe import Recipe
+from merger.recipe.mergekit_yaml import recipe_from_yaml
+from merger.sources.catalog import LocalPolicy, resolver_for
 
 # The user's own machine: a model reference may name any folder (the web app's policy does not).
 RESOLVE = resolver_for(LocalPolicy.any_path())
@@ -37,8 +39,8 @@ def load_recipe(path: str) -> Recipe:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    from merger.params import count
     from merger.plan import make_plan
+    from merger.plan.counts import count
 
     counts = count(make_plan(load_recipe(args.recipe), RESOLVE))
     if args.json:
@@ -64,7 +66,7 @@ def parse_size(text: str) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from merger.export import export_plan
+    from merger.build.export import export_plan
     from merger.plan import make_plan
 
     recipe = load_recipe(args.recipe)
@@ -76,7 +78,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     )
     print(f"\nwrote {result.path} ({result.bytes:,} bytes in {len(result.shards)} shard(s), {result.seconds:.1f} s)")
     if args.push:
-        from merger.hub import push_folder
+        from merger.sources.hub import push_folder
 
         # the token comes from HF_TOKEN or the saved `hf auth login`, never from the command line
         print(f"published {push_folder(result.path, args.push, token=None, private=args.private)}")
@@ -94,7 +96,7 @@ def _print_progress(done: int, total: int) -> None:
 
 
 def cmd_slim(args: argparse.Namespace) -> None:
-    from merger.slim import slim_model
+    from merger.build.slim import slim_model
 
     result = slim_model(args.model, Path(args.out_dir), resolver=RESOLVE)
     found = result.redundancy
@@ -107,9 +109,11 @@ def cmd_slim(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from merger.cards import parse_card, roleplay_prompt, stop_strings
-    from merger.chat import GenerationSettings, format_prompt, stream_reply
-    from merger.runtime import build_for_chat
+    from merger.chat.cards import parse_card, roleplay_prompt, stop_strings
+    from merger.chat.prompts import format_prompt
+    from merger.chat.replies import stream_reply
+    from merger.generate.settings import GenerationSettings
+    from merger.runtime.builds import build_for_chat
 
     card = None
     if args.card:
@@ -140,8 +144,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from merger.lens import CALIBRATION_TEXT, analyze, read_text
-    from merger.runtime import as_it_is
+    from merger.lens.capture import CALIBRATION_TEXT, read_text
+    from merger.lens.seams import analyze
+    from merger.plan import as_it_is
+    from merger.runtime.builds import build
 
     ref = args.model_ref
     is_recipe = ref.endswith((".yml", ".yaml"))
@@ -151,6 +157,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     result = analyze(
         recipe,
         resolver=RESOLVE,
+        build=build,
         text=text,
         source=str(text_path),
         name=ref,
@@ -169,11 +176,14 @@ def write_json(path: str, data: dict) -> None:
 
 
 def cmd_suggest(args: argparse.Namespace) -> None:
-    from merger.lens import DRIFT_TOKENS, read_text, suggest_duplications
+    from merger.lens.capture import DRIFT_TOKENS, read_text
+    from merger.lens.search import suggest_duplications
+    from merger.runtime.builds import build
 
     found = suggest_duplications(
         args.model_ref,
         resolver=RESOLVE,
+        build=build,
         calibration=read_text(args.text) if args.text else None,
         heldout=read_text(args.heldout) if args.heldout else None,
         top_k=args.top_k,
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe")
     p.add_argument("out_dir")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where dtype conversion and blends run")
-    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--dtype", choices=BUILD_DTYPES)
     p.add_argument("--shard-size", default="5GB")
     p.add_argument("--push", metavar="REPO", help="publish the folder as a new Hub repo (name or owner/name)")
     p.add_argument("--private", action="store_true", help="with --push: make the repo private")
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_ref")
     p.add_argument("--rank-by", choices=("drift", "predicted"), default="drift")
     p.add_argument(
-        "--dtype", choices=DTYPES, help="what every model runs in (default: bfloat16 on cuda, else as stored)"
+        "--dtype", choices=BUILD_DTYPES, help="what every model runs in (default: bfloat16 on cuda, else as stored)"
     )
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--top-k", type=positive_int, default=5, help="how many of the best blocks to build and measure")

@@ -34,3 +34,28 @@ class HubUnavailableError(UserError):
 
     def __init__(self) -> None:
         super().__init__("the Hub did not answer: try again")
+
+
+class LimitError(UserError):
+    """An input larger than a limit allows."""
+
+
+class CheckpointError(ModelRefError):
+    """A weights file that is not a well-formed safetensors file."""
+
+
+class ChatTemplateError(UserError):
+    """A model's chat template failed, or ran past its limits, on a conversation."""
+
+
+class CardError(UserError):
+    """A character card that cannot be read."""
+
+
+class AotLoadError(RuntimeError):
+    """A package that AOTInductor's loader refused, or crashed on, in a fresh process."""
+
+
+class StaleWorker(RuntimeError):
+    """A ZeroGPU worker forked before the build a call needs (or before its latest change): it would
+    answer from an older build under the visitor's key, or from none."""

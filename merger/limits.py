@@ -12,11 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from merger.errors import UserError
-
-
-class LimitError(UserError):
-    """An input larger than a limit allows."""
+from merger.errors import LimitError, UserError
 
 
 @dataclass(frozen=True)

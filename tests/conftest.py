@@ -65,7 +65,7 @@ def web_tiny_llama(tiny_llama, monkeypatch) -> str:
     """tiny_llama as a web visitor names it: the web policy admits the folder that holds it (as
     FRANKENMERGE_LOCAL_DIRS would), and the page refers to it by its name under that root."""
     import ui.models
-    from merger.catalog import LocalPolicy
+    from merger.sources.catalog import LocalPolicy
 
     monkeypatch.setattr(ui.models, "POLICY", LocalPolicy(allow_any_path=False, roots=(tiny_llama.parent.resolve(),)))
     ui.models.public_info.cache_clear()
@@ -90,7 +90,7 @@ def app_url() -> Iterator[str]:
     import socket
 
     from app import QUEUE_OPTIONS, demo
-    from ui.chat import stop_all_generation
+    from ui.chat import STOPS
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,6 +99,7 @@ def app_url() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
-        stop_all_generation()
+        for event in list(STOPS.values()):  # every reply in progress ends before the server goes
+            event.set()
         demo.close()
         time.sleep(1)  # let generation threads see the stop before the interpreter exits

@@ -7,10 +7,11 @@ import pickle
 import pytest
 import torch
 
-from merger import aot_step
-from merger.aot_step import AotLoadError, AotStep, compile_step
-from merger.assemble import assemble
-from merger.fastgen import FastGenerator
+from merger.build.assemble import assemble
+from merger.errors import AotLoadError
+from merger.generate import aot as aot_step
+from merger.generate.aot import AotStep, compile_step
+from merger.generate.generator import FastGenerator
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
@@ -43,7 +44,7 @@ def compiled(tmp_path_factory):
 
 def test_step_compiled_ahead_of_time_gives_generates_greedy_tokens(compiled):
     model, step = compiled
-    fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=step)
+    fast = FastGenerator(model, context_tokens=WINDOW, aot_step=step)
     assert fast.ahead_of_time and not fast.compiled
     assert list(fast.generate(PROMPT, max_new_tokens=40)) == greedy(model, 40)
     assert list(fast.generate(PROMPT, max_new_tokens=40)) == greedy(model, 40)  # the cache reset in place
@@ -55,7 +56,7 @@ def test_one_package_serves_each_build_of_the_structure_with_its_own_weights(com
     returned = pickle.loads(pickle.dumps(step))  # as a ZeroGPU call hands it back
     assert isinstance(returned, AotStep)
     replies = [
-        list(FastGenerator(m, max_seq_len=WINDOW, aot_step=returned).generate(PROMPT, max_new_tokens=24))
+        list(FastGenerator(m, context_tokens=WINDOW, aot_step=returned).generate(PROMPT, max_new_tokens=24))
         for m in (other, model)
     ]
     assert replies == [greedy(other, 24), greedy(model, 24)] and replies[0] != replies[1]
@@ -64,7 +65,7 @@ def test_one_package_serves_each_build_of_the_structure_with_its_own_weights(com
 def test_bound_step_reads_the_builds_own_tensors_without_a_copy(compiled, tmp_path):
     _, step = compiled
     model = duplicating_merge(tmp_path, seed=4)  # its own: this test changes its weights
-    fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=step)
+    fast = FastGenerator(model, context_tokens=WINDOW, aot_step=step)
     before = greedy(model, 24)
     with torch.no_grad():  # after binding, in place: layer 3 repeats layer 1, so it changes too
         model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
@@ -75,7 +76,7 @@ def test_bound_step_reads_the_builds_own_tensors_without_a_copy(compiled, tmp_pa
 
 def test_a_package_that_fails_to_load_leaves_the_step_eager(compiled):
     model, _ = compiled
-    fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=AotStep(b"not a package"))
+    fast = FastGenerator(model, context_tokens=WINDOW, aot_step=AotStep(b"not a package"))
     assert not fast.ahead_of_time and fast.compile_error
     assert list(fast.generate(PROMPT, max_new_tokens=12)) == greedy(model, 12)
 
@@ -100,7 +101,7 @@ def test_step_compiled_ahead_of_time_on_cuda_gives_generates_greedy_tokens_or_is
         step = compile_step(model, WINDOW)
     except AotLoadError as exc:  # refused before this process loaded it: the run goes on
         pytest.xfail(f"this machine's AOTInductor cannot load the package: {exc}")
-    fast = FastGenerator(model, max_seq_len=WINDOW, aot_step=step)
+    fast = FastGenerator(model, context_tokens=WINDOW, aot_step=step)
     assert fast.ahead_of_time, fast.compile_error
     prompt = PROMPT.to("cuda")
     with torch.inference_mode():

@@ -97,9 +97,9 @@ def text(message: dict) -> str:
 
 def expected_reply(recipe_yaml: str, message: str, settings: tuple) -> str:
     """The reply a build of the recipe gives outside the app, with the same settings."""
-    from merger.chat import stream_reply
-    from merger.recipe import recipe_from_yaml
-    from merger.runtime import build, prepare_for_chat
+    from merger.chat.replies import stream_reply
+    from merger.recipe.mergekit_yaml import recipe_from_yaml
+    from merger.runtime.builds import build, prepare_for_chat
     from ui.chat import generation_settings
 
     built = prepare_for_chat(build(make_plan(recipe_from_yaml(recipe_yaml), ANY_PATH), device="cpu"))
@@ -121,7 +121,7 @@ def test_side_by_side_replies_equal_separate_runs_with_the_same_seed(app_url):
 
 
 def test_an_evicted_visitor_is_told_why_their_model_is_gone(app_url, monkeypatch):
-    from merger.runtime import needed_bytes
+    from merger.runtime.devices import needed_bytes
     from ui.models import plan_for
 
     monkeypatch.setattr(SESSIONS, "budget_bytes", needed_bytes(plan_for(SHORT), "cpu"))
@@ -137,7 +137,7 @@ def test_an_evicted_visitor_is_told_why_their_model_is_gone(app_url, monkeypatch
 def test_eight_concurrent_visitors_each_chat_with_their_own_model_within_the_budget(app_url, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from merger.runtime import needed_bytes
+    from merger.runtime.devices import needed_bytes
     from ui.models import plan_for
 
     recipes = [passthrough((SMOL, 0, 2 + i)).to_yaml() for i in range(8)]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 import app
-from merger.recipe import from_share_token, passthrough
+from merger.recipe import passthrough
+from merger.recipe.share_links import from_share_token
 from ui import chat as bench
 
 from markdown_text import shown
@@ -225,18 +226,18 @@ def test_preview_of_a_parent_as_it_is_has_no_seams():
 
 
 def test_placement_next_to_the_preview_names_the_device_or_the_refusal(monkeypatch):
-    from merger import runtime
     from merger.plan import make_plan
+    from merger.runtime import devices
 
     plan = make_plan(passthrough((SMOL, 0, 20), (SMOL, 10, 30)), app.model_info)
     assert app.placement_preview(plan).startswith("**Placement**: one device, `cpu`, all 40 layers")
-    monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
+    monkeypatch.setattr(devices, "free_memory", lambda device: 10 * 2**20)
     assert "but only 10.00 MiB is free" in shown(app.placement_preview(plan))
 
 
 def test_the_lens_notice_names_a_model_as_text(visitor, tmp_path, monkeypatch):
     import ui.models
-    from merger.catalog import LocalPolicy
+    from merger.sources.catalog import LocalPolicy
 
     from tiny import make_tiny
 

@@ -4,10 +4,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from merger.assemble import assemble, parameter_bytes, torch_dtype
-from merger.params import count
+from merger.build.assemble import assemble, parameter_bytes
+from merger.dtypes import torch_dtype
 from merger.plan import make_plan
-from merger.recipe import passthrough, recipe_from_dict
+from merger.plan.counts import count
+from merger.recipe import passthrough
+from merger.recipe.mergekit_yaml import recipe_from_dict
 
 from refs import ANY_PATH
 from tiny import IDENTITY_START

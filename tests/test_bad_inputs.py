@@ -13,8 +13,8 @@ import pytest
 
 import app
 from merger.__main__ import main
-from merger.catalog import LocalPolicy
 from merger.recipe import passthrough
+from merger.sources.catalog import LocalPolicy
 from ui.recipe_state import empty_state
 
 from markdown_text import shown

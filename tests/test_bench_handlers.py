@@ -10,11 +10,14 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from merger import aot_step, fastgen, runtime
-from merger import zero_gpu as zero_gpu_module
-from merger.chat import format_prompt, stream_reply
+from merger.chat.prompts import format_prompt
+from merger.chat.replies import stream_reply
+from merger.generate import aot as aot_step
+from merger.generate import loop
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.runtime import builds, devices
+from merger.runtime import zero_gpu as zero_gpu_module
 from ui import chat as bench
 
 from refs import ANY_PATH
@@ -175,8 +178,8 @@ def test_on_zero_gpu_a_reply_asks_for_gpu_time_sized_to_its_tokens(zero_gpu):
     settings = bench.generation_settings(0.7, 0.9, 400)
     assert list(wrapped("visitor", 1, [], [], settings, "", {})) == ["reply"]
     assert zero_gpu == [zero_gpu_module.reply_seconds(400)] and zero_gpu[0] == 15 + 400 // 20
-    assert runtime.best_device() == "cpu"  # the GPU exists only inside GPU calls: builds wait on the CPU
-    assert runtime.free_memory("cuda") == runtime.ZERO_GPU_DEFAULT_GB * 2**30
+    assert devices.best_device() == "cpu"  # the GPU exists only inside GPU calls: builds wait on the CPU
+    assert devices.free_memory("cuda") == devices.ZERO_GPU_DEFAULT_GB * 2**30
 
 
 @pytest.mark.parametrize(("factor", "longest"), [(1.0, 117), (1.5, 80)])
@@ -188,7 +191,7 @@ def test_on_zero_gpu_no_reply_asks_for_more_than_an_anonymous_visitors_daily_quo
 
 
 def test_on_zero_gpu_replies_run_in_the_callers_thread_uncompiled(zero_gpu, tiny_llama):
-    built = runtime.build(make_plan(passthrough((str(tiny_llama), 0, 6)), ANY_PATH), device="cpu")
+    built = builds.build(make_plan(passthrough((str(tiny_llama), 0, 6)), ANY_PATH), device="cpu")
     threads = threading.active_count()
     *_, reply = stream_reply(built, [{"role": "user", "content": "Hi"}], bench.generation_settings(*GREEDY))
     assert reply and not built.decoder.compiled and not built.decoder._threaded
@@ -300,10 +303,10 @@ def test_a_replys_status_says_which_step_decoded_it(visitor):
 def test_without_a_c_compiler_a_gpu_build_replays_a_cuda_graph_and_says_why(visitor, monkeypatch):
     _, built = visitor
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)  # a Space image without gcc
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)  # a Space image without gcc
     made = []
-    monkeypatch.setattr(fastgen, "ModelDecoder", lambda model, **options: made.append(options) or SimpleNamespace())
-    on_gpu = runtime.Built(plan=built.plan, model=built.model, tokenizer=None, device="cuda", seconds=0.1)
+    monkeypatch.setattr(loop, "ModelDecoder", lambda model, **options: made.append(options) or SimpleNamespace())
+    on_gpu = builds.Built(plan=built.plan, model=built.model, tokenizer=None, device="cuda", seconds=0.1)
     assert on_gpu.decoder is not None and made[-1]["compile"] is False
     status = bench.built_status(on_gpu)
     assert "runs uncompiled (no C compiler on this machine, which torch.compile needs)" in status

@@ -14,10 +14,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from merger.errors import RecipeError
-from merger.methods import linear, magnitude_prune, random_prune, slerp
-from merger.params import count
+from merger.methods.functions import linear, magnitude_prune, random_prune, slerp
 from merger.plan import Blend, TensorSource, make_plan
-from merger.recipe import Recipe, from_share_token, recipe_from_dict, recipe_from_yaml, to_share_token
+from merger.plan.counts import count
+from merger.recipe import Recipe
+from merger.recipe.mergekit_yaml import recipe_from_dict, recipe_from_yaml
+from merger.recipe.share_links import from_share_token, to_share_token
 
 from refs import ANY_PATH
 
@@ -335,10 +337,11 @@ def mixed_recipe(tiny_llama, tiny_llama_ft1):
 def test_mixed_blend_and_passthrough_recipe_builds_chats_and_exports_the_same_model(mixed_recipe, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from merger.assemble import parameter_bytes
-    from merger.chat import GenerationSettings, stream_reply
-    from merger.export import export_plan
-    from merger.runtime import build
+    from merger.build.assemble import parameter_bytes
+    from merger.build.export import export_plan
+    from merger.chat.replies import stream_reply
+    from merger.generate.settings import GenerationSettings
+    from merger.runtime.builds import build
 
     plan = make_plan(mixed_recipe, ANY_PATH)
     assert plan.num_layers == 3 + 4 + 2
@@ -385,3 +388,12 @@ def test_widget_value_keeps_every_blend_setting(text):
     again = recipe_from_dict({**stack_mapping(value_from_recipe(recipe, columns)), "dtype": recipe.dtype})
     slices = recipe.as_slices(dict.fromkeys(recipe.models, 8))
     assert again == recipe.model_copy(update={"slices": slices, "model_entries": ()})
+
+
+def test_every_merge_method_has_its_function_and_no_function_lacks_a_method():
+    """A method is its spec (merger.methods.specs) and its function (merger.methods.functions.BLENDS):
+    one without the other fails here, not in a visitor's build."""
+    from merger.methods.functions import BLENDS
+    from merger.methods.specs import METHODS
+
+    assert set(BLENDS) == set(METHODS)

@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger.export import export_plan
-from merger.params import count
+from merger.build.export import export_plan
 from merger.plan import Blend, make_plan
-from merger.recipe import recipe_from_dict, recipe_from_yaml
+from merger.plan.counts import count
+from merger.recipe.mergekit_yaml import recipe_from_dict, recipe_from_yaml
 
 if importlib.util.find_spec("mergekit") is None:
     pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from merger.cards import parse_card, roleplay_prompt, stop_strings
+from merger.chat.cards import parse_card, roleplay_prompt, stop_strings
 from merger.errors import UserError
 
 from tiny import tiny_tokenizer

@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from merger.catalog import LocalPolicy, list_allowed_folders, resolve
 from merger.errors import ModelRefError, UnsafeCheckpointError
+from merger.sources.catalog import LocalPolicy, list_allowed_folders, resolve
 
 
 @pytest.fixture

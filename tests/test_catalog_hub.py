@@ -4,10 +4,10 @@ local server that speaks the Hub's API; weights download only on build."""
 import pytest
 import torch
 
-from merger.assemble import assemble
+from merger.build.assemble import assemble
 from merger.errors import ModelRefError, UnsafeCheckpointError
-from merger.params import count
 from merger.plan import make_plan
+from merger.plan.counts import count
 from merger.recipe import passthrough
 
 from hubserver import add_sharded_lazy_model, llama3_8b_config, llama3_8b_tensors

@@ -7,11 +7,13 @@ import threading
 import pytest
 import torch
 
-from merger.chat import GenerationSettings, ReplyStats, format_prompt, stream_reply
+from merger.chat.prompts import format_prompt
+from merger.chat.replies import ReplyStats, stream_reply
 from merger.errors import UserError
+from merger.generate.settings import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime import build, prepare_for_chat
+from merger.runtime.builds import build, prepare_for_chat
 
 from refs import ANY_PATH
 
@@ -97,14 +99,14 @@ def test_stop_string_ends_the_reply_before_it(tiny_llama):
 
 def test_a_conversation_longer_than_the_window_is_refused_in_words(tiny_llama):
     built = built_tiny(tiny_llama, (0, 6))
-    built.decoder.window = 16
+    built.decoder.context_tokens = 16
     built.decoder._shared = object()  # a GPU decoder's fixed window, simulated
     with pytest.raises(UserError, match="16-token window this build holds; clear the chat"):
         next(stream_reply(built, HELLO, GenerationSettings(max_new_tokens=64)))
 
 
 def test_replies_streamed_side_by_side_equal_separate_runs(tiny_llama, tiny_llama_b):
-    from merger.chat import stream_side_by_side
+    from merger.chat.replies import stream_side_by_side
 
     merge, parent = built_tiny(tiny_llama, (0, 4), (2, 6)), built_tiny(tiny_llama_b, (0, 6))
     settings = GenerationSettings(temperature=0.9, max_new_tokens=20, seed=11)

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from merger.cards import card_from_dict, roleplay_prompt
-from merger.chat import GenerationSettings, format_prompt
-from merger.chat_template import ChatTemplateError
-from merger.errors import UserError
+from merger.chat.cards import card_from_dict, roleplay_prompt
+from merger.chat.prompts import format_prompt
+from merger.errors import ChatTemplateError, UserError
+from merger.generate.settings import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
 from ui import chat as bench
@@ -54,7 +54,7 @@ def test_a_conversation_longer_than_the_window_is_refused_on_the_cpu_too(visitor
     request, built = visitor
     assert next(built.model.parameters()).device.type == "cpu"
     history = [{"role": r, "content": "hello there"} for _ in range(200) for r in ("user", "assistant")]
-    with pytest.raises(gr.Error, match=rf"longer than the {built.decoder.window:,}-token window"):
+    with pytest.raises(gr.Error, match=rf"longer than the {built.decoder.context_tokens:,}-token window"):
         run_within(60, reply, request, "and now?", history)
 
 

@@ -107,7 +107,7 @@ def test_missing_recipe_file_is_a_user_mistake(tmp_path):
 def test_build_writes_a_folder_transformers_loads_with_the_in_memory_logits(tmp_path, tiny_llama, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merger.assemble import assemble
+    from merger.build.assemble import assemble
     from merger.plan import make_plan
 
     ref = str(tiny_llama)

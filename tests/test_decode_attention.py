@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from attention_reference import attended_slots, sdpa_over
 
-import merger.decode_attention as decode_attention
-import merger.fastgen as fastgen
-from merger.assemble import assemble
-from merger.fastgen import FastGenerator
+from merger.build.assemble import assemble
+from merger.generate import attention as decode_attention
+from merger.generate import generator, steps
+from merger.generate.generator import FastGenerator
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
@@ -82,16 +82,16 @@ def test_compiled_step_with_decode_attention_greedy_equals_generate(kernel, fixt
         graphs.append(graph_module)
         return graph_module.forward
 
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": record})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": record})
     monkeypatch.setattr(decode_attention, "DECODE_KERNEL", kernel)
     monkeypatch.setattr(decode_attention, "FLEX_BLOCK", 16)  # the 17..64 positions cross blocks
-    fast = FastGenerator(model, max_seq_len=128, compile=True)
+    fast = FastGenerator(model, context_tokens=128, compile=True)
     assert model.config.get_text_config(decoder=True)._attn_implementation == decode_attention.IMPLEMENTATION
     assert list(fast.generate(prompt, max_new_tokens=48)) == expected  # the step compiles meanwhile
     assert fast.wait_compiled(120) and fast.compile_error is None
     served = {}
     assert list(fast.generate(prompt, max_new_tokens=48, served=served)) == expected
-    assert served == {fastgen.COMPILED_STEP: 47}
+    assert served == {steps.COMPILED_STEP: 47}
     traced = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
     assert graphs and not any("scaled_dot_product_attention" in op for op in traced)
     assert any("flex_attention" in op for op in traced) == (kernel == "flex")

@@ -1,4 +1,4 @@
-"""merger.decode_kernel's Triton flash-decoding kernel equals SDPA over the attended slots. Without a
+"""merger.generate.kernel's Triton flash-decoding kernel equals SDPA over the attended slots. Without a
 GPU it runs in Triton's interpreter on CPU tensors (conftest.py turns it on)."""
 
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 from attention_reference import attended_slots, sdpa_over
 
-from merger import decode_attention
+from merger.generate import attention as decode_attention
 
 pytest.importorskip("triton")
 
@@ -89,7 +89,7 @@ def test_triton_decode_attention_on_a_bf16_cache_errs_no_more_than_rounding_its_
 
 TRACE_SCRIPT = r"""
 import torch
-from merger import decode_attention
+from merger.generate import attention as decode_attention
 
 graphs = []
 
@@ -122,7 +122,7 @@ COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from merger.decode_kernel import BLOCK, CHUNK, _chunk_attention
+from merger.generate.kernel import BLOCK, CHUNK, _chunk_attention
 
 names = _chunk_attention.arg_names
 # inductor types the scale fp64 when fp32 cannot hold it exactly (128 ** -0.5), fp32 otherwise

@@ -17,10 +17,10 @@ import yaml
 from safetensors import safe_open
 
 from benchmarks.export_vs_mergekit import write_random_llama
-from merger import bundled
-from merger.export import export_plan, write_metadata_files
+from merger.build.export import export_plan, write_metadata_files
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.sources import bundled
 
 from refs import ANY_PATH
 

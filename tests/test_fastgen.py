@@ -8,12 +8,14 @@ import weakref
 import pytest
 import torch
 
-import merger.fastgen as fastgen
-from merger.assemble import assemble, parameter_bytes
-from merger.fastgen import COMPILED_STEP, EAGER_STEP, FastGenerator, fuse_projections
+from merger.build.assemble import assemble, parameter_bytes
+from merger.generate import generator
+from merger.generate.fuse import fuse_projections
+from merger.generate.generator import FastGenerator
+from merger.generate.sampling import SamplingState, sample
+from merger.generate.steps import COMPILED_STEP, EAGER_STEP
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.sampling import SamplingState, sample
 
 from refs import ANY_PATH
 from tiny import tiny_model
@@ -34,7 +36,7 @@ def assert_greedy_equals_generate(model, prompt: list[int], new_tokens: int = 64
     with torch.inference_mode():
         # generate() stops at the model's EOS (and returns it): stop the fast path there too
         expected = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, len(prompt) :].tolist()
-    fast = FastGenerator(model, max_seq_len=len(prompt) + new_tokens)
+    fast = FastGenerator(model, context_tokens=len(prompt) + new_tokens)
     assert not fast.compiled  # the CPU runs the same loop uncompiled
     got = list(fast.generate(ids, max_new_tokens=new_tokens, stop_ids=eos_ids(model)))
     assert got == expected
@@ -87,7 +89,7 @@ def test_tiny_gemma3_past_its_sliding_window_equals_generate(tiny_gemma):
 
 @pytest.fixture(scope="module")
 def tiny_fast(tiny_llama):
-    return FastGenerator(build(str(tiny_llama), (0, 4), (2, 6)), max_seq_len=64)
+    return FastGenerator(build(str(tiny_llama), (0, 4), (2, 6)), context_tokens=64)
 
 
 def test_seeded_sampling_is_reproducible(tiny_fast):
@@ -124,14 +126,14 @@ def test_sample_keeps_to_the_top_k():
 def test_sampling_past_its_draws_wraps_instead_of_reading_out_of_range():
     # on a GPU an out-of-range read is a device-side assert, fatal to every reply of the process
     state = SamplingState(vocab=5, rows=2, device=torch.device("cpu"))
-    state.start(torch.tensor([[0]]), temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, penalty=1.0)
+    state.start(torch.tensor([[0]]), temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0)
     state.refill(torch.Generator().manual_seed(0))
     for _ in range(5):  # more draws than the two rows hold, as a step that skipped its refill would take
         assert 0 <= int(state.pick(torch.zeros(1, 5))) < 5
 
 
 def test_too_long_a_request_is_refused(tiny_fast):
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="context_tokens"):
         next(tiny_fast.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=62))
 
 
@@ -149,12 +151,12 @@ def test_step_that_fails_to_compile_runs_eagerly(tiny_llama, monkeypatch):
     def failing_backend(graph_module, example_inputs):
         raise RuntimeError("no kernel for this architecture")
 
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": failing_backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": failing_backend})
     model = build(str(tiny_llama), (0, 4), (2, 6))
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, 4:].tolist()
-    fast = FastGenerator(model, max_seq_len=64, compile=True)
+    fast = FastGenerator(model, context_tokens=64, compile=True)
     assert list(fast.generate(ids, max_new_tokens=24)) == expected
     assert fast.wait_compiled(60)
     served = {}
@@ -200,9 +202,9 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
-def compiled_generator(model, max_seq_len: int = 32) -> FastGenerator:
+def compiled_generator(model, context_tokens: int = 32) -> FastGenerator:
     """A generator whose step has compiled (its first generation starts the compile)."""
-    fast = FastGenerator(model, max_seq_len=max_seq_len, compile=True)
+    fast = FastGenerator(model, context_tokens=context_tokens, compile=True)
     list(fast.generate(torch.tensor([[1]]), max_new_tokens=2))
     assert fast.wait_compiled(60) and fast.compile_error is None
     return fast
@@ -211,10 +213,10 @@ def compiled_generator(model, max_seq_len: int = 32) -> FastGenerator:
 def test_every_model_structure_gets_a_compiled_step(monkeypatch):
     # dynamo stops compiling one code object after 8 entries: a ninth depth would run eagerly
     backend = CountingBackend()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
     for layers in range(1, 12):
-        fast = FastGenerator(tiny_llama_of_depth(layers), max_seq_len=32, compile=True)
+        fast = FastGenerator(tiny_llama_of_depth(layers), context_tokens=32, compile=True)
         assert not fast.reuses_compiled_step
         list(fast.generate(ids, max_new_tokens=2))
         assert fast.wait_compiled(60) and fast.compile_error is None
@@ -231,7 +233,7 @@ def test_every_model_structure_gets_a_compiled_step(monkeypatch):
 
 def test_models_of_one_structure_share_a_compiled_step_with_their_own_weights(monkeypatch):
     backend = CountingBackend()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
     first = compiled_generator(tiny_llama_of_depth(3, seed=1))
     replies = [list(first.generate(ids, max_new_tokens=8))]
@@ -247,10 +249,10 @@ def test_models_of_one_structure_share_a_compiled_step_with_their_own_weights(mo
 def test_merges_of_one_depth_repeating_other_layers_get_their_own_compiled_step(tiny_llama, monkeypatch):
     # a step compiled where layers 4-5 repeat 2-3 takes them as one input: it cannot serve 5-6 repeating 3-4
     backend = CountingBackend()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
     for ranges in (((0, 4), (2, 6)), ((0, 5), (3, 6))):
-        fast = FastGenerator(build(str(tiny_llama), *ranges), max_seq_len=32, compile=True)
+        fast = FastGenerator(build(str(tiny_llama), *ranges), context_tokens=32, compile=True)
         assert not fast.reuses_compiled_step
         list(fast.generate(ids, max_new_tokens=2))
         assert fast.wait_compiled(60) and fast.compile_error is None
@@ -260,7 +262,7 @@ def test_merges_of_one_depth_repeating_other_layers_get_their_own_compiled_step(
 
 def test_compiled_step_is_freed_with_its_last_generator(monkeypatch):
     backend = CountingBackend()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     fast = compiled_generator(tiny_llama_of_depth(2, seed=3))
     assert backend.compiled and all(ref() is not None for ref in backend.compiled)
     del fast
@@ -272,10 +274,10 @@ def test_a_compiling_step_blocks_no_reply_and_takes_over_at_the_next_token_once_
     # the compile runs on its own thread: its model's reply and another model's go on meanwhile
     backend = CountingBackend()
     backend.release.clear()
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": backend})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
     ids = torch.tensor([[1, 5, 9]])
-    fresh = FastGenerator(tiny_llama_of_depth(2, seed=6), max_seq_len=64, compile=True)
-    other = FastGenerator(tiny_llama_of_depth(2, seed=7), max_seq_len=64)  # not compiled: eager
+    fresh = FastGenerator(tiny_llama_of_depth(2, seed=6), context_tokens=64, compile=True)
+    other = FastGenerator(tiny_llama_of_depth(2, seed=7), context_tokens=64)  # not compiled: eager
     expected = greedy(fresh.model, ids, 40)
     served = {}
     tokens = fresh.generate(ids, max_new_tokens=40, served=served)
@@ -293,10 +295,10 @@ def test_a_compiling_step_blocks_no_reply_and_takes_over_at_the_next_token_once_
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_compiled_step_samples_as_the_eager_step_does(monkeypatch, penalty):
     # the same seed through the compiled step: its picks read the same draws and settings
-    monkeypatch.setattr(fastgen, "STEP_COMPILE", {"backend": CountingBackend()})
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": CountingBackend()})
     model = tiny_llama_of_depth(2, seed=8)
     settings = dict(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=20, min_p=0.02, repetition_penalty=penalty)
-    eager = list(FastGenerator(model, max_seq_len=64).generate(torch.tensor([[1, 5, 9]]), seed=4, **settings))
+    eager = list(FastGenerator(model, context_tokens=64).generate(torch.tensor([[1, 5, 9]]), seed=4, **settings))
     served = {}
     fast = compiled_generator(model, 64)
     assert list(fast.generate(torch.tensor([[1, 5, 9]]), seed=4, served=served, **settings)) == eager

@@ -7,17 +7,11 @@ inside the graph, seeded; the uncompiled step (a ZeroGPU worker's) in a CUDA gra
 import pytest
 import torch
 
-from merger import decode_attention
-from merger.assemble import assemble
-from merger.fastgen import (
-    COMPILED_STEP,
-    EAGER_STEP,
-    GREEDY,
-    IN_A_CUDA_GRAPH,
-    SAMPLED,
-    FastGenerator,
-    fuse_projections,
-)
+from merger.build.assemble import assemble
+from merger.generate import attention as decode_attention
+from merger.generate.fuse import fuse_projections
+from merger.generate.generator import FastGenerator
+from merger.generate.steps import COMPILED_STEP, EAGER_STEP, GREEDY, IN_A_CUDA_GRAPH, SAMPLED
 from merger.plan import make_plan
 from merger.recipe import passthrough
 
@@ -35,7 +29,7 @@ def splice(ref: str, dtype: str, ranges=((0, 4), (2, 6)), *, wait: bool = True) 
     model = assemble(make_plan(passthrough(*[(ref, a, b) for a, b in ranges]), ANY_PATH), device="cuda", dtype=dtype)
     model.generation_config.pad_token_id = 0
     fuse_projections(model)
-    fast = FastGenerator(model, max_seq_len=256)
+    fast = FastGenerator(model, context_tokens=256)
     assert fast.compiled and fast.graphed
     if wait:
         list(fast.generate(torch.tensor([PROMPT], device="cuda"), max_new_tokens=2))  # starts the compile
@@ -103,7 +97,7 @@ def uncompiled_splice(ref: str, dtype: str, graphed: bool = True) -> FastGenerat
     """An unfused, uncompiled [0,4)+[2,6), as a ZeroGPU worker decodes it."""
     model = assemble(make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH), device="cuda", dtype=dtype)
     model.generation_config.pad_token_id = 0
-    fast = FastGenerator(model, max_seq_len=256, compile=False)
+    fast = FastGenerator(model, context_tokens=256, compile=False)
     assert fast.graphed and not fast.compiled
     fast.graphed = graphed
     return fast

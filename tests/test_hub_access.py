@@ -12,11 +12,11 @@ import huggingface_hub.constants
 import huggingface_hub.utils._http
 import pytest
 
-from merger import hub as hub_module
-from merger.catalog import ModelInfo
 from merger.errors import HubUnavailableError
-from merger.hub import current_token, download_weights, hub_token, push_folder, read_hub
 from merger.recipe import passthrough
+from merger.sources import hub as hub_module
+from merger.sources.hub import current_token, download_weights, hub_token, push_folder, read_hub
+from merger.sources.model_info import ModelInfo
 from ui import models
 
 from spacekit import publish

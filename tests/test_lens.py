@@ -12,36 +12,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import merger.assemble
+import merger.build.assemble
 from merger.__main__ import main
-from merger.assemble import assemble
-from merger.lens import (
-    MERGE,
-    ResidualRecorder,
-    TokenChunks,
-    capture,
-    duplication_drift,
-    duplication_perplexities,
-    duplication_recipe,
-    perplexity,
-    point_labels,
-    rank_duplications,
-    recurrence_recipe,
-    recurrence_sweep,
-    score_seams,
-    suggest_duplications,
-    tokenize,
-)
-from merger.plan import make_plan
-from merger.plots import (
+from merger.build.assemble import assemble
+from merger.lens.capture import MERGE, ResidualRecorder, TokenChunks, capture, point_labels, tokenize
+from merger.lens.plots import (
     angular_distance_figure,
     block_influence_figure,
     recurrence_figure,
     seam_scores_figure,
     suggestions_figure,
 )
+from merger.lens.seams import score_seams
+from merger.lens.search import (
+    duplication_drift,
+    duplication_perplexities,
+    duplication_recipe,
+    perplexity,
+    rank_duplications,
+    recurrence_recipe,
+    recurrence_sweep,
+    suggest_duplications,
+)
+from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime import load_tokenizer
+from merger.runtime import builds
+from merger.runtime.builds import load_tokenizer
 
 from refs import ANY_PATH
 
@@ -168,7 +164,7 @@ def test_capture_memory_does_not_grow_with_the_number_of_tokens():
     script = """
 import resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from merger.lens import TokenChunks, capture
+from merger.lens.capture import TokenChunks, capture
 torch.manual_seed(0)
 torch.set_num_threads(1)
 config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
@@ -228,7 +224,15 @@ def test_tokenize_puts_the_tokenizer_prefix_on_every_chunk():
 def test_suggestions_rank_by_predicted_damage_and_confirm_with_assembled_perplexity(tiny_llama):
     ref = str(tiny_llama)
     result = suggest_duplications(
-        ref, calibration=TEXT, heldout=HELDOUT, top_k=3, min_size=2, max_size=3, rank_by="predicted", resolver=ANY_PATH
+        ref,
+        calibration=TEXT,
+        heldout=HELDOUT,
+        top_k=3,
+        min_size=2,
+        max_size=3,
+        rank_by="predicted",
+        resolver=ANY_PATH,
+        build=builds.build,
     )
     lens = result.lens
     assert [(s.start, s.end) for s in result.ranked] == [(s.start, s.end) for s in rank_duplications(lens, max_size=3)]
@@ -282,6 +286,7 @@ def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama
         rank_by="drift",
         drift_tokens=60,
         resolver=ANY_PATH,
+        build=builds.build,
         dtype=dtype,
     )
     sample = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT, max_tokens=60)
@@ -299,13 +304,13 @@ def test_suggestions_ranked_by_drift_follow_the_measured_output_drift(tiny_llama
 def file_opens(monkeypatch) -> list[str]:
     """Every safetensors file assembly opens, from now on."""
     opened = []
-    real = merger.assemble.safe_open
+    real = merger.build.assemble.safe_open
 
     def counting(path, *args, **kwargs):
         opened.append(str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(merger.assemble, "safe_open", counting)
+    monkeypatch.setattr(merger.build.assemble, "safe_open", counting)
     return opened
 
 
@@ -322,6 +327,7 @@ def test_suggestions_read_the_parent_once_and_build_every_candidate_from_its_ten
         max_size=3,
         rank_by=rank_by,
         resolver=ANY_PATH,
+        build=builds.build,
         progress=progress,
     )
     assert len(file_opens) == 1  # the parent's one file; its 9 tails are its own layers, its 3 merges its tensors
@@ -348,7 +354,7 @@ def test_seam_scores_and_the_recurrence_sweep_read_each_parent_once(tiny_llama, 
     assert len(file_opens) == 1  # the parent; the merge is built from its tensors
     lens = capture(build(ref, (0, 6)), CHUNKS, name=ref)
     file_opens.clear()
-    recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH)
+    recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH, build=builds.build)
     assert len(file_opens) == 1
 
 
@@ -365,7 +371,9 @@ def test_recurrence_sweep_repeats_the_block_and_adds_one_seam_per_repeat(tiny_ll
     ref = str(tiny_llama)
     parent = build(ref, (0, 6), dtype=dtype)
     lens = capture(parent, tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), TEXT), name=ref)
-    points = recurrence_sweep(ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH, dtype=dtype)
+    points = recurrence_sweep(
+        ref, 2, 4, max_repeats=3, lens=lens, heldout=HELDOUT, resolver=ANY_PATH, build=builds.build, dtype=dtype
+    )
     held = tokenize(load_tokenizer(make_plan(passthrough((ref, 0, 6)), ANY_PATH)), HELDOUT)
     seam = float(lens.angular_distance[4, 2])
     assert [p.repeats for p in points] == [1, 2, 3] and [p.num_layers for p in points] == [6, 8, 10]
@@ -438,7 +446,7 @@ def test_suggest_cli_ranks_by_prediction_and_confirms_top_k_with_the_lens_number
     assert main(["suggest", ref, *args, "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     expected = suggest_duplications(
-        ref, calibration=TEXT, heldout=TEXT, top_k=2, rank_by="predicted", resolver=ANY_PATH
+        ref, calibration=TEXT, heldout=TEXT, top_k=2, rank_by="predicted", resolver=ANY_PATH, build=builds.build
     ).as_dict()
     assert data == expected and data["dtype"] == "float32" and len(data["confirmed"]) == 2
     assert [b["predicted"] for b in data["ranked"]] == sorted(b["predicted"] for b in data["ranked"])
@@ -472,7 +480,7 @@ def test_figures_carry_exact_values_and_mark_the_recipe(tiny_llama):
     assert list(seam_fig.data[0].y) == list(scores.predicted) and list(seam_fig.data[1].y) == list(scores.measured)
     assert len(seam_fig.layout.shapes) == 1  # one seam line
 
-    from merger.lens import RecurrencePoint, Suggestion, Suggestions
+    from merger.lens.search import RecurrencePoint, Suggestion, Suggestions
 
     ranked = tuple(rank_duplications(lens, max_size=3))
     confirmed = (Suggestion(ranked[0].start, ranked[0].end, ranked[0].predicted, 12.5),)

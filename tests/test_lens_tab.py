@@ -4,10 +4,11 @@ become the duplication recipe, and bad input gets a message."""
 import gradio as gr
 import pytest
 
-from merger.lens import MAX_LENGTH, score_seams, tokenize
+from merger.lens.capture import MAX_LENGTH, tokenize
+from merger.lens.seams import score_seams
 from merger.plan import make_plan
-from merger.recipe import recipe_from_dict
-from merger.runtime import load_tokenizer
+from merger.recipe.mergekit_yaml import recipe_from_dict
+from merger.runtime.builds import load_tokenizer
 from ui.lens import score_stack_seams, seam_scores_shown, suggestion_recipe, widget_seam_scores
 from ui.models import model_info
 from ui.recipe_state import widget_edited

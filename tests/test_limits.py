@@ -12,7 +12,8 @@ import pytest
 import app
 from merger import limits
 from merger.errors import UserError
-from merger.recipe import from_share_token, recipe_from_yaml
+from merger.recipe.mergekit_yaml import recipe_from_yaml
+from merger.recipe.share_links import from_share_token
 from ui.recipe_state import empty_state
 
 from bounded import run_within

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from merger.build.export import export_plan
 from merger.errors import RecipeError
-from merger.export import export_plan
 from merger.plan import Blend, make_plan
-from merger.recipe import Recipe, Slice, Source, passthrough, recipe_from_dict
+from merger.recipe import Recipe, Slice, Source, passthrough
+from merger.recipe.mergekit_yaml import recipe_from_dict
 
 if importlib.util.find_spec("mergekit") is None:
     pytest.skip("mergekit is not installed (pip install -r requirements-dev.txt)", allow_module_level=True)
@@ -187,7 +188,7 @@ def test_passthrough_export_is_bit_equal_to_mergekit(case, mergekit_runs, ours):
 def test_gemma3_grown_stack_matches_what_mergekit_wrote_before_failing(cases, mergekit_runs, ours, tiny_gemma):
     from transformers import AutoModelForCausalLM
 
-    from merger.assemble import assemble
+    from merger.build.assemble import assemble
 
     theirs, error = mergekit_runs["gemma_grown"]
     # mergekit keeps the parent's 12 layer_types for 16 layers; transformers refuses that config

@@ -1,29 +1,21 @@
 """The methods added after the first six, on their own: DELLA's seeded, rank-shaped masks, Arcee
 Fusion's seeded quartile sample, Model Breadcrumbs' outlier cut, each method's parameters refused
-or required in words, and every method in the specs having a function (equality with mergekit is
+or required in words (equality with mergekit is
 tests/test_blend_equivalence.py's)."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 
-from merger import methods, selective
 from merger.errors import RecipeError
-from merger.method_specs import BLEND_METHODS, METHODS
-from merger.method_table import METHOD_FUNCTIONS
-from merger.methods import della_prune, outlier_prune
+from merger.methods import functions, selective
+from merger.methods.functions import della_prune, outlier_prune
+from merger.methods.specs import BLEND_METHODS, METHODS
 from merger.plan import make_plan
-from merger.recipe import recipe_from_dict
+from merger.recipe.mergekit_yaml import recipe_from_dict
 
 from refs import ANY_PATH
-
-
-def test_every_method_in_the_specs_has_a_function_and_no_other():
-    assert METHOD_FUNCTIONS.keys() == METHODS.keys()
 
 
 def test_della_mask_is_reproduced_by_its_seed_and_differs_for_another():
@@ -51,7 +43,7 @@ def test_della_keeps_larger_entries_of_each_row_more_often_and_rescales_to_the_l
 def test_della_ranks_rows_a_few_at_a_time_without_changing_the_result(monkeypatch):
     delta = torch.randn(200, 500, generator=torch.Generator().manual_seed(2))
     whole = della_prune(delta, 0.4, epsilon=0.2, seed=5)
-    monkeypatch.setattr(methods, "DELLA_CHUNK", 1_200)  # two rows and a bit per step
+    monkeypatch.setattr(functions, "DELLA_CHUNK", 1_200)  # two rows and a bit per step
     assert torch.equal(della_prune(delta, 0.4, epsilon=0.2, seed=5), whole)
 
 
@@ -171,27 +163,3 @@ def test_a_whole_number_gradient_interpolates_as_mergekit_and_must_land_on_whole
     assert steps == [0, 2, 4, 6, 8, 10]
     with pytest.raises(RecipeError, match=r"karcher's `max_iter` for model.layers.1.* gives 5.6 here, not a whole"):
         make_plan(recipe_from_dict({**data, "parameters": {"max_iter": [2, 20]}}), ANY_PATH)
-
-
-def widget_methods() -> dict[str, dict]:
-    """assets/stack.js's METHODS table as {name: {base, weight, t}}, read from its source."""
-    source = (Path(__file__).parent.parent / "assets" / "stack.js").read_text(encoding="utf-8")
-    table = source[source.index("const METHODS = {") : source.index("\n};\n", source.index("const METHODS = {"))]
-    entries = re.split(r"\n  (\w+): ", table)[1:]
-    return {
-        name: {
-            "base": re.search(r'base: "(\w+)"', body).group(1),
-            "weight": "weight: true" in body,
-            "t": re.search(r"\bt: \{", body) is not None,
-        }
-        for name, body in zip(entries[::2], entries[1::2], strict=True)
-    }
-
-
-def test_the_widgets_blend_menu_offers_every_method_with_pythons_facts():
-    expected = {
-        name: {"base": spec.base, "weight": spec.param("weight") is not None, "t": spec.param("t") is not None}
-        for name, spec in METHODS.items()
-        if name in BLEND_METHODS
-    }
-    assert widget_methods() == expected

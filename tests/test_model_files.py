@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from merger.catalog import LocalPolicy, resolve
 from merger.errors import ModelRefError
+from merger.sources.catalog import LocalPolicy, resolve
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from benchmarks.multigpu import LLAMA3_70B_SHAPE, merge_plan, meta_model_info
-from merger.assemble import assemble
+from merger.build.assemble import assemble
 from merger.errors import PlacementError
-from merger.fastgen import FastGenerator
-from merger.placement import DEPTH_RANGES, SHARED, WORKING_MIN_BYTES, place
+from merger.generate.generator import FastGenerator
 from merger.plan import make_plan
+from merger.plan.placement import DEPTH_RANGES, SHARED, WORKING_MIN_BYTES, place
 from merger.recipe import passthrough
 from ui.placement import placement_markdown, refusal_markdown
 
@@ -138,7 +138,7 @@ def test_merge_dispatched_over_two_devices_equals_the_one_device_build(tiny_llam
         assert torch.equal(spread(PROMPT).logits, one(PROMPT).logits)
         kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
         assert torch.equal(spread.generate(PROMPT, **kwargs), one.generate(PROMPT, **kwargs))
-    fast = [list(FastGenerator(m, max_seq_len=40).generate(PROMPT, max_new_tokens=20)) for m in (spread, one)]
+    fast = [list(FastGenerator(m, context_tokens=40).generate(PROMPT, max_new_tokens=20)) for m in (spread, one)]
     assert fast[0] == fast[1]
 
 
@@ -148,8 +148,8 @@ def test_merge_dispatched_over_two_gpus_keeps_each_layers_cache_on_its_gpu(tiny_
     plan = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     placement = place(plan, dtype="float32", devices=devices_holding(plan, 0.6))
     spread, one = assemble(plan, placement=placement), assemble(plan, device="cuda:0")
-    fast = FastGenerator(spread, max_seq_len=40, compile=False)
+    fast = FastGenerator(spread, context_tokens=40, compile=False)
     tokens = list(fast.generate(PROMPT, max_new_tokens=20))
-    assert tokens == list(FastGenerator(one, max_seq_len=40, compile=False).generate(PROMPT, max_new_tokens=20))
+    assert tokens == list(FastGenerator(one, context_tokens=40, compile=False).generate(PROMPT, max_new_tokens=20))
     for depth, layer in enumerate(fast.cache.layers):
         assert layer.keys.device == torch.device(placement.module_devices[f"model.layers.{depth}"])

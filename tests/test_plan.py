@@ -3,8 +3,8 @@ import json
 import pytest
 
 from merger.errors import ModelRefError, RecipeError
-from merger.params import count
 from merger.plan import make_plan
+from merger.plan.counts import count
 from merger.recipe import passthrough
 
 from refs import ANY_PATH

@@ -2,11 +2,11 @@
 
 import pytest
 
+from merger.build.export import export_plan
 from merger.errors import UserError
-from merger.export import export_plan
-from merger.hub import push_folder
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.sources.hub import push_folder
 
 from refs import ANY_PATH
 

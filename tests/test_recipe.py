@@ -2,7 +2,8 @@ import pytest
 import yaml
 
 from merger.errors import RecipeError, UserError
-from merger.recipe import passthrough, recipe_from_dict, recipe_from_yaml
+from merger.recipe import passthrough
+from merger.recipe.mergekit_yaml import recipe_from_dict, recipe_from_yaml
 
 SOLAR = """\
 slices:
@@ -117,7 +118,7 @@ def test_passthrough_shorthand_and_models_order():
 
 
 def test_share_token_round_trips_recipe_and_settings_compactly():
-    from merger.recipe import from_share_token, to_share_token
+    from merger.recipe.share_links import from_share_token, to_share_token
 
     recipe = passthrough(("bundled:smollm2-135m-instruct", 0, 20), ("bundled:smollm2-135m-instruct", 10, 30))
     token = to_share_token(recipe, {"temperature": 0.2})
@@ -138,7 +139,7 @@ def test_share_token_round_trips_recipe_and_settings_compactly():
     ],
 )
 def test_damaged_share_tokens_are_refused_in_words(make_token, message):
-    from merger.recipe import from_share_token
+    from merger.recipe.share_links import from_share_token
 
     with pytest.raises(UserError, match=message):
         from_share_token(make_token())

@@ -4,7 +4,7 @@ parameters with it."""
 
 import yaml
 
-from merger.recipe import recipe_from_dict, recipe_from_yaml
+from merger.recipe.mergekit_yaml import recipe_from_dict, recipe_from_yaml
 from ui import recipe_state
 
 A, B = "org/a", "org/b"

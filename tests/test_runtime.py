@@ -9,12 +9,15 @@ import weakref
 import psutil
 import pytest
 
-from merger import runtime
-from merger.chat import GenerationSettings, stream_reply
+from merger.chat.replies import stream_reply
 from merger.errors import PlacementError, UserError
+from merger.generate.settings import GenerationSettings
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime import SessionModels, build, needed_bytes, prepare_for_chat
+from merger.runtime import devices
+from merger.runtime.builds import build, prepare_for_chat
+from merger.runtime.devices import needed_bytes
+from merger.runtime.sessions import SessionModels
 
 from refs import ANY_PATH
 
@@ -86,8 +89,8 @@ def test_concurrent_builds_never_hold_more_than_the_budget(tiny_llama):
 
 def test_build_that_cannot_fit_is_refused_with_the_numbers_before_loading(tiny_llama, monkeypatch):
     loaded = []
-    monkeypatch.setattr(runtime, "free_memory", lambda device: 10 * 2**20)
-    monkeypatch.setattr("merger.assemble.load_parent_tensors", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(devices, "free_memory", lambda device: 10 * 2**20)
+    monkeypatch.setattr("merger.build.assemble.load_parent_tensors", lambda *a, **k: loaded.append(1))
     with pytest.raises(UserError, match=r"needs about .* on cpu .* but only 10\.00 MiB is free"):
         built_tiny(tiny_llama, (0, 6))
     assert not loaded

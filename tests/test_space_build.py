@@ -12,7 +12,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from merger.space import DEFAULT_HUB_MODEL, HUB_MODELS
+from merger.sources.space import DEFAULT_HUB_MODEL, HUB_MODELS
 
 from space_app import space_distributions
 

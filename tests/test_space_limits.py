@@ -12,11 +12,12 @@ import psutil
 import pytest
 from gradio.utils import get_upload_folder
 
-from merger import container, disk, runtime
 from merger.errors import PlacementError, UserError
-from merger.hub import download_weights
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.runtime import container, devices
+from merger.sources import disk
+from merger.sources.hub import download_weights
 from ui import models
 
 from refs import ANY_PATH
@@ -43,7 +44,7 @@ def test_the_memory_a_build_may_take_is_the_containers_not_the_hosts(cgroup, mon
     monkeypatch.delenv("FRANKENMERGE_MEMORY_BUDGET_GB", raising=False)
     cgroup("17179869184", current=6 * GIB, inactive_file=1 * GIB)  # a 16 GiB Space, 5 GiB in use
     assert container.memory_available() == min(psutil.virtual_memory().available, 11 * GIB)
-    assert runtime.default_budget("cpu") == min(psutil.virtual_memory().total, 16 * GIB) // 2
+    assert devices.default_budget("cpu") == min(psutil.virtual_memory().total, 16 * GIB) // 2
 
 
 def test_no_limit_in_the_cgroup_leaves_the_machines_memory(cgroup):
@@ -68,7 +69,7 @@ def test_a_build_larger_than_the_containers_free_memory_is_refused_before_anythi
     cgroup(str(64 * 2**20), current=63 * 2**20)  # 1 MiB left in the container, whatever the host has
     plan = make_plan(passthrough((str(tiny_llama), 0, 6)), ANY_PATH)
     with pytest.raises(PlacementError, match="needs about"):
-        runtime.plan_placement(plan, "cpu")
+        devices.plan_placement(plan, "cpu")
 
 
 @pytest.fixture

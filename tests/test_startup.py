@@ -24,7 +24,7 @@ class HoldTransformers(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, HoldTransformers())
-from merger.startup import import_in_background
+from merger.runtime.startup import import_in_background
 from ui.lens import score_stack_seams
 from ui.recipe_state import empty_state, widget_edited
 

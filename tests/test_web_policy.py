@@ -13,8 +13,9 @@ from gradio_client import Client
 
 import app
 import ui.models
-from merger.catalog import LocalPolicy
-from merger.recipe import passthrough, to_share_token
+from merger.recipe import passthrough
+from merger.recipe.share_links import to_share_token
+from merger.sources.catalog import LocalPolicy
 from ui import chat, lens
 from ui.recipe_state import empty_state, widget_edited
 

@@ -12,10 +12,11 @@ import gradio as gr
 import pytest
 import torch
 
-from merger import runtime, zero_gpu
-from merger.assemble import parameter_bytes
+from merger.build.assemble import parameter_bytes
 from merger.plan import make_plan
 from merger.recipe import passthrough
+from merger.runtime import builds, zero_gpu
+from merger.runtime.sessions import SessionModels
 
 from refs import ANY_PATH
 
@@ -92,7 +93,7 @@ def first_weight_sum(built) -> float:
 def test_a_reused_worker_never_answers_from_a_replaced_build_and_survives_others_builds(
     forking_spaces, tiny_llama, tiny_llama_b
 ):
-    sessions = runtime.SessionModels()
+    sessions = SessionModels()
 
     @zero_gpu.gpu_task(10)
     def weight_of(key, version):
@@ -103,7 +104,7 @@ def test_a_reused_worker_never_answers_from_a_replaced_build_and_survives_others
         yield first_weight_sum(zero_gpu.held_build(sessions, key, version))
 
     def build(key, ref) -> float:
-        sessions.put(key, runtime.build(make_plan(passthrough((str(ref), 0, 6)), ANY_PATH), device="cpu"))
+        sessions.put(key, builds.build(make_plan(passthrough((str(ref), 0, 6)), ANY_PATH), device="cpu"))
         return first_weight_sum(sessions.get(key))
 
     def ask(key):
@@ -132,7 +133,7 @@ def test_only_a_stale_workers_refusal_is_retried(forking_spaces):
 
 
 def test_moving_a_build_keeps_its_repeated_layers_and_tied_head_shared(tiny_llama):
-    built = runtime.build(
+    built = builds.build(
         make_plan(passthrough((str(tiny_llama), 0, 4), (str(tiny_llama), 2, 6)), ANY_PATH), device="cpu"
     )
     model = built.model

@@ -2,7 +2,7 @@
 resend, clear), in-character replies for the Roleplay tab, and a side-by-side comparison with a
 parent or a second recipe on the same prompt, settings and seed.
 
-Built models live in SESSIONS (merger.runtime.SessionModels), keyed by the browser session: its
+Built models live in SESSIONS (merger.runtime.sessions.SessionModels), keyed by the browser session: its
 merge under the session id, its comparison model under `<id>:compare`, within one memory budget.
 Handlers check what they can refuse here, then stream from a generating function run inside
 `gpu_task` (ZeroGPU's `spaces.GPU` on such a Space, in a forked worker), which names the builds it
@@ -22,34 +22,26 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from merger.cards import roleplay_prompt, stop_strings
-from merger.chat import GenerationSettings, ReplyStats, format_prompt, stream_reply, stream_side_by_side
+from merger.chat.cards import roleplay_prompt, stop_strings
+from merger.chat.prompts import format_prompt
+from merger.chat.replies import ReplyStats, stream_reply, stream_side_by_side
 from merger.errors import UserError
-from merger.params import count
-from merger.plan import Plan, make_plan
+from merger.generate.settings import GenerationSettings
+from merger.host import on_zero_gpu
+from merger.plan import Plan, as_it_is, make_plan
+from merger.plan.counts import count
 from merger.recipe import Recipe
-from merger.runtime import (
-    AOT_COMPILE_SECONDS,
-    Built,
-    SessionModels,
-    as_it_is,
-    attach_aot_step,
-    best_device,
-    build,
-    compile_unavailable,
-    default_budget,
-    needed_bytes,
-    prepare_for_chat,
-    zero_gpu_aot,
-)
-from merger.zero_gpu import gpu_task, held_build, on_zero_gpu, reply_seconds
+from merger.runtime.builds import AOT_COMPILE_SECONDS, Built, attach_aot_step, build, prepare_for_chat, zero_gpu_aot
+from merger.runtime.devices import best_device, compile_unavailable, default_budget, needed_bytes
+from merger.runtime.sessions import SessionModels
+from merger.runtime.zero_gpu import gpu_task, held_build, reply_seconds
 from ui.guard import Stopped, check_current, session_id, session_work, stop_session_work, web_handler
 from ui.models import as_visitor, model_info, plan_for
 from ui.roleplay import card_from_state
 from ui.text import md, said, sentence
 
 if TYPE_CHECKING:
-    from merger.aot_step import AotStep
+    from merger.generate.aot import AotStep
 
 SESSIONS = SessionModels()
 STOPS: dict[str, threading.Event] = {}
@@ -96,10 +88,12 @@ def compile_decode_step(key: str, version: int) -> AotStep:
     by the Space's own compiler (torch.compile is forbidden there); the package comes back as bytes."""
     import spaces
 
-    from merger.aot_step import compile_step
+    from merger.generate.aot import compile_step
 
     built = held_build(SESSIONS, key, version)
-    return compile_step(built.model, built.window, lambda program: spaces.aoti_compile(program).archive_file.getvalue())
+    return compile_step(
+        built.model, built.context_tokens, lambda program: spaces.aoti_compile(program).archive_file.getvalue()
+    )
 
 
 def built_status(built: Built) -> str:
@@ -465,12 +459,6 @@ def forget_session(request: gr.Request) -> None:
         event.set()
     stop_session_work(session)
     SESSIONS.drop_session(session)
-
-
-def stop_all_generation() -> None:
-    """Ask every reply in progress to end (before the server shuts down)."""
-    for event in list(STOPS.values()):
-        event.set()
 
 
 # ---- side by side -----------------------------------------------------------------------------

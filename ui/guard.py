@@ -26,7 +26,7 @@ import gradio as gr
 
 from merger.errors import UserError
 from merger.limits import REQUEST_SECONDS
-from merger.startup import wait_for_imports
+from merger.runtime.startup import wait_for_imports
 from ui.text import said
 
 log = logging.getLogger(__name__)

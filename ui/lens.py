@@ -1,6 +1,6 @@
 """The Lens tab: residual-stream plots of a parent, seam scores of the recipe on screen (coloured on
 the stack), suggested blocks to duplicate (one click puts one in the stack), a recurrence sweep and
-perplexities. Model logic lives in merger/lens.py; figures in merger/plots.py.
+perplexities. Model logic lives in merger/lens/; figures in merger/lens/plots.py.
 
 Lens runs are heavy (each loads the models it measures), so they share one queue slot
 (`concurrency_id="lens"`, limit 1) and a parent's lens is cached per (model, text). Each checks
@@ -18,7 +18,10 @@ from typing import Any
 import gradio as gr
 
 from merger.limits import LENS_TEXT_CHARS, LENS_TOKENS, check_text
-from merger.recipe import Recipe
+from merger.plan import build_dtype, make_plan
+from merger.recipe import Recipe, passthrough
+from merger.runtime.builds import build, load_tokenizer
+from merger.runtime.devices import best_device
 from ui.guard import check_current, stop_work, web_handler
 from ui.models import model_info
 from ui.recipe_state import State, plan_of, recipe_of
@@ -69,12 +72,13 @@ def _text_key(text: str | None) -> str:
 
 def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], None]) -> Any:
     """The lens of model `ref` on `text` (None: the bundled calibration text), cached."""
-    from merger.lens import CALIBRATION_TEXT, capture, chunks_for, load_model
+    from merger.lens.capture import CALIBRATION_TEXT, capture
+    from merger.lens.search import chunks_for, load_model
 
     lens = cached_lens(ref, text)
     if lens is not None:
         return lens
-    built = load_model(ref, resolver=model_info)
+    built = load_model(ref, resolver=model_info, build=build)
     chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
     lens = capture(built.model, chunks, name=ref, progress=progress)
     del built
@@ -125,7 +129,7 @@ def analyze_model(
     request: gr.Request = None,
 ) -> tuple[str, Any, Any]:
     """Heatmap (the stack's slices and seams of this model marked) and block-influence curve."""
-    from merger.plots import angular_distance_figure, block_influence_figure
+    from merger.lens.plots import angular_distance_figure, block_influence_figure
 
     _, lens = _text_and_lens(ref, text, progress, 1.0)
     recipe = recipe_of(state)
@@ -162,9 +166,11 @@ def score_stack_seams(
 ) -> tuple[Any, str, Any]:
     """Predicted and measured damage at every seam of the page's recipe: the scores (with the recipe
     they belong to, for `seam_scores_shown`), a summary and a plot."""
-    from merger.lens import CALIBRATION_TEXT, chunks_for, score_seams, seam_depths
-    from merger.plots import seam_scores_figure
-    from merger.runtime import best_device, load_tokenizer
+    from merger.lens.capture import CALIBRATION_TEXT
+    from merger.lens.plots import seam_scores_figure
+    from merger.lens.seams import score_seams
+    from merger.lens.search import chunks_for
+    from merger.plan import seam_depths
 
     plan = plan_of(state)
     if not seam_depths(plan.layer_sources, plan.recipe.primary_model):
@@ -197,8 +203,8 @@ def suggest_blocks(
     ref: str | None, text: str, ranking: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> tuple[str, Any, gr.Dropdown]:
     """Rank every 2-8-layer block of `ref` to duplicate; build the best five and measure them."""
-    from merger.lens import suggest_duplications
-    from merger.plots import suggestions_figure
+    from merger.lens.plots import suggestions_figure
+    from merger.lens.search import suggest_duplications
 
     if not ref:
         raise gr.Error("Add a model to the stack first.")
@@ -206,6 +212,7 @@ def suggest_blocks(
     found = suggest_duplications(  # its one load of the parent also makes the lens, unless cached
         ref,
         resolver=model_info,
+        build=build,
         calibration=user_text,
         lens=cached_lens(ref, user_text),
         rank_by=RANKINGS.get(ranking, "drift"),
@@ -238,7 +245,7 @@ def suggestion_recipe(
     pick: str | None, ref: str | None, columns: list[dict[str, Any]]
 ) -> tuple[Recipe, list[dict[str, Any]]]:
     """The duplication of the picked block, [0, end) + [start, L), and the columns to show it with."""
-    from merger.lens import duplication_recipe
+    from merger.lens.search import duplication_recipe
 
     start, end = _block(pick)
     if not ref:
@@ -259,8 +266,8 @@ def sweep_block(
     request: gr.Request = None,
 ) -> tuple[str, Any]:
     """Perplexity and predicted seam damage of the picked block run 1..max_repeats times."""
-    from merger.lens import recurrence_sweep
-    from merger.plots import recurrence_figure
+    from merger.lens.plots import recurrence_figure
+    from merger.lens.search import recurrence_sweep
 
     start, end = _block(pick)
     _, lens = _text_and_lens(ref, text, progress, 0.1)
@@ -269,6 +276,7 @@ def sweep_block(
         start,
         end,
         resolver=model_info,
+        build=build,
         max_repeats=int(max_repeats),
         lens=lens,
         max_tokens=LENS_TOKENS.value,
@@ -286,11 +294,9 @@ def measure_perplexities(
     state: State, text: str, progress: gr.Progress = gr.Progress(), request: gr.Request = None
 ) -> str:
     """Perplexity of the merge on screen and of each parent, on held-out text and on the user's."""
-    from merger.assemble import assemble
-    from merger.lens import HELDOUT_TEXT, chunks_for, perplexity
-    from merger.plan import make_plan
-    from merger.recipe import passthrough
-    from merger.runtime import best_device, build_dtype, load_tokenizer
+    from merger.build.assemble import assemble
+    from merger.lens.capture import HELDOUT_TEXT
+    from merger.lens.search import chunks_for, perplexity
 
     plan = plan_of(state)
     user_text = _user_text(text)

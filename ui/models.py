@@ -22,12 +22,14 @@ from typing import Any
 
 import gradio as gr
 
-from merger.catalog import LocalPolicy, ModelInfo, resolve
 from merger.errors import HubUnavailableError, ModelRefError
-from merger.hub import current_token, hub_token
+from merger.host import on_space
 from merger.plan import Plan, make_plan
-from merger.recipe import Recipe, recipe_from_yaml
-from merger.space import on_space
+from merger.recipe import Recipe
+from merger.recipe.mergekit_yaml import recipe_from_yaml
+from merger.sources.catalog import LocalPolicy, resolve
+from merger.sources.hub import current_token, hub_token
+from merger.sources.model_info import ModelInfo
 from ui.guard import check_current
 
 POLICY = LocalPolicy.for_web()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from html import escape
 
-from merger.params import human_bytes
-from merger.placement import DEPTH_RANGES, DeviceShare, Placement
+from merger.plan.placement import DEPTH_RANGES, DeviceShare, Placement
+from merger.sizes import human_bytes
 from ui.text import md
 
 

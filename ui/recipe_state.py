@@ -23,9 +23,10 @@ import yaml
 
 from merger.errors import RecipeError, UserError
 from merger.limits import SLICES
-from merger.method_specs import METHODS
+from merger.methods.specs import METHODS
 from merger.plan import Plan
-from merger.recipe import Recipe, recipe_from_dict, recipe_from_yaml
+from merger.recipe import Recipe
+from merger.recipe.mergekit_yaml import recipe_from_dict, recipe_from_yaml
 from ui.models import plan_recipe
 from ui.recipe_value import stack_mapping, value_from_recipe
 

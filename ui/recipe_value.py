@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from merger.catalog import ModelInfo
 from merger.plan import stacking_key
 from merger.recipe import Recipe, Source
+from merger.sources.model_info import ModelInfo
 
 
 def column(info: ModelInfo) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from merger.cards import CharacterCard, parse_card, substitute, system_text
+from merger.chat.cards import CharacterCard, parse_card, substitute, system_text
 from merger.limits import check_text
 from ui.guard import web_handler
 from ui.text import md

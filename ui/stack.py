@@ -36,11 +36,40 @@ from typing import Any
 
 import gradio as gr
 
+from merger.methods.specs import BLEND_METHODS, METHODS
+from merger.plan import seam_depths
+from merger.recipe import MAX_REPEAT
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 # A static shell: stack.js draws everything inside it. Because the template never changes, Gradio's
 # re-render-on-prop-change (a DOM diff of the template output) never touches what the JS drew.
 HTML_TEMPLATE = '<div class="fs-root" data-testid="stack-widget"></div>'
+
+
+# The slice's `t` box, for the methods that take one `t` per blended slice: where it starts, its
+# bounds and what it means (the same letter means a position for slerp, a distance for nearswap).
+SLICE_T = {
+    "slerp": {"value": 0.5, "max": 1, "step": 0.05, "hint": "slerp position: 0 = base, 1 = the other model"},
+    "nearswap": {
+        "value": 0.001,
+        "step": "any",
+        "hint": "nearswap distance: entries of the other model closer than t to the base's are taken",
+    },
+}
+
+
+def blend_method_facts() -> list[dict[str, Any]]:
+    """The blend menu, in merger.methods.specs' order: each method's base policy and what the stack
+    edits for it: a weight per source, one `t` per blended slice (SLICE_T), or neither."""
+    facts = []
+    for name in BLEND_METHODS:
+        spec = METHODS[name]
+        entry: dict[str, Any] = {"name": name, "base": spec.base, "weight": spec.param("weight") is not None}
+        if spec.param("t") is not None:
+            entry["t"] = SLICE_T[name]
+        facts.append(entry)
+    return facts
 
 
 def empty_value() -> dict[str, Any]:
@@ -53,6 +82,8 @@ def stack_widget(value: dict | None = None, **kwargs: Any) -> gr.HTML:
     kwargs.setdefault("container", False)
     kwargs.setdefault("padding", False)
     return gr.HTML(
+        blend_methods=blend_method_facts(),
+        max_repeat=MAX_REPEAT,
         value=value if value is not None else empty_value(),
         html_template=HTML_TEMPLATE,
         css_template=(ASSETS / "stack.css").read_text(encoding="utf-8"),
@@ -75,16 +106,14 @@ def merged_layer_count(value: dict) -> int:
 
 
 def seam_positions(value: dict) -> list[int]:
-    """Indices of slices that begin with a seam (the same rule the widget draws).
-
-    Slice i > 0 starts with a seam unless it continues slice i - 1 exactly: same model and
-    ``slices[i-1].end == slices[i].start``. Repeats add internal seams inside a slice; those are not listed.
-    """
-    slices = _slices(value)
-    seams = []
-    for i in range(1, len(slices)):
-        prev, cur = slices[i - 1], slices[i]
-        continues = prev["model"] == cur["model"] and int(prev["end"]) == int(cur["start"])
-        if not continues:
-            seams.append(i)
-    return seams
+    """Indices of slices that begin with a seam, by the plan's seam rule (merger.plan.seam_depths, which
+    the widget draws too): slice i > 0 starts with a seam unless it continues slice i - 1 exactly (same
+    model, ``slices[i-1].end == slices[i].start``). Repeats add seams inside a slice; those are not listed."""
+    sources: list[tuple[str, int]] = []
+    starts = []
+    for s in _slices(value):
+        starts.append(len(sources))
+        layers = range(int(s["start"]), int(s["end"]))
+        sources += [(s["model"], layer) for _ in range(max(1, int(s.get("repeat", 1) or 1))) for layer in layers]
+    seams = set(seam_depths(sources, sources[0][0] if sources else ""))
+    return [i for i in range(1, len(starts)) if starts[i] in seams]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from merger.catalog import LocalPolicy
-from merger.recipe import passthrough, to_share_token
+from merger.recipe import passthrough
+from merger.recipe.share_links import to_share_token
+from merger.sources.catalog import LocalPolicy
 
 from browserkit import wait_for
 from tiny import make_tiny, tiny_tokenizer

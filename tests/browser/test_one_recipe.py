@@ -9,8 +9,8 @@ from urllib.parse import unquote
 
 import yaml
 
-from merger.bundled import public_ref
-from merger.recipe import from_share_token
+from merger.recipe.share_links import from_share_token
+from merger.sources.bundled import public_ref
 from ui.chat import SESSIONS
 
 from browserkit import wait_for

@@ -2,7 +2,8 @@
 
 import pytest
 
-from merger.recipe import from_share_token, passthrough, to_share_token
+from merger.recipe import passthrough
+from merger.recipe.share_links import from_share_token, to_share_token
 
 from browserkit import wait_for
 

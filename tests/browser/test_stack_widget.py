@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 import pytest
 
+from merger.methods.specs import BLEND_METHODS
+from merger.recipe import MAX_REPEAT
 from ui.stack import merged_layer_count, seam_positions, stack_widget
 
 from browserkit import free_port, sweep, wait_for
@@ -165,7 +167,7 @@ def test_stack_widget_edits_reach_python_draw_seams_and_escape_model_names(app, 
 
 
 def recipe_from_value(value: dict):
-    from merger.recipe import recipe_from_dict
+    from merger.recipe.mergekit_yaml import recipe_from_dict
     from ui.recipe_value import stack_mapping
 
     return recipe_from_dict(stack_mapping(value))
@@ -232,13 +234,9 @@ def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
 
 
 def test_the_blend_menu_offers_every_method_and_fits_the_block_to_each(app, page) -> None:
-    from merger.method_specs import BLEND_METHODS
-
     received = one_slice(app, page, 2, 5)
     page.get_by_test_id("slice-blend-0").select_option(QWEN)
     last_value(received, lambda v: v["slices"][0].get("blend"), "the blend")
-    menu = page.get_by_test_id("blend-method").locator("option").evaluate_all("els => els.map(e => e.value)")
-    assert menu == list(BLEND_METHODS)
 
     def pick(method: str) -> dict:
         page.get_by_test_id("blend-method").select_option(method)
@@ -271,3 +269,20 @@ def test_the_blend_menu_offers_every_method_and_fits_the_block_to_each(app, page
     # karcher ignores a base: no base picker
     v = pick("karcher")
     assert recipe_from_value(v).merge_method == "karcher" and page.get_by_test_id("blend-base").count() == 0
+
+
+def test_the_widget_takes_its_methods_and_repeat_limit_from_python(app, page) -> None:
+    """The repeat box goes up to the recipe's own limit and the blend menu lists merger.methods.specs'
+    methods: the widget is handed them (props), it does not keep copies that drift apart."""
+    received = one_slice(app, page, 0, 1)
+    repeat = page.get_by_test_id("slice-repeat-0")
+    assert repeat.get_attribute("max") == str(MAX_REPEAT)
+    repeat.fill(str(MAX_REPEAT))
+    repeat.press("Enter")
+    v = last_value(received, lambda v: v["slices"][0]["repeat"] != 1, "the repeat")
+    assert v["slices"][0]["repeat"] == MAX_REPEAT
+
+    page.get_by_test_id("slice-blend-0").select_option(QWEN)
+    last_value(received, lambda v: v["slices"][0].get("blend"), "the blend")
+    drawn = page.get_by_test_id("blend-method").locator("option").evaluate_all("els => els.map(e => e.value)")
+    assert drawn == list(BLEND_METHODS)

@@ -1,0 +1,1 @@
+"""Chat with a built model: chat templates, character cards, streamed replies."""

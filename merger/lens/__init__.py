@@ -1,0 +1,1 @@
+"""The residual-stream lens: capture, seam damage, block suggestions, plots."""

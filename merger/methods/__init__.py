@@ -1,0 +1,1 @@
+"""Merge methods: their parameters as data (`specs`, torch-free) and their functions over tensors."""
