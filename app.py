@@ -47,6 +47,7 @@ from ui.chat import (
     wire_chat_tab,
     wire_compare_tab,
 )
+from ui.eval_tab import build_eval_tab, wire_eval_tab
 from ui.guard import check_current, session_id, web_handler
 from ui.lens import build_lens_tab, suggestion_recipe, wire_lens_tab
 from ui.models import POLICY, as_visitor, model_info, plan_for, plan_recipe, visitor
@@ -663,6 +664,8 @@ def build_demo() -> gr.Blocks:
                 rp = build_roleplay_tab()
             with gr.Tab("Lens", elem_id="lens-tab"):
                 lens = build_lens_tab()
+            with gr.Tab("Eval", elem_id="eval-tab") as eval_tab_item:
+                eval_tab = build_eval_tab()
         with gr.Accordion("Generation settings", open=False):
             temperature = setting_slider("temperature", 0.05, value=0.7, label="Temperature (0 = greedy)")
             top_p = setting_slider("top_p", 0.05, value=0.9, label="Top-p")
@@ -740,6 +743,7 @@ def build_demo() -> gr.Blocks:
         share_token_box.change(None, share_token_box, share_box, js=SHARE_LINK_JS)
         copy_btn.click(None, share_box, share_box, js=COPY_LINK_JS)
         wire_lens_tab(lens, stack, recipe_state)
+        wire_eval_tab(eval_tab, eval_tab_item, stack, recipe_state, yaml_box)
         demo.unload(forget_session)
         demo.unload(forget_archives)
     return demo

@@ -7,8 +7,9 @@
 //   watch    watch("value", cb) runs cb after Python has sent a new value
 //
 // Facts come from Python as props (ui/stack.py stack_widget), never written here: blend_methods (the
-// blend methods, in the page's order), needs_base (those that take a base model), max_repeat (the
-// largest `repeat` a recipe takes).
+// blend methods, in the page's order, each {name, base, weight, t?}: how it treats the base model,
+// "required", "optional" or "ignored" as in mergekit; whether each source takes a weight; the slice's
+// `t` box {value, max?, step, hint} when it takes one), max_repeat (the largest `repeat` a recipe takes).
 //
 // Everything below the shell is drawn here, from props.value plus a little local UI state (the drag
 // selection). All listeners are delegated on `element`, so redrawing never loses a handler.
@@ -22,8 +23,9 @@
 const root = element.querySelector(".fs-root") || element;
 const PALETTE = ["#4f9dff", "#f5a524", "#2fc98f", "#e85d9a", "#a78bfa", "#22c3d6", "#f0d14a", "#ff7a59"];
 const MAX_REPEAT = props.max_repeat;
-const BLEND_METHODS = props.blend_methods;
-const NEEDS_BASE = new Set(props.needs_base);
+const METHODS = Object.fromEntries(props.blend_methods.map((m) => [m.name, m]));
+const BLEND_METHODS = props.blend_methods.map((m) => m.name);
+const factsOf = (method) => METHODS[method] || { base: "ignored" };
 const ICON_DUP =
   '<svg viewBox="0 0 16 16" width="12" height="12" aria-hidden="true"><rect x="5" y="5" width="9" height="9" rx="1.5" fill="none" stroke="currentColor" stroke-width="1.6"/><path d="M11 3.5V3a1 1 0 0 0-1-1H3a1 1 0 0 0-1 1v7a1 1 0 0 0 1 1h.5" fill="none" stroke="currentColor" stroke-width="1.6"/></svg>';
 const ICON_REMOVE =
@@ -85,21 +87,24 @@ function isNumber(x) {
   return typeof x === "number" && Number.isFinite(x);
 }
 
-// The parameters the widget edits, made to fit `method`: slerp takes one t per blended slice, the others
-// a weight per source (mergekit refuses parameters a method does not take). Non-numeric settings stay.
-function adaptToMethod(slices, method) {
+// The parameters the widget edits, made to fit `method` (switched to from `previous`): a weight per source, one t
+// per blended slice (a t that meant something else under `previous` starts again), or neither (mergekit refuses
+// parameters a method does not take). Non-numeric settings stay.
+function adaptToMethod(slices, method, previous = method) {
+  const facts = factsOf(method);
+  const tChanged = facts.t !== factsOf(previous).t;
   return slices.map((s) => {
     if (!(s.blend || []).length) return s;
     const sources = sourcesOf(s).map((src) => {
       const params = { ...(src.parameters || {}) };
-      if (method === "slerp" && isNumber(params.weight)) delete params.weight;
-      if (method !== "slerp" && params.weight === undefined) params.weight = 1;
+      if (!facts.weight && isNumber(params.weight)) delete params.weight;
+      if (facts.weight && params.weight === undefined) params.weight = 1;
       return { ...src, parameters: Object.keys(params).length ? params : undefined };
     });
     const out = withSources(s, sources);
     const sp = { ...(s.slice_parameters || {}) };
-    if (method === "slerp" && sp.t === undefined) sp.t = 0.5;
-    if (method !== "slerp" && isNumber(sp.t)) delete sp.t;
+    if (facts.t && (sp.t === undefined || (tChanged && isNumber(sp.t)))) sp.t = facts.t.value;
+    if (!facts.t && isNumber(sp.t)) delete sp.t;
     if (Object.keys(sp).length) out.slice_parameters = sp;
     else delete out.slice_parameters;
     return out;
@@ -120,7 +125,7 @@ function addSource(i, ref) {
   slices[i] = withSources(s, [...sourcesOf(s), { model: ref, start, end: start + n }]);
   const method = v.merge_method === "passthrough" ? "linear" : v.merge_method;
   const extra = { merge_method: method };
-  if (NEEDS_BASE.has(method) && !v.base_model) extra.base_model = s.model;
+  if (factsOf(method).base === "required" && !v.base_model) extra.base_model = s.model;
   commit(adaptToMethod(slices, method), extra);
 }
 
@@ -137,13 +142,13 @@ function removeSource(i, j) {
 }
 
 function renderSources(s, i, v) {
-  const slerp = v.merge_method === "slerp";
+  const facts = factsOf(v.merge_method);
   const rows = sourcesOf(s).map((src, j) => {
     const w = src.parameters ? src.parameters.weight : undefined;
-    const isBase = NEEDS_BASE.has(v.merge_method) && src.model === v.base_model;
+    const isBase = facts.base !== "ignored" && src.model === v.base_model;
     let weight = "";
-    if (slerp) weight = isBase ? '<span class="fs-muted">base</span>' : "";
-    else if (isBase && v.merge_method !== "linear") weight = '<span class="fs-muted">base</span>';
+    if (isBase) weight = '<span class="fs-muted">base</span>';
+    else if (!facts.weight) weight = "";
     else if (w === undefined || isNumber(w))
       weight = `<label class="fs-weight" title="weight">w <input type="number" step="0.05" value="${isNumber(w) ? w : ""}" data-testid="source-weight-${i}-${j}" data-slice="${i}" data-source="${j}" /></label>`;
     else weight = '<span class="fs-muted" title="a gradient or filter from the YAML">custom</span>';
@@ -157,11 +162,11 @@ function renderSources(s, i, v) {
       </div>`;
   });
   let t = "";
-  if (slerp) {
+  if (facts.t) {
     const raw = s.slice_parameters ? s.slice_parameters.t : undefined;
     t =
       raw === undefined || isNumber(raw)
-        ? `<label class="fs-weight" title="slerp position: 0 = base, 1 = the other model">t <input type="number" min="0" max="1" step="0.05" value="${isNumber(raw) ? raw : ""}" data-testid="slice-t-${i}" data-slice="${i}" /></label>`
+        ? `<label class="fs-weight" title="${esc(facts.t.hint)}">t <input type="number" min="0" ${facts.t.max === undefined ? "" : `max="${facts.t.max}"`} step="${facts.t.step}" value="${isNumber(raw) ? raw : ""}" data-testid="slice-t-${i}" data-slice="${i}" /></label>`
         : '<span class="fs-muted">t: custom</span>';
   }
   return `<div class="fs-sources" data-testid="slice-sources-${i}">${rows.join("")}${t}</div>`;
@@ -185,11 +190,14 @@ function renderBlendControls(v) {
   const methods = BLEND_METHODS.map(
     (m) => `<option value="${m}" ${m === v.merge_method ? "selected" : ""}>${m}</option>`,
   ).join("");
-  const base = NEEDS_BASE.has(v.merge_method)
-    ? `<label>base <select data-testid="blend-base" class="fs-blend-base">${v.models
-        .map((m) => `<option value="${esc(m.ref)}" ${m.ref === v.base_model ? "selected" : ""}>${esc(m.label || m.ref)}</option>`)
-        .join("")}</select></label>`
-    : "";
+  const policy = factsOf(v.merge_method).base;
+  const none = policy === "optional" ? `<option value="" ${v.base_model ? "" : "selected"}>none</option>` : "";
+  const base =
+    policy === "ignored"
+      ? ""
+      : `<label>base <select data-testid="blend-base" class="fs-blend-base">${none}${v.models
+          .map((m) => `<option value="${esc(m.ref)}" ${m.ref === v.base_model ? "selected" : ""}>${esc(m.label || m.ref)}</option>`)
+          .join("")}</select></label>`;
   return `<div class="fs-blend-controls"><label>blend <select data-testid="blend-method" class="fs-blend-method">${methods}</select></label>${base}</div>`;
 }
 
@@ -484,12 +492,12 @@ element.addEventListener("change", (e) => {
   if (e.target.closest(".fs-blend-method")) {
     const method = e.target.value;
     const extra = { merge_method: method };
-    if (NEEDS_BASE.has(method) && !v.base_model && v.slices.length) extra.base_model = v.slices[0].model;
-    commit(adaptToMethod(v.slices, method), extra);
+    if (factsOf(method).base === "required" && !v.base_model && v.slices.length) extra.base_model = v.slices[0].model;
+    commit(adaptToMethod(v.slices, method, v.merge_method), extra);
     return;
   }
   if (e.target.closest(".fs-blend-base")) {
-    commit(v.slices, { base_model: e.target.value });
+    commit(v.slices, { base_model: e.target.value || null });
     return;
   }
   const weight = e.target.closest(".fs-weight input");

@@ -7,11 +7,13 @@ of time is stopped and recorded as such; the rest still run):
 - generation: benchmarks/generation.py's chat-path stages (first reply after build, another
   visitor during a compile, decode speed against the bound, sampled against greedy, first text);
 - lens: benchmarks/lens.py on a random Llama-3-8B-shaped bf16 parent (capture against a plain
-  pass; Suggest over every 2-8-layer block, five confirmed by perplexity).
+  pass; Suggest over every 2-8-layer block, five confirmed by perplexity);
+- eval (only when named in --parts): benchmarks/eval.py, the quick suite's time per model and the
+  same items through lm-eval's hf backend (lm-eval and its needs travel as wheels: README).
 Both benchmarks share one random parent written to memory once. Run it whenever a change touches
 generation, the lens, assembly or the runtime, and commit its JSON under benchmarks/results/.
 
-    python benchmarks/gpu_suite.py [--budget-s 520] [--out DIR] [--parts tests generation lens]
+    python benchmarks/gpu_suite.py [--budget-s 520] [--out DIR] [--parts tests generation lens eval]
                                    [--tests NODEID ...] [--label NAME]
 
 On the lent machine (torch, transformers and triton are there; pydantic and its needs travel as
@@ -40,8 +42,12 @@ TESTS = (
     "tests/test_fastgen_cuda.py",
     "tests/test_aot_step.py::test_step_compiled_ahead_of_time_on_cuda_gives_generates_greedy_tokens_or_is_refused_unloaded",
 )
-PARTS = ("tests", "generation", "lens")
-SHARE = {"tests": 0.3, "generation": 0.56, "lens": 0.14}  # of the budget, each part's when all run
+PARTS = (
+    "tests",
+    "generation",
+    "lens",
+)  # the default parts; `--parts eval` runs benchmarks/eval.py (needs lm-eval's wheels)
+SHARE = {"tests": 0.3, "generation": 0.56, "lens": 0.14, "eval": 0.5}  # of the budget, each part's when all run
 
 
 def run_part(name: str, command: list[str], seconds: float, out: Path) -> dict[str, Any]:
@@ -129,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget-s", type=float, default=520.0)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
+    parser.add_argument("--parts", nargs="+", choices=(*PARTS, "eval"), default=PARTS)
     parser.add_argument("--tests", nargs="+", default=TESTS, help="pytest node ids (default: every CUDA test)")
     parser.add_argument("--label", default="", help="a name for this run, kept in the JSON")
     args = parser.parse_args()
@@ -162,6 +168,12 @@ def main() -> None:
             result = run_part("generation", command, seconds, args.out)
             report = out / "generation.json"
             suite["parts"]["generation"] = {**result, **(json.loads(report.read_text()) if report.is_file() else {})}
+        elif part == "eval":
+            out = args.out / "eval"
+            command = [python, "benchmarks/eval.py", "--budget-s", f"{seconds - 20:.0f}", "--out", str(out)]
+            result = run_part("eval", [*command, "--weights", str(weights)], seconds, args.out)
+            report = out / "eval-bench.json"
+            suite["parts"]["eval"] = {**result, **(json.loads(report.read_text()) if report.is_file() else {})}
         else:
             report = args.out / "lens.json"
             command = [python, "benchmarks/lens.py", "--random-llama3-8b", str(weights), "--device", "cuda"]

@@ -1,4 +1,4 @@
-"""CLI: python -m merger params|build|slim|analyze|chat ... (contract in DESIGN.md).
+"""CLI: python -m merger params|build|slim|analyze|suggest|chat|eval ... (contract in DESIGN.md).
 
 A user's mistake gets one plain sentence on stderr and exit code 2; exit 1 is our own failure.
 `params` reads metadata only and never imports torch or transformers' modeling code."""
@@ -6,6 +6,7 @@ A user's mistake gets one plain sentence on stderr and exit code 2; exit 1 is ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -208,6 +209,52 @@ def _print_stage(fraction: float, message: str) -> None:
     print(f"\r{100 * fraction:3.0f}%  {message:<60}", end="", file=sys.stderr, flush=True)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from functools import partial
+
+    from merger.eval.runner import EvalSettings, built_here, candidates, run_eval
+    from merger.eval.suite import QUICK_SUITE, load_tasks, parse_task_names
+    from merger.plan import as_it_is, make_plan
+    from merger.runtime.devices import best_device
+
+    ref = args.recipe_or_model
+    is_recipe = ref.endswith((".yml", ".yaml"))
+    plan = make_plan(load_recipe(ref) if is_recipe else as_it_is(ref, RESOLVE), RESOLVE)
+    device = args.device or best_device()
+    parents = (list(plan.models) if args.parents is None else args.parents) if is_recipe else []
+    models = candidates(plan, parents, device=device, resolver=RESOLVE)
+    if not is_recipe:
+        models[0] = dataclasses.replace(models[0], label=ref, is_merge=False)
+    tasks = load_tasks(parse_task_names(args.tasks or [t.name for t in QUICK_SUITE]))
+    settings = EvalSettings(items=args.limit, chat_template=args.chat_template)
+    report = run_eval(models, tasks, settings, provide=partial(built_here, device=device), progress=_print_stage)
+    write_json(args.out, report.as_json())
+    if args.samples:
+        try:
+            Path(args.samples).write_text(report.jsonl())
+        except OSError as exc:
+            raise UserError(f"cannot write '{args.samples}': {exc.strerror}") from None
+    print()
+    for task in tasks:
+        scores = "; ".join(f"{c.label} {_score_text(report.headline(c.label, task))}" for c in models)
+        items = report.scores[(models[0].label, task.name)].items
+        print(f"{task.name} ({','.join(task.headline)}, {items} items): {scores}")
+    for task, parent, d in report.paired():
+        mcnemar = "" if d.mcnemar_p is None else f", McNemar p {d.mcnemar_p:.3g}"
+        print(
+            f"{task.name}: merge - {parent.label} = {d.mean:+.4f} (SE {d.stderr:.4f}, "
+            f"{d.level:.0%} CI [{d.low:+.4f}, {d.high:+.4f}]{mcnemar})"
+        )
+    print(f"wrote {args.out}")
+
+
+def _score_text(score: tuple[float, float | None] | None) -> str:
+    if score is None:
+        return "n/a"
+    value, stderr = score
+    return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -278,6 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=positive_int, help="read only the first N tokens of each text")
     p.add_argument("--drift-tokens", type=positive_int, help="calibration tokens each candidate's drift runs on")
     p.set_defaults(func=cmd_suggest)
+
+    p = sub.add_parser("eval", help="score a merge beside its parents (or one model) on lm-evaluation-harness tasks")
+    p.add_argument("recipe_or_model", help="a recipe .yml (scored with its parents) or a model reference")
+    p.add_argument("--tasks", nargs="+", help="lm-eval task names (default: the quick suite)")
+    p.add_argument("--limit", type=positive_int, help="items per task (default: each task's quick-suite size)")
+    p.add_argument("--parents", nargs="*", help="the recipe's models to score beside the merge (default: all)")
+    p.add_argument("--chat-template", action="store_true", help="prompt through the model's chat template")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--out", required=True, help="where to write the results JSON")
+    p.add_argument("--samples", help="where to write every item's outcome (JSONL)")
+    p.set_defaults(func=cmd_eval)
 
     args = parser.parse_args(argv)
     try:

@@ -89,6 +89,9 @@ LENS_TOKENS = Limit("LENS_TOKENS", 8192, "tokens", "tokens of any text a Lens or
 REQUEST_SECONDS = Limit(
     "REQUEST_SECONDS", 900, "seconds", "one request's long work (Lens run, preview, build, export, reply)"
 )
+EVAL_TASKS = Limit("EVAL_TASKS", 16, "tasks", "tasks one eval runs (a group counted as its tasks)")
+EVAL_ITEMS = Limit("EVAL_ITEMS", 500, "items", "items an eval scores of each task")
+EVAL_MODELS = Limit("EVAL_MODELS", 4, "models", "models one eval scores (the merge and its parents)")
 SAFETENSORS_HEADER_BYTES = Limit("SAFETENSORS_HEADER_BYTES", 100 * 2**20, "bytes", "a safetensors file's header")
 
 ALL = (
@@ -115,6 +118,9 @@ ALL = (
     LENS_TEXT_CHARS,
     LENS_TOKENS,
     REQUEST_SECONDS,
+    EVAL_TASKS,
+    EVAL_ITEMS,
+    EVAL_MODELS,
     SAFETENSORS_HEADER_BYTES,
 )
 

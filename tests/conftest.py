@@ -90,6 +90,24 @@ def tiny_gemma(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-gemma", "gemma3", layers=12, chat=False)
 
 
+@pytest.fixture(scope="session")
+def eval_tasks(tmp_path_factory) -> Iterator[Path]:
+    """Local lm-eval tasks (tests/evalkit.py) in a folder the app and the CLI read them from
+    (FRANKENMERGE_EVAL_TASKS), for the whole session."""
+    from evalkit import write_tasks
+
+    from merger.eval.suite import TASK_FOLDERS_VARIABLE
+
+    folder = write_tasks(tmp_path_factory.mktemp("eval-tasks"))
+    before = os.environ.get(TASK_FOLDERS_VARIABLE)
+    os.environ[TASK_FOLDERS_VARIABLE] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(TASK_FOLDERS_VARIABLE, None)
+    else:
+        os.environ[TASK_FOLDERS_VARIABLE] = before
+
+
 @pytest.fixture
 def web_tiny_llama(tiny_llama, monkeypatch) -> str:
     """tiny_llama as a web visitor names it: the web policy admits the folder that holds it (as

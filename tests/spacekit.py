@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from evalkit import write_tasks
+
 from hubserver import FakeHub, start_hub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +129,7 @@ def space_env(device: DeviceApi, hub: FakeHub, workdir: Path, port: int) -> dict
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         FRANKENMERGE_CACHE=str(workdir / "frankenmerge-cache"),
+        FRANKENMERGE_EVAL_TASKS=str(write_tasks(workdir / "eval-tasks")),  # the operator's local eval tasks
         GRADIO_TEMP_DIR=str(workdir / "gradio"),
         GRADIO_SERVER_NAME="127.0.0.1",
         GRADIO_SERVER_PORT=str(port),

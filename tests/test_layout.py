@@ -39,6 +39,7 @@ STAGES = (
     ("chat", ("merger.chat",)),
     ("lens", ("merger.lens",)),
     ("runtime", ("merger.runtime",)),
+    ("eval", ("merger.eval",)),
     ("interfaces", ("merger.__main__", "ui", "app")),
 )
 PACKAGE_DOCS = {"merger", "merger.methods"}  # packages whose __init__ holds only a docstring

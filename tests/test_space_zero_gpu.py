@@ -6,6 +6,7 @@ import time
 import zipfile
 
 import pytest
+from evalkit import GEN_TASK, MC_TASK
 from gradio_client import Client
 
 from merger.recipe import passthrough
@@ -43,6 +44,19 @@ def test_a_reply_streams_from_a_gpu_call(space_app):
     assert history[-1]["role"] == "assistant" and history[-1]["content"]
     assert "tokens/s" in speed
     assert space_app.device.schedules[-1] == round((15 + 12 // 20) * 1.5)  # seconds asked, times the GPU's factor
+
+
+def test_an_eval_scores_each_model_and_task_in_gpu_calls_sized_to_their_items(space_app):
+    before = len(space_app.device.schedules)
+    _, results, _ = visitor(space_app).predict(SHORT, [MC_TASK, GEN_TASK], 3, False, [SPACE_MODEL], api_name="/eval")
+    assert list(results["models"]) == ["merge", SPACE_MODEL]
+    assert {(p["task"], p["items"]) for p in results["paired_differences"]} == {(MC_TASK, 3), (GEN_TASK, 3)}
+    # a call per model and task: 15 s, plus for generation 3 items x 12 new tokens at 20 tokens/s, times the
+    # factor (a worker forked before the parent was built refuses, and that call runs again in a fresh fork)
+    asked = space_app.device.schedules[before:]
+    multiple_choice, generation = round(15 * 1.5), round((15 + 3 * 12 // 20) * 1.5)
+    assert set(asked) == {multiple_choice, generation}
+    assert asked.count(generation) == 2 and asked.count(multiple_choice) >= 2
 
 
 def streamed(job, frames: int = 2, timeout: float = 60.0) -> None:

@@ -115,6 +115,7 @@ def test_the_public_http_endpoints_refuse_an_absolute_folder(app_url, tiny_llama
         "/build_comparison": (ref, ""),
         "/export": (yaml_of(ref), "bfloat16", "", False, ""),
         "/slim": (ref, "", False, ""),
+        "/eval": (yaml_of(ref), ["hellaswag"], 2, False, []),
     }
     for endpoint, args in calls.items():
         with pytest.raises(Exception, match="bsolute paths are not allowed"):

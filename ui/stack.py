@@ -12,10 +12,10 @@ Value (JSON-able dict: the stack's part of the page's recipe, which ui/recipe_st
         # others in "blend", each source's mergekit parameters (weight, density, ...) in "parameters"
         {"model": "a", "start": 20, "end": 30, "repeat": 1, "parameters": {"weight": 0.7},
          "blend": [{"model": "b", "start": 20, "end": 30, "parameters": {"weight": 0.3}}],
-         "slice_parameters": {"t": 0.5}},  # optional: the slice's own parameters (slerp's t)
+         "slice_parameters": {"t": 0.5}},  # optional: the slice's own parameters (slerp's or nearswap's t)
       ],
       "merge_method": "linear",  # optional (passthrough): how blended slices blend
-      "base_model": "a",  # optional: the base for task_arithmetic, ties, dare_*, slerp
+      "base_model": "a",  # optional: the base, for the methods that take one (stack.js's METHODS)
       "parameters": {},  # optional: recipe-wide parameters, kept as they came
       "seam_scores": {"1": {"measured": 0.2, "predicted": 0.18}, "1-rep-1": 0.1},  # optional, dropped on edit: seam
       # damage (angular distance) before slice i, or where pass r of slice i begins; a bare number is allowed
@@ -23,9 +23,10 @@ Value (JSON-able dict: the stack's part of the page's recipe, which ui/recipe_st
 
 Python sets the value; assets/stack.js draws it and answers every user edit with a new value object (everything
 but the slices copied through, a new slices list; the blend method and base when those are edited), which fires
-the component's ``.change``. The widget edits a source's ``weight`` (slerp: the slice's ``t``) when it is a plain
-number; gradients and filters pasted as YAML are shown as "custom" and kept. When an edit leaves no blended slice,
-ui/recipe_state.py drops the blend method, its base and its parameters and redraws the widget.
+the component's ``.change``. The widget edits a source's ``weight`` (slerp, nearswap: the slice's ``t``; neither
+for methods without them) when it is a plain number; gradients and filters pasted as YAML are shown as "custom" and
+kept. When an edit leaves no blended slice, ui/recipe_state.py drops the blend method, its base and its parameters
+and redraws the widget.
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 HTML_TEMPLATE = '<div class="fs-root" data-testid="stack-widget"></div>'
 
 
+# The slice's `t` box, for the methods that take one `t` per blended slice: where it starts, its
+# bounds and what it means (the same letter means a position for slerp, a distance for nearswap).
+SLICE_T = {
+    "slerp": {"value": 0.5, "max": 1, "step": 0.05, "hint": "slerp position: 0 = base, 1 = the other model"},
+    "nearswap": {
+        "value": 0.001,
+        "step": "any",
+        "hint": "nearswap distance: entries of the other model closer than t to the base's are taken",
+    },
+}
+
+
+def blend_method_facts() -> list[dict[str, Any]]:
+    """The blend menu, in merger.methods.specs' order: each method's base policy and what the stack
+    edits for it: a weight per source, one `t` per blended slice (SLICE_T), or neither."""
+    facts = []
+    for name in BLEND_METHODS:
+        spec = METHODS[name]
+        entry: dict[str, Any] = {"name": name, "base": spec.base, "weight": spec.param("weight") is not None}
+        if spec.param("t") is not None:
+            entry["t"] = SLICE_T[name]
+        facts.append(entry)
+    return facts
+
+
 def empty_value() -> dict[str, Any]:
     return {"models": [], "slices": [], "seam_scores": {}}
 
@@ -56,8 +82,7 @@ def stack_widget(value: dict | None = None, **kwargs: Any) -> gr.HTML:
     kwargs.setdefault("container", False)
     kwargs.setdefault("padding", False)
     return gr.HTML(
-        blend_methods=list(BLEND_METHODS),
-        needs_base=[name for name, spec in METHODS.items() if spec.needs_base],
+        blend_methods=blend_method_facts(),
         max_repeat=MAX_REPEAT,
         value=value if value is not None else empty_value(),
         html_template=HTML_TEMPLATE,

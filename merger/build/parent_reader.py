@@ -1,7 +1,7 @@
 """A plan's blends -> tensors: each input read from its parent's safetensors file (a LoRA
 adapter merged in where a `model+lora` reference's adapter changes it), cast to the build dtype on
-the build device, blended by merger.methods, one output tensor at a time. Assemble and export both
-use it, so the chatted and the exported model get the same blends."""
+the build device, blended by merger.methods.functions, one output tensor at a time. Assemble and
+export both use it, so the chatted and the exported model get the same blends."""
 
 from __future__ import annotations
 

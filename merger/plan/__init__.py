@@ -42,7 +42,7 @@ class Blend:
 
     method: str
     sources: tuple[TensorSource, ...]  # in the recipe's source order (mergekit's input order)
-    base_index: int | None  # which source is the base model (None for linear)
+    base_index: int | None  # which source is the base model (None: the method ignores it, or has none)
     shared: tuple[tuple[str, Any], ...]  # resolved parameters that apply to the whole tensor
     per_source: tuple[tuple[tuple[str, Any], ...], ...]  # resolved per-source parameters (none for the base)
 
@@ -193,7 +193,7 @@ class _Origins:
         if not s.blended:
             return sources[0]
         _check_same_shape(out_name, sources, self.models[s.source.model].layout.vocabulary_tensors)
-        base = self.recipe.base_model if self.spec.needs_base else None
+        base = self.recipe.base_model if self.spec.uses_base else None
         base_index = next((i for i, src in enumerate(s.sources) if src.model == base), None)
         shared = {
             p.name: self._resolve(p, [s.parameters, self.recipe.parameters], out_name, t, None)
@@ -211,6 +211,7 @@ class _Origins:
                 }
             )
         self._check_normalizable(shared, per_source, out_name, s)
+        self._check_keep_probabilities(per_source, out_name, s)
         return Blend(
             method=self.spec.name,
             sources=sources,
@@ -245,6 +246,11 @@ class _Origins:
                 f"{self.spec.name} needs `{param.name}`{whose} ({tensor_name}); set it on the source, "
                 "its slice or the recipe's `parameters:`"
             ) from None
+        except ValueError as exc:
+            raise RecipeError(
+                f"{self.spec.name}'s `{param.name}` for {tensor_name}: {exc} (mergekit refuses it too); "
+                "choose values whose steps over the slice's layers are whole"
+            ) from None
 
     def _check_normalizable(self, shared: dict, per_source: list[dict], out_name: str, s: Slice) -> None:
         weights = [p["weight"] for p in per_source if "weight" in p]
@@ -254,6 +260,21 @@ class _Origins:
                 f"the weights of {names} sum to zero for {out_name}, and normalize divides by that sum; "
                 "change a weight or set normalize: false"
             )
+
+    def _check_keep_probabilities(self, per_source: list[dict], out_name: str, s: Slice) -> None:
+        """DELLA keeps entries with probabilities from density - epsilon to density + epsilon, which
+        must lie inside (0, 1) (mergekit fails mid-merge otherwise)."""
+        for src, p in zip(s.sources, per_source, strict=True):
+            if (
+                "epsilon" in p
+                and p["density"] < 1
+                and not 0 < p["density"] - p["epsilon"] < p["density"] + p["epsilon"] < 1
+            ):
+                raise RecipeError(
+                    f"{self.spec.name} keeps entries of {src.model}'s {out_name} with probabilities from density - "
+                    f"epsilon to density + epsilon, here {p['density']:g} ± {p['epsilon']:g}, which must stay "
+                    "inside (0, 1); lower epsilon or move density toward 0.5"
+                )
 
 
 def _check_same_shape(out_name: str, sources: tuple[TensorSource, ...], vocabulary: tuple[str, ...]) -> None:

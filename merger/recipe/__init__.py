@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from merger.dtypes import BUILD_DTYPES
 from merger.errors import LimitError, RecipeError
 from merger.limits import LAYERS, MODELS, SLICES, check_text, count_text
-from merger.methods.specs import BLEND_METHODS, METHODS, PASSTHROUGH
+from merger.methods.specs import BLEND_METHODS, METHODS, PASSTHROUGH, MethodSpec
 from merger.recipe.parameters import check_setting_size, check_settings
 
 MERGE_METHODS = tuple(METHODS)
@@ -243,26 +243,26 @@ class Recipe(BaseModel):
 
     def _check_base(self) -> None:
         spec = METHODS[self.merge_method]
-        if not spec.needs_base:
-            return
-        if self.base_model is None:
+        if spec.needs_base and self.base_model is None:
             raise ValueError(
                 f"merge_method {self.merge_method} needs `base_model:` (the model the others are blended "
                 "relative to); add it at the top level of the recipe"
             )
+        base = self.base_model if spec.uses_base else None
         if self.model_entries:
             # mergekit adds the base model when `models:` leaves it out
-            count = len({e.model for e in self.model_entries} | {self.base_model})
-            _check_source_count(spec.name, count, spec.min_sources, spec.max_sources, "the blend")
+            models = {e.model for e in self.model_entries} | ({self.base_model} if self.base_model else set())
+            _check_source_count(spec, models, base, "the blend")
         for i, s in enumerate(self.slices, start=1):
             if not s.blended:
                 continue
-            if self.base_model not in {src.model for src in s.sources}:
+            models = {src.model for src in s.sources}
+            if base is not None and base not in models:
                 raise ValueError(
                     f"slice {i} blends {', '.join(src.model for src in s.sources)} but not the base model "
                     f"{self.base_model}; add the base model's layers as one of its sources"
                 )
-            _check_source_count(spec.name, len(s.sources), spec.min_sources, spec.max_sources, f"slice {i}")
+            _check_source_count(spec, models, base, f"slice {i}")
 
     @property
     def vocabulary_source(self) -> str | None:
@@ -391,10 +391,20 @@ def _slice_to_mergekit(s: Slice) -> dict[str, Any]:
     return _with_parameters({"sources": sources}, s.parameters)
 
 
-def _check_source_count(method: str, count: int, least: int, most: int | None, where: str) -> None:
-    if count < least or (most is not None and count > most):
-        wanted = f"exactly {least}" if least == most else f"at least {least}"
-        raise ValueError(f"{method} blends {wanted} models (the base model included); {where} has {count}")
+def _check_source_count(spec: MethodSpec, models: set[str], base: str | None, where: str) -> None:
+    count, most = len(models), spec.max_sources
+    if count < spec.min_sources or (most is not None and count > most):
+        wanted = f"exactly {spec.min_sources}" if spec.min_sources == most else f"at least {spec.min_sources}"
+        raise ValueError(f"{spec.name} blends {wanted} models (the base model included); {where} has {count}")
+    others = count - (base in models)
+    if spec.non_base_sources is not None and others != spec.non_base_sources:
+        without_base = ""
+        if base in models and count == spec.non_base_sources and spec.base == "optional":
+            without_base = f" (without a base model, it would blend these {count} themselves)"
+        raise ValueError(
+            f"{spec.name} blends exactly {spec.non_base_sources} models besides the base model; {where} has "
+            f"{others}{without_base}"
+        )
 
 
 def first_problem(exc: ValidationError) -> str:

@@ -29,7 +29,7 @@ def check_setting_size(setting: Any, where: str) -> None:
 
 
 def check_settings(method: str, settings: Mapping[str, Any], where: str) -> None:
-    """Names known to `method`, values of the right type and form; density in (0, 1]."""
+    """Names known to `method`, values of the right type and form, within their ranges."""
     spec = METHODS[method]
     for name, setting in settings.items():
         param = spec.param(name)
@@ -68,14 +68,15 @@ def _check_value(param: Param, value: Any, where: str) -> None:
         raise ValueError(f"{where}: `{param.name}` is a whole number, not {value!r}")
     if param.kind is float and not numeric:
         raise ValueError(f"{where}: `{param.name}` is a number, not {value!r}")
-    if param.name == "density" and not 0 < value <= 1:
-        raise ValueError(f"{where}: `density` is {value}, outside (0, 1]: it is the fraction of each task vector kept")
+    if param.within is not None and value not in param.within:
+        raise ValueError(f"{where}: `{param.name}` is {value}, outside {param.within}: {param.within.why}")
 
 
 def evaluate_setting(setting: Any, *, tensor_name: str, t: float, kind: type) -> Any:
     """One setting's value for one tensor (mergekit's rules): a scalar as written; a list of
-    numbers is a gradient, linearly interpolated at `t` in [0, 1]; `{filter, value}` entries give
-    the first whose filter occurs in `tensor_name` (no filter or '*' matches any), None if none."""
+    numbers is a gradient, linearly interpolated at `t` in [0, 1] (booleans: the one at or before
+    `t`; whole numbers must land on one, else ValueError); `{filter, value}` entries give the
+    first whose filter occurs in `tensor_name` (no filter or '*' matches any), None if none."""
     if isinstance(setting, dict):
         setting = [setting]
     if not isinstance(setting, list):
@@ -89,13 +90,18 @@ def evaluate_setting(setting: Any, *, tensor_name: str, t: float, kind: type) ->
                 return evaluate_setting(cond["value"], tensor_name=tensor_name, t=t, kind=kind)
         return None
     values = [kind(v) for v in setting]
-    if kind is not float:
+    if kind is bool:
         return values[int(t * (len(values) - 1))]
     scaled = t * (len(values) - 1)
     i0 = int(scaled)
     i1 = min(len(values) - 1, i0 + 1)
     frac = scaled - i0
-    return (1 - frac) * values[i0] + frac * values[i1]
+    value = (1 - frac) * values[i0] + frac * values[i1]
+    if kind is int:  # as mergekit: whole numbers interpolate, and must land on a whole number
+        if not float(value).is_integer():
+            raise ValueError(f"its gradient gives {value:g} here, not a whole number")
+        return int(value)
+    return value
 
 
 def resolve_parameter(param: Param, scopes: Sequence[Mapping[str, Any]], *, tensor_name: str, t: float) -> Any:

@@ -173,13 +173,19 @@ def recipe_from_value(value: dict):
     return recipe_from_dict(stack_mapping(value))
 
 
-def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
+def one_slice(app, page, first: int, last: int) -> list[dict]:
+    """A fresh page whose stack is SmolLM2's layers first..last (inclusive); the values Python receives."""
     url, received = app
     page.goto(url)
     page.get_by_test_id("cell-0-0").wait_for()
-    sweep(page, 0, 0, 3)
+    sweep(page, 0, first, last)
     page.get_by_test_id("stack-add-0").click()
     last_value(received, lambda v: len(v["slices"]) == 1 and "blend" not in v["slices"][0], "a plain slice")
+    return received
+
+
+def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
+    received = one_slice(app, page, 0, 3)
 
     # 0. "+ blend" offers only the columns whose layers have this slice's shapes
     offered = page.get_by_test_id("slice-blend-0").locator("option").evaluate_all("els => els.map(e => e.value)")
@@ -227,15 +233,48 @@ def test_a_blended_slice_is_built_and_edited_in_one_block(app, page) -> None:
     assert "layers 0–3 (4)" in page.get_by_test_id("slice-0").inner_text()
 
 
+def test_the_blend_menu_offers_every_method_and_fits_the_block_to_each(app, page) -> None:
+    received = one_slice(app, page, 2, 5)
+    page.get_by_test_id("slice-blend-0").select_option(QWEN)
+    last_value(received, lambda v: v["slices"][0].get("blend"), "the blend")
+
+    def pick(method: str) -> dict:
+        page.get_by_test_id("blend-method").select_option(method)
+        return last_value(received, lambda v: v.get("merge_method") == method, method)
+
+    # della: a base (the first model, shown as such) and a weight for the other
+    v = pick("della")
+    recipe = recipe_from_value(v)
+    assert recipe.base_model == SMOL and recipe.slices[0].sources[1].parameters == {"weight": 1}
+    assert page.get_by_test_id("source-0-0").inner_text().strip().endswith("base")
+    assert page.get_by_test_id("source-weight-0-1").count() == 1
+    # nearswap: one t per slice (a distance, starting small), no weights
+    v = pick("nearswap")
+    recipe = recipe_from_value(v)
+    assert recipe.slices[0].parameters == {"t": 0.001}
+    assert all("weight" not in s.parameters for s in recipe.slices[0].sources)
+    assert page.get_by_test_id("source-weight-0-1").count() == 0
+    # slerp's t means a position: it starts again at 0.5
+    assert recipe_from_value(pick("slerp")).slices[0].parameters == {"t": 0.5}
+    # model_stock takes neither
+    v = pick("model_stock")
+    assert "slice_parameters" not in v["slices"][0] and page.get_by_test_id("slice-t-0").count() == 0
+    # nuslerp may go without a base: "none" blends the two models themselves, each with a weight
+    pick("nuslerp")
+    assert page.get_by_test_id("blend-base").locator("option").first.inner_text() == "none"
+    page.get_by_test_id("blend-base").select_option("")
+    v = last_value(received, lambda v: v.get("merge_method") == "nuslerp" and not v.get("base_model"), "no base")
+    recipe = recipe_from_value(v)
+    assert recipe.base_model is None and [s.parameters for s in recipe.slices[0].sources] == [{"weight": 1}] * 2
+    # karcher ignores a base: no base picker
+    v = pick("karcher")
+    assert recipe_from_value(v).merge_method == "karcher" and page.get_by_test_id("blend-base").count() == 0
+
+
 def test_the_widget_takes_its_methods_and_repeat_limit_from_python(app, page) -> None:
     """The repeat box goes up to the recipe's own limit and the blend menu lists merger.methods.specs'
     methods: the widget is handed them (props), it does not keep copies that drift apart."""
-    url, received = app
-    page.goto(url)
-    page.get_by_test_id("cell-0-0").wait_for()
-    sweep(page, 0, 0, 1)
-    page.get_by_test_id("stack-add-0").click()
-    last_value(received, lambda v: len(v["slices"]) == 1, "a slice")
+    received = one_slice(app, page, 0, 1)
     repeat = page.get_by_test_id("slice-repeat-0")
     assert repeat.get_attribute("max") == str(MAX_REPEAT)
     repeat.fill(str(MAX_REPEAT))
