@@ -285,9 +285,12 @@ def test_real_size_counts_from_hub_metadata_alone(repo, total, per_layer, hub):
 def test_an_moe_merge_rebuilt_from_its_parent_in_memory_equals_its_build(family, family_models):
     """The Lens's seam scores and sweeps build merges from the parents' tensors in memory: a
     parent's stacked experts give back each expert's tensors."""
+    assert_rebuilt_from_memory_as_built(splice_plan(family_models[family]))
+
+
+def assert_rebuilt_from_memory_as_built(plan) -> None:
     from merger.lens.seams import assemble_from, load_parents
 
-    plan = splice_plan(family_models[family])
     from_memory = assemble_from(plan, load_parents(plan, device="cpu", dtype="float32"), "cpu")
     ids = torch.tensor([PROMPT])
     with torch.no_grad():

@@ -263,13 +263,9 @@ def test_the_page_exports_the_text_model_alone_when_asked(multimodal_models, mon
 
 def test_a_text_tower_merge_rebuilt_from_its_parent_in_memory_equals_its_build(multimodal_models):
     """The Lens's seam scores and sweeps build merges from the parents' tensors in memory."""
-    from merger.lens.seams import assemble_from, load_parents
+    from test_families import assert_rebuilt_from_memory_as_built
 
-    plan = splice_plan(multimodal_models["gemma3"])
-    from_memory = assemble_from(plan, load_parents(plan, device="cpu", dtype="float32"), "cpu")
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        assert torch.equal(from_memory(ids).logits, assemble(plan)(ids).logits)
+    assert_rebuilt_from_memory_as_built(splice_plan(multimodal_models["gemma3"]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

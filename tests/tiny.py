@@ -37,6 +37,19 @@ def tiny_tokenizer(chat: bool):
     return fast
 
 
+def tiny_decoder(layers: int) -> dict:
+    """The shape of every tiny model's text decoder."""
+    return dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+
+
 def tiny_model(arch: str = "llama", layers: int = 6, seed: int = 0, **config):
     """A random model of `arch` with `layers` decoder layers (float32, tied embeddings), in memory;
     `config` adds to or overrides the shared settings (vocabulary size, special token ids)."""
@@ -52,18 +65,7 @@ def tiny_model(arch: str = "llama", layers: int = 6, seed: int = 0, **config):
         Qwen3MoeConfig,
     )
 
-    common = dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    common.update(config)
+    common = {**tiny_decoder(layers), "vocab_size": 320, "tie_word_embeddings": True, **config}
     if arch == "llama":
         settings = LlamaConfig(**common)
     elif arch == "gemma3":
@@ -204,14 +206,8 @@ def make_tiny_multimodal(path: Path, family: str, layers: int = 6, seed: int = 0
 
     tokenizer = tiny_tokenizer(chat=True)
     text = dict(
+        **tiny_decoder(layers),
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,

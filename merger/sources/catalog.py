@@ -12,8 +12,10 @@ import dataclasses
 import functools
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from merger.errors import CheckpointError, ModelRefError, UnsafeCheckpointError
 from merger.sources import bundled, lora
@@ -81,27 +83,26 @@ def _resolve_model(ref: str, policy: LocalPolicy) -> ModelInfo:
             known = ", ".join(f"bundled:{n}" for n in bundled.MODELS)
             raise ModelRefError(f"unknown model '{ref}': the bundled models are {known}")
         return read_local(bundled.ensure(name), ref=ref)
-    found = local_folder(ref, policy)
-    if found is not None:
-        folder, root = found
-        return read_local(folder, ref=ref, root=root)
-    _check_hub_id(ref)
-    from merger.sources import hub  # imported lazily: only Hub references need huggingface_hub
-
-    return hub.read_hub(ref)
+    return _folder_or_hub(ref, policy, read_local, "read_hub")
 
 
 def _resolve_adapter(ref: str, policy: LocalPolicy) -> lora.Adapter:
     if ref.startswith("bundled:"):
         raise ModelRefError(f"'{ref}' is a model, not a LoRA adapter; write MODEL+LORA")
+    return _folder_or_hub(ref, policy, read_local_adapter, "read_hub_adapter")
+
+
+def _folder_or_hub(ref: str, policy: LocalPolicy, read_folder: Callable[..., Any], hub_reader: str) -> Any:
+    """What `ref` names: a local folder under `policy` (read by `read_folder`), else a Hub repo
+    (read by merger.sources.hub's `hub_reader`)."""
     found = local_folder(ref, policy)
     if found is not None:
         folder, root = found
-        return read_local_adapter(folder, ref=ref, root=root)
+        return read_folder(folder, ref=ref, root=root)
     _check_hub_id(ref)
-    from merger.sources import hub
+    from merger.sources import hub  # imported lazily: only Hub references need huggingface_hub
 
-    return hub.read_hub_adapter(ref)
+    return getattr(hub, hub_reader)(ref)
 
 
 def _check_hub_id(ref: str) -> None:
