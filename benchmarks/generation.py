@@ -311,6 +311,10 @@ def measure_chat_path(
     first = reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)[1]
     result["first_reply_after_build_s"] = round(time.perf_counter() - start, 2)
     result["first_reply_served_by"] = first.served_by()
+    # where the first reply's time goes: its prompt's pass (the process's first prefill loads cuBLAS
+    # and cuDNN plans), then its steps (the first one also captures the eager step's graph)
+    result["first_reply_first_text_s"] = round(first.first_text_s or 0.0, 2)
+    result["first_reply_rest_s"] = round(first.seconds - (first.first_text_s or 0.0), 2)
     part("prepare_and_first_reply")
     if decoder.compiling_for() is not None:  # this build's own replies meanwhile
         own = reply(words(PROMPT_LEN, 1), **GREEDY_REPLY)[1]
