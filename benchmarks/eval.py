@@ -169,9 +169,9 @@ def show_progress(fraction: float, text: str) -> None:
     print(f"\r{100 * fraction:3.0f}%  {text:<90}", end="", file=sys.stderr, flush=True)
 
 
-def score_hf(folder: str, tasks, items: dict[str, int], device: str, dtype: str) -> dict[str, Any]:
+def score_hf(folder: str, tasks, items: dict[str, int], device: str, dtype: str, done=None) -> dict[str, Any]:
     """The same items through lm-eval's HFLM (batch size 1, its default; in `dtype`, as ours runs):
-    seconds per task and outcomes."""
+    seconds per task and outcomes; `done(times)` after each task, with the seconds so far."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -190,6 +190,8 @@ def score_hf(folder: str, tasks, items: dict[str, int], device: str, dtype: str)
             verbosity="ERROR",
         )
         times[task.name] = round(time.monotonic() - start, 2)
+        if done is not None:
+            done(times)
         from merger.eval.runner import plain_sample
 
         plain = [plain_sample(s) for s in result["samples"][task.name]]
@@ -278,7 +280,15 @@ def main() -> None:
         built.close()
         if device == "cuda":
             torch.cuda.empty_cache()
-        theirs = score_hf(ref, tasks, items, device, chat_dtype(plans["parent"], device))
+        # kept as it comes: a run stopped by its time limit still has ours and hf's finished tasks
+        data["versus_hf"] = {"items": items, "ours_s": ours["seconds"], "hf_s": {}}
+        bench.save()
+
+        def hf_task_done(times: dict[str, float]) -> None:
+            data["versus_hf"]["hf_s"] = dict(times)
+            bench.save()
+
+        theirs = score_hf(ref, tasks, items, device, chat_dtype(plans["parent"], device), hf_task_done)
         data["versus_hf"] = {
             "items": items,
             "ours_s": ours["seconds"],

@@ -353,15 +353,17 @@ def replies_during_compile(other: Built, alone_tok_s: Sequence[float], replies: 
     fresh build's step compiles, against `alone_tok_s`, its speeds with nothing compiling."""
 
     def measure(fresh: Built) -> dict[str, Any]:
-        during = []
+        during, first_text_ms = [], []
         for _ in range(replies):
             stats = chat_reply(other, words(PROMPT_LEN, 4), **GREEDY_REPLY)[1]
             if fresh.decoder.compiling_for() is None:
                 break  # ended after the compile: not a reply during it
             during.append(round(stats.tokens_per_s, 1))
+            first_text_ms.append(round((stats.first_text_s or 0.0) * 1e3, 1))
         alone = statistics.median(alone_tok_s)
         return {
             "other_visitor_tok_s_during_compile": during,
+            "other_visitor_first_text_ms_during_compile": first_text_ms,
             "other_visitor_tok_s_alone": list(alone_tok_s),
             "other_visitor_during_over_alone": round(statistics.median(during) / alone, 3) if during else None,
         }
