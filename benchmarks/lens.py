@@ -9,10 +9,13 @@ a shared machine falls on all of them alike; on a GPU each is timed whole (three
 
     python benchmarks/lens.py [--model REF | --random-llama3-8b DIR] [--device cpu|cuda]
                               [--tokens 4096] [--batch-size 2] [--threads N] [--suggest] [--out FILE]
+                              [--hub-bf16 DIR] [--versus-own-dtype MAX_TOKENS DRIFT_TOKENS]
 
 SmolLM2-135M-Instruct on assets/calibration.txt by default; --random-llama3-8b runs a random
 Llama-3-8B-shaped parent (written to DIR if it is not there, with a tokenizer whose every id is a
-word) on random words. Prints JSON (and writes it to --out).
+word) on random words; --hub-bf16 runs on a bf16 copy of the model (weights and config), as the Hub
+holds SmolLM2, and --versus-own-dtype also times a shorter Suggest both ways: built for the lens
+(float32 on the CPU) and in the model's own dtype. Prints JSON (and writes it to --out).
 """
 
 from __future__ import annotations
@@ -29,9 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from merger.lens.capture import CALIBRATION_TEXT, PairStats, ResidualRecorder, TokenChunks, capture, read_text, tokenize
-from merger.lens.search import load_model, suggest_duplications
-from merger.runtime.builds import build
+from merger.lens.capture import (
+    CALIBRATION_TEXT,
+    DRIFT_TOKENS,
+    PairStats,
+    ResidualRecorder,
+    TokenChunks,
+    capture,
+    read_text,
+    tokenize,
+)
+from merger.lens.search import Suggestions, drift_work, load_model, suggest_duplications
+from merger.runtime.builds import build, build_for_lens
 from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
@@ -49,6 +61,17 @@ def random_parent(folder: Path) -> str:
     if not (folder / "tokenizer.json").is_file():
         word_tokenizer(LLAMA3_8B_SHAPE["vocab_size"]).save_pretrained(folder)
     return str(folder)
+
+
+def hub_bf16_copy(ref: str, folder: Path) -> Path:
+    """`ref` (a bundled or local model) saved in bf16, weights and config, unless `folder` has it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        source = ANY_PATH(ref).local_dir
+        AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
 
 
 def time_passes(model, chunks: TokenChunks, batch_size: int, device: str) -> dict[str, Any]:
@@ -128,8 +151,11 @@ def time_passes(model, chunks: TokenChunks, batch_size: int, device: str) -> dic
     }
 
 
-def time_suggest(ref: str, device: str, texts: dict[str, str | None]) -> dict[str, Any]:
-    """Suggest as the page runs it (drift ranking, five confirmed), with when each part began."""
+def time_suggest(
+    ref: str, device: str, texts: dict[str, str | None], build=build_for_lens, **options
+) -> dict[str, Any]:
+    """Suggest as the page runs it (drift ranking, five confirmed; `build`: the page's lens build),
+    with when each part began; `options`: suggest_duplications's token counts."""
     parts: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -137,10 +163,14 @@ def time_suggest(ref: str, device: str, texts: dict[str, str | None]) -> dict[st
         what = message.split(" · ")[0].split(" [")[0].split(",")[0]
         parts.setdefault(what, round(time.perf_counter() - start, 2))
 
-    found = suggest_duplications(ref, resolver=ANY_PATH, build=build, device=device, progress=progress, **texts)
+    found = suggest_duplications(
+        ref, resolver=ANY_PATH, build=build, device=device, progress=progress, **texts, **options
+    )
     seconds = time.perf_counter() - start
     return {
         "seconds": round(seconds, 2),
+        "dtype": found.dtype,
+        **options,
         "goal_s": SUGGEST_GOAL_S[device],
         "candidates": len(found.ranked),
         "confirmed": {s.label: round(s.perplexity, 3) for s in found.confirmed},
@@ -148,7 +178,38 @@ def time_suggest(ref: str, device: str, texts: dict[str, str | None]) -> dict[st
         "heldout_tokens": found.heldout_tokens,
         "calibration_tokens": found.lens.tokens,
         "parts_began_at_s": parts,
+        "matmul_tflop": round(suggest_matmul_flop(ref, found, options.get("drift_tokens", DRIFT_TOKENS)) / 1e12, 2),
     }
+
+
+def suggest_matmul_flop(ref: str, found: Suggestions, drift_tokens: int) -> float:
+    """The floating-point operations of a Suggest run's matrix products (a Llama-shaped model's
+    projections and, where perplexity is measured, its head; attention's own products, a few
+    percent at 256-token chunks, left out): the lens over the calibration text, every candidate's
+    tail for its drift, the parent and each confirmed merge's tail over the held-out text."""
+    config = ANY_PATH(ref).text_config
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    attention = head_dim * (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * hidden
+    layer, head = 2 * (attention + 3 * hidden * inter), 2 * config["vocab_size"] * hidden
+    L = found.num_layers
+    blocks = [(s.start, s.end) for s in found.ranked]
+    token_layers = found.lens.tokens * L + drift_work(L, drift_tokens, blocks)
+    token_layers += found.heldout_tokens * (L + sum(L - s.start for s in found.confirmed))
+    return token_layers * layer + found.heldout_tokens * (1 + len(found.confirmed)) * head
+
+
+def cpu_matmul_gflop_s() -> float:
+    """This machine's float32 matrix-product speed on a SmolLM2 MLP's shape (2,048 tokens x 576 x
+    1,536), with torch's threads: the best of five runs of ten."""
+    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 * 576 * 1536 * 10 / best / 1e9
 
 
 def main() -> None:
@@ -160,6 +221,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--suggest", action="store_true", help="also time Suggest")
+    parser.add_argument(
+        "--hub-bf16",
+        type=Path,
+        metavar="DIR",
+        help="run on a copy of --model in bf16, weights and config, as the Hub holds SmolLM2 (written to DIR)",
+    )
+    parser.add_argument(
+        "--versus-own-dtype",
+        nargs=2,
+        type=int,
+        metavar=("MAX_TOKENS", "DRIFT_TOKENS"),
+        help="also time Suggest on that many tokens both ways: built for the lens, and in the model's own dtype",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.threads:
@@ -167,13 +241,15 @@ def main() -> None:
 
     texts: dict[str, str | None] = {"calibration": None, "heldout": None}  # the bundled texts
     ref = args.model
+    if args.hub_bf16:
+        ref = str(hub_bf16_copy(ref, args.hub_bf16))
     if args.random_llama3_8b:
         from benchmarks.generation import words
 
         ref = random_parent(args.random_llama3_8b)
         texts = {"calibration": words(args.tokens, 11), "heldout": words(args.tokens, 12)}
     start = time.perf_counter()
-    built = load_model(ref, resolver=ANY_PATH, build=build, device=args.device)
+    built = load_model(ref, resolver=ANY_PATH, build=build_for_lens, device=args.device)
     load_s = time.perf_counter() - start
     text = texts["calibration"] or read_text(CALIBRATION_TEXT)
     chunks = tokenize(built.tokenizer, text, max_tokens=args.tokens, source="calibration")
@@ -193,6 +269,20 @@ def main() -> None:
     if args.suggest:
         result["suggest"] = time_suggest(ref, args.device, texts)
         goals[f"suggest_s (< {SUGGEST_GOAL_S[args.device]:.0f})"] = result["suggest"]["seconds"]
+    if args.suggest and args.device == "cpu":  # the time its matrix products alone take at this CPU's best speed
+        gflop_s = cpu_matmul_gflop_s()
+        floor_s = result["suggest"]["matmul_tflop"] * 1e3 / gflop_s
+        result["cpu_matmul_gflop_s"] = round(gflop_s, 1)
+        result["suggest_floor_s"] = round(floor_s, 1)
+        result["suggest_over_floor"] = round(result["suggest"]["seconds"] / floor_s, 2)
+    if args.versus_own_dtype:  # the same short run both ways, one after the other
+        max_tokens, drift_tokens = args.versus_own_dtype
+        runs = {
+            name: time_suggest(ref, args.device, texts, way, max_tokens=max_tokens, drift_tokens=drift_tokens)
+            for name, way in (("lens_build", build_for_lens), ("own_dtype", build))
+        }
+        runs["own_dtype_over_lens_build"] = round(runs["own_dtype"]["seconds"] / runs["lens_build"]["seconds"], 2)
+        result["suggest_versus_own_dtype"] = runs
     result["goals"] = goals
     text = json.dumps(result, indent=2)
     if args.out:

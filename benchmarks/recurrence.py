@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from merger.lens.search import recurrence_sweep, suggest_duplications
-from merger.runtime.builds import build
+from merger.runtime.builds import build_for_lens
 from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
@@ -29,7 +29,9 @@ MODELS = {"smol": "bundled:smollm2-135m-instruct", "gemma": "bundled:gemma3-270m
 
 def measure(ref: str, *, rank_by: str, tokens: int, max_repeats: int) -> dict:
     start = time.perf_counter()
-    found = suggest_duplications(ref, rank_by=rank_by, max_tokens=tokens, top_k=5, resolver=ANY_PATH, build=build)
+    found = suggest_duplications(
+        ref, rank_by=rank_by, max_tokens=tokens, top_k=5, resolver=ANY_PATH, build=build_for_lens
+    )
     best = min(found.confirmed, key=lambda s: s.perplexity)
     points = recurrence_sweep(
         ref,
@@ -39,7 +41,7 @@ def measure(ref: str, *, rank_by: str, tokens: int, max_repeats: int) -> dict:
         lens=found.lens,
         max_tokens=tokens,
         resolver=ANY_PATH,
-        build=build,
+        build=build_for_lens,
     )
     print(
         f"\n{ref}: {found.num_layers} layers; parent perplexity {found.parent_perplexity:.2f} "

@@ -51,7 +51,7 @@ from merger.lens.capture import CALIBRATION_TEXT, HELDOUT_TEXT, capture, read_te
 from merger.lens.search import duplication_drift, load_model, next_token_loss, rank_duplications, suggest_duplications
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime.builds import build
+from merger.runtime.builds import build_for_lens
 from merger.sources.catalog import LocalPolicy, resolver_for
 
 ANY_PATH = resolver_for(LocalPolicy.any_path())  # references read as the CLI reads them
@@ -128,7 +128,7 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     ref = MODELS[name]
     t0 = time.perf_counter()
-    parent = load_model(ref, device="cpu", resolver=ANY_PATH, build=build)
+    parent = load_model(ref, device="cpu", resolver=ANY_PATH, build=build_for_lens)
     L = parent.model.config.num_hidden_layers
     calibration = read_text(CALIBRATION_TEXT)
     calib = tokenize(parent.tokenizer, calibration, max_tokens=args.calibration_tokens, source="calibration")
@@ -173,7 +173,7 @@ def sweep(name: str, args: argparse.Namespace) -> dict:
         device="cpu",
         rank_by="predicted",
         resolver=ANY_PATH,
-        build=build,
+        build=build_for_lens,
     )
     by_predicted = top5(rows, "predicted", ppl_rank, quartile)
     assert [tuple(c["block"]) for c in by_predicted] == [(s.start, s.end) for s in sugg.confirmed]

@@ -150,7 +150,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from merger.lens.capture import CALIBRATION_TEXT, read_text
     from merger.lens.seams import analyze
     from merger.plan import as_it_is
-    from merger.runtime.builds import build
+    from merger.runtime.builds import build_for_lens
 
     ref = args.model_ref
     is_recipe = ref.endswith((".yml", ".yaml"))
@@ -160,7 +160,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     result = analyze(
         recipe,
         resolver=RESOLVE,
-        build=build,
+        build=build_for_lens,
         text=text,
         source=str(text_path),
         name=ref,
@@ -181,12 +181,12 @@ def write_json(path: str, data: dict) -> None:
 def cmd_suggest(args: argparse.Namespace) -> None:
     from merger.lens.capture import DRIFT_TOKENS, read_text
     from merger.lens.search import suggest_duplications
-    from merger.runtime.builds import build
+    from merger.runtime.builds import build_for_lens
 
     found = suggest_duplications(
         args.model_ref,
         resolver=RESOLVE,
-        build=build,
+        build=build_for_lens,
         calibration=read_text(args.text) if args.text else None,
         heldout=read_text(args.heldout) if args.heldout else None,
         top_k=args.top_k,

@@ -36,10 +36,11 @@ from merger.lens.search import (
 )
 from merger.plan import make_plan
 from merger.recipe import passthrough
-from merger.runtime import builds
+from merger.runtime import builds, devices
 from merger.runtime.builds import load_tokenizer
 
 from refs import ANY_PATH
+from tiny import with_dtype
 
 ROOT = Path(__file__).parent.parent
 TEXT = (
@@ -340,6 +341,45 @@ def test_suggestions_read_the_parent_once_and_build_every_candidate_from_its_ten
     assert any(m.startswith("perplexity of duplicating [") and " left" in m for _, m in messages)
     if rank_by == "drift":
         assert any(m.startswith("drift of duplicating blocks [") for _, m in messages)
+
+
+def test_the_lens_measures_16_bit_weights_in_float32_on_the_cpu_unless_told_or_it_does_not_fit(
+    tiny_llama, tmp_path, monkeypatch
+):
+    # a Hub model declared bf16 (SmolLM2's own config) measured on a CPU Space: float32 is several
+    # times faster there, and bf16 values widen exactly; a dtype the caller names is kept, and a
+    # float32 copy that does not fit the memory budget falls back to the model's own dtype
+    ref = str(with_dtype(tiny_llama, tmp_path / "tiny-bf16", "bfloat16"))
+
+    def suggest(**options):
+        found = suggest_duplications(
+            ref, calibration=TEXT, heldout=HELDOUT, top_k=1, max_size=2, resolver=ANY_PATH, device="cpu", **options
+        )
+        return found.dtype, found.confirmed[0].perplexity
+
+    widened, widened_ppl = suggest(build=builds.build_for_lens)
+    assert widened == "float32"
+    plan = make_plan(passthrough((ref, 0, 6), dtype="float32"), ANY_PATH)
+    held = tokenize(load_tokenizer(plan), HELDOUT)
+    best = suggest_duplications(
+        ref,
+        calibration=TEXT,
+        heldout=HELDOUT,
+        top_k=1,
+        max_size=2,
+        resolver=ANY_PATH,
+        device="cpu",
+        build=builds.build_for_lens,
+    ).confirmed[0]
+    merge = make_plan(
+        duplication_recipe(ref, 6, best.start, best.end).model_copy(update={"dtype": "float32"}), ANY_PATH
+    )
+    assert widened_ppl == perplexity(assemble(merge), held)  # the bf16 weights, widened: the same figure
+    assert suggest(build=builds.build_for_lens, dtype="bfloat16")[0] == "bfloat16"
+    assert suggest(build=builds.build)[0] == "bfloat16"  # a chat build keeps the model's dtype
+    needs = [devices.needed_bytes(make_plan(passthrough((ref, 0, 6), dtype=d), ANY_PATH), "cpu") for d in DTYPES]
+    monkeypatch.setattr(devices, "free_memory", lambda device: sum(needs) // 2)  # bf16's fits, float32's not
+    assert suggest(build=builds.build_for_lens)[0] == "bfloat16"
 
 
 def test_duplication_perplexities_of_no_block_is_the_parents_alone(tiny_llama):

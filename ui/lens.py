@@ -20,7 +20,7 @@ import gradio as gr
 from merger.limits import LENS_TEXT_CHARS, LENS_TOKENS, check_text
 from merger.plan import build_dtype, make_plan
 from merger.recipe import Recipe, passthrough
-from merger.runtime.builds import build, load_tokenizer
+from merger.runtime.builds import build_for_lens, load_tokenizer
 from merger.runtime.devices import best_device
 from ui.guard import check_current, stop_work, web_handler
 from ui.models import model_info
@@ -78,7 +78,7 @@ def parent_lens(ref: str, text: str | None, progress: Callable[[float, str], Non
     lens = cached_lens(ref, text)
     if lens is not None:
         return lens
-    built = load_model(ref, resolver=model_info, build=build)
+    built = load_model(ref, resolver=model_info, build=build_for_lens)
     chunks = chunks_for(built.tokenizer, text, CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
     lens = capture(built.model, chunks, name=ref, progress=progress)
     del built
@@ -212,7 +212,7 @@ def suggest_blocks(
     found = suggest_duplications(  # its one load of the parent also makes the lens, unless cached
         ref,
         resolver=model_info,
-        build=build,
+        build=build_for_lens,
         calibration=user_text,
         lens=cached_lens(ref, user_text),
         rank_by=RANKINGS.get(ranking, "drift"),
@@ -276,7 +276,7 @@ def sweep_block(
         start,
         end,
         resolver=model_info,
-        build=build,
+        build=build_for_lens,
         max_repeats=int(max_repeats),
         lens=lens,
         max_tokens=LENS_TOKENS.value,
