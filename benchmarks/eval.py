@@ -9,7 +9,8 @@ case. Then the parent scores fewer generation items both ways, ours and lm-eval'
 default batch size, 1), on the same items: time per task, the ratio, and whether every item's
 outcome agrees. Prints a table; writes eval-bench.json to --out (rewritten after every stage).
 
-    python benchmarks/eval.py [--out DIR] [--weights DIR] [--only suite hf] [--hf-gen-items 2] [--budget-s 560]
+    python benchmarks/eval.py [--out DIR] [--weights DIR] [--only suite hf] [--hf-gen-items 2]
+                              [--hf-tasks TASK ...] [--budget-s 560]
     python benchmarks/eval.py --tiny    # the same stages on a tiny random model on the CPU
 """
 
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, help="the random parent's folder: written there if missing, kept")
     parser.add_argument("--only", nargs="+", default=[], help="run only the stages whose names start so")
     parser.add_argument("--hf-gen-items", type=int, default=2, help="generation items per task in the hf comparison")
+    parser.add_argument("--hf-tasks", nargs="+", choices=list(TASKS), help="the hf comparison's tasks (default: all)")
     parser.add_argument("--budget-s", type=float, default=560.0)
     args = parser.parse_args()
 
@@ -274,9 +276,10 @@ def main() -> None:
 
     def versus_hf() -> None:
         gen_items = 1 if args.tiny else args.hf_gen_items
-        items = {t.name: (gen_items if t.name in GENERATION else suite_items[t.name]) for t in tasks}
+        compared = [t for t in tasks if not args.hf_tasks or t.name in args.hf_tasks]
+        items = {t.name: (gen_items if t.name in GENERATION else suite_items[t.name]) for t in compared}
         built = prepare_for_chat(build(plans["parent"], device=device))
-        ours = score_ours(built, plans["parent"], tasks, items)
+        ours = score_ours(built, plans["parent"], compared, items)
         built.close()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -288,7 +291,7 @@ def main() -> None:
             data["versus_hf"]["hf_s"] = dict(times)
             bench.save()
 
-        theirs = score_hf(ref, tasks, items, device, chat_dtype(plans["parent"], device), hf_task_done)
+        theirs = score_hf(ref, compared, items, device, chat_dtype(plans["parent"], device), hf_task_done)
         data["versus_hf"] = {
             "items": items,
             "ours_s": ours["seconds"],
