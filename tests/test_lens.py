@@ -348,33 +348,32 @@ def test_the_lens_measures_16_bit_weights_in_float32_on_the_cpu_unless_told_or_i
 ):
     # a Hub model declared bf16 (SmolLM2's own config) measured on a CPU Space: float32 is several
     # times faster there, and bf16 values widen exactly; a dtype the caller names is kept, and a
-    # float32 copy that does not fit the memory budget falls back to the model's own dtype
+    # float32 copy that does not fit the memory falls back to the model's own dtype
     ref = str(with_dtype(tiny_llama, tmp_path / "tiny-bf16", "bfloat16"))
+    stored = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
+    widened = make_plan(passthrough((ref, 0, 4), (ref, 2, 6), dtype="float32"), ANY_PATH)
+    assert (devices.lens_dtype(stored, "cpu"), devices.chat_dtype(stored, "cpu")) == ("float32", "bfloat16")
 
     def suggest(**options):
         found = suggest_duplications(
             ref, calibration=TEXT, heldout=HELDOUT, top_k=1, max_size=2, resolver=ANY_PATH, device="cpu", **options
         )
-        return found.dtype, found.confirmed[0].perplexity
+        return found.dtype, found.confirmed[0]
 
-    widened, widened_ppl = suggest(build=builds.build_for_lens)
-    assert widened == "float32"
-    plan = make_plan(passthrough((ref, 0, 6), dtype="float32"), ANY_PATH)
-    held = tokenize(load_tokenizer(plan), HELDOUT)
-    best = suggest_duplications(
-        ref,
-        calibration=TEXT,
-        heldout=HELDOUT,
-        top_k=1,
-        max_size=2,
-        resolver=ANY_PATH,
-        device="cpu",
-        build=builds.build_for_lens,
-    ).confirmed[0]
+    dtype, best = suggest(build=builds.build_for_lens)
+    assert dtype == "float32"
     merge = make_plan(
         duplication_recipe(ref, 6, best.start, best.end).model_copy(update={"dtype": "float32"}), ANY_PATH
     )
-    assert widened_ppl == perplexity(assemble(merge), held)  # the bf16 weights, widened: the same figure
+    held = tokenize(load_tokenizer(merge), HELDOUT)
+    assert best.perplexity == perplexity(assemble(merge), held)  # the bf16 weights, widened: the same figure
+    chunks = tokenize(load_tokenizer(stored), TEXT)  # the Lens tab's seam scores, in the lens's dtype
+    scores = [
+        score_seams(plan, chunks, device="cpu", dtype=devices.lens_dtype(plan, "cpu")) for plan in (stored, widened)
+    ]
+    assert [(s.predicted, s.measured, s.measured_output) for s in scores] == 2 * [
+        (scores[1].predicted, scores[1].measured, scores[1].measured_output)
+    ]
     assert suggest(build=builds.build_for_lens, dtype="bfloat16")[0] == "bfloat16"
     assert suggest(build=builds.build)[0] == "bfloat16"  # a chat build keeps the model's dtype
     needs = [devices.needed_bytes(make_plan(passthrough((ref, 0, 6), dtype=d), ANY_PATH), "cpu") for d in DTYPES]

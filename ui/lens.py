@@ -18,10 +18,10 @@ from typing import Any
 import gradio as gr
 
 from merger.limits import LENS_TEXT_CHARS, LENS_TOKENS, check_text
-from merger.plan import build_dtype, make_plan
+from merger.plan import make_plan
 from merger.recipe import Recipe, passthrough
 from merger.runtime.builds import build_for_lens, load_tokenizer
-from merger.runtime.devices import best_device
+from merger.runtime.devices import best_device, lens_dtype
 from ui.guard import check_current, stop_work, web_handler
 from ui.models import model_info
 from ui.recipe_state import State, plan_of, recipe_of
@@ -177,7 +177,10 @@ def score_stack_seams(
         return None, "This stack has no seams: each layer follows its own predecessor.", None
     progress(0.05, desc="loading the parents and the merge")
     chunks = chunks_for(load_tokenizer(plan), _user_text(text), CALIBRATION_TEXT, max_tokens=LENS_TOKENS.value)
-    scores = score_seams(plan, chunks, device=best_device(), progress=_progress(progress, 0.1, 0.9))
+    device = best_device()
+    scores = score_seams(
+        plan, chunks, device=device, dtype=lens_dtype(plan, device), progress=_progress(progress, 0.1, 0.9)
+    )
     seam_list = ", ".join(
         f"depth {d}: predicted {scores.predicted[d]:.3f}, measured {scores.measured[d]:.3f}" for d in scores.seams
     )
@@ -312,7 +315,7 @@ def measure_perplexities(
     rows = []
     for i, (name, model_plan) in enumerate(candidates.items()):
         _progress(progress)(i / len(candidates), f"perplexity of {name}")
-        model = assemble(model_plan, device=device, dtype=build_dtype(model_plan, device))
+        model = assemble(model_plan, device=device, dtype=lens_dtype(model_plan, device))
         rows.append(
             f"| {name} | {model_plan.num_layers} | "
             + " | ".join(f"{perplexity(model, c):.2f}" for c in chunks.values())

@@ -100,15 +100,16 @@ def score_seams(
     merged: torch.nn.Module | None = None,
     parents: Mapping[str, torch.nn.Module] | None = None,
     device: str | None = None,
+    dtype: str | None = None,
     batch_size: int = 4,
     progress: Progress | None = None,
 ) -> SeamScores:
     """Predicted and measured damage at every depth of `plan`'s merge, in one pass over `chunks`
     that runs the parents and the merge in lockstep. Models not given are assembled here (the
-    merge from the parents' tensors in memory, unless it blends)."""
+    merge from the parents' tensors in memory, unless it blends), in `dtype` (None: `build_dtype`'s)."""
     if merged is None:
         device = device or "cpu"
-        dtype = build_dtype(plan, device)
+        dtype = dtype or build_dtype(plan, device)
     else:  # parents are built like the merge given, or the comparison is not like for like
         first = next(merged.parameters())
         device, dtype = first.device.type, name_of(first.dtype)

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from merger.errors import PlacementError, exception_line
+from merger.errors import exception_line
 from merger.host import on_zero_gpu
 from merger.limits import CONTEXT_TOKENS
 from merger.plan import Plan, as_it_is, make_plan
 from merger.recipe import Recipe
-from merger.runtime.devices import best_device, chat_dtype, compile_unavailable, plan_placement
+from merger.runtime.devices import best_device, chat_dtype, compile_unavailable, lens_dtype, plan_placement
 
 if TYPE_CHECKING:
     from merger.generate.aot import AotStep
@@ -116,17 +116,12 @@ def build(plan: Plan, *, device: str | None = None, progress: Callable[[float, s
 def build_for_lens(
     plan: Plan, *, device: str | None = None, progress: Callable[[float, str], None] | None = None
 ) -> Built:
-    """`build` for the lens's measurements: on the CPU, a plan of 16-bit weights that names no dtype
-    of its own is built in float32 where that fits (else as `build` would). The lens reads numbers
-    and ships no weights, 16-bit values widen exactly, and a CPU without bf16 matrix units (AVX2)
-    multiplies bf16 several times slower than float32 (README, Benchmarks: Suggest)."""
+    """`build` in the dtype the lens measures in (`lens_dtype`: float32 on the CPU for 16-bit
+    weights where it fits)."""
     device = device or best_device()
-    if device == "cpu" and plan.recipe.dtype is None and plan.dtype != "float32":
-        widened = make_plan(plan.recipe.model_copy(update={"dtype": "float32"}), plan.models.__getitem__)
-        try:
-            return build(widened, device=device, progress=progress)
-        except PlacementError:
-            log.info("the lens measures %s in %s: float32 does not fit", plan.recipe.primary_model, plan.dtype)
+    dtype = lens_dtype(plan, device)
+    if dtype != chat_dtype(plan, device):
+        plan = make_plan(plan.recipe.model_copy(update={"dtype": dtype}), plan.models.__getitem__)
     return build(plan, device=device, progress=progress)
 
 

@@ -1,5 +1,6 @@
-"""Where a build goes: the device, the dtype a build for chat is made in, the free memory of each
-device (ZeroGPU's card, a container's limit), its placement, and the budget of all built models."""
+"""Where a build goes: the device, the dtype a build for chat is made in and the one the lens
+measures in, the free memory of each device (ZeroGPU's card, a container's limit), its placement,
+and the budget of all built models."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
+from merger.errors import PlacementError
 from merger.host import on_zero_gpu
-from merger.plan import Plan, build_dtype
+from merger.plan import Plan, build_dtype, make_plan
 from merger.plan.placement import place
 from merger.runtime.container import memory_available, memory_total
 
@@ -42,6 +44,22 @@ def chat_dtype(plan: Plan, device: str) -> str:
     """The dtype a build for chat is made in: on ZeroGPU the GPU's, where its replies run, though
     it waits on the CPU between them."""
     return build_dtype(plan, "cuda" if on_zero_gpu() else device)
+
+
+def lens_dtype(plan: Plan, device: str) -> str:
+    """The dtype the lens measures `plan`'s models in on `device`: on the CPU (ZeroGPU's included),
+    float32 when the recipe names no dtype and a float32 build fits (the lens reads numbers and ships
+    no weights, 16-bit values widen exactly, and a CPU without bf16 matrix units, AVX2, multiplies
+    bf16 several times slower: README, Benchmarks, Suggest); else what a chat build uses."""
+    if device == "cpu" and plan.recipe.dtype is None and chat_dtype(plan, device) != "float32":
+        try:
+            plan_placement(
+                make_plan(plan.recipe.model_copy(update={"dtype": "float32"}), plan.models.__getitem__), device
+            )
+            return "float32"
+        except PlacementError:
+            pass
+    return chat_dtype(plan, device)
 
 
 def free_memory(device: str) -> int:
