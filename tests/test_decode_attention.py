@@ -87,7 +87,7 @@ def test_compiled_step_with_decode_attention_greedy_equals_generate(kernel, fixt
     monkeypatch.setattr(decode_attention, "FLEX_BLOCK", 16)  # the 17..64 positions cross blocks
     fast = FastGenerator(model, context_tokens=128, compile=True)
     assert model.config.get_text_config(decoder=True)._attn_implementation == decode_attention.IMPLEMENTATION
-    assert list(fast.generate(prompt, max_new_tokens=48)) == expected  # the step compiles meanwhile
+    assert list(fast.generate(prompt, max_new_tokens=48)) == expected  # its end starts the step's compile
     assert fast.wait_compiled(120) and fast.compile_error is None
     served = {}
     assert list(fast.generate(prompt, max_new_tokens=48, served=served)) == expected

@@ -279,6 +279,7 @@ def test_a_compiling_step_blocks_no_reply_and_takes_over_at_the_next_token_once_
     fresh = FastGenerator(tiny_llama_of_depth(2, seed=6), context_tokens=64, compile=True)
     other = FastGenerator(tiny_llama_of_depth(2, seed=7), context_tokens=64)  # not compiled: eager
     expected = greedy(fresh.model, ids, 40)
+    assert list(fresh.generate(ids, max_new_tokens=2)) == expected[:2]  # its end starts the compile
     served = {}
     tokens = fresh.generate(ids, max_new_tokens=40, served=served)
     got = [next(tokens) for _ in range(10)]
@@ -290,6 +291,25 @@ def test_a_compiling_step_blocks_no_reply_and_takes_over_at_the_next_token_once_
     assert got == expected
     assert served[EAGER_STEP] >= 9 and served[COMPILED_STEP] >= 1 and sum(served.values()) == 39
     assert fresh.serving == COMPILED_STEP
+
+
+def test_the_compile_starts_when_the_first_reply_after_the_warm_up_ends_never_during_it(monkeypatch):
+    # the compile's first seconds starve a reply sharing them (a 135M model's first token here took
+    # 1.5 s instead of 0.3 s): a build's warm-up leaves the compile to its first reply's end, and a
+    # reply closed early (Stop) starts it too
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": CountingBackend()})
+    ids = torch.tensor([[1, 5, 9]])
+    fast = FastGenerator(tiny_llama_of_depth(2, seed=9), context_tokens=64, compile=True)
+    assert list(fast.generate(ids, max_new_tokens=2, start_compile=False)) == greedy(fast.model, ids, 2)
+    reply = fast.generate(ids, max_new_tokens=24)
+    first = [next(reply) for _ in range(12)]
+    assert fast.compiling_for() is None and not fast.wait_compiled(0)  # not begun
+    reply.close()
+    assert fast.wait_compiled(60) and fast.compile_error is None
+    assert first == greedy(fast.model, ids, 12)
+    served = {}
+    assert list(fast.generate(ids, max_new_tokens=24, served=served)) == greedy(fast.model, ids, 24)
+    assert served == {COMPILED_STEP: 23}
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])

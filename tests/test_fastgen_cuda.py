@@ -73,6 +73,7 @@ def test_a_step_compiling_in_the_background_blocks_no_reply(tiny_llama, tiny_lla
     other = splice(str(tiny_llama_b), "float32", ((0, 3), (1, 6)))
     fresh = splice(str(tiny_llama), "float32", ((0, 5), (1, 6)), wait=False)  # a structure of its own
     expected = expected_greedy(fresh, 128)
+    assert reply(fresh, 2)[0] == expected[:2]  # its end starts the step's compile
     tokens = fresh.generate(torch.tensor([PROMPT], device="cuda"), max_new_tokens=128)
     first = [next(tokens) for _ in range(16)]
     assert fresh.compiling_for() is not None

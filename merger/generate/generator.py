@@ -149,8 +149,8 @@ class FastGenerator:
         return None if started is None or self._compile_done.is_set() else time.monotonic() - started
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Wait for the step's compile to end (ready or failed); False on timeout. It starts with the
-        first step of the first generation."""
+        """Wait for the step's compile to end (ready or failed); False on timeout. It starts when the
+        first generation that may start it ends (`generate`)."""
         return self._compile_done.wait(timeout)
 
     def _bind(self, aot_step: AotStep) -> None:
@@ -172,11 +172,18 @@ class FastGenerator:
         seed: int = 0,
         stop_ids: Sequence[int] = (),
         served: dict[str, int] | None = None,
+        start_compile: bool = True,
         **sampling: float,
     ) -> Iterator[int]:
         """Yield new token ids as they arrive; a stop id is yielded, then generation ends. `served`
         counts the steps of each form (`serving`) the reply ran on. `sampling`: the rest of a
-        GenerationSettings, as SamplingState.start takes it (none: greedy)."""
+        GenerationSettings, as SamplingState.start takes it (none: greedy).
+
+        The step's compile starts when the first generation with `start_compile` ends (finished or
+        closed), never during one: its first seconds (dynamo's trace) hold the GIL in stretches no
+        switch interval breaks, and a reply sharing them waited seconds for its first token (README,
+        Benchmarks). A build's warm-up passes False, so the first reply runs alone and the compile
+        runs while its reader reads."""
         prompt = input_ids.reshape(1, -1).to(self.device)  # [1, T]
         length = prompt.shape[1]
         if length == 0 or max_new_tokens < 1:
@@ -185,8 +192,24 @@ class FastGenerator:
             raise ValueError(
                 f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds context_tokens ({self.context_tokens})"
             )
+        try:
+            yield from self._tokens(prompt, max_new_tokens, seed, stop_ids, {} if served is None else served, sampling)
+        finally:
+            if start_compile and self.compiled and self._compile_started is None:
+                self._compile_started = time.monotonic()
+                COMPILER.submit(functools.partial(self._compile, weakref.ref(self)))
+
+    def _tokens(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        seed: int,
+        stop_ids: Sequence[int],
+        served: dict[str, int],
+        sampling: dict[str, float],
+    ) -> Iterator[int]:
+        """`generate`'s tokens."""
         mode = self.start(prompt, seed=seed, **sampling)
-        served = {} if served is None else served
         stops = set(stop_ids)
         tokens = self.state.tokens
         host = tokens if self.device.type == "cpu" else torch.empty_like(tokens, device="cpu").pin_memory()
@@ -248,9 +271,6 @@ class FastGenerator:
             step.graphs[mode].replay()
         else:
             decode(step.forward, self.inputs, self.state, mode)
-        if self.compiled and self._compile_started is None:  # after the first step, so it starts at once
-            self._compile_started = time.monotonic()
-            COMPILER.submit(functools.partial(self._compile, weakref.ref(self)))
         return step.form(mode, self.graphed)
 
     def _first_graphed_step(self, step: Step, mode: str) -> None:

@@ -181,10 +181,11 @@ class ModelDecoder:
             stop.set()
 
     def warm_up(self, input_ids: torch.Tensor) -> None:
-        """Queue a two-token generation: it captures the eager step's CUDA graph and starts the
-        compile now rather than in the first reply. Nothing on the CPU, where each request makes its own generator."""
+        """Queue a two-token generation: it captures the eager step's CUDA graph now rather than in
+        the first reply, and leaves the compile to start when that reply ends (`FastGenerator.generate`).
+        Nothing on the CPU, where each request makes its own generator."""
         if self._shared is not None:
-            LOOP.submit(_Job(self, input_ids, {"max_new_tokens": 2}))
+            LOOP.submit(_Job(self, input_ids, {"max_new_tokens": 2, "start_compile": False}))
 
     def tokens(self, input_ids: torch.Tensor, options: dict[str, Any]) -> Iterator[int]:
         """The request's tokens, generated in the calling thread."""
