@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from merger.build.assemble import assemble, parameter_bytes
 from merger.chat.replies import ReplyStats, stream_reply
 from merger.errors import exception_line
-from merger.generate import attention, compiler, generator
+from merger.generate import attention, generator
 from merger.generate.aot import compile_step
 from merger.generate.fuse import fuse_projections
 from merger.generate.generator import CUDA_CHUNK, FastGenerator
@@ -614,39 +614,6 @@ def main() -> None:
         data["merge"]["chat_path_reseamed"] = {**result, "reuses_compiled_step": built.decoder.reuses_compiled_step}
         built.decoder.close()
 
-    def first_reply_ways() -> None:
-        """The first reply right after a build, each way on a structure of its own (so each would
-        compile its step): with its step left eager (nothing compiling), then as the page prepares
-        it but handing the GIL over every 20 µs while the step compiles (COMPILE_SWITCH_INTERVAL_S
-        is 200 µs): how much of the first reply the compile's start costs, and whether handing the
-        GIL over more often wins it back."""
-        ways: dict[str, Any] = {}
-        for way, layer_ranges in (("eager_only", ((0, 17), (15, 32))), ("switch_20us", ((0, 18), (15, 32)))):
-            plan = splice(layer_ranges)
-            built = as_built(plan, assemble_bf16(plan))
-            start = time.perf_counter()
-            if way == "eager_only":
-                fuse_projections(built.model)
-                built._decoder = ModelDecoder(built.model, context_tokens=built.context_tokens, compile=False)
-                built.decoder.warm_up(built.tokenizer("Hello", return_tensors="pt")["input_ids"])
-            else:
-                compiler.COMPILE_SWITCH_INTERVAL_S = 2e-5
-                prepare_for_chat(built)
-            first = chat_reply(built, words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)[1]
-            ways[way] = {
-                "layers": plan.num_layers,
-                "first_reply_after_build_s": round(time.perf_counter() - start, 2),
-                "first_text_s": round(first.first_text_s or 0.0, 2),
-                "served_by": first.served_by(),
-            }
-            if way != "eager_only":
-                built.decoder.wait_compiled()
-                ways[way]["compile_ready_after_build_s"] = round(time.perf_counter() - start, 1)
-                compiler.COMPILE_SWITCH_INTERVAL_S = switch_interval
-            print(f"first reply, {way}: {ways[way]}", flush=True)
-            built.decoder.close()
-        data["first_reply_ways"] = ways
-
     def zero_gpu(name: str) -> None:
         """The step as a ZeroGPU worker runs it without AOT: a fresh (unfused) build, uncompiled,
         in the caller's thread; its eager step captured in a CUDA graph, then left eager."""
@@ -690,8 +657,6 @@ def main() -> None:
 
     # in order of importance: the page's path on both is the point; the rest only if time is left
     report.stage("fuse", fuse_all)
-    switch_interval = compiler.COMPILE_SWITCH_INTERVAL_S
-    report.stage("first_reply_ways", first_reply_ways, needs_s=120)
     for name in models:
         report.stage(f"chat_path_{name}", lambda n=name: chat_path(n), needs_s=100)
     if prepared:
