@@ -379,6 +379,11 @@ def as_it_is(model_ref: str, resolver: Resolver) -> Recipe:
     return passthrough((model_ref, 0, resolver(model_ref).num_layers))
 
 
+def in_dtype(plan: Plan, dtype: str) -> Plan:
+    """`plan` with its recipe's dtype set to `dtype`, from the models it already read."""
+    return make_plan(plan.recipe.model_copy(update={"dtype": dtype}), plan.models.__getitem__)
+
+
 def build_dtype(plan: Plan, device: str) -> str:
     """bfloat16 on CUDA (half the memory, full speed); the recipe's dtype on the CPU."""
     return "bfloat16" if device == "cuda" and plan.recipe.dtype is None else plan.dtype

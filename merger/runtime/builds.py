@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from merger.errors import exception_line
 from merger.host import on_zero_gpu
 from merger.limits import CONTEXT_TOKENS
-from merger.plan import Plan, as_it_is, make_plan
+from merger.plan import Plan, as_it_is, in_dtype, make_plan
 from merger.recipe import Recipe
 from merger.runtime.devices import best_device, chat_dtype, compile_unavailable, lens_dtype, plan_placement
 
@@ -121,7 +121,7 @@ def build_for_lens(
     device = device or best_device()
     dtype = lens_dtype(plan, device)
     if dtype != chat_dtype(plan, device):
-        plan = make_plan(plan.recipe.model_copy(update={"dtype": dtype}), plan.models.__getitem__)
+        plan = in_dtype(plan, dtype)
     return build(plan, device=device, progress=progress)
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from merger.errors import PlacementError
 from merger.host import on_zero_gpu
-from merger.plan import Plan, build_dtype, make_plan
+from merger.plan import Plan, build_dtype, in_dtype
 from merger.plan.placement import place
 from merger.runtime.container import memory_available, memory_total
 
@@ -53,9 +53,7 @@ def lens_dtype(plan: Plan, device: str) -> str:
     bf16 several times slower: README, Benchmarks, Suggest); else what a chat build uses."""
     if device == "cpu" and plan.recipe.dtype is None and chat_dtype(plan, device) != "float32":
         try:
-            plan_placement(
-                make_plan(plan.recipe.model_copy(update={"dtype": "float32"}), plan.models.__getitem__), device
-            )
+            plan_placement(in_dtype(plan, "float32"), device)
             return "float32"
         except PlacementError:
             pass
