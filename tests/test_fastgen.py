@@ -3,13 +3,14 @@ and before, while and after its step compiles in the background; sampling is see
 
 import gc
 import threading
+import time
 import weakref
 
 import pytest
 import torch
 
 from merger.build.assemble import assemble, parameter_bytes
-from merger.generate import generator
+from merger.generate import compiler, generator
 from merger.generate.fuse import fuse_projections
 from merger.generate.generator import FastGenerator
 from merger.generate.sampling import SamplingState, sample
@@ -291,6 +292,92 @@ def test_a_compiling_step_blocks_no_reply_and_takes_over_at_the_next_token_once_
     assert got == expected
     assert served[EAGER_STEP] >= 9 and served[COMPILED_STEP] >= 1 and sum(served.values()) == 39
     assert fresh.serving == COMPILED_STEP
+
+
+class BusyBackend(CountingBackend):
+    """A backend whose compile keeps the compiler thread busy in Python, as dynamo's trace does,
+    noting the time of each round, until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.clear()
+        self.rounds: list[float] = []
+
+    def __call__(self, graph_module, example_inputs):
+        while not self.release.is_set():
+            self.rounds.append(time.perf_counter())
+            sum(range(50))
+        return super().__call__(graph_module, example_inputs)
+
+
+PROMPTS_FIRST = pytest.mark.skipif(
+    not hasattr(threading, "setprofile_all_threads"), reason="the compile's wait needs Python 3.12 (a Space's)"
+)
+
+
+@PROMPTS_FIRST
+def test_a_compile_waits_while_another_replys_prompt_runs(monkeypatch):
+    # every torch call of a prompt's pass gives the GIL up; a compile taking it between them made a
+    # visitor's first text 30x later on the H200: the compile waits until the prompt has run
+    backend = BusyBackend()
+    monkeypatch.setattr(generator, "STEP_COMPILE", {"backend": backend})
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    fresh = FastGenerator(tiny_llama_of_depth(2, seed=10), context_tokens=64, compile=True)
+    other = FastGenerator(tiny_llama_of_depth(4, seed=11), context_tokens=64)
+    expected = greedy(other.model, ids, 4)
+    prompts = []  # (start, end) of each pass of the other's prompt
+    forward = other.model.forward
+
+    def timed_forward(*args, **kwargs):
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] > 1:
+            prompts.append((start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(other.model, "forward", timed_forward)
+    list(fresh.generate(ids, max_new_tokens=2))  # its end starts the compile
+    try:
+        while not backend.rounds:
+            time.sleep(0.01)
+        for _ in range(5):
+            assert list(other.generate(ids, max_new_tokens=4)) == expected
+        time.sleep(0.1)
+        assert fresh.compiling_for() is not None
+    finally:
+        backend.release.set()
+    assert fresh.wait_compiled(60) and fresh.compile_error is None
+    assert len(prompts) == 5
+    for start, end in prompts:  # one round may be under way as the prompt starts
+        assert sum(start < t < end for t in backend.rounds) <= 1
+    assert any(t > prompts[-1][1] for t in backend.rounds)  # and it went on after
+
+
+@PROMPTS_FIRST
+def test_a_compile_waits_for_one_prompt_at_most_its_limit(monkeypatch):
+    # the compile may hold a lock the prompt needs (a logging handler's, an import's): it waits
+    # PROMPT_WAIT_S at most, then goes on
+    monkeypatch.setattr(compiler, "PROMPT_WAIT_S", 0.05)
+    rounds, stop, done = [], threading.Event(), threading.Event()
+
+    def busy_job() -> None:
+        while not stop.is_set():
+            rounds.append(time.perf_counter())
+            sum(range(50))
+        done.set()
+
+    compiler.COMPILER.submit(busy_job)
+    try:
+        while not rounds:
+            time.sleep(0.01)
+        with compiler.COMPILER.replies_first():
+            start = time.perf_counter()
+            time.sleep(0.5)
+    finally:
+        stop.set()
+    assert done.wait(10)
+    assert sum(start < t < start + 0.04 for t in rounds) <= 1  # it waited
+    assert any(t > start + 0.1 for t in rounds if t < start + 0.5)  # then went on
 
 
 def test_the_compile_starts_when_the_first_reply_after_the_warm_up_ends_never_during_it(monkeypatch):

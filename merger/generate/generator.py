@@ -237,13 +237,14 @@ class FastGenerator:
         """A request's prompt [1, T] through the model (`prefill`) and its first new token chosen under
         `sampling` (SamplingState.start's); returns the mode its steps run in (GREEDY or SAMPLED)."""
         state = self.state
-        self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(seed)
-        state.count.zero_()
-        state.position.fill_(prompt.shape[1])
-        mode = GREEDY if state.sampling.start(prompt, **sampling) else SAMPLED
-        self.draw_ahead(mode)
-        state.pick(self.prefill(prompt), mode)
+        with COMPILER.replies_first():  # a compile running meanwhile waits: this is the reply's wait for its first text
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(seed)
+            state.count.zero_()
+            state.position.fill_(prompt.shape[1])
+            mode = GREEDY if state.sampling.start(prompt, **sampling) else SAMPLED
+            self.draw_ahead(mode)
+            state.pick(self.prefill(prompt), mode)
         return mode
 
     def draw_ahead(self, mode: str) -> None:
