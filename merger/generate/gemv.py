@@ -2,9 +2,9 @@
 
 At batch 1 a product reads its whole matrix once, so its time is its bytes over the bandwidth it
 reaches. cuBLAS picks tile shapes made for matrices on both sides (and split-K with a second reduce
-kernel for some); on the H200 this plain GEMV reads Llama-3-8B's step matrices in 3.77 ms against
-cuBLAS's 4.04 (`benchmarks/gemv.py`, benchmarks/results/gemv-h200-2026-12-03.json). Each program
-takes BLOCK_N rows and walks K in BLOCK_K columns, multiplying in fp32 and summing once at the end.
+kernel for some); on the H200 this plain GEMV read Llama-3-8B's step matrices in 3.77 ms against
+cuBLAS's 4.04 (`benchmarks/gemv.py`; README, Benchmarks). Each program takes BLOCK_N rows and walks
+K in BLOCK_K columns, multiplying in fp32 and summing once at the end.
 
 Imported only where Triton is (torch's CUDA builds ship it); with TRITON_INTERPRET=1 it also runs
 on CPU tensors, which the tests use.
@@ -32,10 +32,10 @@ def _gemv(weight, vector, out, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: 
 
 
 def config_for(n: int, k: int) -> dict[str, int]:
-    """Block sizes and warps for an [n, k] matrix: the best of a grid on the H200 for each of
-    Llama-3-8B's step shapes (benchmarks/results/gemv-h200-2026-12-03.json): long matrices (gate/up,
-    the output head) in short column blocks, square and wide ones (the output and down products)
-    in long ones with more warps, the fused q/k/v in between."""
+    """Block sizes and warps for an [n, k] matrix: the best of `benchmarks/gemv.py`'s grid on the
+    H200 for each of Llama-3-8B's step shapes: long matrices (gate/up, the output head) in short
+    column blocks, square and wide ones (the output and down products) in long ones with more
+    warps, the fused q/k/v in between."""
     if n >= 16384:
         return {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
     if k >= 8192 or n <= 4096:
