@@ -18,11 +18,13 @@ import triton.language as tl
 @triton.jit
 def _gemv(weight, vector, out, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # row offsets in int64: a matrix of over 2**31 elements (a large vocabulary's head) passes int32
+    starts = weight + rows.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for first in range(0, K, BLOCK_K):
         cols = first + tl.arange(0, BLOCK_K)
         tile = tl.load(
-            weight + rows[:, None] * stride_wn + cols[None, :],
+            starts + cols[None, :],
             mask=(rows[:, None] < N) & (cols[None, :] < K),
             other=0.0,
         )
