@@ -50,7 +50,6 @@ class BackgroundCompiler(JobThread):
 
     def __init__(self) -> None:
         super().__init__("step-compiler")
-        self._ident: int | None = None  # the thread's, once it runs
         self._compiling = False  # a job runs
         self._resume = threading.Event()  # clear while a prompt runs during a job
         self._resume.set()
@@ -67,7 +66,7 @@ class BackgroundCompiler(JobThread):
         8B's step 179 s instead of 54 (benchmarks/results/gpu-suite-h200-2026-12-03-run-9.json).
         Setting it from another thread needs Python 3.12 (`threading.setprofile_all_threads`, a
         Space's Python); before, and on the compiler's own thread, this does nothing."""
-        pausing = hasattr(threading, "setprofile_all_threads") and threading.get_ident() != self._ident
+        pausing = hasattr(threading, "setprofile_all_threads") and threading.current_thread() is not self._thread
         with self._prompts_lock:
             pausing = pausing and self._compiling
             if pausing:
@@ -89,11 +88,10 @@ class BackgroundCompiler(JobThread):
         """The profile hook while a prompt runs, called once on each thread: the compiler thread
         waits there (after PROMPT_WAIT_S it goes on, unhooked), any other thread goes on unhooked."""
         sys.setprofile(None)
-        if threading.get_ident() == self._ident:
+        if threading.current_thread() is self._thread:
             self._resume.wait(PROMPT_WAIT_S)
 
     def _serve(self) -> None:
-        self._ident = threading.get_ident()
         while True:
             job = self._jobs.get()
             interval = sys.getswitchinterval()
