@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generation import copy_bandwidth  # this folder is on the path when run as a script
 
 from merger.generate.attention import (
-    combine_chunks,
     flex_decode_attention,
     grouped_decode_attention,
     triton_decode_attention,
@@ -67,8 +66,8 @@ def grouped(q, k, v, mask):
 
 def split(splits: int):
     """Flash-decoding in tensor ops: the window cut into `splits` chunks attended in parallel, each
-    with its own max and sum (grouped per key/value head, fp32), then combined as the Triton
-    kernel's chunks are (merger.generate.attention.combine_chunks)."""
+    with its own max and sum (grouped per key/value head, fp32), then combined as the
+    Triton kernel's chunks are (merger.generate.kernel._combine_chunks)."""
 
     def attention(q, k, v, mask):
         chunk = k.shape[2] // splits
@@ -79,7 +78,8 @@ def split(splits: int):
         probs = (scores - top.nan_to_num(neginf=0.0)).exp()  # a masked chunk's are all 0, not NaN
         values = v.reshape(1, KV_HEADS, splits, 1, chunk, HEAD_DIM).float()
         part = (probs.unsqueeze(-1) * values).sum(-2)  # [1, KV, S, G, D]
-        out = combine_chunks(top, probs.sum(-1, keepdim=True), part)  # [1, KV, G, D]
+        weight = (top - top.amax(2, keepdim=True)).exp()  # each chunk's share; 0 for a masked one
+        out = (part * weight).sum(2) / (probs.sum(-1, keepdim=True) * weight).sum(2)  # [1, KV, G, D]
         return out.to(q.dtype).reshape(1, HEADS, 1, HEAD_DIM)
 
     attention.__name__ = f"split{splits}"

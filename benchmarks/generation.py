@@ -282,6 +282,22 @@ GREEDY_SETTINGS = dict(
 SAMPLED_SETTINGS = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, repetition_penalty=1.1)
 
 
+def first_reply(built: Built, prepare: Callable[[Built], Any] = prepare_for_chat) -> dict[str, Any]:
+    """The page's first reply right after a build: `prepare`, then a 16-token reply, timed from
+    the build's end, with the step that served it and where its time went."""
+    start = time.perf_counter()
+    prepare(built)
+    result: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 2), "compiled": built.decoder.compiled}
+    first = chat_reply(built, words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)[1]
+    result["first_reply_after_build_s"] = round(time.perf_counter() - start, 2)
+    result["first_reply_served_by"] = first.served_by()
+    # where the first reply's time goes: its prompt's pass (the process's first prefill loads
+    # cuBLAS and the attention's kernels), then its steps
+    result["first_reply_first_text_s"] = round(first.first_text_s or 0.0, 2)
+    result["first_reply_rest_s"] = round(first.seconds - (first.first_text_s or 0.0), 2)
+    return result
+
+
 def measure_chat_path(
     name: str,
     built: Built,
@@ -297,24 +313,15 @@ def measure_chat_path(
 
     reply = functools.partial(chat_reply, built)
     seconds: dict[str, float] = {}  # wall time of each part: a recompile shows up as a slow part
-    lap = time.perf_counter()
+    lap = start = time.perf_counter()
 
     def part(name: str) -> None:
         nonlocal lap
         seconds[name] = round(time.perf_counter() - lap, 1)
         lap = time.perf_counter()
 
-    start = time.perf_counter()
-    prepare(built)
+    result = first_reply(built, prepare)
     decoder = built.decoder
-    result: dict[str, Any] = {"prepare_s": round(time.perf_counter() - start, 2), "compiled": decoder.compiled}
-    first = reply(words(PROMPT_LEN, 1), temperature=0.0, max_new_tokens=16)[1]
-    result["first_reply_after_build_s"] = round(time.perf_counter() - start, 2)
-    result["first_reply_served_by"] = first.served_by()
-    # where the first reply's time goes: its prompt's pass (the process's first prefill loads cuBLAS
-    # and cuDNN plans), then its steps (the first one also captures the eager step's graph)
-    result["first_reply_first_text_s"] = round(first.first_text_s or 0.0, 2)
-    result["first_reply_rest_s"] = round(first.seconds - (first.first_text_s or 0.0), 2)
     part("prepare_and_first_reply")
     if decoder.compiling_for() is not None:  # this build's own replies meanwhile
         own = reply(words(PROMPT_LEN, 1), **GREEDY_REPLY)[1]
@@ -660,8 +667,17 @@ def main() -> None:
 
     prepared: dict[str, Built] = {}
 
+    def first_reply_alone(name: str) -> None:
+        built = as_built(splice(ranges[name]), models[name])
+        data[name]["first_reply"] = first_reply(built)
+        built.decoder.close()
+
     # in order of importance: the page's path on both is the point; the rest only if time is left
     report.stage("fuse", fuse_all)
+    if any(only.startswith("first_reply") for only in args.only):
+        # a fresh process's first reply in seconds, without the minutes of the rest; only when asked
+        # for by name, since the first reply in a process is the one that pays its first calls
+        report.stage("first_reply_parent", lambda: first_reply_alone("parent"))
     for name in models:
         report.stage(f"chat_path_{name}", lambda n=name: chat_path(n), needs_s=100)
     if prepared:

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # rest of the suite runs on the CPU, in CI)
 TESTS = (
     "tests/test_decode_kernel.py",
+    "tests/test_gemv.py",
     "tests/test_fastgen_cuda.py",
     "tests/test_aot_step.py::test_step_compiled_ahead_of_time_on_cuda_gives_generates_greedy_tokens_or_is_refused_unloaded",
     "tests/test_fastgen.py::test_a_compile_waits_while_another_replys_prompt_runs",

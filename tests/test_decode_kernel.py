@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
         (3, 48, 700, 600, None, 64),  # a group and a head size that are no powers of two
         (2, 256, 512, 400, 20, 64),  # Gemma's head size and a sliding window inside one chunk
         (2, 256, 1024, 700, 512, 64),  # a sliding window across chunks
+        (1, 64, 2048, 1500, None, 32),  # 47 chunks: the combining kernel's loop over several spans
+        (2, 64, 2048, 1900, 1000, 32),  # a sliding window over spans, its first chunk inside one
     ],
 )
 def test_triton_decode_attention_equals_sdpa_over_the_attended_slots(
@@ -115,40 +117,46 @@ def without_interpreter(script: str) -> list[str]:
 def test_torch_compile_traces_the_triton_attention_as_one_op_in_one_graph():
     # a graph break at the kernel would split the compiled decode step
     graphs, *ops = without_interpreter(TRACE_SCRIPT)
-    assert graphs == "1" and any(op.startswith("frankenmerge.decode_chunks") for op in ops)
+    assert graphs == "1" and any(op.startswith("frankenmerge.chunked_decode_attention") for op in ops)
 
 
 COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from merger.generate.kernel import BLOCK, CHUNK, _chunk_attention
+from merger.generate.kernel import BLOCK, CHUNK, SPAN, _chunk_attention, _combine_chunks
 
-names = _chunk_attention.arg_names
+
+def compiles(kernel, pointers, constants, scale="fp32"):
+    names = kernel.arg_names
+    signature = {
+        n: "constexpr" if n in constants else f"*{pointers[n]}" if n in pointers else scale if n == "scale" else "i32"
+        for n in names
+    }
+    source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()})
+    return "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+
+
 # inductor types the scale fp64 when fp32 cannot hold it exactly (128 ** -0.5), fp32 otherwise
 shapes = [("bf16", 4, 128, "fp64"), ("fp32", 2, 16, "fp32"), ("bf16", 2, 256, "fp64"), ("fp16", 3, 48, "fp32")]
 for dtype, groups, dim, scale in shapes:
     padded = {"GP": max(16, triton.next_power_of_2(groups)), "DP": max(16, triton.next_power_of_2(dim))}
     constants = {"groups": groups, "dim": dim, **padded, "CHUNK": CHUNK, "BLOCK": BLOCK, "INTERPRETED": False}
-    pointers = {"query": dtype, "keys": dtype, "values": dtype, "position": "i64"} | dict.fromkeys(
-        ("top_out", "total_out", "part_out"), "fp32"
-    )
-    signature = {
-        n: "constexpr" if n in constants else f"*{pointers[n]}" if n in pointers else scale if n == "scale" else "i32"
-        for n in names
-    }
-    source = ASTSource(_chunk_attention, signature, {(names.index(k),): v for k, v in constants.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    print(dtype, groups, dim, "cubin" in kernel.asm)
+    chunks = dict.fromkeys(("top_out", "total_out", "part_out"), "fp32")
+    pointers = {"query": dtype, "keys": dtype, "values": dtype, "position": "i64"} | chunks
+    attends = compiles(_chunk_attention, pointers, constants, scale)
+    pointers = dict.fromkeys(("top", "total", "part"), "fp32") | {"position": "i64", "out": dtype}
+    constants = {"groups": groups, "dim": dim, "DP": padded["DP"], "CHUNK": CHUNK, "SPAN": SPAN}
+    print(dtype, groups, dim, attends, compiles(_combine_chunks, pointers, constants))
 """
 
 
-def test_the_kernel_compiles_for_hopper_gpus_in_every_dtype_and_shape_the_page_meets():
+def test_the_kernels_compile_for_hopper_gpus_in_every_dtype_and_shape_the_page_meets():
     # the interpreter runs what the compiler may refuse (types that differ between branches, dot
     # shapes): Triton's own compiler builds it for sm_90 (the H200) here, without a GPU
     assert without_interpreter(COMPILE_SCRIPT) == [
-        "bf16 4 128 True",
-        "fp32 2 16 True",
-        "bf16 2 256 True",
-        "fp16 3 48 True",
+        "bf16 4 128 True True",
+        "fp32 2 16 True True",
+        "bf16 2 256 True True",
+        "fp16 3 48 True True",
     ]

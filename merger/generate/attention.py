@@ -5,7 +5,7 @@ its group (`repeat_kv`) before calling the masked SDPA kernel, so each step writ
 whole cache window several times over; the masked kernel also parallelizes over heads only.
 Three replacements, chosen by `DECODE_KERNEL` (FRANKENMERGE_DECODE_ATTENTION):
 - "triton" (the default; CUDA GPUs from Ampere on): `merger.generate.kernel`'s flash-decoding
-  kernel, which reads only the slots up to the position, its chunks combined by `combine_chunks`.
+  kernels, which read only the slots up to the position and combine only the chunks holding them.
   On the H200 it gave the fastest plain 8B measured, and the smallest gap between a merge and its
   parent (README);
 - "grouped" (on the CPU, and where "triton" cannot serve): the query heads grouped per key/value
@@ -58,14 +58,6 @@ def grouped_decode_attention(
     probs = scores.softmax(dim=-1)  # [B, KV, G, W]
     out = (probs.unsqueeze(-1) * value.unsqueeze(2).float()).sum(-2)  # [B, KV, G, D]
     return out.to(query.dtype).reshape(batch, heads, 1, dim)
-
-
-def combine_chunks(top: torch.Tensor, total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """Attention from its chunks (dimension 2): each chunk's max score `top` and exp-sum `total`
-    [B, KV, S, G, 1] and values weighted by exp(score - top) `part` [B, KV, S, G, D], a chunk
-    wholly masked having top -inf. Returns [B, KV, G, D] in fp32."""
-    weight = (top - top.amax(2, keepdim=True)).exp()  # each chunk's share; 0 for a masked one
-    return (part * weight).sum(2) / (total * weight).sum(2)
 
 
 def decode_block_mask(position: torch.Tensor, window: int, sliding_window: int | None = None) -> BlockMask:
@@ -132,11 +124,9 @@ def triton_decode_attention(
     per program, by default its CHUNK). Returns [1, H, 1, D]."""
     from merger.generate import kernel as decode_kernel
 
-    top, total, part = decode_kernel.decode_chunks(
+    return decode_kernel.chunked_decode_attention(
         query, key, value, position, scaling, sliding_window or 0, chunk or decode_kernel.CHUNK
     )
-    out = combine_chunks(top[None, ..., None], total[None, ..., None], part[None])  # [1, KV, G, D]
-    return out.to(query.dtype).reshape(query.shape)
 
 
 def has_tensor_core_dots(device: torch.device) -> bool:

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
 from merger.architecture import FUSABLE_ATTENTION, FUSABLE_MLP
+from merger.generate.linear import decode_linear
 from merger.locks import PARAMETERS_LOCK
 
 
@@ -76,7 +76,7 @@ def _fused_class(cls: type) -> type:
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [..., intermediate] each
+    gate, up = decode_linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [..., intermediate] each
     return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -97,7 +97,7 @@ def _fused_attention_forward(modeling) -> Callable:
         input_shape = hidden_states.shape[:-1]  # [B, T]
         hidden_shape = (*input_shape, -1, self.head_dim)
         sizes = [self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]]
-        q, k, v = F.linear(hidden_states, self.qkv_weight).split(sizes, dim=-1)
+        q, k, v = decode_linear(hidden_states, self.qkv_weight).split(sizes, dim=-1)
         q = q.view(hidden_shape).transpose(1, 2)  # [B, heads, T, head_dim]
         k = k.view(hidden_shape).transpose(1, 2)  # [B, kv_heads, T, head_dim]
         v = v.view(hidden_shape).transpose(1, 2)

@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache
 from merger.errors import exception_line
 from merger.generate.attention import use_decode_attention
 from merger.generate.compiler import COMPILER
+from merger.generate.linear import use_decode_linear
 from merger.generate.steps import (
     AHEAD_OF_TIME_STEP,
     COMPILED_STEP,
@@ -128,6 +129,8 @@ class FastGenerator:
         self.reuses_compiled_step = False
         if self.compiled or self.graphed:
             use_decode_attention(model)  # the compiled step reads each cached key and value once
+        if self.compiled and one_gpu:
+            use_decode_linear(model)  # the compiled step's products of one row run the GEMV kernel
         if self.compiled:
             self._step_code = step_code_for(model)
             self.reuses_compiled_step = self._step_code.compiled_once

@@ -5,8 +5,10 @@ The compiled step's other attentions (`merger.generate.attention`) read the whol
 step, or (FlexAttention) build a block mask per layer. Here each program takes one key/value head
 and one chunk of the window: it loads that head's group of query heads once, walks its chunk's
 slots up to the position in blocks (a loop bound read from the device, so a CUDA graph replays it
-at any position), and leaves its running max, sum and weighted values for the chunks to be combined
-in tensor ops. Dots in the cache's dtype on tensor cores; scores, softmax and sums in fp32.
+at any position), and leaves its running max, sum and weighted values. A second kernel, one program
+per query head, combines the chunks that hold attended slots, and only those: the window's chunks
+past the position (most of them, in a chat of a few hundred tokens) are neither written nor read.
+Dots in the cache's dtype on tensor cores; scores, softmax and sums in fp32.
 
 Imported only where Triton is (torch's CUDA builds ship it); with TRITON_INTERPRET=1 it also runs
 on CPU tensors, which the tests use.
@@ -22,6 +24,7 @@ import triton.language as tl
 # waiting on its loads only twice (4,096 slots x 8 key/value heads make 512 programs)
 CHUNK = 64
 BLOCK = 32  # slots per loop iteration
+SPAN = 16  # chunks the combining kernel reads per loop iteration
 
 
 @triton.jit
@@ -98,13 +101,57 @@ def _chunk_attention(
         part = part * shrink[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         top = new_top
     row = (head * chunks + chunk) * groups + g  # [GP]: only the first `groups` are real
-    tl.store(top_out + row, top, mask=g < groups)
-    tl.store(total_out + row, total, mask=g < groups)
-    tl.store(part_out + row[:, None] * dim + d[None, :], part, mask=(g[:, None] < groups) & (d[None, :] < dim))
+    # a chunk without attended slots writes nothing: no program reads it
+    real = g < tl.where(start < end, groups, 0)
+    tl.store(top_out + row, top, mask=real)
+    tl.store(total_out + row, total, mask=real)
+    tl.store(part_out + row[:, None] * dim + d[None, :], part, mask=real[:, None] & (d[None, :] < dim))
 
 
-@torch.library.triton_op("frankenmerge::decode_chunks", mutates_args=())
-def decode_chunks(
+@triton.jit
+def _combine_chunks(
+    top,  # [KV, S, G] fp32, as _chunk_attention left them
+    total,
+    part,  # [KV, S, G, D] fp32
+    position,  # [1]
+    out,  # [H, D] in the query's dtype (a view of [1, H, 1, D])
+    chunks,
+    sliding_window,  # 0: none
+    groups: tl.constexpr,
+    dim: tl.constexpr,
+    DP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SPAN: tl.constexpr,
+):
+    head = tl.program_id(0)  # query head h attends with key/value head h // groups
+    kv = head // groups
+    g = head % groups
+    pos = tl.load(position).to(tl.int32)
+    lo = tl.where(sliding_window > 0, tl.maximum(pos - sliding_window + 1, 0), 0)
+    last = pos // CHUNK
+    d = tl.arange(0, DP)
+    # every chunk from lo's to the position's holds attended slots, so the first span's max is finite
+    top_all = tl.full([1], float("-inf"), tl.float32)
+    denominator = tl.zeros([1], tl.float32)
+    acc = tl.zeros([DP], tl.float32)
+    for first in range(lo // CHUNK, last + 1, SPAN):
+        s = first + tl.arange(0, SPAN)
+        inside = s <= last
+        row = (kv * chunks + s) * groups + g
+        t = tl.load(top + row, mask=inside, other=float("-inf"))
+        z = tl.load(total + row, mask=inside, other=0.0)
+        p = tl.load(part + row[:, None] * dim + d[None, :], mask=inside[:, None] & (d[None, :] < dim), other=0.0)
+        new_top = tl.maximum(top_all, tl.max(t, 0, keep_dims=True))
+        shrink = tl.exp(top_all - new_top)  # 0 on the first span
+        weight = tl.exp(t - new_top)  # 0 past the position
+        denominator = denominator * shrink + tl.sum(z * weight, 0, keep_dims=True)
+        acc = acc * shrink + tl.sum(p * weight[:, None], 0)
+        top_all = new_top
+    tl.store(out + head * dim + d, (acc / denominator).to(out.dtype.element_ty), mask=d < dim)
+
+
+@torch.library.triton_op("frankenmerge::chunked_decode_attention", mutates_args=())
+def chunked_decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -112,13 +159,11 @@ def decode_chunks(
     scaling: float,
     sliding_window: int,
     chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-chunk attention of one query token [1, H, 1, D] at `position` (its cache slot, [1, 1])
-    over key/value [1, KV, W, D], `chunk` slots per program, sliding_window 0 for none: each chunk's
-    max score and exp-sum [KV, S, G] and values weighted by exp(score - max) [KV, S, G, D] (fp32,
-    G = H / KV, S = ceil(W / chunk); a chunk outside the attended slots has max -inf, sum 0 and
-    values 0). A custom op, so torch.compile puts it in the step's graph as one call whose kernel
-    inductor then launches itself."""
+) -> torch.Tensor:
+    """Attention of one query token [1, H, 1, D] at `position` (its cache slot, [1, 1]) over
+    key/value [1, KV, W, D], `chunk` slots per program, sliding_window 0 for none. Returns
+    [1, H, 1, D] in the query's dtype. A custom op, so torch.compile puts it in the step's graph as
+    one call whose two kernels inductor then launches itself."""
     _, heads, _, dim = query.shape
     kv_heads, window = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -152,4 +197,19 @@ def decode_chunks(
         BLOCK=BLOCK,
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1",
     )
-    return top, total, part
+    out = torch.empty(1, heads, 1, dim, device=query.device, dtype=query.dtype)
+    torch.library.wrap_triton(_combine_chunks)[(heads,)](
+        top,
+        total,
+        part,
+        position,
+        out,
+        chunks,
+        sliding_window,
+        groups=groups,
+        dim=dim,
+        DP=max(16, triton.next_power_of_2(dim)),
+        CHUNK=chunk,
+        SPAN=SPAN,
+    )
+    return out
