@@ -2,8 +2,8 @@
 
 At batch 1 a product reads its whole matrix once, so its time is its bytes over the bandwidth it
 reaches. cuBLAS picks tile shapes made for matrices on both sides (and split-K with a second reduce
-kernel for some); on the H200 this plain GEMV read Llama-3-8B's step matrices in 3.77 ms against
-cuBLAS's 4.04 (`benchmarks/gemv.py`; README, Benchmarks). Each program takes BLOCK_N rows and walks
+kernel for some); on the H200 this plain GEMV reads Llama-3-8B's step matrices about 6% faster
+(`benchmarks/gemv.py`; README, Benchmarks). Each program takes BLOCK_N rows and walks
 K in BLOCK_K columns, multiplying in fp32 and summing once at the end.
 
 Imported only where Triton is (torch's CUDA builds ship it); with TRITON_INTERPRET=1 it also runs
