@@ -1,8 +1,8 @@
 """What a GPU process's first calls cost, where the first reply after its first build pays them.
 
-On the H200 the merge's first reply after its build takes ~0.2-0.5 s and the parent's, the
-process's first build, 2.2-3.3 s (benchmarks/results/gpu-suite-*): library code loaded on first
-use and per-shape plans. This times, in one fresh process, each kind of call the first reply makes,
+On the H200 the parent's first reply after its build, the process's first, takes seconds longer
+than the merge's after the next build (README, Benchmarks): library code loaded on first use and
+per-shape plans. This times, in one fresh process, each kind of call the first reply makes,
 first and again: a bf16 product of a prompt's rows (cuBLAS), a bf16 causal attention of a prompt
 (SDPA with its default backends and with each one alone) at prompt lengths not seen before, and a
 CUDA graph's capture. Llama-3-8B's shapes (32 heads of 128, hidden size 4096).
