@@ -97,6 +97,25 @@ def test_compiled_step_with_decode_attention_greedy_equals_generate(kernel, fixt
     assert any("flex_attention" in op for op in traced) == (kernel == "flex")
 
 
+def test_prompts_attend_through_sdpa_without_cudnn_which_plans_every_new_prompt_length(tiny_llama, monkeypatch):
+    model = assemble(make_plan(passthrough((str(tiny_llama), 0, 4)), ANY_PATH))
+    sdpa, backends_enabled = F.scaled_dot_product_attention, []
+
+    def record(*args, **kwargs):
+        backends = torch.backends.cuda
+        backends_enabled.append(
+            (backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled())
+        )
+        return sdpa(*args, **kwargs)
+
+    assert decode_attention.use_decode_attention(model)  # as a build that decodes on the GPU is
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    with torch.inference_mode():
+        model(torch.tensor([list(range(3, 20))]))
+    assert backends_enabled and set(backends_enabled) == {(False, True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # only while attending: the process's setting is kept
+
+
 def test_every_attention_the_benchmark_times_equals_sdpa_over_the_slots_in_use(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     bench = importlib.import_module("decode_attention")  # benchmarks/decode_attention.py, as run

@@ -19,16 +19,20 @@ Three replacements, chosen by `DECODE_KERNEL` (FRANKENMERGE_DECODE_ATTENTION):
   minute longer.
 "flex" and "triton" only for models whose masks are causal, or causal within a sliding window.
 Everything else (prefill, eager calls, soft-capped or sink attention) goes to transformers' own
-SDPA function unchanged.
+SDPA function; eager calls with every SDPA backend but cuDNN's, whose attention, SDPA's first
+choice on Hopper, plans each prompt length it has not seen (tens of ms on the H200, its first call
+most of a second: benchmarks/first_use.py), so each new prompt paid it before its first text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from merger.architecture import POSITIONAL_MASK_KNOWN
 
@@ -38,6 +42,10 @@ if TYPE_CHECKING:
 IMPLEMENTATION = "frankenmerge_decode"  # the name models are switched to (attention and mask interfaces)
 DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "triton")
 FLEX_BLOCK = 128  # FlexAttention's key/value block
+# the backends an eager (prompt) attention may take: flash, memory-efficient and math, not cuDNN
+EAGER_SDPA_BACKENDS = [
+    b for b in SDPBackend.__members__.values() if b not in (SDPBackend.ERROR, SDPBackend.CUDNN_ATTENTION)
+]
 
 
 def grouped_decode_attention(
@@ -147,7 +155,7 @@ def decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: for a compiled one-token step the DECODE_KERNEL
     form (flex or triton only where their conditions hold, else grouped), transformers' SDPA
-    function for everything else. Returns [B, T, H, D]."""
+    function for everything else (without cuDNN's attention when eager). Returns [B, T, H, D]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     plain = dropout == 0.0 and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias"))
@@ -166,7 +174,11 @@ def decode_attention(
         else:
             out = grouped_decode_attention(query, key, value, attention_mask, scaling=scale)
         return out.transpose(1, 2), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    # a compiled graph's backend is chosen when it is traced
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else sdpa_kernel(EAGER_SDPA_BACKENDS):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
 
 
 def use_decode_attention(model: nn.Module) -> bool:
