@@ -31,23 +31,45 @@ def eos_ids(model) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids or [])
 
 
-def assert_greedy_equals_generate(model, prompt: list[int], new_tokens: int = 64, fuse: bool = True) -> list[int]:
-    """Plain generate() on the model as built; then the fast path, unfused and (if `fuse`) fused."""
+def assert_each_token_is_generates_choice(model, prompt: list[int], got: list[int], new_tokens: int) -> None:
+    """Every token of `got`, a greedy reply to `prompt`, is plain generate()'s greedy choice after the
+    same tokens, or ties it: its logit within the model's dtype's rounding of generate()'s largest.
+    The fast path attends over a static window where generate() grows its cache, so in bf16 a logit
+    one rounding step away can rank the other way; after such a tie generate() goes on from `got`'s
+    token, so every token is checked."""
+    done = 0
+    while True:
+        ids = torch.tensor([prompt + got[:done]])
+        with torch.inference_mode():
+            out = model.generate(
+                ids, max_new_tokens=new_tokens - done, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        expected, rest = out.sequences[0, ids.shape[1] :].tolist(), got[done:]
+        differ = next((i for i, (want, have) in enumerate(zip(expected, rest, strict=False)) if want != have), None)
+        if differ is None:  # generate() stops at the model's EOS (and returns it), as the fast path does
+            assert rest == expected
+            return
+        scores = out.scores[differ][0]
+        rounding = torch.finfo(model.dtype).eps * scores.max().abs()
+        assert scores.max() - scores[rest[differ]] <= rounding, f"token {done + differ}: {rest[differ]} is not a tie"
+        done += differ + 1
+
+
+def assert_greedy_follows_generate(model, prompt: list[int], new_tokens: int = 64, fuse: bool = True) -> list[int]:
+    """The fast path's greedy reply follows plain generate() on the model as built (each token its
+    choice or a tie: assert_each_token_is_generates_choice), unfused and (if `fuse`) fused."""
     ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        # generate() stops at the model's EOS (and returns it): stop the fast path there too
-        expected = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, len(prompt) :].tolist()
     fast = FastGenerator(model, context_tokens=len(prompt) + new_tokens)
     assert not fast.compiled  # the CPU runs the same loop uncompiled
     got = list(fast.generate(ids, max_new_tokens=new_tokens, stop_ids=eos_ids(model)))
-    assert got == expected
+    assert_each_token_is_generates_choice(model, prompt, got, new_tokens)
     if not fuse:
         return got
     memory = parameter_bytes(model)
     assert fuse_projections(model) > 0
     assert parameter_bytes(model) == memory  # the originals became views of the fused matrices
-    got = list(fast.generate(ids, max_new_tokens=new_tokens, stop_ids=eos_ids(model)))
-    assert got == expected
+    fused = list(fast.generate(ids, max_new_tokens=new_tokens, stop_ids=eos_ids(model)))
+    assert_each_token_is_generates_choice(model, prompt, fused, new_tokens)
     return got
 
 
@@ -59,16 +81,16 @@ def assert_greedy_equals_generate(model, prompt: list[int], new_tokens: int = 64
         ("bundled:gemma3-270m", [(0, 12), (8, 18)], [2, 651, 6037, 563, 9079, 236761, 107], False),
     ],
 )
-def test_bundled_splice_greedy_equals_generate(ref, ranges, prompt, fuse):
-    got = assert_greedy_equals_generate(build(ref, *ranges), prompt, fuse=fuse)
+def test_bundled_splice_greedy_follows_generate_up_to_ties(ref, ranges, prompt, fuse):
+    got = assert_greedy_follows_generate(build(ref, *ranges), prompt, fuse=fuse)
     assert len(got) == 64  # neither stops early on these prompts: all 64 tokens are compared
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: as every GPU build runs, here on the CPU
-def test_tiny_llama_splice_greedy_equals_generate(tiny_llama, dtype):
+def test_tiny_llama_splice_greedy_follows_generate_up_to_ties(tiny_llama, dtype):
     model = build(str(tiny_llama), (0, 4), (2, 6), dtype=dtype)
     assert model.dtype == getattr(torch, dtype)
-    assert_greedy_equals_generate(model, [1, 5, 9, 13, 17, 21])
+    assert_greedy_follows_generate(model, [1, 5, 9, 13, 17, 21])
 
 
 def test_fused_duplicated_layer_stays_shared(tiny_llama):
@@ -85,7 +107,7 @@ def test_fused_duplicated_layer_stays_shared(tiny_llama):
 
 def test_tiny_gemma3_past_its_sliding_window_equals_generate(tiny_gemma):
     # window 4: most of the 64 steps see a truncated window, through full-length static layers
-    assert_greedy_equals_generate(build(str(tiny_gemma), (0, 8), (4, 12)), list(range(3, 20)))
+    assert_greedy_follows_generate(build(str(tiny_gemma), (0, 8), (4, 12)), list(range(3, 20)))
 
 
 @pytest.fixture(scope="module")

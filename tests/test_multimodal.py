@@ -270,6 +270,6 @@ def test_a_text_tower_merge_rebuilt_from_its_parent_in_memory_equals_its_build(m
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_pages_fast_decoding_replies_as_generate_on_a_text_tower(family, multimodal_models):
-    from test_fastgen import assert_greedy_equals_generate
+    from test_fastgen import assert_greedy_follows_generate
 
-    assert_greedy_equals_generate(assemble(splice_plan(multimodal_models[family])), PROMPT, new_tokens=24, fuse=False)
+    assert_greedy_follows_generate(assemble(splice_plan(multimodal_models[family])), PROMPT, new_tokens=24, fuse=False)
