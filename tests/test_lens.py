@@ -343,12 +343,14 @@ def test_suggestions_read_the_parent_once_and_build_every_candidate_from_its_ten
         assert any(m.startswith("drift of duplicating blocks [") for _, m in messages)
 
 
-def test_the_lens_measures_16_bit_weights_in_float32_on_the_cpu_unless_told_or_it_does_not_fit(
+def test_the_lens_measures_16_bit_weights_in_float32_on_a_cpu_without_bf16_units_unless_told_or_it_does_not_fit(
     tiny_llama, tmp_path, monkeypatch
 ):
-    # a Hub model declared bf16 (SmolLM2's own config) measured on a CPU Space: float32 is several
-    # times faster there, and bf16 values widen exactly; a dtype the caller names is kept, and a
-    # float32 copy that does not fit the memory falls back to the model's own dtype
+    # a Hub model declared bf16 (SmolLM2's own config) measured on a CPU Space without bf16
+    # dot-product instructions: float32 is several times faster there, and bf16 values widen
+    # exactly; a dtype the caller names is kept, and a float32 copy that does not fit the memory
+    # falls back to the model's own dtype
+    monkeypatch.setattr(devices, "cpu_multiplies_bf16_fast", lambda: False)
     ref = str(with_dtype(tiny_llama, tmp_path / "tiny-bf16", "bfloat16"))
     stored = make_plan(passthrough((ref, 0, 4), (ref, 2, 6)), ANY_PATH)
     widened = make_plan(passthrough((ref, 0, 4), (ref, 2, 6), dtype="float32"), ANY_PATH)
@@ -379,6 +381,26 @@ def test_the_lens_measures_16_bit_weights_in_float32_on_the_cpu_unless_told_or_i
     needs = [devices.needed_bytes(make_plan(passthrough((ref, 0, 6), dtype=d), ANY_PATH), "cpu") for d in DTYPES]
     monkeypatch.setattr(devices, "free_memory", lambda device: sum(needs) // 2)  # bf16's fits, float32's not
     assert suggest(build=builds.build_for_lens)[0] == "bfloat16"
+
+
+def test_the_lens_keeps_bf16_on_a_cpu_with_bf16_units_and_widens_fp16(tiny_llama, tmp_path, monkeypatch):
+    # AVX-512 BF16 or AMX multiply bf16 faster than float32; no CPU measured multiplies fp16 fast
+    monkeypatch.setattr(devices, "cpu_multiplies_bf16_fast", lambda: True)
+    plans = {
+        dtype: make_plan(passthrough((str(with_dtype(tiny_llama, tmp_path / dtype, dtype)), 0, 6)), ANY_PATH)
+        for dtype in ("bfloat16", "float16")
+    }
+    assert devices.lens_dtype(plans["bfloat16"], "cpu") == "bfloat16"
+    assert devices.lens_dtype(plans["float16"], "cpu") == "float32"
+    built = builds.build_for_lens(plans["bfloat16"], device="cpu")
+    assert next(built.model.parameters()).dtype == torch.bfloat16
+
+
+def test_the_cpus_bf16_units_are_read_from_torch(monkeypatch):
+    for avx512_bf16, amx, fast in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert devices.cpu_multiplies_bf16_fast() == fast
 
 
 def test_duplication_perplexities_of_no_block_is_the_parents_alone(tiny_llama):

@@ -46,18 +46,31 @@ def chat_dtype(plan: Plan, device: str) -> str:
     return build_dtype(plan, "cuda" if on_zero_gpu() else device)
 
 
+def cpu_multiplies_bf16_fast() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX), with which torch
+    multiplies bf16 faster than float32; without them several times slower (README, Benchmarks,
+    Suggest)."""
+    import torch
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def lens_dtype(plan: Plan, device: str) -> str:
     """The dtype the lens measures `plan`'s models in on `device`: on the CPU (ZeroGPU's included),
-    float32 when the recipe names no dtype and a float32 build fits (the lens reads numbers and ships
-    no weights, 16-bit values widen exactly, and a CPU without bf16 matrix units, AVX2, multiplies
-    bf16 several times slower: README, Benchmarks, Suggest); else what a chat build uses."""
-    if device == "cpu" and plan.recipe.dtype is None and chat_dtype(plan, device) != "float32":
-        try:
-            plan_placement(in_dtype(plan, "float32"), device)
-            return "float32"
-        except PlacementError:
-            pass
-    return chat_dtype(plan, device)
+    float32 when the recipe names no dtype, the model's is 16-bit, and a float32 build fits, except
+    bf16 on a CPU that multiplies it fast (`cpu_multiplies_bf16_fast`): the lens reads numbers and
+    ships no weights, 16-bit values widen exactly, and float32's products are the faster there
+    (fp16's slower still); else what a chat build uses."""
+    dtype = chat_dtype(plan, device)
+    if device != "cpu" or plan.recipe.dtype is not None or dtype == "float32":
+        return dtype
+    if dtype == "bfloat16" and cpu_multiplies_bf16_fast():
+        return dtype
+    try:
+        plan_placement(in_dtype(plan, "float32"), device)
+        return "float32"
+    except PlacementError:
+        return dtype
 
 
 def free_memory(device: str) -> int:
