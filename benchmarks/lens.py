@@ -9,13 +9,14 @@ a shared machine falls on all of them alike; on a GPU each is timed whole (three
 
     python benchmarks/lens.py [--model REF | --random-llama3-8b DIR] [--device cpu|cuda]
                               [--tokens 4096] [--batch-size 2] [--threads N] [--suggest] [--out FILE]
-                              [--hub-bf16 DIR] [--versus-own-dtype MAX_TOKENS DRIFT_TOKENS]
+                              [--hub-bf16 DIR] [--by-dtype]
 
 SmolLM2-135M-Instruct on assets/calibration.txt by default; --random-llama3-8b runs a random
 Llama-3-8B-shaped parent (written to DIR if it is not there, with a tokenizer whose every id is a
 word) on random words; --hub-bf16 runs on a bf16 copy of the model (weights and config), as the Hub
-holds SmolLM2, and --versus-own-dtype also times a shorter Suggest both ways: built for the lens
-(float32 on the CPU) and in the model's own dtype. Prints JSON (and writes it to --out).
+holds SmolLM2, and --by-dtype also times the whole Suggest in float32 and in bf16, one after the
+other (`lens_dtype` picks between them on the CPU: bf16 where the CPU has bf16 dot-product
+instructions). Prints JSON (and writes it to --out).
 """
 
 from __future__ import annotations
@@ -199,10 +200,10 @@ def suggest_matmul_flop(ref: str, found: Suggestions, drift_tokens: int) -> floa
     return token_layers * layer + found.heldout_tokens * (1 + len(found.confirmed)) * head
 
 
-def cpu_matmul_gflop_s() -> float:
-    """This machine's float32 matrix-product speed on a SmolLM2 MLP's shape (2,048 tokens x 576 x
+def cpu_matmul_gflop_s(dtype: str) -> float:
+    """This machine's matrix-product speed in `dtype` on a SmolLM2 MLP's shape (2,048 tokens x 576 x
     1,536), with torch's threads: the best of five runs of ten."""
-    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    a, b = torch.randn(2048, 576, dtype=getattr(torch, dtype)), torch.randn(576, 1536, dtype=getattr(torch, dtype))
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
@@ -227,13 +228,7 @@ def main() -> None:
         metavar="DIR",
         help="run on a copy of --model in bf16, weights and config, as the Hub holds SmolLM2 (written to DIR)",
     )
-    parser.add_argument(
-        "--versus-own-dtype",
-        nargs=2,
-        type=int,
-        metavar=("MAX_TOKENS", "DRIFT_TOKENS"),
-        help="also time Suggest on that many tokens both ways: built for the lens, and in the model's own dtype",
-    )
+    parser.add_argument("--by-dtype", action="store_true", help="also time Suggest in float32 and in bf16")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.threads:
@@ -269,20 +264,18 @@ def main() -> None:
     if args.suggest:
         result["suggest"] = time_suggest(ref, args.device, texts)
         goals[f"suggest_s (< {SUGGEST_GOAL_S[args.device]:.0f})"] = result["suggest"]["seconds"]
-    if args.suggest and args.device == "cpu":  # the time its matrix products alone take at this CPU's best speed
-        gflop_s = cpu_matmul_gflop_s()
+    if args.suggest and args.device == "cpu":  # its matrix products' time alone at this CPU's best speed
+        gflop_s = cpu_matmul_gflop_s(result["suggest"]["dtype"])
         floor_s = result["suggest"]["matmul_tflop"] * 1e3 / gflop_s
-        result["cpu_matmul_gflop_s"] = round(gflop_s, 1)
+        result["cpu_matmul_gflop_s"] = {result["suggest"]["dtype"]: round(gflop_s, 1)}
         result["suggest_floor_s"] = round(floor_s, 1)
         result["suggest_over_floor"] = round(result["suggest"]["seconds"] / floor_s, 2)
-    if args.versus_own_dtype:  # the same short run both ways, one after the other
-        max_tokens, drift_tokens = args.versus_own_dtype
-        runs = {
-            name: time_suggest(ref, args.device, texts, way, max_tokens=max_tokens, drift_tokens=drift_tokens)
-            for name, way in (("lens_build", build_for_lens), ("own_dtype", build))
+    if args.by_dtype:  # the whole run in each dtype, one after the other
+        runs: dict[str, Any] = {
+            dtype: time_suggest(ref, args.device, texts, build, dtype=dtype) for dtype in ("float32", "bfloat16")
         }
-        runs["own_dtype_over_lens_build"] = round(runs["own_dtype"]["seconds"] / runs["lens_build"]["seconds"], 2)
-        result["suggest_versus_own_dtype"] = runs
+        runs["bfloat16_over_float32"] = round(runs["bfloat16"]["seconds"] / runs["float32"]["seconds"], 2)
+        result["suggest_by_dtype"] = runs
     result["goals"] = goals
     text = json.dumps(result, indent=2)
     if args.out:
