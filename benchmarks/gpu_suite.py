@@ -16,7 +16,7 @@ generation, the lens, assembly or the runtime, and commit its JSON under benchma
     python benchmarks/gpu_suite.py [--budget-s 520] [--out DIR] [--parts tests generation lens eval]
                                    [--tests NODEID ...] [--label NAME]
 
-On the lent machine (torch, transformers and triton are there; pydantic and its needs travel as
+On the lent machine (torch, transformers and triton are there; pydantic, httpx2 and their needs travel as
 wheels, see the README's Benchmarks section).
 """
 
