@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 IMPLEMENTATION = "frankenmerge_decode"  # the name models are switched to (attention and mask interfaces)
 DECODE_KERNEL = os.environ.get("FRANKENMERGE_DECODE_ATTENTION", "triton")
 FLEX_BLOCK = 128  # FlexAttention's key/value block
-# the backends an eager (prompt) attention may take: flash, memory-efficient and math, not cuDNN
+# the backends an eager call (a prompt, the eager step) may take: every one but cuDNN's
 EAGER_SDPA_BACKENDS = [
     b for b in SDPBackend.__members__.values() if b not in (SDPBackend.ERROR, SDPBackend.CUDNN_ATTENTION)
 ]
